@@ -1,0 +1,145 @@
+"""Train any classifier of research.models on any image data set of research.data.
+
+    python -m experiments.train_classifier --config configs/train_classifier.py[:PRESETS] --workdir DIR
+
+Writes to DIR: config.json, TensorBoard events (tb/), checkpoints (checkpoints/, resumed when
+present), curves.png and results.json (test_accuracy, train_loss, steps, wall_time_s, ...).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from research.core import cli, config as cfg, optim
+from research.core.checkpoint import Checkpointer
+from research.core.loop import fit, mean_metrics
+from research.core.mesh import initialize_distributed, make_mesh, replicated, batch_sharding, shard_batch, state_shardings
+from research.core.records import MetricWriter, image_grid, plot_curves, write_json_atomic
+from research.core.train import classification_loss, create_train_state, make_eval_step, make_train_step
+from research.data import pipeline, sources
+from research.data.augment import make_preprocess
+from research.models import MODEL_NAMES, build_model, model_options
+from research.models.filters import PARAM_SUBSETS, param_filter
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    cfg.check_choice(config, "model.name", MODEL_NAMES)
+    cfg.check_choice(config, "model.dtype", DTYPES)
+    cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
+    cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
+    cfg.check_choice(config, "train.trainable", PARAM_SUBSETS)
+    cfg.check(config, "train.batch_size", lambda v: v > 0, "a positive int")
+    cfg.check(config, "train.eval_batch_size", lambda v: v > 0, "a positive int")
+    cfg.check(config, "train.grad_accum_steps", lambda v: v > 0 and config.train.batch_size % v == 0,
+              "a positive divisor of train.batch_size")
+    cfg.check(config, "train.epochs", lambda v: v > 0 or config.train.steps > 0, "> 0 (or set train.steps)")
+    cfg.check(config, "data.crop_padding", lambda v: v >= 0, "an int >= 0")
+    optim.validate(config.optim)
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """The config's model options that the chosen model takes (0 patch size = automatic)."""
+    kwargs = {k: config.model[k] for k in model_options(config.model.name) if k in config.model}
+    if kwargs.get("patch_size") == 0:
+        kwargs["patch_size"] = None
+    return kwargs
+
+
+def evaluator(eval_step, data: pipeline.ImageArrays, batch_size: int, mesh, prefix: str):
+    def evaluate(state):
+        total = None
+        for batch in pipeline.eval_batches(data, batch_size):
+            sums = eval_step(state, shard_batch(batch, mesh))
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        return mean_metrics(jax.device_get(total), prefix)
+    return evaluate
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    validate(config)
+    start_time = time.perf_counter()
+    initialize_distributed()
+    mesh = make_mesh(config.mesh)
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+    # Data: arrays in host memory; augmentation runs on the device inside the step.
+    ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
+    train = pipeline.to_arrays(ds["train"])
+    test = pipeline.to_arrays(ds["test"])
+    if config.data.train_limit:
+        train = train.subset(slice(0, config.data.train_limit))
+    mean, std = pipeline.channel_stats(train.images)
+    dtype = DTYPES[config.model.dtype]
+    preprocess = make_preprocess(mean, std, config.data.crop_padding, config.data.flip, dtype)
+
+    # Model, optimizer, state placed on the mesh by its logical axis names.
+    model = build_model(config.model.name, num_classes=train.num_classes, input_shape=train.images.shape[1:],
+                        rngs=nnx.Rngs(config.seed), dtype=dtype, **model_kwargs(config))
+    steps_per_epoch = pipeline.steps_per_epoch(len(train), config.train.batch_size)
+    total_steps = config.train.steps or config.train.epochs * steps_per_epoch
+    tx = optim.make_optimizer(config.optim, total_steps)
+    defs, state = create_train_state(model, tx, param_filter(model, config.train.trainable), config.seed)
+    shardings = state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    num_trainable = sum(x.size for x in jax.tree.leaves(state.params))
+
+    train_loss, eval_loss = classification_loss(preprocess, config.train.label_smoothing)
+    train_step = jax.jit(make_train_step(defs, tx, train_loss, config.train.grad_accum_steps),
+                         in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
+                         donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(defs, eval_loss), in_shardings=(shardings, batch_sharding(mesh)),
+                        out_shardings=replicated(mesh))
+
+    writer = MetricWriter(os.path.join(workdir, "tb"))
+    first = pipeline.train_batch(train, config.train.batch_size, config.seed, 0)
+    shown = preprocess(jnp.asarray(first["images"][:32]), jax.random.PRNGKey(0), True)
+    writer.images(0, {"train/augmented_inputs": image_grid(np.asarray(shown, np.float32))})
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every or total_steps)
+    state, train_metrics, eval_metrics = fit(
+        state, train_step, lambda step: pipeline.train_batch(train, config.train.batch_size, config.seed, step),
+        total_steps, mesh=mesh, writer=writer, checkpointer=checkpointer,
+        evaluate=evaluator(eval_step, test, config.train.eval_batch_size, mesh, "test/"),
+        learning_rate=optim.make_schedule(config.optim, total_steps), log_every=config.train.log_every,
+        eval_every=config.train.eval_every_epochs * steps_per_epoch, progress=config.train.progress)
+    checkpointer.close()
+    writer.close()
+
+    results = {
+        "test_accuracy": eval_metrics.get("test/accuracy"),
+        "test_loss": eval_metrics.get("test/loss"),
+        "train_loss": train_metrics.get("train/loss"),
+        "train_accuracy": train_metrics.get("train/accuracy"),
+        "steps": int(jax.device_get(state.step)),
+        "epochs": int(jax.device_get(state.step)) / steps_per_epoch,
+        "wall_time_s": time.perf_counter() - start_time,
+        "examples_per_s": train_metrics.get("train/examples_per_s"),
+        "model": config.model.name,
+        "num_params": int(num_params),
+        "num_trainable_params": int(num_trainable),
+        "data": ds["train"].info.description or config.data.name,
+        "train_examples": len(train),
+        "test_examples": len(test),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "mesh": dict(mesh.shape),
+    }
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        plot_curves(writer.history, os.path.join(workdir, "curves.png"),
+                    title=f"{config.model.name} on {results['data']}")
+        print(f"test accuracy {results['test_accuracy']:.4f} after {results['steps']} steps "
+              f"in {results['wall_time_s']:.1f} s; results in {os.path.join(workdir, 'results.json')}")
+    return results
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,1 @@
+"""JAX/Flax research framework: compression, efficient adaptation and machine unlearning."""

@@ -1,0 +1,79 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, with a progress bar.
+
+The loop knows nothing of the task: it is handed a jitted step, a function that returns the host
+batch of a given step (so resuming needs no iterator state), and an evaluation function.
+Metric sums stay on the device between log steps, so the loop does not wait on every step.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from research.core.checkpoint import Checkpointer
+from research.core.mesh import shard_batch
+from research.core.records import MetricWriter
+
+
+def mean_metrics(sums: Mapping[str, float], prefix: str = "") -> dict[str, float]:
+    """{"loss": s, "correct": c, "count": n, ...} -> {"loss": s/n, "accuracy": c/n, ...}."""
+    sums = {k: float(v) for k, v in sums.items()}
+    count = max(sums.get("count", 1.0), 1.0)
+    out = {}
+    for key, value in sums.items():
+        if key == "count":
+            continue
+        name = "accuracy" if key == "correct" else key
+        out[prefix + name] = value / count
+    return out
+
+
+def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_steps: int, *, mesh: Mesh,
+        writer: MetricWriter, evaluate: Callable[[object], dict[str, float]] | None = None,
+        checkpointer: Checkpointer | None = None, learning_rate: Callable[[int], float] | None = None,
+        log_every: int = 50, eval_every: int = 0, progress: bool = True, stop_after: int | None = None):
+    """Trains from the latest checkpoint (or `state`) to `total_steps`.
+
+    `stop_after` ends the loop early after that many steps in this call (to simulate or schedule
+    an interruption) after checkpointing. Returns (state, last train metrics, last eval metrics).
+    """
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state)
+    start = int(jax.device_get(state.step))
+    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+    train_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    window, window_start = None, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start, disable=not progress or jax.process_index() != 0,
+               desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
+    for step in range(start, end):
+        batch = shard_batch(next_batch(step), mesh)
+        state, sums = train_step(state, batch)
+        window = sums if window is None else jax.tree.map(np.add, window, sums)
+        done = step + 1
+        if done % log_every == 0 or done == end:
+            window = jax.device_get(window)
+            train_metrics = mean_metrics(window, "train/")
+            seconds = time.perf_counter() - window_start
+            train_metrics["train/examples_per_s"] = float(window["count"]) / max(seconds, 1e-9)
+            if learning_rate is not None:
+                train_metrics["train/lr"] = float(learning_rate(step))
+            writer.scalars(done, train_metrics)
+            bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}", refresh=False)
+            window, window_start = None, time.perf_counter()
+        if evaluate is not None and ((eval_every and done % eval_every == 0) or done == total_steps):
+            eval_metrics = evaluate(state)
+            writer.scalars(done, eval_metrics)
+            writer.flush()
+        if checkpointer is not None:
+            checkpointer.save(done, state, force=done == end)
+        bar.update(1)
+    bar.close()
+    if checkpointer is not None:
+        checkpointer.wait()
+    writer.flush()
+    return state, train_metrics, eval_metrics

@@ -1,0 +1,129 @@
+"""One device mesh with named axes `data` and `model`, and logical-axis sharding of parameters.
+
+Parameters carry logical axis names as NNX metadata (`nnx.with_partitioning(init, ("embed",
+"mlp"))`); `LOGICAL_RULES` maps each logical name to a mesh axis. A dimension whose size is not
+divisible by its mesh axis is replicated instead, so any model runs on any mesh shape.
+Batches are split over `data`. Under `jax.jit` with these shardings the program computes the
+same global function as on one device (BatchNorm statistics are over the global batch).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from research.core.config import ConfigError
+
+MESH_AXES = ("data", "model")
+
+# Logical parameter axis -> mesh axis (None: replicated).
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "data"),
+    ("conv_in", None),
+    ("conv_out", "model"),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("vocab", "model"),
+    ("classes", None),
+)
+
+
+def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolves `{"data": -1, "model": 2}` (-1 = all remaining devices) to a shape over MESH_AXES."""
+    unknown = set(axes) - set(MESH_AXES)
+    if unknown:
+        raise ConfigError(f"unknown mesh axis {sorted(unknown)}; mesh axes are: {', '.join(MESH_AXES)}")
+    sizes = [int(axes.get(name, 1)) for name in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ConfigError("at most one mesh axis may be -1 (all remaining devices)")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes) or num_devices % fixed:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} does not fit {num_devices} devices")
+    sizes = [num_devices // fixed if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} of {num_devices} devices; use -1 for one axis")
+    return tuple(sizes)
+
+
+def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh over `devices` (default: all) with axes ("data", "model")."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(dict(axes or {"data": -1, "model": 1}), len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, str | None]] = LOGICAL_RULES) -> P:
+    """PartitionSpec for an array with logical axis `names`; indivisible dims stay replicated."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        axis = table.get(name) if name is not None else None
+        if axis is None or axis in used or size % mesh.shape[axis]:
+            spec.append(None)
+        else:
+            spec.append(axis)
+            used.add(axis)
+    return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = LOGICAL_RULES):
+    """A NamedSharding per array of an NNX state, from each Variable's logical axis names."""
+    def one(variable):
+        names = variable.get_metadata().get("out_sharding") if isinstance(variable, nnx.Variable) else None
+        value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
+        shape = getattr(value, "shape", ())
+        spec = logical_to_spec(names, shape, mesh, rules) if names else P()
+        return NamedSharding(mesh, spec)
+
+    shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return shardings
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over `data`; all other dimensions replicated."""
+    return NamedSharding(mesh, P("data"))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a host batch on the mesh, split over `data`.
+
+    Each process passes its own slice of the global batch (with one process, the whole batch);
+    the global batch is the concatenation over processes.
+    """
+    sharding = batch_sharding(mesh)
+    out = {}
+    for key, local in batch.items():
+        local = np.asarray(local)
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 1, process_id: int = -1) -> bool:
+    """Calls `jax.distributed.initialize` when launched as several processes.
+
+    Explicit arguments win; otherwise JAX's own detection (SLURM, Cloud TPU, Open MPI, or the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment) is used when the
+    environment names a coordinator. Returns whether the process joined a multi-process run.
+    """
+    if num_processes > 1:
+        jax.distributed.initialize(coordinator_address or None, num_processes, process_id if process_id >= 0 else None)
+        return True
+    if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
+        if int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1:
+            jax.distributed.initialize()
+            return True
+    return False

@@ -1,0 +1,146 @@
+"""What a run leaves in its workdir: config, TensorBoard events, results.json, PNG plots.
+
+TensorBoard event files are written with the `tensorboard` package's own event writer and
+protobufs, so TensorFlow is not needed. Only process 0 writes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes JSON to a temporary file in the same directory and renames it over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_to_builtin)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _to_builtin(x):
+    if isinstance(x, (np.generic, jax.Array)):
+        return np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x).tolist()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        lo, hi = float(image.min()), float(image.max())
+        image = ((image - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class MetricWriter:
+    """Scalars and images to TensorBoard under `logdir`, and a history kept for plots/results."""
+
+    def __init__(self, logdir: str | None):
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self._writer = None
+        if logdir and jax.process_index() == 0:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            os.makedirs(logdir, exist_ok=True)
+            self._writer = EventFileWriter(logdir)
+
+    def _event(self, step: int, values):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        summary = summary_pb2.Summary(value=values)
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        from tensorboard.compat.proto import summary_pb2
+
+        values = []
+        for name, value in scalars.items():
+            value = float(value)
+            self.history[name].append((int(step), value))
+            values.append(summary_pb2.Summary.Value(tag=name, simple_value=value))
+        if self._writer:
+            self._event(step, values)
+
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """Images as (H, W), (H, W, 1) or (H, W, 3) arrays; floats are rescaled to 0-255."""
+        if not self._writer:
+            return
+        from tensorboard.compat.proto import summary_pb2
+
+        values = []
+        for name, image in images.items():
+            image = np.asarray(image)
+            png = _png(image)
+            channels = 1 if image.ndim == 2 else image.shape[-1]
+            values.append(summary_pb2.Summary.Value(tag=name, image=summary_pb2.Summary.Image(
+                height=image.shape[0], width=image.shape[1], colorspace=channels, encoded_image_string=png)))
+        self._event(step, values)
+
+    def flush(self) -> None:
+        if self._writer:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+            self._writer = None
+
+
+def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
+    """(N, H, W, C) -> one (rows*H, columns*W, C) image for TensorBoard."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * h, columns * w, c), images.dtype)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    return grid
+
+
+def plot_curves(history: Mapping[str, list[tuple[int, float]]], path: str, title: str = "") -> None:
+    """One PNG with a panel per metric family (loss, accuracy, learning rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = {"loss": [k for k in history if "loss" in k],
+                "accuracy": [k for k in history if "accuracy" in k],
+                "learning rate": [k for k in history if k.endswith("lr")]}
+    families = {k: v for k, v in families.items() if v}
+    if not families:
+        return
+    fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 3.6), squeeze=False)
+    for ax, (family, keys) in zip(axes[0], families.items()):
+        for key in sorted(keys):
+            steps, values = zip(*history[key])
+            ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_title(family)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,146 @@
+"""Functional train and eval steps over an NNX model split at the jit boundary.
+
+The model is split once into a graph definition and three states:
+  params  the trainable parameters (an NNX filter chooses them: all, BN affine, head, ...),
+  frozen  the other parameters,
+  rest    everything else (BatchNorm statistics, RNG counters).
+A step is a pure function of `TrainState` and a batch, jitted with shardings by the loop.
+
+Losses return sums, not means, plus a `count`: gradients and metrics are divided by the total
+count once, so a mean is exact however the batch is split (gradient accumulation, padding of an
+uneven last batch, devices).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+# loss_fn(model, batch, rng) -> (loss_sum, metric_sums); metric_sums must contain "count".
+LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    frozen: nnx.State
+    rest: nnx.State
+    opt_state: Any
+    rng: jax.Array
+
+
+@flax.struct.dataclass
+class ModelDefs:
+    """Graph definitions of one model in train mode and in eval mode (BN, dropout)."""
+    train: nnx.GraphDef = flax.struct.field(pytree_node=False)
+    eval: nnx.GraphDef = flax.struct.field(pytree_node=False)
+
+
+def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param):
+    """Splits `model` into (ModelDefs, params, frozen, rest); the model is left in train mode."""
+    model.eval()
+    eval_def = nnx.graphdef(model)
+    model.train()
+    train_def, params, frozen, rest = nnx.split(model, nnx.All(nnx.Param, trainable), nnx.Param, ...)
+    return ModelDefs(train_def, eval_def), params, frozen, rest
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
+                       trainable: nnx.filterlib.Filter = nnx.Param, seed: int = 0):
+    """Returns (ModelDefs, TrainState) with the optimizer initialised on the trainable params."""
+    defs, params, frozen, rest = split_model(model, trainable)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, rest=rest,
+                       opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
+    return defs, state
+
+
+def classification_loss(preprocess: Callable[[jax.Array, jax.Array, bool], jax.Array],
+                        label_smoothing: float = 0.0) -> tuple[LossFn, LossFn]:
+    """Cross-entropy loss functions for training and evaluation of a classifier.
+
+    batch: images (N, H, W, C) uint8, labels (N,) int32, mask (N,) float (0 for padding).
+    `preprocess(images, rng, train)` augments and normalises on the device.
+    Returns sums of loss, correct predictions and count over the unmasked examples.
+    """
+    def make(train: bool) -> LossFn:
+        def loss_fn(model, batch, rng):
+            x = preprocess(batch["images"], rng, train)
+            logits = model(x).astype(jnp.float32)
+            num_classes = logits.shape[-1]
+            targets = optax.smooth_labels(jax.nn.one_hot(batch["labels"], num_classes),
+                                          label_smoothing if train else 0.0)
+            losses = optax.softmax_cross_entropy(logits, targets)
+            mask = batch["mask"].astype(jnp.float32)
+            correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+            return jnp.sum(losses * mask), {"loss": jnp.sum(losses * mask),
+                                            "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+        return loss_fn
+    return make(True), make(False)
+
+
+def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """(B, ...) -> (n, B/n, ...), taking every n-th example so each device keeps its rows."""
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} is not divisible into {n} accumulation steps")
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(defs: ModelDefs, tx: optax.GradientTransformation, loss_fn: LossFn,
+                    accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One optimizer step: gradients of the mean loss over the batch, accumulated over
+    `accum_steps` micro-batches (BatchNorm statistics update once per micro-batch)."""
+
+    def grads_of(params, frozen, rest, batch, rng):
+        def total_loss(p):
+            # copy=True: fresh Variables in this trace, which NNX requires for BatchStat updates.
+            model = nnx.merge(defs.train, p, frozen, rest, copy=True)
+            loss_sum, sums = loss_fn(model, batch, rng)
+            return loss_sum, (sums, nnx.state(model, nnx.Not(nnx.Param)))
+        (_, (sums, new_rest)), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
+        return grads, sums, new_rest
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if accum_steps == 1:
+            grads, sums, rest = grads_of(state.params, state.frozen, state.rest, batch, rng)
+        else:
+            def body(carry, micro):
+                acc, rest, i = carry
+                g, s, rest = grads_of(state.params, state.frozen, rest, micro, jax.random.fold_in(rng, i))
+                acc = jax.tree.map(jnp.add, acc, (g, s))
+                return (acc, rest, i + 1), None
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            sum_shapes = jax.eval_shape(lambda: grads_of(state.params, state.frozen, state.rest,
+                                                         jax.tree.map(lambda x: x[0], _microbatches(batch, accum_steps)), rng)[1])
+            zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes)
+            ((grads, sums), rest, _), _ = jax.lax.scan(body, ((zeros, zero_sums), state.rest, 0),
+                                                      _microbatches(batch, accum_steps))
+        count = jnp.maximum(sums["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        sums = dict(sums, grad_norm=optax.global_norm(grads) * sums["count"])
+        return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), sums
+
+    return step
+
+
+def make_eval_step(defs: ModelDefs, loss_fn: LossFn) -> Callable[[TrainState, dict], dict]:
+    """Metric sums of the eval-mode model on one (possibly padded) batch."""
+    def step(state: TrainState, batch):
+        model = nnx.merge(defs.eval, state.params, state.frozen, state.rest)
+        return loss_fn(model, batch, state.rng)[1]
+    return step
+
+
+def merge_model(defs: ModelDefs, state: TrainState, train: bool = False) -> nnx.Module:
+    """The NNX model held by `state`, in eval mode unless `train`."""
+    return nnx.merge(defs.train if train else defs.eval, state.params, state.frozen, state.rest)

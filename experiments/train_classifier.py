@@ -7,6 +7,7 @@ present), curves.png and results.json (test_accuracy, train_loss, steps, wall_ti
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -19,9 +20,10 @@ from flax import nnx
 from research.core import cli, config as cfg, optim
 from research.core.checkpoint import Checkpointer
 from research.core.loop import fit, mean_metrics
-from research.core.mesh import initialize_distributed, make_mesh, replicated, batch_sharding, shard_batch, state_shardings
+from research.core.mesh import initialize_distributed, make_mesh, shard_batch
 from research.core.records import MetricWriter, image_grid, plot_curves, write_json_atomic
-from research.core.train import classification_loss, create_train_state, make_eval_step, make_train_step
+from research.core.train import (classification_loss, create_train_state, jit_eval_step, jit_train_step, make_eval_step,
+                                 make_train_step, place_on_mesh)
 from research.data import pipeline, sources
 from research.data.augment import make_preprocess
 from research.models import MODEL_NAMES, build_model, model_options
@@ -88,17 +90,13 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = config.train.steps or config.train.epochs * steps_per_epoch
     tx = optim.make_optimizer(config.optim, total_steps)
     defs, state = create_train_state(model, tx, param_filter(model, config.train.trainable), config.seed)
-    shardings = state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
+    state, shardings = place_on_mesh(state, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     num_trainable = sum(x.size for x in jax.tree.leaves(state.params))
 
     train_loss, eval_loss = classification_loss(preprocess, config.train.label_smoothing)
-    train_step = jax.jit(make_train_step(defs, tx, train_loss, config.train.grad_accum_steps),
-                         in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
-                         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(defs, eval_loss), in_shardings=(shardings, batch_sharding(mesh)),
-                        out_shardings=replicated(mesh))
+    train_step = jit_train_step(make_train_step(defs, tx, train_loss, config.train.grad_accum_steps), shardings, mesh)
+    eval_step = jit_eval_step(make_eval_step(defs, eval_loss), shardings, mesh)
 
     writer = MetricWriter(os.path.join(workdir, "tb"))
     first = pipeline.train_batch(train, config.train.batch_size, config.seed, 0)
@@ -113,6 +111,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         eval_every=config.train.eval_every_epochs * steps_per_epoch, progress=config.train.progress)
     checkpointer.close()
     writer.close()
+    results_path = os.path.join(workdir, "results.json")
+    if not train_metrics and os.path.exists(results_path):  # a finished run resumed: keep its training record
+        with open(results_path) as f:
+            previous = json.load(f)
+        train_metrics = {f"train/{k.removeprefix('train_')}": previous[k] for k in ("train_loss", "train_accuracy")
+                         if previous.get(k) is not None}
 
     results = {
         "test_accuracy": eval_metrics.get("test/accuracy"),
@@ -133,11 +137,11 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "mesh": dict(mesh.shape),
     }
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        write_json_atomic(results_path, results)
         plot_curves(writer.history, os.path.join(workdir, "curves.png"),
                     title=f"{config.model.name} on {results['data']}")
         print(f"test accuracy {results['test_accuracy']:.4f} after {results['steps']} steps "
-              f"in {results['wall_time_s']:.1f} s; results in {os.path.join(workdir, 'results.json')}")
+              f"in {results['wall_time_s']:.1f} s; results in {results_path}")
     return results
 
 

@@ -43,6 +43,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(save_interval_steps=max(every_steps, 1), max_to_keep=keep, create=True),
+            item_handlers=ocp.StandardCheckpointHandler(),  # lets a new process read the stored shapes
         )
 
     def latest_step(self) -> int | None:

@@ -41,6 +41,7 @@ def run(main: Callable, default_workdir: str = "runs/latest") -> None:
         try:
             rest, found = split_override_args(argv)
             overrides.update(found)
+            sys.argv = rest  # ml_collections reads overrides from sys.argv itself; they are ours
             return flags.FLAGS(rest)
         except ConfigError as e:
             _fail(str(e))

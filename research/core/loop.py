@@ -73,6 +73,8 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
             checkpointer.save(done, state, force=done == end)
         bar.update(1)
     bar.close()
+    if evaluate is not None and start >= total_steps:  # resumed a finished run: report it again
+        eval_metrics = evaluate(state)
     if checkpointer is not None:
         checkpointer.wait()
     writer.flush()

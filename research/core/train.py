@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
+
+from research.core.mesh import batch_sharding, replicated, state_shardings
 
 # loss_fn(model, batch, rng) -> (loss_sum, metric_sums); metric_sums must contain "count".
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -144,3 +147,20 @@ def make_eval_step(defs: ModelDefs, loss_fn: LossFn) -> Callable[[TrainState, di
 def merge_model(defs: ModelDefs, state: TrainState, train: bool = False) -> nnx.Module:
     """The NNX model held by `state`, in eval mode unless `train`."""
     return nnx.merge(defs.train if train else defs.eval, state.params, state.frozen, state.rest)
+
+
+def place_on_mesh(state: TrainState, mesh: Mesh) -> tuple[TrainState, Any]:
+    """Puts `state` on `mesh` by its parameters' logical axis names; returns (state, shardings)."""
+    shardings = state_shardings(state, mesh)
+    return jax.device_put(state, shardings), shardings
+
+
+def jit_train_step(step_fn, shardings, mesh: Mesh):
+    """jax.jit of a train step with the state's shardings kept and the batch split over `data`.
+    The input state is donated: its buffers are reused for the new state."""
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(step_fn, shardings, mesh: Mesh):
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))

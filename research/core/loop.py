@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -53,7 +53,7 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
     for step in range(start, end):
         batch = shard_batch(next_batch(step), mesh)
         state, sums = train_step(state, batch)
-        window = sums if window is None else jax.tree.map(np.add, window, sums)
+        window = sums if window is None else jax.tree.map(jnp.add, window, sums)
         done = step + 1
         if done % log_every == 0 or done == end:
             window = jax.device_get(window)

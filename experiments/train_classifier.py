@@ -19,8 +19,8 @@ from flax import nnx
 
 from research.core import cli, config as cfg, optim
 from research.core.checkpoint import Checkpointer
-from research.core.loop import fit, mean_metrics
-from research.core.mesh import initialize_distributed, make_mesh, shard_batch
+from research.core.loop import evaluate, fit
+from research.core.mesh import initialize_distributed, make_mesh
 from research.core.records import MetricWriter, image_grid, plot_curves, write_json_atomic
 from research.core.train import (classification_loss, create_train_state, jit_eval_step, jit_train_step, make_eval_step,
                                  make_train_step, place_on_mesh)
@@ -53,16 +53,6 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
     if kwargs.get("patch_size") == 0:
         kwargs["patch_size"] = None
     return kwargs
-
-
-def evaluator(eval_step, data: pipeline.ImageArrays, batch_size: int, mesh, prefix: str):
-    def evaluate(state):
-        total = None
-        for batch in pipeline.eval_batches(data, batch_size):
-            sums = eval_step(state, shard_batch(batch, mesh))
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        return mean_metrics(jax.device_get(total), prefix)
-    return evaluate
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -106,7 +96,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, train_metrics, eval_metrics = fit(
         state, train_step, lambda step: pipeline.train_batch(train, config.train.batch_size, config.seed, step),
         total_steps, mesh=mesh, writer=writer, checkpointer=checkpointer,
-        evaluate=evaluator(eval_step, test, config.train.eval_batch_size, mesh, "test/"),
+        evaluate=lambda state: evaluate(eval_step, state, pipeline.eval_batches(test, config.train.eval_batch_size), mesh, "test/"),
         learning_rate=optim.make_schedule(config.optim, total_steps), log_every=config.train.log_every,
         eval_every=config.train.eval_every_epochs * steps_per_epoch, progress=config.train.progress)
     checkpointer.close()

@@ -7,7 +7,7 @@ Metric sums stay on the device between log steps, so the loop does not wait on e
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,15 @@ def mean_metrics(sums: Mapping[str, float], prefix: str = "") -> dict[str, float
         name = "accuracy" if key == "correct" else key
         out[prefix + name] = value / count
     return out
+
+
+def evaluate(eval_step: Callable, state, batches: Iterable[dict], mesh: Mesh, prefix: str = "") -> dict[str, float]:
+    """Means of the metric sums of `eval_step(state, batch)` over `batches` (padding masked)."""
+    total = None
+    for batch in batches:
+        sums = eval_step(state, shard_batch(batch, mesh))
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    return mean_metrics(jax.device_get(total), prefix)
 
 
 def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_steps: int, *, mesh: Mesh,

@@ -122,8 +122,8 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 1
     if num_processes > 1:
         jax.distributed.initialize(coordinator_address or None, num_processes, process_id if process_id >= 0 else None)
         return True
-    if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
-        if int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1:
-            jax.distributed.initialize()
-            return True
-    return False
+    launched = ("JAX_COORDINATOR_ADDRESS" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+                or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if launched:
+        jax.distributed.initialize()
+    return launched

@@ -1,0 +1,1 @@
+"""Core: configs and CLI, mesh and sharding, optimizers, train steps, the loop, checkpoints, records."""

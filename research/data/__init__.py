@@ -1,0 +1,1 @@
+"""Data: sources (HF datasets, offline and hub), the batching pipeline, on-device augmentation."""

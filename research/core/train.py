@@ -120,12 +120,11 @@ def make_train_step(defs: ModelDefs, tx: optax.GradientTransformation, loss_fn: 
                 g, s, rest = grads_of(state.params, state.frozen, rest, micro, jax.random.fold_in(rng, i))
                 acc = jax.tree.map(jnp.add, acc, (g, s))
                 return (acc, rest, i + 1), None
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            sum_shapes = jax.eval_shape(lambda: grads_of(state.params, state.frozen, state.rest,
-                                                         jax.tree.map(lambda x: x[0], _microbatches(batch, accum_steps)), rng)[1])
-            zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes)
-            ((grads, sums), rest, _), _ = jax.lax.scan(body, ((zeros, zero_sums), state.rest, 0),
-                                                      _microbatches(batch, accum_steps))
+            micro = _microbatches(batch, accum_steps)
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grads_of, state.params, state.frozen, state.rest, first, rng)[:2]
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # (grads, sums)
+            ((grads, sums), rest, _), _ = jax.lax.scan(body, (zeros, state.rest, 0), micro)
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -142,11 +141,6 @@ def make_eval_step(defs: ModelDefs, loss_fn: LossFn) -> Callable[[TrainState, di
         model = nnx.merge(defs.eval, state.params, state.frozen, state.rest)
         return loss_fn(model, batch, state.rng)[1]
     return step
-
-
-def merge_model(defs: ModelDefs, state: TrainState, train: bool = False) -> nnx.Module:
-    """The NNX model held by `state`, in eval mode unless `train`."""
-    return nnx.merge(defs.train if train else defs.eval, state.params, state.frozen, state.rest)
 
 
 def place_on_mesh(state: TrainState, mesh: Mesh) -> tuple[TrainState, Any]:

@@ -1,9 +1,10 @@
 """Orbax checkpoints of a TrainState: written atomically every N steps, restored exactly.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
-mid-write leaves the previous checkpoint intact. Before restoring, every array's shape and dtype
-in the checkpoint is compared with the state the run built from its config; a difference fails
-with the array's path and both shapes instead of restoring into the wrong model.
+mid-write leaves the previous checkpoint intact. Before restoring, every array's shape in the
+checkpoint is compared with the state the run built from its config; a difference fails with
+the array's path and both shapes instead of restoring into the wrong model. Arrays are restored
+in the dtypes of the run's state.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -30,9 +30,9 @@ def _path_str(path) -> str:
     return "/".join(p for p in parts if p not in ("value", "raw_value"))
 
 
-def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
-    return {_path_str(p): (tuple(x.shape), str(np.dtype(x.dtype))) for p, x in leaves if hasattr(x, "shape")}
+    return {_path_str(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
 
 
 class Checkpointer:
@@ -62,10 +62,10 @@ class Checkpointer:
             raise CheckpointMismatchError(
                 f"checkpoint {self.directory} step {step} has different arrays than this run's model: "
                 f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-        for path, (shape, dtype) in wanted.items():
-            if stored[path][0] != shape:
+        for path, shape in wanted.items():
+            if stored[path] != shape:
                 raise CheckpointMismatchError(
-                    f"checkpoint {self.directory} step {step}: array '{path}' has shape {stored[path][0]}, "
+                    f"checkpoint {self.directory} step {step}: array '{path}' has shape {stored[path]}, "
                     f"this run's model expects {shape}; use a new --workdir or the config the checkpoint was written with")
 
     def restore(self, target: Any, step: int | None = None) -> Any:

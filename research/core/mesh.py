@@ -84,8 +84,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, str
         spec = logical_to_spec(names, shape, mesh, rules) if names else P()
         return NamedSharding(mesh, spec)
 
-    shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return shardings
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -29,7 +29,7 @@ def test_two_processes_equal_one_process():
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-2000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     single = distributed_worker.one_step(make_mesh({"data": 1, "model": 1}, jax.devices()[:1]), distributed_worker.batch())

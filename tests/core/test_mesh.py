@@ -1,6 +1,5 @@
 """Mesh construction, logical sharding rules, and 1-device vs 8-device equality of a train step."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -59,5 +58,5 @@ def test_train_step_same_on_one_device_and_on_data4_model2_mesh(model_name, inpu
     assert any("model" in spec for spec in specs)
 
     np.testing.assert_allclose(s1["loss"] / s1["count"], s8["loss"] / s8["count"], rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(jax.device_get(single)), jax.tree.leaves(jax.device_get(sharded))):
+    for a, b in zip(jax.tree.leaves(jax.device_get(single)), jax.tree.leaves(jax.device_get(sharded)), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-5)

@@ -52,7 +52,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     a, ma = step1(s1, shard_batch(batch, mesh()))
     b, mb = step4(s4, shard_batch(batch, mesh()))
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
@@ -79,12 +79,12 @@ def test_only_the_chosen_subset_changes():
     after = jax.device_get(after)
     head_paths = [p for p, _ in nnx.to_flat_state(before.params)]
     assert head_paths and all("head" in p for p in head_paths)
-    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)):
+    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params), strict=True):
         assert not np.allclose(a, b)
-    for a, b in zip(jax.tree.leaves(before.frozen), jax.tree.leaves(after.frozen)):
+    for a, b in zip(jax.tree.leaves(before.frozen), jax.tree.leaves(after.frozen), strict=True):
         np.testing.assert_array_equal(a, b)
     # BatchNorm running statistics still update in train mode.
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before.rest), jax.tree.leaves(after.rest)))
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before.rest), jax.tree.leaves(after.rest), strict=True))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
@@ -116,7 +116,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert int(first.step) == 4
     resumed = _fit(str(tmp_path / "ckpt"), 7)  # a new process would start from a fresh state like this
     assert int(resumed.step) == 7
-    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

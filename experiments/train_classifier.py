@@ -14,16 +14,12 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from research.core import cli, config as cfg, optim
-from research.core.checkpoint import Checkpointer
-from research.core.loop import evaluate, fit
+from research.core.classify import fit_classifier
 from research.core.mesh import initialize_distributed, make_mesh
-from research.core.records import MetricWriter, image_grid, plot_curves, write_json_atomic
-from research.core.train import (classification_loss, create_train_state, jit_eval_step, jit_train_step, make_eval_step,
-                                 make_train_step, place_on_mesh)
+from research.core.records import plot_curves, write_json_atomic
 from research.data import pipeline, sources
 from research.data.augment import make_preprocess
 from research.models import MODEL_NAMES, build_model, model_options
@@ -73,34 +69,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dtype = DTYPES[config.model.dtype]
     preprocess = make_preprocess(mean, std, config.data.crop_padding, config.data.flip, dtype)
 
-    # Model, optimizer, state placed on the mesh by its logical axis names.
     model = build_model(config.model.name, num_classes=train.num_classes, input_shape=train.images.shape[1:],
                         rngs=nnx.Rngs(config.seed), dtype=dtype, **model_kwargs(config))
-    steps_per_epoch = pipeline.steps_per_epoch(len(train), config.train.batch_size)
-    total_steps = config.train.steps or config.train.epochs * steps_per_epoch
-    tx = optim.make_optimizer(config.optim, total_steps)
-    defs, state = create_train_state(model, tx, param_filter(model, config.train.trainable), config.seed)
-    state, shardings = place_on_mesh(state, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    num_trainable = sum(x.size for x in jax.tree.leaves(state.params))
-
-    train_loss, eval_loss = classification_loss(preprocess, config.train.label_smoothing)
-    train_step = jit_train_step(make_train_step(defs, tx, train_loss, config.train.grad_accum_steps), shardings, mesh)
-    eval_step = jit_eval_step(make_eval_step(defs, eval_loss), shardings, mesh)
-
-    writer = MetricWriter(os.path.join(workdir, "tb"))
-    first = pipeline.train_batch(train, config.train.batch_size, config.seed, 0)
-    shown = preprocess(jnp.asarray(first["images"][:32]), jax.random.PRNGKey(0), True)
-    writer.images(0, {"train/augmented_inputs": image_grid(np.asarray(shown, np.float32))})
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every or total_steps)
-    state, train_metrics, eval_metrics = fit(
-        state, train_step, lambda step: pipeline.train_batch(train, config.train.batch_size, config.seed, step),
-        total_steps, mesh=mesh, writer=writer, checkpointer=checkpointer,
-        evaluate=lambda state: evaluate(eval_step, state, pipeline.eval_batches(test, config.train.eval_batch_size), mesh, "test/"),
-        learning_rate=optim.make_schedule(config.optim, total_steps), log_every=config.train.log_every,
-        eval_every=config.train.eval_every_epochs * steps_per_epoch, progress=config.train.progress)
-    checkpointer.close()
-    writer.close()
+    run = fit_classifier(model, train, test, config, preprocess=preprocess, mesh=mesh, workdir=workdir,
+                         trainable=param_filter(model, config.train.trainable), seed=config.seed)
+    state, train_metrics, eval_metrics = run.state, run.train_metrics, run.eval_metrics
     results_path = os.path.join(workdir, "results.json")
     if not train_metrics and os.path.exists(results_path):  # a finished run resumed: keep its training record
         with open(results_path) as f:
@@ -114,12 +88,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "train_loss": train_metrics.get("train/loss"),
         "train_accuracy": train_metrics.get("train/accuracy"),
         "steps": int(jax.device_get(state.step)),
-        "epochs": int(jax.device_get(state.step)) / steps_per_epoch,
+        "epochs": int(jax.device_get(state.step)) / run.steps_per_epoch,
         "wall_time_s": time.perf_counter() - start_time,
         "examples_per_s": train_metrics.get("train/examples_per_s"),
         "model": config.model.name,
         "num_params": int(num_params),
-        "num_trainable_params": int(num_trainable),
+        "num_trainable_params": int(run.num_trainable),
         "data": ds["train"].info.description or config.data.name,
         "train_examples": len(train),
         "test_examples": len(test),
@@ -128,7 +102,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     if jax.process_index() == 0:
         write_json_atomic(results_path, results)
-        plot_curves(writer.history, os.path.join(workdir, "curves.png"),
+        plot_curves(run.history, os.path.join(workdir, "curves.png"),
                     title=f"{config.model.name} on {results['data']}")
         print(f"test accuracy {results['test_accuracy']:.4f} after {results['steps']} steps "
               f"in {results['wall_time_s']:.1f} s; results in {results_path}")

@@ -45,19 +45,25 @@ class ModelDefs:
     eval: nnx.GraphDef = flax.struct.field(pytree_node=False)
 
 
-def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param):
-    """Splits `model` into (ModelDefs, params, frozen, rest); the model is left in train mode."""
+def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param, train_mode: bool = True):
+    """Splits `model` into (ModelDefs, params, frozen, rest); the model is left in train mode.
+
+    `train_mode=False` trains with the eval-mode graph (BatchNorm running statistics, no dropout),
+    as when fine-tuning a few layers of a frozen backbone.
+    """
     model.eval()
     eval_def = nnx.graphdef(model)
-    model.train()
+    if train_mode:
+        model.train()
     train_def, params, frozen, rest = nnx.split(model, nnx.All(nnx.Param, trainable), nnx.Param, ...)
+    model.train()
     return ModelDefs(train_def, eval_def), params, frozen, rest
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
-                       trainable: nnx.filterlib.Filter = nnx.Param, seed: int = 0):
+                       trainable: nnx.filterlib.Filter = nnx.Param, seed: int = 0, train_mode: bool = True):
     """Returns (ModelDefs, TrainState) with the optimizer initialised on the trainable params."""
-    defs, params, frozen, rest = split_model(model, trainable)
+    defs, params, frozen, rest = split_model(model, trainable, train_mode)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, rest=rest,
                        opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
     return defs, state

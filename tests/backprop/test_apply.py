@@ -74,7 +74,7 @@ def test_lbp_wht_with_all_bases_is_exact_and_low_pass_is_not():
     enable_lbp_wht(model, chosen, k=15)
     np.testing.assert_array_equal(model(x), logits)
     for a, b in zip(jax.tree.leaves(_grads(model, x)), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())  # float32 sums of ~50
     enable_lbp_wht(model, chosen, k=2)
     low = _grads(model, x)
     # block 0: its grid tokens reach the class token through block 1's attention (block 1's MLP

@@ -40,7 +40,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "a positive divisor of train.batch_size")
     cfg.check(config, "train.epochs", lambda v: v > 0 or config.train.steps > 0, "> 0 (or set train.steps)")
     cfg.check(config, "data.crop_padding", lambda v: v >= 0, "an int >= 0")
-    optim.validate(config.optim)
+    optim.validate(config)
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:

@@ -18,14 +18,16 @@ OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("constant", "cosine", "linear", "step")
 
 
-def validate(cfg: ml_collections.ConfigDict, prefix: str = "optim") -> None:
-    root = ml_collections.ConfigDict({prefix: cfg})
-    check_choice(root, f"{prefix}.name", OPTIMIZERS)
-    check_choice(root, f"{prefix}.schedule", SCHEDULES)
-    check(root, f"{prefix}.lr", lambda v: v > 0, "a positive float")
-    check(root, f"{prefix}.weight_decay", lambda v: v >= 0, "a float >= 0")
-    check(root, f"{prefix}.grad_clip_norm", lambda v: v >= 0, "a float >= 0 (0 = no clipping)")
-    check(root, f"{prefix}.warmup_steps", lambda v: v >= 0, "an int >= 0")
+def validate(root: ml_collections.ConfigDict, prefix: str = "optim") -> None:
+    """Checks the optimizer section at the (dotted) key ``prefix`` of ``root`` ("": ``root`` is the section)."""
+    def key(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+    check_choice(root, key("name"), OPTIMIZERS)
+    check_choice(root, key("schedule"), SCHEDULES)
+    check(root, key("lr"), lambda v: v > 0, "a positive float")
+    check(root, key("weight_decay"), lambda v: v >= 0, "a float >= 0")
+    check(root, key("grad_clip_norm"), lambda v: v >= 0, "a float >= 0 (0 = no clipping)")
+    check(root, key("warmup_steps"), lambda v: v >= 0, "an int >= 0")
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -52,7 +54,7 @@ def _decay_mask(params):
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     """The optax chain: clip -> (L2) -> optimizer with the schedule."""
-    validate(cfg)
+    validate(cfg, "")
     schedule = make_schedule(cfg, total_steps)
     chain = []
     if cfg.grad_clip_norm > 0:

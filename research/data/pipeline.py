@@ -55,6 +55,31 @@ def to_arrays(ds: hf.Dataset, label_column: str = "label") -> ImageArrays:
     return ImageArrays(images, labels, names)
 
 
+def select_classes(data: ImageArrays, classes) -> ImageArrays:
+    """The examples of ``classes`` only, relabelled 0..len(classes)-1 in the given order."""
+    classes = [int(c) for c in classes]
+    remap = np.full(data.num_classes, -1, np.int32)
+    remap[classes] = np.arange(len(classes), dtype=np.int32)
+    rows = np.flatnonzero(remap[data.labels] >= 0)
+    return ImageArrays(data.images[rows], remap[data.labels[rows]], tuple(data.label_names[c] for c in classes))
+
+
+def split_halves(train: ImageArrays, test: ImageArrays, by: str, seed: int = 0):
+    """Two (train, test) tasks from one data set: ``by="classes"`` gives the first half of the classes
+    and then the second half (a non-IID split, each relabelled from 0); ``by="samples"`` gives two
+    random halves of the training examples (seeded), each with the whole test split."""
+    if by == "classes":
+        half = train.num_classes // 2
+        first, second = range(half), range(half, 2 * half)
+        return ((select_classes(train, first), select_classes(test, first)),
+                (select_classes(train, second), select_classes(test, second)))
+    if by == "samples":
+        order = np.random.default_rng(seed).permutation(len(train))
+        half = len(train) // 2
+        return (train.subset(np.sort(order[:half])), test), (train.subset(np.sort(order[half:])), test)
+    raise ValueError(f"unknown split {by!r}; choose one of: classes, samples")
+
+
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of uint8 images, on the 0-1 scale; (C,) each."""
     x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0

@@ -1,0 +1,109 @@
+"""Fine-tune the last layers of a pre-trained network with exact backprop, gradient filtering or LBP-WHT.
+
+    python -m experiments.efficient_finetune --config configs/efficient_finetune.py --workdir runs/gf_resnet20
+    python -m experiments.efficient_finetune --config configs/efficient_finetune.py:vit --workdir runs/lbp_vit
+    python -m experiments.efficient_finetune --config configs/efficient_finetune.py:mobilenet_v2 --workdir runs/gf_mbv2
+    python -m experiments.efficient_finetune --config configs/efficient_finetune.py:smoke --workdir /tmp/smoke
+
+The protocol of the gradient-filtering paper at our scale: pre-train on one half of the data
+(``data.split=classes``: the first half of the classes, a non-IID split; ``samples``: a random
+half), then fine-tune the last ``finetune.last_n`` layers (or blocks) plus a classifier head on
+the other half, once per variant, from the same pre-trained weights, with BatchNorm in eval mode.
+Variants: ``vanilla`` (exact backprop of the same layers), ``filter_rR`` (gradient filtering with
+patch size R on those convolutions), ``lbp_kK`` (LBP-WHT LP_L1-K on those linear layers of a
+ViT), ``head_only`` (the classifier alone).
+Presets (comma-separated, ``smoke`` shrinks any of them to seconds):
+  (none)        ResNet-20 on Fashion-MNIST, classes 0-4 -> 5-9, last 2 conv layers, R = 2 and 4
+  mobilenet_v2  MobileNetV2 (width 0.5) on the CIFAR-10 sample, last 2 conv layers, R = 2 and 4
+  vit           ViT-tiny (4 blocks, patch 4) on Fashion-MNIST, last 2 blocks, LBP-WHT k = 2, 4, 6
+"""
+import ml_collections
+
+from research.core import optim
+
+PRESETS = ("smoke", "mobilenet_v2", "vit")
+
+
+def _stage(lr: float, epochs: int, name: str = "sgd") -> ml_collections.ConfigDict:
+    """The ``optim`` and ``train`` sections of one training stage (fields of configs/train_classifier.py)."""
+    stage = ml_collections.ConfigDict()
+    stage.optim = optim.default_config()
+    stage.optim.update(name=name, lr=lr)
+    stage.train = ml_collections.ConfigDict(dict(
+        batch_size=128, eval_batch_size=500, epochs=epochs, steps=0, grad_accum_steps=1, label_smoothing=0.0,
+        log_every=50, eval_every_epochs=1, checkpoint_every=500, progress=True))
+    return stage
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    presets = [p for p in (arg or "").split(",") if p]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown} for configs/efficient_finetune.py; "
+                         f"choose from: {', '.join(PRESETS)}")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "fashion_mnist"
+    c.data.source = "auto"         # auto | offline | hub
+    c.data.data_dir = ""           # folder with cifar/*.npz ("" = $RESEARCH_DATA_DIR)
+    c.data.split = "classes"       # classes: first half of the classes -> second half; samples: random halves
+    c.data.train_limit = 0         # use at most N training images of each half (0 = all)
+    c.data.crop_padding = 2
+    c.data.flip = False
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet20"
+    c.model.dtype = "float32"
+    c.model.width_multiplier = 1.0  # mobilenet_v2
+    c.model.patch_size = 0          # vit_*: 0 = automatic
+    c.model.dropout = 0.0           # vit_*
+    c.model.depth = 0               # vit_*: 0 = the model's default
+    c.model.hidden_sizes = (512, 256)  # mlp
+
+    c.pretrain = _stage(lr=0.1, epochs=3)
+
+    c.finetune = _stage(lr=0.05, epochs=2)
+    c.finetune.unit = "layers"      # layers: the last N conv (CNN) / token-linear (ViT) layers; blocks: model.blocks
+    c.finetune.last_n = 2
+    c.finetune.variants = "vanilla,filter_r2,filter_r4,head_only"
+
+    c.measure = ml_collections.ConfigDict()
+    c.measure.repeats = 5           # timed backward passes per variant (median), at finetune.train.batch_size
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+
+    if "mobilenet_v2" in presets:
+        c.data.name = "cifar10_sample"
+        c.data.crop_padding, c.data.flip = 4, True
+        c.model.name = "mobilenet_v2"
+        c.model.width_multiplier = 0.5
+        c.pretrain.train.epochs = 30
+        c.finetune.train.epochs = 10
+    if "vit" in presets:
+        c.model.name = "vit_tiny"
+        c.model.depth = 4
+        c.pretrain = _stage(lr=1e-3, epochs=3, name="adamw")
+        c.pretrain.optim.update(weight_decay=0.05, warmup_steps=100, grad_clip_norm=1.0)
+        c.finetune = _stage(lr=5e-4, epochs=1, name="adamw")
+        c.finetune.unit = "blocks"
+        c.finetune.last_n = 2
+        c.finetune.variants = "vanilla,lbp_k2,lbp_k4,lbp_k6,head_only"
+    if "smoke" in presets:
+        c.data.train_limit = 256
+        for stage in (c.pretrain, c.finetune):
+            stage.train.update(batch_size=32, eval_batch_size=64, epochs=0, steps=4, log_every=2,
+                               checkpoint_every=2, progress=False)
+        c.measure.repeats = 1
+        c.model.width_multiplier = 0.25 if c.model.name == "mobilenet_v2" else c.model.width_multiplier
+        c.model.depth = 2 if c.model.name.startswith("vit") else c.model.depth
+    return c
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """Patch sizes and depths of fine-tuning:
+
+    python -m tools.sweep --experiment efficient_finetune --config configs/efficient_finetune.py --workdir runs/gf_sweep
+    """
+    return [{"finetune.last_n": n, "finetune.variants": f"vanilla,filter_r{r}"} for n in (2, 4) for r in (2, 4)]

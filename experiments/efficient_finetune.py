@@ -1,0 +1,256 @@
+"""Pre-train on one half of a data set, then fine-tune the last layers on the other half with exact
+backprop, gradient filtering (conv) or LBP-WHT (ViT linear layers), and compare.
+
+    python -m experiments.efficient_finetune --config configs/efficient_finetune.py[:PRESETS] --workdir DIR
+
+Writes to DIR: config.json, pretrain/ (TensorBoard, checkpoints), finetune/VARIANT/ (the same per
+variant; every stage resumes from its checkpoints), results.json (per variant: test_acc,
+backward_flops, activation_bytes, backward_seconds_per_step, ...), results.md (the table) and
+tradeoff.png (accuracy against backward FLOPs and time).
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import ml_collections
+from flax import nnx
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from research.backprop.apply import (enable_gradient_filter, enable_lbp_wht, layer_params_filter,  # noqa: E402
+                                     select_layers, trace_layers)
+from research.backprop.cost import finetune_backward_cost  # noqa: E402
+from research.backprop.measure import backward_profile  # noqa: E402
+from research.core import cli, optim  # noqa: E402
+from research.core import config as cfg  # noqa: E402
+from research.core.classify import fit_classifier  # noqa: E402
+from research.core.mesh import initialize_distributed, make_mesh, shard_batch  # noqa: E402
+from research.core.records import write_json_atomic  # noqa: E402
+from research.core.train import classification_loss  # noqa: E402
+from research.data import pipeline, sources  # noqa: E402
+from research.data.augment import make_preprocess  # noqa: E402
+from research.models import MODEL_NAMES, build_model, model_options  # noqa: E402
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+VARIANT = re.compile(r"^(vanilla|head_only|filter_r(?P<r>[1-9]\d*)|lbp_k(?P<k>[1-9]\d*))$")
+UNITS = ("layers", "blocks")
+SPLITS = ("classes", "samples")
+
+
+def parse_variants(text: str) -> list[tuple[str, str, int | None]]:
+    """"vanilla,filter_r2,lbp_k6" -> [(name, method, setting)] with method vanilla|head_only|filter|lbp."""
+    variants = []
+    for name in (v.strip() for v in text.split(",") if v.strip()):
+        match = VARIANT.match(name)
+        if not match:
+            raise cfg.ConfigError(f"finetune.variants: unknown variant {name!r}; allowed: vanilla, head_only, "
+                                  "filter_rR (R >= 1), lbp_kK (1 <= K <= 15)")
+        if match["r"]:
+            variants.append((name, "filter", int(match["r"])))
+        elif match["k"]:
+            if int(match["k"]) > 15:
+                raise cfg.ConfigError(f"finetune.variants: {name}: K must be in 1..15")
+            variants.append((name, "lbp", int(match["k"])))
+        else:
+            variants.append((name, name, None))
+    return variants
+
+
+def validate(config: ml_collections.ConfigDict) -> list[tuple[str, str, int | None]]:
+    cfg.check_choice(config, "model.name", MODEL_NAMES)
+    cfg.check_choice(config, "model.dtype", DTYPES)
+    cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
+    cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
+    cfg.check_choice(config, "data.split", SPLITS)
+    cfg.check_choice(config, "finetune.unit", UNITS)
+    cfg.check(config, "finetune.last_n", lambda v: v > 0, "a positive int")
+    cfg.check(config, "measure.repeats", lambda v: v > 0, "a positive int")
+    for stage in ("pretrain", "finetune"):
+        cfg.check(config, f"{stage}.train.batch_size", lambda v: v > 0, "a positive int")
+        cfg.check(config, f"{stage}.train.epochs", lambda v, s=stage: v > 0 or config[s].train.steps > 0,
+                  "> 0 (or set train.steps)")
+        optim.validate(config, f"{stage}.optim")
+    variants = parse_variants(config.finetune.variants)
+    if not variants:
+        raise cfg.ConfigError("finetune.variants: empty; give a comma-separated list such as vanilla,filter_r2")
+    kind = layer_kind(config.model.name)
+    for name, method, _ in variants:
+        if (method, kind) in (("filter", "linear"), ("lbp", "conv")):
+            raise cfg.ConfigError(f"finetune.variants: {name} does not apply to {config.model.name} "
+                                  f"(its fine-tuned layers are {kind} layers)")
+    return variants
+
+
+def layer_kind(model_name: str) -> str:
+    return "linear" if model_name.startswith("vit") else "conv"
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+    kwargs = {k: config.model[k] for k in model_options(config.model.name) if k in config.model}
+    for key in ("patch_size", "depth"):
+        if kwargs.get(key) == 0:
+            kwargs[key] = None
+    return kwargs
+
+
+def finetuned_layers(model: nnx.Module, input_shape, config: ml_collections.ConfigDict):
+    """The conv (CNN) or token-linear (ViT) layers that fine-tuning trains, in execution order."""
+    calls = trace_layers(model, input_shape)
+    kind = layer_kind(config.model.name)
+    if config.finetune.unit == "blocks":
+        num_blocks = len(model.blocks)
+        if config.finetune.last_n > num_blocks:
+            raise cfg.ConfigError(f"finetune.last_n: {config.model.name} has {num_blocks} blocks, "
+                                  f"got {config.finetune.last_n}")
+        ids = range(num_blocks - config.finetune.last_n, num_blocks)
+        return select_layers(calls, kind, pattern="^blocks/(" + "|".join(map(str, ids)) + ")/")
+    return select_layers(calls, kind, pattern="^blocks/" if kind == "linear" else "", last_n=config.finetune.last_n)
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    variants = validate(config)
+    start_time = time.perf_counter()
+    initialize_distributed()
+    mesh = make_mesh(config.mesh)
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+    ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
+    (pre_train, pre_test), (fine_train, fine_test) = pipeline.split_halves(
+        pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"]), config.data.split, config.seed)
+    if config.data.train_limit:
+        pre_train, fine_train = (a.subset(slice(0, config.data.train_limit)) for a in (pre_train, fine_train))
+    mean, std = pipeline.channel_stats(pre_train.images)  # the backbone's normalisation, kept for fine-tuning
+    dtype = DTYPES[config.model.dtype]
+    preprocess = make_preprocess(mean, std, config.data.crop_padding, config.data.flip, dtype)
+    input_shape = pre_train.images.shape[1:]
+
+    def new_model(seed: int, num_classes: int) -> nnx.Module:
+        return build_model(config.model.name, num_classes=num_classes, input_shape=input_shape,
+                           rngs=nnx.Rngs(seed), dtype=dtype, **model_kwargs(config))
+
+    # Stage 1: pre-train the whole network on the first half.
+    t0 = time.perf_counter()
+    pre = fit_classifier(new_model(config.seed, pre_train.num_classes), pre_train, pre_test, config.pretrain,
+                         preprocess=preprocess, mesh=mesh, workdir=os.path.join(workdir, "pretrain"), seed=config.seed)
+    pretrained = nnx.state(pre.model())
+    results = {"pretrain": {"test_acc": pre.eval_metrics.get("test/accuracy"), "steps": int(pre.state.step),
+                            "seconds": time.perf_counter() - t0, "train_examples": len(pre_train),
+                            "classes": list(pre_train.label_names)}}
+
+    # Stage 2: the same fine-tuning per variant, from the same weights. A new task (other classes)
+    # gets a freshly initialised head; a new sample of the same classes keeps the pre-trained one.
+    keep = nnx.Not(lambda path, value: "head" in path) if config.data.split == "classes" else ...
+    measure_batch = pipeline.train_batch(fine_train, config.finetune.train.batch_size, config.seed, 0)
+    variant_results = {}
+    layer_paths = []
+    for name, method, setting in variants:
+        model = new_model(config.seed + 1, fine_train.num_classes)
+        nnx.update(model, pretrained.filter(keep) if keep is not ... else pretrained)
+        layers = finetuned_layers(model, input_shape, config)
+        layer_paths = [c.path for c in layers]
+        if method == "filter":
+            enable_gradient_filter(model, layers, setting)
+        elif method == "lbp":
+            enable_lbp_wht(model, layers, setting)
+        trained = [] if method == "head_only" else layers
+        t0 = time.perf_counter()
+        run = fit_classifier(model, fine_train, fine_test, config.finetune, preprocess=preprocess, mesh=mesh,
+                             workdir=os.path.join(workdir, "finetune", name), trainable=layer_params_filter(trained),
+                             train_mode=False, seed=config.seed)
+        seconds = time.perf_counter() - t0
+        profile = _profile_backward(run, preprocess, measure_batch, mesh, config.measure.repeats)
+        analytic = finetune_backward_cost(trained, batch=config.finetune.train.batch_size,
+                                          patch_size=setting if method == "filter" else None,
+                                          lbp_k=setting if method == "lbp" else None)
+        variant_results[name] = {
+            "test_acc": run.eval_metrics.get("test/accuracy"),
+            "train_loss": run.train_metrics.get("train/loss"),
+            "backward_flops": profile["flops"],
+            "analytic_backward_flops": analytic["flops"],
+            "activation_bytes": analytic["activation_bytes"],
+            "residual_bytes": profile["residual_bytes"],
+            "backward_seconds_per_step": profile["seconds"],
+            "train_seconds": seconds,
+            "trainable_params": run.num_trainable,
+        }
+        print(f"{name}: test accuracy {variant_results[name]['test_acc']:.4f}, backward "
+              f"{1e3 * profile['seconds']:.1f} ms/step, {profile['flops'] / 1e6:.1f} MFLOPs")
+
+    results.update({
+        "variants": variant_results,
+        "finetuned_layers": layer_paths,
+        "model": config.model.name,
+        "data": config.data.name,
+        "split": config.data.split,
+        "finetune_examples": len(fine_train),
+        "test_examples": len(fine_test),
+        "measure_batch_size": config.finetune.train.batch_size,
+        "wall_time_s": time.perf_counter() - start_time,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    })
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        table = results_table(results)
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(table + "\n")
+        plot_tradeoff(results, os.path.join(workdir, "tradeoff.png"))
+        print(table)
+    return results
+
+
+def _profile_backward(run, preprocess, batch, mesh, repeats: int) -> dict:
+    """Backward time, XLA FLOPs and residuals of one fine-tuning step's loss on ``batch``."""
+    _, eval_loss = classification_loss(preprocess)  # no augmentation: the same input for every variant
+    state = run.state
+    batch = shard_batch(batch, mesh)
+
+    def loss(params, batch):
+        model = nnx.merge(run.defs.train, params, state.frozen, state.rest)
+        return eval_loss(model, batch, state.rng)[0]
+    return backward_profile(loss, state.params, batch, repeats=repeats)
+
+
+def results_table(results: dict) -> str:
+    exact = results["variants"].get("vanilla")
+    lines = [f"{results['model']} on {results['data']} ({results['split']} split), fine-tuned layers: "
+             f"{', '.join(results['finetuned_layers'])}", "",
+             "| variant | test acc | backward MFLOPs (XLA) | analytic MFLOPs | saved layer inputs KB | "
+             "backward ms/step | speed-up vs vanilla | trainable params |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results["variants"].items():
+        speedup = exact["backward_seconds_per_step"] / r["backward_seconds_per_step"] if exact else float("nan")
+        lines.append(f"| {name} | {100 * r['test_acc']:.2f} | {r['backward_flops'] / 1e6:,.1f} | "
+                     f"{r['analytic_backward_flops'] / 1e6:,.1f} | {r['activation_bytes'] / 1024:,.0f} | "
+                     f"{1e3 * r['backward_seconds_per_step']:.2f} | {speedup:.1f}x | {r['trainable_params']:,} |")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(results: dict, path: str) -> None:
+    names = list(results["variants"])
+    acc = [100 * results["variants"][n]["test_acc"] for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "backward_flops", "backward FLOPs per step (XLA)"),
+                           (axes[1], "backward_seconds_per_step", "backward seconds per step")):
+        xs = [results["variants"][n][key] for n in names]
+        ax.scatter(xs, acc)
+        for x, y, n in zip(xs, acc, names, strict=True):
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{results['model']} fine-tuned on {results['data']} ({results['split']} split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    cli.run(main)

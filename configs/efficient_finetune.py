@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.hidden_sizes = (512, 256)  # mlp
 
     c.pretrain = _stage(lr=0.1, epochs=3)
+    c.pretrain.workdir = ""         # "" = WORKDIR/pretrain; another run's folder reuses (or resumes) its pre-training
 
     c.finetune = _stage(lr=0.05, epochs=2)
     c.finetune.unit = "layers"      # layers: the last N conv (CNN) / token-linear (ViT) layers; blocks: model.blocks
@@ -85,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.name = "vit_tiny"
         c.model.depth = 4
         c.pretrain = _stage(lr=1e-3, epochs=3, name="adamw")
+        c.pretrain.workdir = ""
         c.pretrain.optim.update(weight_decay=0.05, warmup_steps=100, grad_clip_norm=1.0)
         c.finetune = _stage(lr=5e-4, epochs=1, name="adamw")
         c.finetune.unit = "blocks"

@@ -3,7 +3,8 @@ backprop, gradient filtering (conv) or LBP-WHT (ViT linear layers), and compare.
 
     python -m experiments.efficient_finetune --config configs/efficient_finetune.py[:PRESETS] --workdir DIR
 
-Writes to DIR: config.json, pretrain/ (TensorBoard, checkpoints), finetune/VARIANT/ (the same per
+Writes to DIR: config.json, pretrain/ (TensorBoard, checkpoints; ``pretrain.workdir`` points elsewhere
+to share one pre-training between runs), finetune/VARIANT/ (the same per
 variant; every stage resumes from its checkpoints), results.json (per variant: test_acc,
 backward_flops, activation_bytes, backward_seconds_per_step, ...), results.md (the table) and
 tradeoff.png (accuracy against backward FLOPs and time).
@@ -135,10 +136,11 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return build_model(config.model.name, num_classes=num_classes, input_shape=input_shape,
                            rngs=nnx.Rngs(seed), dtype=dtype, **model_kwargs(config))
 
-    # Stage 1: pre-train the whole network on the first half.
+    # Stage 1: pre-train the whole network on the first half (or reuse a finished pre-training).
     t0 = time.perf_counter()
+    pretrain_dir = config.pretrain.workdir or os.path.join(workdir, "pretrain")
     pre = fit_classifier(new_model(config.seed, pre_train.num_classes), pre_train, pre_test, config.pretrain,
-                         preprocess=preprocess, mesh=mesh, workdir=os.path.join(workdir, "pretrain"), seed=config.seed)
+                         preprocess=preprocess, mesh=mesh, workdir=pretrain_dir, seed=config.seed)
     pretrained = nnx.state(pre.model())
     results = {"pretrain": {"test_acc": pre.eval_metrics.get("test/accuracy"), "steps": int(pre.state.step),
                             "seconds": time.perf_counter() - t0, "train_examples": len(pre_train),

@@ -1,12 +1,15 @@
-"""Switching efficient backprop on for chosen layers of the framework's models."""
+"""Switching efficient backprop on for chosen layers of the framework's models, also on a mesh."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from research.backprop.apply import (enable_gradient_filter, enable_lbp_wht, layer_params_filter, select_layers,
                                      trace_layers)
+from research.core.mesh import make_mesh, shard_batch
+from research.core.train import classification_loss, create_train_state, jit_train_step, make_train_step, place_on_mesh
 from research.models import build_model
 
 
@@ -90,3 +93,34 @@ def test_params_filter_selects_the_chosen_layers_and_head():
     params = nnx.state(model, layer_params_filter(chosen))
     paths = sorted("/".join(map(str, p)) for p, _ in nnx.to_flat_state(params))
     assert paths == ["blocks/8/conv1/kernel", "blocks/8/conv2/kernel", "head/bias", "head/kernel"]
+
+
+def _filtered_step(mesh, model_name, method):
+    """One SGD step of the chosen layers with filtered / LBP-WHT backward on ``mesh``."""
+    model = build_model(model_name, num_classes=10, input_shape=(16, 16, 3), rngs=nnx.Rngs(0))
+    calls = trace_layers(model, (16, 16, 3))
+    if method == "filter":
+        chosen = select_layers(calls, "conv", last_n=4)
+        enable_gradient_filter(model, chosen, patch_size=2)
+    else:
+        chosen = select_layers(calls, "linear", pattern=r"^blocks/")
+        enable_lbp_wht(model, chosen, k=4)
+    tx = optax.sgd(0.1)
+    defs, state = create_train_state(model, tx, layer_params_filter(chosen), train_mode=False)
+    state, shardings = place_on_mesh(state, mesh)
+    loss_fn, _ = classification_loss(lambda images, rng, train: images.astype(jnp.float32) / 255.0)
+    step = jit_train_step(make_train_step(defs, tx, loss_fn), shardings, mesh)
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+             "labels": rng.integers(0, 10, 16).astype(np.int32), "mask": np.ones(16, np.float32)}
+    return step(state, shard_batch(batch, mesh))
+
+
+@pytest.mark.parametrize("model_name,method", [("resnet20", "filter"), ("vit_tiny", "lbp")])
+def test_filtered_train_step_same_on_one_device_and_on_data4_model2_mesh(model_name, method):
+    single, s1 = _filtered_step(make_mesh({"data": 1, "model": 1}, jax.devices()[:1]), model_name, method)
+    sharded, s8 = _filtered_step(make_mesh({"data": 4, "model": 2}), model_name, method)
+    np.testing.assert_allclose(s1["loss"], s8["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(single.params)), jax.tree.leaves(jax.device_get(sharded.params)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,6 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import ml_collections
 from flax import nnx
@@ -36,9 +35,8 @@ from research.core.records import write_json_atomic  # noqa: E402
 from research.core.train import classification_loss  # noqa: E402
 from research.data import pipeline, sources  # noqa: E402
 from research.data.augment import make_preprocess  # noqa: E402
-from research.models import MODEL_NAMES, build_model, model_options  # noqa: E402
+from research.models import COMPUTE_DTYPES, MODEL_NAMES, build_from_config  # noqa: E402
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 VARIANT = re.compile(r"^(vanilla|head_only|filter_r(?P<r>[1-9]\d*)|lbp_k(?P<k>[1-9]\d*))$")
 UNITS = ("layers", "blocks")
 SPLITS = ("classes", "samples")
@@ -65,7 +63,7 @@ def parse_variants(text: str) -> list[tuple[str, str, int | None]]:
 
 def validate(config: ml_collections.ConfigDict) -> list[tuple[str, str, int | None]]:
     cfg.check_choice(config, "model.name", MODEL_NAMES)
-    cfg.check_choice(config, "model.dtype", DTYPES)
+    cfg.check_choice(config, "model.dtype", COMPUTE_DTYPES)
     cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
     cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
     cfg.check_choice(config, "data.split", SPLITS)
@@ -90,14 +88,6 @@ def validate(config: ml_collections.ConfigDict) -> list[tuple[str, str, int | No
 
 def layer_kind(model_name: str) -> str:
     return "linear" if model_name.startswith("vit") else "conv"
-
-
-def model_kwargs(config: ml_collections.ConfigDict) -> dict:
-    kwargs = {k: config.model[k] for k in model_options(config.model.name) if k in config.model}
-    for key in ("patch_size", "depth"):
-        if kwargs.get(key) == 0:
-            kwargs[key] = None
-    return kwargs
 
 
 def finetuned_layers(model: nnx.Module, input_shape, config: ml_collections.ConfigDict):
@@ -128,13 +118,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.train_limit:
         pre_train, fine_train = (a.subset(slice(0, config.data.train_limit)) for a in (pre_train, fine_train))
     mean, std = pipeline.channel_stats(pre_train.images)  # the backbone's normalisation, kept for fine-tuning
-    dtype = DTYPES[config.model.dtype]
+    dtype = COMPUTE_DTYPES[config.model.dtype]
     preprocess = make_preprocess(mean, std, config.data.crop_padding, config.data.flip, dtype)
     input_shape = pre_train.images.shape[1:]
 
     def new_model(seed: int, num_classes: int) -> nnx.Module:
-        return build_model(config.model.name, num_classes=num_classes, input_shape=input_shape,
-                           rngs=nnx.Rngs(seed), dtype=dtype, **model_kwargs(config))
+        return build_from_config(config.model, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(seed))
 
     # Stage 1: pre-train the whole network on the first half (or reuse a finished pre-training).
     t0 = time.perf_counter()

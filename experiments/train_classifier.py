@@ -12,7 +12,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -22,15 +21,12 @@ from research.core.mesh import initialize_distributed, make_mesh
 from research.core.records import plot_curves, write_json_atomic
 from research.data import pipeline, sources
 from research.data.augment import make_preprocess
-from research.models import MODEL_NAMES, build_model, model_options
+from research.models import COMPUTE_DTYPES, MODEL_NAMES, build_from_config
 from research.models.filters import PARAM_SUBSETS, param_filter
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def validate(config: ml_collections.ConfigDict) -> None:
     cfg.check_choice(config, "model.name", MODEL_NAMES)
-    cfg.check_choice(config, "model.dtype", DTYPES)
+    cfg.check_choice(config, "model.dtype", COMPUTE_DTYPES)
     cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
     cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
     cfg.check_choice(config, "train.trainable", PARAM_SUBSETS)
@@ -41,14 +37,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     cfg.check(config, "train.epochs", lambda v: v > 0 or config.train.steps > 0, "> 0 (or set train.steps)")
     cfg.check(config, "data.crop_padding", lambda v: v >= 0, "an int >= 0")
     optim.validate(config)
-
-
-def model_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """The config's model options that the chosen model takes (0 patch size = automatic)."""
-    kwargs = {k: config.model[k] for k in model_options(config.model.name) if k in config.model}
-    if kwargs.get("patch_size") == 0:
-        kwargs["patch_size"] = None
-    return kwargs
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -66,11 +54,11 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.train_limit:
         train = train.subset(slice(0, config.data.train_limit))
     mean, std = pipeline.channel_stats(train.images)
-    dtype = DTYPES[config.model.dtype]
+    dtype = COMPUTE_DTYPES[config.model.dtype]
     preprocess = make_preprocess(mean, std, config.data.crop_padding, config.data.flip, dtype)
 
-    model = build_model(config.model.name, num_classes=train.num_classes, input_shape=train.images.shape[1:],
-                        rngs=nnx.Rngs(config.seed), dtype=dtype, **model_kwargs(config))
+    model = build_from_config(config.model, num_classes=train.num_classes, input_shape=train.images.shape[1:],
+                              rngs=nnx.Rngs(config.seed))
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     run = fit_classifier(model, train, test, config, preprocess=preprocess, mesh=mesh, workdir=workdir,
                          trainable=param_filter(model, config.train.trainable), seed=config.seed)

@@ -60,4 +60,18 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int
                                dtype=dtype, **kwargs)
 
 
-__all__ = ["MODEL_NAMES", "build_model", "model_options"]
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_AUTOMATIC_WHEN_ZERO = ("patch_size", "depth")
+
+
+def build_from_config(model_config, *, num_classes: int, input_shape: tuple[int, int, int],
+                      rngs: nnx.Rngs) -> nnx.Module:
+    """Build the model a config's ``model`` section names (``name``, ``dtype`` and the options the
+    model takes; other fields are ignored, and 0 means "automatic" for ``patch_size`` / ``depth``)."""
+    kwargs = {k: model_config[k] for k in model_options(model_config.name) if k in model_config}
+    kwargs.update({k: None for k in _AUTOMATIC_WHEN_ZERO if kwargs.get(k) == 0})
+    return build_model(model_config.name, num_classes=num_classes, input_shape=input_shape, rngs=rngs,
+                       dtype=COMPUTE_DTYPES[model_config.dtype], **kwargs)
+
+
+__all__ = ["COMPUTE_DTYPES", "MODEL_NAMES", "build_from_config", "build_model", "model_options"]

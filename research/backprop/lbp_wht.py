@@ -85,22 +85,40 @@ def _from_blocks(t: jax.Array, grid: tuple[int, int]) -> jax.Array:
     return t.reshape(n, nbh * b, nbw * b, c)[:, :h, :w].reshape(n, h * w, c)
 
 
-def _analysis(blocks: jax.Array, bases: np.ndarray) -> jax.Array:
-    """sum_block T * B_s: (N, nbh, b, nbw, b, C) -> (N, nbh * nbw, |S|, C) in float32."""
+# The custom VJP works in a "position-major" layout (block*block, M, C), M = N * n_blocks: row p
+# holds pixel p of every block. Analysis and synthesis are then one GEMM each with the (|S|, 64)
+# basis matrix, and the kernel matmuls one GEMM over (|S| M) rows, with no per-block batching.
+
+def _to_position_major(t: jax.Array, grid: tuple[int, int], block: int) -> jax.Array:
+    """(N, h*w, C) -> (block*block, N * n_blocks, C), zero-padded."""
+    blocks = _to_blocks(t, grid, block)  # (N, nbh, i, nbw, j, C)
     n, nbh, _, nbw, _, c = blocks.shape
-    out = jnp.einsum("nhiwjc,sij->nhwsc", blocks, jnp.asarray(bases, blocks.dtype),
-                     preferred_element_type=jnp.float32)
-    return out.reshape(n, nbh * nbw, len(bases), c)
+    return blocks.transpose(2, 4, 0, 1, 3, 5).reshape(block * block, n * nbh * nbw, c)
 
 
-def _synthesis(coeffs: jax.Array, bases: np.ndarray, grid: tuple[int, int]) -> jax.Array:
-    """sum_s coeffs_s outer B_s, cropped: (N, n_blocks, |S|, C) -> (N, h*w, C) in float32."""
-    n, _, s, c = coeffs.shape
-    block = bases.shape[-1]
+def _from_position_major(t: jax.Array, n: int, grid: tuple[int, int], block: int) -> jax.Array:
+    """Inverse of _to_position_major: (block*block, N * n_blocks, C) -> (N, h*w, C), cropped."""
     nbh, nbw = -(-grid[0] // block), -(-grid[1] // block)
-    blocks = jnp.einsum("nhwsc,sij->nhiwjc", coeffs.reshape(n, nbh, nbw, s, c),
-                        jnp.asarray(bases, coeffs.dtype), preferred_element_type=jnp.float32)
+    c = t.shape[-1]
+    blocks = t.reshape(block, block, n, nbh, nbw, c).transpose(2, 3, 0, 4, 1, 5)
     return _from_blocks(blocks, grid)
+
+
+def _basis_matrix(k: int, block: int, dtype) -> jax.Array:
+    """(|S|, block*block): row s is vec(B_s)."""
+    return jnp.asarray(wht_bases(k, block).reshape(-1, block * block), dtype)
+
+
+def _analysis(t: jax.Array, basis: jax.Array) -> jax.Array:
+    """<T, B_s> per block: (64, M, C) -> (|S|, M, C), accumulated in float32."""
+    p, m, c = t.shape
+    return jnp.dot(basis, t.reshape(p, m * c), preferred_element_type=jnp.float32).reshape(-1, m, c)
+
+
+def _synthesis(coeffs: jax.Array, basis: jax.Array) -> jax.Array:
+    """sum_s coeffs_s B_s per block: (|S|, M, C) -> (64, M, C), accumulated in float32."""
+    s, m, c = coeffs.shape
+    return jnp.dot(basis.T, coeffs.reshape(s, m * c), preferred_element_type=jnp.float32).reshape(-1, m, c)
 
 
 # --- The custom VJP on (N, T, C_in) x (C_in, C_out). ---
@@ -127,29 +145,31 @@ def _lbp_wht(x: jax.Array, kernel: jax.Array, cfg: _Config) -> jax.Array:
 
 
 def _lbp_wht_fwd(x, kernel, cfg: _Config):
-    """Exact y; residuals (prefix (N, P, C_in), X~ (N, n_blocks, |S|, C_in), kernel). Not x."""
+    """Exact y; residuals (prefix (N, P, C_in), X~ (|S|, N * n_blocks, C_in), kernel). Not x."""
     p = cfg.num_prefix_tokens
-    bases = wht_bases(cfg.k, cfg.block)
+    basis = _basis_matrix(cfg.k, cfg.block, x.dtype)
     # Stored in x's dtype, as exact backprop would store x, so memory shrinks by |S|/64.
-    x_t = _analysis(_to_blocks(x[:, p:], cfg.grid, cfg.block), bases).astype(x.dtype)
+    x_t = _analysis(_to_position_major(x[:, p:], cfg.grid, cfg.block), basis).astype(x.dtype)
     return _lbp_wht(x, kernel, cfg), (x[:, :p], x_t, kernel)
 
 
 def _lbp_wht_bwd(cfg: _Config, residuals, g):
     prefix, x_t, kernel = residuals
-    p = cfg.num_prefix_tokens
-    bases = wht_bases(cfg.k, cfg.block)
+    p, n = cfg.num_prefix_tokens, g.shape[0]
     dtype = jnp.result_type(x_t.dtype, kernel.dtype)  # matmul operands; accumulate in float32
     f32 = jnp.float32
-    g_prefix, g_grid = g[:, :p].astype(dtype), g[:, p:]
-    g_t = (_analysis(_to_blocks(g_grid, cfg.grid, cfg.block), bases) / cfg.block**2).astype(dtype)
-    # grad_x: the matmul in the |S|-dim transform domain first (64/|S| cheaper), then synthesis.
-    gx_t = jnp.einsum("nbso,io->nbsi", g_t, kernel, precision=cfg.precision, preferred_element_type=f32)
-    gx_grid = _synthesis(gx_t, bases, cfg.grid)
+    basis = _basis_matrix(cfg.k, cfg.block, dtype)
+    g_prefix, g_grid = g[:, :p].astype(dtype), g[:, p:].astype(dtype)
+    g_t = (_analysis(_to_position_major(g_grid, cfg.grid, cfg.block), basis) / cfg.block**2).astype(dtype)
+    s, m, c_out = g_t.shape
+    # grad_x: the kernel matmul on the |S| coefficients first (64/|S| cheaper), then synthesis.
+    gx_t = jnp.dot(g_t.reshape(s * m, c_out), kernel.T, precision=cfg.precision, preferred_element_type=f32)
+    gx_grid = _from_position_major(_synthesis(gx_t.astype(dtype).reshape(s, m, -1), basis), n, cfg.grid, cfg.block)
     gx_prefix = jnp.einsum("npo,io->npi", g_prefix, kernel, precision=cfg.precision, preferred_element_type=f32)
     grad_x = jnp.concatenate([gx_prefix, gx_grid], axis=1).astype(prefix.dtype)
     grad_kernel = (
-        jnp.einsum("nbsi,nbso->io", x_t, g_t, precision=cfg.precision, preferred_element_type=f32)
+        jnp.dot(x_t.reshape(s * m, -1).T, g_t.reshape(s * m, c_out), precision=cfg.precision,
+                preferred_element_type=f32)
         + jnp.einsum("npi,npo->io", prefix, g_prefix, precision=cfg.precision, preferred_element_type=f32)
     )
     return grad_x, grad_kernel.astype(kernel.dtype)

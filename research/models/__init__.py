@@ -17,12 +17,14 @@ from flax import nnx
 # (Thread-local in flax 0.12.8: other threads should build models through ``build_model``.)
 nnx.use_eager_sharding(False)
 
+from research.models.efficientnet_lite import efficientnet_lite0  # noqa: E402
 from research.models.mlp import mlp  # noqa: E402
 from research.models.mobilenet_v2 import mobilenet_v2  # noqa: E402
 from research.models.resnet import resnet18, resnet20  # noqa: E402
 from research.models.vit import vit_small, vit_tiny  # noqa: E402
 
-MODEL_NAMES = ("mlp", "resnet20", "resnet18", "mobilenet_v2", "vit_tiny", "vit_small")
+MODEL_NAMES = ("mlp", "resnet20", "resnet18", "mobilenet_v2", "vit_tiny", "vit_small",
+               "efficientnet_lite0")
 _BUILDERS = {
     "mlp": mlp,
     "resnet20": resnet20,
@@ -30,6 +32,7 @@ _BUILDERS = {
     "mobilenet_v2": mobilenet_v2,
     "vit_tiny": vit_tiny,
     "vit_small": vit_small,
+    "efficientnet_lite0": efficientnet_lite0,
 }
 _COMMON_ARGS = ("num_classes", "input_shape", "rngs", "dtype")
 

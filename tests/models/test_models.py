@@ -142,7 +142,7 @@ def test_dropout_only_in_train_mode():
 
 
 def test_unknown_name_lists_choices():
-    choices = "choose one of: mlp, resnet20, resnet18, mobilenet_v2, vit_tiny, vit_small$"
+    choices = "choose one of: mlp, resnet20, resnet18, mobilenet_v2, vit_tiny, vit_small, efficientnet_lite0$"
     with pytest.raises(ValueError, match="^unknown model 'foo'; " + choices):
         build_model("foo", num_classes=10, input_shape=(32, 32, 3), rngs=nnx.Rngs(0))
 

@@ -1,0 +1,442 @@
+"""Online-LoRA (Wei et al., WACV 2025, "Online-LoRA: Task-free Online Continual Learning via Low Rank
+Adaptation").
+
+A pre-trained ViT learns a non-stationary stream once, with no task boundaries. LoRA adapters on the
+q and v projections of every block are split into a frozen accumulated part and a trainable current
+part; the classifier head is trained throughout:
+
+    W = W_0 + sum_{t < T} (alpha/r) B_t A_t   (frozen, merged into the base kernel)
+          + (alpha/r) B_T A_T                 (trainable, theta = {A_T, B_T})
+
+Every step minimises (one Adam step on theta and the head)
+
+    L(theta) = mean_{(x, y) in batch} CE(x, y) + mean_{(x, y) in hard buffer} CE(x, y)
+               + (lambda / 2) sum_i Omega_i theta_i^2
+
+where the hard buffer holds the few highest-loss samples seen recently. A loss-plateau detector
+(``PlateauDetector``) watches the batch loss; at a plateau (``OnlineLoRA.consolidate``):
+
+    G       = sum_{x in buffer} (d NLL(yhat(x) | x) / d theta)^2,  yhat(x) = argmax_c f(x)_c   (empirical Fisher)
+    Omega  <- G / n + (1 - 1/n) Omega                              (n = plateaus so far: the mean of the G's)
+    W      <- W + (alpha/r) B_T A_T,   A_T <- random,   B_T <- 0,   fresh Adam state for theta
+
+so the model's function does not change at a consolidation and the new adapter starts as a no-op.
+
+Fixes of the public reference code (the paper's intent; ``OnlineLoraConfig`` keeps switches for 1 and 2):
+  1. the product B A is merged, not the factors separately (summed factors give cross terms
+     (B_0 + B_1)(A_0 + A_1) != B_0 A_0 + B_1 A_1);
+  2. the new adapter starts with A random and B zero (both zero make both gradients exactly zero);
+  3. buffer entries are individual samples, not whole batches;
+  4. pseudo-labels are the argmax of each sample's logits, not of the flattened B x C logits;
+  5. the model trains in train mode after a consolidation (the importance pass runs in eval mode).
+
+Layout. Our Linear kernels are (in, out), so B A reads ``A @ B`` here: A (in, r), B (r, out), and
+``LoraLayer.delta`` gives (alpha/r) A @ B in the kernel's shape (any Linear / Conv / Einsum target).
+
+State. As in ``research.core.train`` the model lives as a graph definition plus states: ``adapter``
+(the current A, B), ``head``, ``frozen`` (all other params, merged adapters included) and ``rest``
+(RNG counters, ...). Device work is jitted at that boundary; the plateau logic is Python.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from research.adapters.lora import LoraLayer, LoraSpec, add_lora, lora_filter
+from research.models import filters
+
+ADAPTER = "current"  # name of the trainable adapter on each target layer
+
+__all__ = ["ADAPTER", "HardBuffer", "OnlineLoRA", "OnlineLoraConfig", "PlateauDetector", "ewc_penalty",
+           "fisher_importance", "pseudo_labels"]
+
+
+@dataclass(frozen=True)
+class OnlineLoraConfig:
+    """Hyper-parameters (paper / reference defaults).
+
+    rank, alpha     LoRA rank and scale; alpha = rank gives scale alpha/r = 1, i.e. the paper's
+                    unscaled W_0 + sum_t B_t A_t.
+    targets         regex over layer paths: q and v of every block of our ViT.
+    lora_dropout    dropout on the adapter input (0 in the paper).
+    lr              Adam learning rate for the adapter and the head (reference scripts also use 2e-4, 3e-4).
+    reg_lambda      lambda of the (lambda/2) sum Omega theta^2 penalty.
+    buffer_size     samples in the hard buffer (paper: 4).
+    window, mean_threshold, var_threshold   the plateau detector (thresholds are per data set).
+    first_plateau_needs_peak   False: the start of the stream counts as a peak (see PlateauDetector).
+    train_head      train the classifier head (not regularised) alongside the adapter.
+    merge_factors_separately   reference bug 1: keep sums of the factors and merge (sum B)(sum A).
+    reset_a_to_zero            reference bug 2: the new adapter starts with A = B = 0 (it cannot learn
+                               from gradients; with ``reset_adam`` only Adam's old momentum moves it).
+    reset_adam      a fresh Adam state for the new adapter at each consolidation (the head's Adam state
+                    carries on). False keeps the adapter's moments, as the reference's single optimizer.
+    """
+    rank: int = 4
+    alpha: float = 4.0
+    targets: str = r"attn/(q|v)$"
+    lora_dropout: float = 0.0
+    lr: float = 1e-4
+    reg_lambda: float = 2000.0
+    buffer_size: int = 4
+    window: int = 5
+    mean_threshold: float = 6.0
+    var_threshold: float = 0.1
+    first_plateau_needs_peak: bool = False
+    train_head: bool = True
+    merge_factors_separately: bool = False
+    reset_a_to_zero: bool = False
+    reset_adam: bool = True
+
+    def __post_init__(self):
+        if self.buffer_size < 1 or self.window < 1:
+            raise ValueError(f"buffer_size and window must be >= 1, got {self.buffer_size}, {self.window}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss-plateau detection (Python: one float per step).
+
+class PlateauDetector:
+    """Flags a loss plateau that follows a loss peak (task-free boundary detection).
+
+    ``update(loss)`` keeps the last ``window`` losses. Once the window is full it computes their
+    mean m and population variance v (``np.var``), then:
+      - peak:     m > last_m + sqrt(last_v)  sets the peak flag,
+      - plateau:  m < mean_threshold and v < var_threshold and the peak flag is set
+                  -> returns True and clears the flag;
+    and finally last_m, last_v <- m, v. So last_m / last_v are the window statistics of the previous
+    step (every step, not only at plateaus); there is no peak test on the first full window. With a
+    perfectly flat window (last_v = 0) any rise of the mean counts as a peak.
+
+    ``start_with_peak=True`` (default) sets the flag at the start: the beginning of the stream is
+    treated as a distribution shift, so the first plateau consolidates without a visible peak
+    (training from a pre-trained model starts high anyway). False requires a peak for every plateau.
+    """
+
+    def __init__(self, window: int = 5, mean_threshold: float = 6.0, var_threshold: float = 0.1,
+                 start_with_peak: bool = True):
+        self.window = window
+        self.mean_threshold = mean_threshold
+        self.var_threshold = var_threshold
+        self.losses: deque[float] = deque(maxlen=window)
+        self.last_mean: float | None = None
+        self.last_var: float | None = None
+        self.peak = start_with_peak
+
+    def update(self, loss: float) -> bool:
+        self.losses.append(float(loss))
+        if len(self.losses) < self.window:
+            return False
+        mean, var = float(np.mean(self.losses)), float(np.var(self.losses))
+        if self.last_mean is not None and mean > self.last_mean + math.sqrt(self.last_var):
+            self.peak = True
+        self.last_mean, self.last_var = mean, var
+        if self.peak and mean < self.mean_threshold and var < self.var_threshold:
+            self.peak = False
+            return True
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard buffer: the highest-loss individual samples.
+
+@jax.jit
+def _keep_hardest(buf_images, buf_labels, buf_losses, buf_valid, images, labels, losses):
+    """The K = len(buf_losses) highest-loss valid samples of buffer + batch, highest first."""
+    all_losses = jnp.concatenate([jnp.where(buf_valid, buf_losses, -jnp.inf), losses.astype(buf_losses.dtype)])
+    valid = jnp.concatenate([buf_valid, jnp.ones(losses.shape, bool)])
+    _, keep = jax.lax.top_k(all_losses, buf_losses.shape[0])  # invalid slots (-inf) only fill what is left
+
+    def take(a, b):
+        return jnp.concatenate([a, b.astype(a.dtype)])[keep]
+
+    return (take(buf_images, images), take(buf_labels, labels), take(buf_losses, losses),
+            valid[keep])
+
+
+class HardBuffer:
+    """The ``size`` individual samples (image (H, W, C), label, loss) with the highest loss among the
+    buffer and the latest batch (bug 3 of the reference: entries were whole batches).
+
+    Arrays have a fixed shape (``size`` rows, ``valid`` marks the filled ones) so a jitted step that
+    takes the buffer compiles once; they are allocated like the first batch. The stored losses are
+    those of the last ``update``: the train step refreshes the buffer's losses with the same forward
+    pass as the batch's, so old and new samples compete under the same parameters.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.images = self.labels = self.losses = self.valid = None
+
+    def __len__(self) -> int:
+        return 0 if self.valid is None else int(jnp.sum(self.valid))
+
+    def allocate_like(self, images: jax.Array, labels: jax.Array) -> None:
+        if self.images is None:
+            self.images = jnp.zeros((self.size,) + images.shape[1:], images.dtype)
+            self.labels = jnp.zeros((self.size,), labels.dtype)
+            self.losses = jnp.zeros((self.size,), jnp.float32)
+            self.valid = jnp.zeros((self.size,), bool)
+
+    def update(self, images, labels, losses, buffer_losses=None) -> None:
+        """images (N, H, W, C), labels (N,), losses (N,); ``buffer_losses`` (size,) replaces the
+        stored losses of the current entries first (e.g. recomputed with the current parameters)."""
+        images, labels, losses = jnp.asarray(images), jnp.asarray(labels), jnp.asarray(losses, jnp.float32)
+        self.allocate_like(images, labels)
+        stored = self.losses if buffer_losses is None else jnp.asarray(buffer_losses, jnp.float32)
+        self.images, self.labels, self.losses, self.valid = _keep_hardest(
+            self.images, self.labels, stored, self.valid, images, labels, losses)
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """{"images" (size, H, W, C), "labels" (size,), "valid" (size,)} for a jitted function."""
+        return {"images": self.images, "labels": self.labels, "valid": self.valid}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces of the loss and the importance.
+
+def pseudo_labels(logits: jax.Array) -> jax.Array:
+    """(N, C) -> (N,): each sample's own argmax (bug 4: not an argmax over the flattened N x C)."""
+    return jnp.argmax(logits, axis=-1)
+
+
+def ewc_penalty(adapter, omega, reg_lambda) -> jax.Array:
+    """(lambda / 2) sum_i Omega_i theta_i^2 over matching trees; its gradient is lambda Omega theta."""
+    terms = jax.tree.leaves(jax.tree.map(lambda o, t: jnp.sum(o * jnp.square(t)), omega, adapter))
+    return 0.5 * reg_lambda * sum(terms, jnp.zeros((), jnp.float32))
+
+
+def fisher_importance(logits_fn: Callable, theta, images: jax.Array, valid: jax.Array):
+    """Empirical Fisher G = sum_i valid_i (d NLL(yhat_i | x_i) / d theta)^2, same tree as theta.
+
+    ``logits_fn(theta, x)`` maps (n, H, W, C) to (n, C). Gradients are per sample (vmap over
+    single-sample batches, so G is a sum of squares, not the square of a sum) and the pseudo-label
+    yhat_i = argmax_c f(x_i)_c is each sample's own.
+    """
+    def sample_grad(x):
+        def nll(t):
+            logits = logits_fn(t, x[None]).astype(jnp.float32)  # (1, C)
+            label = jax.lax.stop_gradient(pseudo_labels(logits))
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits), label[:, None], axis=-1)[0, 0]
+        return jax.grad(nll)(theta)
+
+    grads = jax.vmap(sample_grad)(images)  # leaves (n, *shape)
+    weights = valid.astype(jnp.float32)
+    return jax.tree.map(lambda g: jnp.tensordot(weights, jnp.square(g), axes=1), grads)
+
+
+def default_preprocess(images: jax.Array) -> jax.Array:
+    """Integer images -> float32 in [0, 1]; float images are only cast."""
+    if jnp.issubdtype(images.dtype, jnp.integer):
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+# The jitted functions take the graph definitions and ``preprocess`` as static arguments, so every
+# OnlineLoRA over the same architecture shares one compilation; lr and lambda are traced scalars.
+
+def _loss(graphdef, preprocess, trainable, frozen, rest, omega, batch, buffer, reg_lambda):
+    """Total loss and its parts; per-sample CE of batch + buffer rows from one forward pass."""
+    images = jnp.concatenate([batch["images"], buffer["images"].astype(batch["images"].dtype)])
+    labels = jnp.concatenate([batch["labels"], buffer["labels"].astype(batch["labels"].dtype)])
+    # copy=True: fresh Variables in this trace, so state updates (RNG counters) can be read back.
+    model = nnx.merge(graphdef, trainable["adapter"], trainable["head"], frozen, rest, copy=True)
+    losses = optax.softmax_cross_entropy_with_integer_labels(model(preprocess(images)).astype(jnp.float32), labels)
+    n = batch["labels"].shape[0]
+    valid = buffer["valid"].astype(jnp.float32)
+    batch_loss = jnp.mean(losses[:n])
+    buffer_loss = jnp.sum(losses[n:] * valid) / jnp.maximum(jnp.sum(valid), 1.0)  # 0 while empty
+    reg = ewc_penalty(trainable["adapter"], omega, reg_lambda)
+    parts = {"loss": batch_loss + buffer_loss + reg, "batch_loss": batch_loss, "buffer_loss": buffer_loss,
+             "reg": reg}
+    return parts["loss"], (parts, losses, nnx.state(model, nnx.Not(nnx.Param)))
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _gradients(graphdef, preprocess, trainable, frozen, rest, omega, batch, buffer, reg_lambda):
+    return jax.grad(lambda t: _loss(graphdef, preprocess, t, frozen, rest, omega, batch, buffer,
+                                    reg_lambda)[0])(trainable)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _train_step(graphdef, preprocess, trainable, frozen, rest, opt_state, omega, batch, buffer, lr, reg_lambda):
+    """One Adam step on {"adapter", "head"} (separate Adam states, so the adapter's can be reset)."""
+    grad_fn = jax.value_and_grad(_loss, argnums=2, has_aux=True)
+    (_, (parts, losses, rest)), grads = grad_fn(graphdef, preprocess, trainable, frozen, rest, omega, batch,
+                                                buffer, reg_lambda)
+    tx = optax.adam(lr)
+    new_trainable, new_opt_state = {}, {}
+    for key in ("adapter", "head"):
+        updates, new_opt_state[key] = tx.update(grads[key], opt_state[key], trainable[key])
+        new_trainable[key] = optax.apply_updates(trainable[key], updates)
+    n = batch["labels"].shape[0]
+    return new_trainable, rest, new_opt_state, parts, losses[:n], losses[n:]
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _predict(graphdef, preprocess, adapter, head, frozen, rest, images):
+    return nnx.merge(graphdef, adapter, head, frozen, rest, copy=True)(preprocess(images)).astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _importance(graphdef, preprocess, adapter, head, frozen, rest, images, valid):
+    def logits_fn(theta, x):
+        return nnx.merge(graphdef, theta, head, frozen, rest, copy=True)(preprocess(x))
+    return fisher_importance(logits_fn, adapter, images, valid)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _target_layers(model: nnx.Module) -> list[tuple[tuple, LoraLayer]]:
+    return [(tuple(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, LoraLayer) and ADAPTER in n.lora]
+
+
+class OnlineLoRA:
+    """Online-LoRA learner over an NNX classifier (a ViT whose q / v projections match ``targets``).
+
+    ``model`` is changed in place (adapter ``"current"`` added on the targets) and then held as states:
+    ``adapter`` (trainable A, B), ``head`` (trainable head; empty when ``train_head=False``),
+    ``frozen`` (every other param: base kernels with the merged adapters), ``rest`` (non-params),
+    ``opt_state`` ({"adapter", "head"} Adam states), ``omega`` (importance, the tree of ``adapter``,
+    zeros at start), ``n_plateaus``, ``buffer`` (HardBuffer) and ``detector`` (PlateauDetector).
+    ``model`` gives a module (train mode) built from the current states.
+
+    ``preprocess(images) -> float inputs`` runs on the device (default: integer images / 255). Batches
+    are dicts with "images" (N, H, W, C) and "labels" (N,) int.
+    """
+
+    def __init__(self, model: nnx.Module, config: OnlineLoraConfig = OnlineLoraConfig(), *, rngs: nnx.Rngs,
+                 preprocess: Callable[[jax.Array], jax.Array] = default_preprocess):
+        self.config = config
+        self.preprocess = preprocess
+        add_lora(model, LoraSpec(config.targets, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout),
+                 name=ADAPTER, rngs=rngs)
+        self._key = rngs.params()  # new A factors at each consolidation
+        head = filters.head(model) if config.train_head else nnx.Nothing
+        self._filters = (lora_filter(ADAPTER), head, nnx.Param, ...)
+        model.eval()
+        self._eval_def = nnx.graphdef(model)
+        model.train()
+        self._train_def, self.adapter, self.head, self.frozen, self.rest = nnx.split(model, *self._filters)
+        self._tx = optax.adam(config.lr)  # states only: the step rebuilds adam with a traced lr
+        self.opt_state = {"adapter": self._tx.init(self.adapter), "head": self._tx.init(self.head)}
+        self.omega = jax.tree.map(jnp.zeros_like, self.adapter)
+        self.n_plateaus = 0
+        self.buffer = HardBuffer(config.buffer_size)
+        self.detector = PlateauDetector(config.window, config.mean_threshold, config.var_threshold,
+                                        start_with_peak=not config.first_plateau_needs_peak)
+        if config.merge_factors_separately:  # reference behaviour: W = W_0 + (sum A)(sum B)
+            self._w0 = {p: layer.base.kernel.get_value() for p, layer in _target_layers(model)}
+            self._factor_sums: dict[tuple, tuple[jax.Array, jax.Array]] = {}
+
+    @property
+    def model(self) -> nnx.Module:
+        """A module in train mode built from (a copy of) the current states; edits do not flow back."""
+        return nnx.merge(self._train_def, self.adapter, self.head, self.frozen, self.rest, copy=True)
+
+    def _batch(self, batch) -> dict[str, jax.Array]:
+        images, labels = jnp.asarray(batch["images"]), jnp.asarray(batch["labels"], jnp.int32)
+        self.buffer.allocate_like(images, labels)
+        return {"images": images, "labels": labels}
+
+    def step(self, batch) -> dict:
+        """One update on batch + hard buffer + penalty, then the buffer and the detector; consolidates
+        at a plateau. Returns floats "loss", "batch_loss", "buffer_loss", "reg" (before the update),
+        "plateau" (bool) and "n_plateaus"."""
+        batch = self._batch(batch)
+        trainable = {"adapter": self.adapter, "head": self.head}
+        trainable, self.rest, self.opt_state, parts, losses, buffer_losses = _train_step(
+            self._train_def, self.preprocess, trainable, self.frozen, self.rest, self.opt_state, self.omega,
+            batch, self.buffer.arrays(), jnp.float32(self.config.lr), jnp.float32(self.config.reg_lambda))
+        self.adapter, self.head = trainable["adapter"], trainable["head"]
+        self.buffer.update(batch["images"], batch["labels"], losses, buffer_losses)
+        metrics = {k: float(v) for k, v in parts.items()}
+        # The batch CE alone: the buffer term and the penalty jump when the buffer or Omega change.
+        metrics["plateau"] = self.detector.update(metrics["batch_loss"])
+        if metrics["plateau"]:
+            self.consolidate()
+        metrics["n_plateaus"] = self.n_plateaus
+        return metrics
+
+    def gradients(self, batch) -> dict:
+        """d loss / d {"adapter", "head"} for ``batch`` with the current buffer and Omega (no update)."""
+        batch = self._batch(batch)
+        return _gradients(self._train_def, self.preprocess, {"adapter": self.adapter, "head": self.head},
+                          self.frozen, self.rest, self.omega, batch, self.buffer.arrays(),
+                          jnp.float32(self.config.reg_lambda))
+
+    def importance(self):
+        """Empirical Fisher G of the current adapter over the hard buffer (eval mode), tree of ``adapter``."""
+        if not len(self.buffer):
+            return jax.tree.map(jnp.zeros_like, self.adapter)
+        return _importance(self._eval_def, self.preprocess, self.adapter, self.head, self.frozen, self.rest,
+                           self.buffer.images, self.buffer.valid)
+
+    def consolidate(self) -> None:
+        """At a plateau: Omega <- G/n + (1 - 1/n) Omega, merge (alpha/r) B A into the frozen kernels,
+        start a new adapter (A random, B zero) with a fresh Adam state. The model's outputs do not change."""
+        g = self.importance()
+        self.n_plateaus += 1
+        n = self.n_plateaus
+        self.omega = jax.tree.map(lambda o, gi: gi / n + (1.0 - 1.0 / n) * o, self.omega, g)
+        self._merge_adapter()
+        if self.config.reset_adam:
+            self.opt_state = dict(self.opt_state, adapter=self._tx.init(self.adapter))
+
+    def _merge_adapter(self) -> None:
+        # Edit values on a module built from the states, then split it back: the graph (and hence
+        # every jitted function) stays the same; the train-mode graph definition is reused.
+        model = self.model
+        for path, layer in _target_layers(model):
+            adapter, kernel = layer.lora[ADAPTER], layer.base.kernel
+            a, b = adapter.a.get_value(), adapter.b.get_value()
+            w = kernel.get_value()
+            if self.config.merge_factors_separately:
+                sum_a, sum_b = self._factor_sums.get(path, (jnp.zeros_like(a), jnp.zeros_like(b)))
+                self._factor_sums[path] = sum_a, sum_b = sum_a + a, sum_b + b
+                adapter.a.set_value(sum_a)
+                adapter.b.set_value(sum_b)
+                new_w = self._w0[path].astype(jnp.float32) + layer.delta(ADAPTER)  # cross terms included
+            else:
+                new_w = w.astype(jnp.float32) + layer.delta(ADAPTER)
+            kernel.set_value(new_w.astype(w.dtype))
+            self._key, key = jax.random.split(self._key)
+            adapter.a.set_value(jnp.zeros_like(a) if self.config.reset_a_to_zero else _init_a(key, a))
+            adapter.b.set_value(jnp.zeros_like(b))
+        graphdef, self.adapter, self.head, self.frozen, self.rest = nnx.split(model, *self._filters)
+        if graphdef != self._train_def:
+            raise RuntimeError("merging an Online-LoRA adapter changed the model's graph")
+
+    def predict(self, images) -> jax.Array:
+        """Logits (N, C) of the eval-mode model."""
+        return _predict(self._eval_def, self.preprocess, self.adapter, self.head, self.frozen, self.rest,
+                        jnp.asarray(images))
+
+    def evaluate(self, images, labels, batch_size: int = 256) -> float:
+        """Top-1 accuracy over array-likes (N, H, W, C) and (N,); the last batch is padded to
+        ``batch_size`` so that one compilation serves every batch."""
+        labels = np.asarray(labels)
+        correct = 0
+        for start in range(0, len(labels), batch_size):
+            x = np.asarray(images[start:start + batch_size])
+            m = len(x)
+            if m < batch_size:
+                x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], x.dtype)])
+            predicted = np.asarray(jnp.argmax(self.predict(x), -1))[:m]
+            correct += int(np.sum(predicted == labels[start:start + m]))
+        return correct / max(len(labels), 1)
+
+
+def _init_a(key: jax.Array, like: jax.Array) -> jax.Array:
+    """A fresh A (*in_dims, r), drawn as in ``LoraAdapter``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(like.ndim - 1)),
+                                             out_axis=-1)
+    return init(key, like.shape, like.dtype)

@@ -137,13 +137,14 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Stage 2: the same fine-tuning per variant, from the same weights. A new task (other classes)
     # gets a freshly initialised head; a new sample of the same classes keeps the pre-trained one.
-    keep = nnx.Not(lambda path, value: "head" in path) if config.data.split == "classes" else ...
+    if config.data.split == "classes":
+        pretrained = pretrained.filter(nnx.Not(lambda path, value: "head" in path))
     measure_batch = pipeline.train_batch(fine_train, config.finetune.train.batch_size, config.seed, 0)
     variant_results = {}
     layer_paths = []
     for name, method, setting in variants:
         model = new_model(config.seed + 1, fine_train.num_classes)
-        nnx.update(model, pretrained.filter(keep) if keep is not ... else pretrained)
+        nnx.update(model, pretrained)
         layers = finetuned_layers(model, input_shape, config)
         layer_paths = [c.path for c in layers]
         if method == "filter":

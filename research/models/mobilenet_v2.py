@@ -44,7 +44,8 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 class ConvBN(nnx.Module):
-    """Bias-free conv + BN (+ ReLU6 unless ``activation=False``).
+    """Bias-free conv + BN (+ ReLU6 unless ``activation=False``); padding and BN constants can be
+    overridden (``padding=None``: symmetric ``kernel // 2``).
 
     (N, H, W, in) -> (N, H/s, W/s, out).
 
@@ -52,16 +53,18 @@ class ConvBN(nnx.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, *, groups: int = 1,
-                 activation: bool = True, dtype, rngs: nnx.Rngs):
-        pad = kernel // 2  # symmetric, PyTorch-style (see resnet.conv)
+                 activation: bool = True, padding=None, bn_momentum: float = BN_MOMENTUM,
+                 bn_epsilon: float = BN_EPSILON, dtype, rngs: nnx.Rngs):
+        if padding is None:  # symmetric, PyTorch-style (see resnet.conv)
+            padding = ((kernel // 2, kernel // 2),) * 2
         sharding = DEPTHWISE_SHARDING if groups > 1 else CONV_SHARDING
         self.conv = nnx.Conv(
-            in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+            in_ch, out_ch, (kernel, kernel), strides=stride, padding=padding,
             feature_group_count=groups, use_bias=False,
             kernel_init=nnx.with_partitioning(_conv_init, sharding),
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
-        self.bn = nnx.BatchNorm(out_ch, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+        self.bn = nnx.BatchNorm(out_ch, momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype,
                                 param_dtype=jnp.float32, rngs=rngs)
         self.activation = activation
 

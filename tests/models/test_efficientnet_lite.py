@@ -150,6 +150,21 @@ def test_include_head_false_keeps_head(torch_state):
     np.testing.assert_allclose(_forward(model, x), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
+def test_converted_checkpoint_loads_the_same_weights_without_torch(tmp_path, torch_state, monkeypatch):
+    from tools.convert_efficientnet_lite import convert
+    convert(str(tmp_path / "lite0"))
+    from_torch, from_orbax = _build(10), _build(10)
+    head = jax.tree.map(np.asarray, nnx.state(from_orbax.head))
+    effnet.load_pretrained(from_torch, "", include_head=False)
+    monkeypatch.setattr(effnet, "pretrained_state_dict", None)  # the directory path must not touch torch
+    effnet.load_pretrained(from_orbax, tmp_path / "lite0", include_head=False)
+    backbone = nnx.All(effnet.STORED, nnx.Not(nnx.PathContains("head")))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(from_orbax, backbone), nnx.state(from_torch, backbone))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(from_orbax.head)), head)
+    with pytest.raises(ValueError, match="1000-class head"):
+        effnet.load_pretrained(_build(10), tmp_path / "lite0", include_head=True)
+
+
 def test_loader_errors_name_key_and_shapes(imagenet_model, torch_state):
     before = np.asarray(imagenet_model.stem.conv.kernel[...])
     bad = dict(torch_state)

@@ -114,10 +114,11 @@ class PlateauDetector:
     mean m and population variance v (``np.var``), then:
       - peak:     m > last_m + sqrt(last_v)  sets the peak flag,
       - plateau:  m < mean_threshold and v < var_threshold and the peak flag is set
-                  -> returns True and clears the flag;
-    and finally last_m, last_v <- m, v. So last_m / last_v are the window statistics of the previous
-    step (every step, not only at plateaus); there is no peak test on the first full window. With a
-    perfectly flat window (last_v = 0) any rise of the mean counts as a peak.
+                  -> last_m, last_v <- m, v; returns True and clears the flag.
+    So a peak is a rise of the loss well above the level of the last plateau (as in Aljundi et al.,
+    CVPR 2019, "Task-Free Continual Learning", and the Online-LoRA reference); before the first
+    plateau the level is that of the first full window. With a perfectly flat plateau (last_v = 0)
+    any rise of the mean above it counts as a peak.
 
     ``start_with_peak=True`` (default) sets the flag at the start: the beginning of the stream is
     treated as a distribution shift, so the first plateau consolidates without a visible peak
@@ -139,11 +140,13 @@ class PlateauDetector:
         if len(self.losses) < self.window:
             return False
         mean, var = float(np.mean(self.losses)), float(np.var(self.losses))
-        if self.last_mean is not None and mean > self.last_mean + math.sqrt(self.last_var):
+        if self.last_mean is None:
+            self.last_mean, self.last_var = mean, var
+        elif mean > self.last_mean + math.sqrt(self.last_var):
             self.peak = True
-        self.last_mean, self.last_var = mean, var
         if self.peak and mean < self.mean_threshold and var < self.var_threshold:
             self.peak = False
+            self.last_mean, self.last_var = mean, var
             return True
         return False
 
@@ -370,8 +373,9 @@ class OnlineLoRA:
         self.adapter, self.head = trainable["adapter"], trainable["head"]
         self.buffer.update(batch["images"], batch["labels"], losses, buffer_losses, batch["mask"])
         metrics = {k: float(v) for k, v in parts.items()}
-        # The batch CE alone: the buffer term and the penalty jump when the buffer or Omega change.
-        metrics["plateau"] = self.detector.update(metrics["batch_loss"])
+        # The data loss (batch + buffer CE) as in the reference; the penalty is left out: it jumps when
+        # Omega changes.
+        metrics["plateau"] = self.detector.update(metrics["batch_loss"] + metrics["buffer_loss"])
         if metrics["plateau"]:
             self.consolidate()
         metrics["n_plateaus"] = self.n_plateaus

@@ -234,6 +234,19 @@ def test_plateau_detector_needs_a_peak():
     assert not any(detector.update(v) for v in noisy)
 
 
+def test_plateau_level_is_kept_until_the_next_plateau():
+    detector = PlateauDetector(window=3, mean_threshold=10.0, var_threshold=1e-4, start_with_peak=True)
+    assert [i for i, v in enumerate([1.0, 1.0, 1.0]) if detector.update(v)] == [2]
+    assert (detector.last_mean, detector.last_var) == (1.0, 0.0)
+    # a slow drift upwards: each window is only a little above the previous one, but the loss leaves
+    # the plateau's level, which is what counts; then a new low, flat stretch is the next plateau
+    drift = [1.05 + 0.02 * k for k in range(8)]
+    assert not any(detector.update(v) for v in drift) and detector.peak
+    assert detector.last_mean == 1.0
+    fired = [i for i, v in enumerate([0.5] * 4) if detector.update(v)]
+    assert fired == [2] and detector.last_mean == 0.5
+
+
 def test_step_consolidates_when_the_detector_fires():
     ol = learner(window=2, mean_threshold=100.0, var_threshold=100.0)
     metrics = [ol.step(batch(seed=i)) for i in range(3)]

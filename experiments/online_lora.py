@@ -1,0 +1,331 @@
+"""One pass over a task-free class-incremental stream with Online-LoRA and the baselines, from the same
+pre-trained backbone (see configs/online_lora.py for the presets).
+
+    python -m experiments.online_lora --config configs/online_lora.py[:PRESETS] --workdir DIR
+
+Every method starts from the same backbone with the same fresh classifier head and sees the same
+batches; none is told where tasks change. After each task segment (and ``eval.points_per_task``
+times inside it) the run measures the accuracy on every task's test classes. From the accuracies
+a_{e,j} (evaluation e, task j) at the T task ends:
+
+    avg_acc    = (1/T) sum_j a_{T,j}                                        (final average accuracy)
+    forgetting = (1/(T-1)) sum_{j<T} max_{l<T} a_{l,j} - a_{T,j}            (Chaudhry et al., ECCV 2018)
+
+Writes to DIR: config.json, pretrain/ (the backbone's training, when it is trained here), METHOD/tb
+(TensorBoard: losses, plateaus, accuracies), methods/METHOD.json (a finished method; a rerun with the
+same config skips it), results.json (per method: avg_acc, forgetting, n_plateaus, seconds, the
+accuracy matrix and curve), results.md (the table) and accuracy.png (average accuracy over the
+tasks seen so far, along the stream). ``seconds`` is the training time of the pass without its first
+step (compilation) and without the evaluations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from research.adapters.online_baselines import OnlineBaselineConfig, OnlineFinetune  # noqa: E402
+from research.adapters.online_lora import OnlineLoRA, OnlineLoraConfig  # noqa: E402
+from research.core import cli, optim  # noqa: E402
+from research.core import config as cfg  # noqa: E402
+from research.core.classify import fit_classifier  # noqa: E402
+from research.core.mesh import initialize_distributed, make_mesh  # noqa: E402
+from research.core.records import MetricWriter, write_json_atomic  # noqa: E402
+from research.data import pipeline, sources, streams  # noqa: E402
+from research.data.augment import make_preprocess, normalize  # noqa: E402
+from research.models import COMPUTE_DTYPES, MODEL_NAMES, build_from_config  # noqa: E402
+from research.models import efficientnet_lite as effnet  # noqa: E402
+
+METHODS = ("online_lora", "lora", "sequential_ft", "online_ewc", "er")
+BACKBONES = ("pretrain", "imagenet")
+LABELS = {"online_lora": "Online-LoRA", "lora": "LoRA (no regularisation)", "sequential_ft": "sequential fine-tuning",
+          "online_ewc": "online EWC (EWC++)", "er": "experience replay"}
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise cfg.ConfigError(f"methods: unknown or empty {unknown or text!r}; allowed (comma-separated): "
+                              f"{', '.join(METHODS)}")
+    return methods
+
+
+def validate(config: ml_collections.ConfigDict) -> list[str]:
+    cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
+    cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
+    cfg.check_choice(config, "model.name", MODEL_NAMES)
+    cfg.check_choice(config, "model.dtype", COMPUTE_DTYPES)
+    cfg.check_choice(config, "stream.kind", streams.KINDS)
+    cfg.check_choice(config, "backbone.source", BACKBONES)
+    for key in ("data.train_per_class", "data.test_per_class", "data.image_size", "eval.points_per_task",
+                "baselines.replay_size"):
+        cfg.check(config, key, lambda v: v >= 0, "an int >= 0")
+    for key in ("stream.num_tasks", "stream.batch_size", "eval.batch_size", "online_lora.rank",
+                "online_lora.buffer_size", "online_lora.window", "baselines.ewc_every", "baselines.replay_batch",
+                "log_every"):
+        cfg.check(config, key, lambda v: v > 0, "a positive int")
+    for key in ("stream.blurry_ratio", "stream.disjoint_class_ratio"):
+        cfg.check(config, key, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    cfg.check(config, "baselines.ewc_alpha", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+    for key in ("online_lora.lr", "baselines.lr"):
+        cfg.check(config, key, lambda v: v > 0, "a positive number")
+    for key in ("online_lora.reg_lambda", "baselines.ewc_lambda"):
+        cfg.check(config, key, lambda v: v >= 0, "a number >= 0")
+    if config.backbone.source == "imagenet" and config.model.name != "efficientnet_lite0":
+        raise cfg.ConfigError(f"backbone.source: imagenet weights exist for efficientnet_lite0 only, "
+                              f"got model.name={config.model.name}; use backbone.source=pretrain")
+    if config.backbone.source == "pretrain":
+        cfg.check_choice(config, "pretrain.data", sources.IMAGE_DATASETS)
+        optim.validate(config, "pretrain.optim")
+    return parse_methods(config.methods)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def per_class(data: pipeline.ImageArrays, n: int, seed: int) -> pipeline.ImageArrays:
+    """The first n examples of each class after a seeded shuffle (all of them when n == 0)."""
+    if not n:
+        return data
+    order = np.random.default_rng(seed).permutation(len(data))
+    keep = np.concatenate([order[data.labels[order] == c][:n] for c in range(data.num_classes)])
+    return data.subset(np.sort(keep))
+
+
+def stream_data(config) -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
+    ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
+    train, test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
+    return per_class(train, config.data.train_per_class, config.seed), per_class(test, config.data.test_per_class,
+                                                                                 config.seed)
+
+
+# ------------------------------------------------------------------------------------------ backbone
+
+def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> tuple[callable, callable, dict]:
+    """(new_model() -> a model with the pre-trained backbone and a fresh head, preprocess(uint8 images) ->
+    inputs, info). Every call of new_model gives the same weights."""
+    dtype = COMPUTE_DTYPES[config.model.dtype]
+    size = config.data.image_size
+    shape = (size, size, input_shape[-1]) if size else tuple(input_shape)
+
+    def resize(images):
+        if not size:
+            return images
+        return jax.image.resize(images.astype(jnp.float32), images.shape[:1] + shape, "bilinear")
+
+    def build(seed: int, classes: int, shape_=shape):
+        return build_from_config(config.model, num_classes=classes, input_shape=shape_, rngs=nnx.Rngs(seed))
+
+    if config.backbone.source == "imagenet":
+        reference = build(config.seed, num_classes)
+        effnet.load_pretrained(reference, config.backbone.weights, include_head=False)
+        pretrained = nnx.state(reference)
+
+        def preprocess(images):
+            return ((resize(images) - effnet.PIXEL_MEAN) / effnet.PIXEL_STD).astype(dtype)
+        info = {"source": "imagenet", "weights": config.backbone.weights or effnet.PRETRAINED_PACKAGE}
+    else:
+        ds = sources.load(config.pretrain.data, source=config.data.source, data_dir=config.data.data_dir or None)
+        pre_train, pre_test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
+        if pre_train.images.shape[1:] != tuple(input_shape):
+            raise cfg.ConfigError(f"pretrain.data: {config.pretrain.data} images are {pre_train.images.shape[1:]}, "
+                                  f"the stream's {tuple(input_shape)}; pre-train on data of the same shape")
+        mean, std = pipeline.channel_stats(pre_train.images)
+        t0 = time.perf_counter()
+        run = fit_classifier(build(config.seed, pre_train.num_classes, pre_train.images.shape[1:]), pre_train,
+                             pre_test, config.pretrain, preprocess=make_preprocess(mean, std, dtype=dtype), mesh=mesh,
+                             workdir=config.pretrain.workdir or os.path.join(workdir, "pretrain"), seed=config.seed)
+        pretrained = nnx.state(run.model()).filter(nnx.Not(nnx.PathContains("head")))
+
+        def preprocess(images):
+            return normalize(resize(images), mean, std, dtype)
+        info = {"source": "pretrain", "data": config.pretrain.data, "test_acc": run.eval_metrics.get("test/accuracy"),
+                "steps": int(run.state.step), "seconds": time.perf_counter() - t0}
+
+    def new_model() -> nnx.Module:
+        model = build(config.seed + 1, num_classes)  # the same fresh head for every method
+        nnx.update(model, pretrained)
+        return model
+    return new_model, preprocess, info
+
+
+def make_learner(method: str, model: nnx.Module, config, preprocess):
+    ol = config.online_lora
+    rngs = nnx.Rngs(config.seed + 2)
+    if method == "online_lora":
+        return OnlineLoRA(model, OnlineLoraConfig(
+            rank=ol.rank, alpha=ol.alpha, targets=ol.targets, lr=ol.lr, reg_lambda=ol.reg_lambda,
+            buffer_size=ol.buffer_size, window=ol.window, mean_threshold=ol.mean_threshold,
+            var_threshold=ol.var_threshold, first_plateau_needs_peak=ol.first_plateau_needs_peak),
+            rngs=rngs, preprocess=preprocess)
+    b = config.baselines
+    common = dict(rank=ol.rank, alpha=ol.alpha, targets=ol.targets, seed=config.seed)
+    settings = {"lora": dict(trainable="lora", lr=ol.lr),
+                "sequential_ft": dict(trainable="all", lr=b.lr),
+                "online_ewc": dict(trainable="all", lr=b.lr, ewc_lambda=b.ewc_lambda, ewc_alpha=b.ewc_alpha,
+                                   ewc_every=b.ewc_every),
+                "er": dict(trainable="all", lr=b.lr, replay_size=b.replay_size, replay_batch=b.replay_batch)}[method]
+    return OnlineFinetune(model, OnlineBaselineConfig(**common, **settings), rngs=rngs, preprocess=preprocess)
+
+
+# ------------------------------------------------------------------------------------------ the pass
+
+def eval_positions(stream: streams.Stream, points_per_task: int) -> dict[int, bool]:
+    """{stream position after which to evaluate: is it a task end}."""
+    ends = list(stream.boundaries[1:]) + [len(stream)]
+    positions = {}
+    for start, end in zip(stream.boundaries, ends, strict=True):
+        for k in range(1, points_per_task + 1):
+            positions.setdefault(start + round(k * (end - start) / (points_per_task + 1)), False)
+        positions[end] = True
+    return positions
+
+
+def continual_metrics(task_end_accs) -> tuple[float, float]:
+    """(avg_acc, forgetting) from a (T, T) matrix a[l][j] = accuracy on task j after task segment l:
+    the mean of the last row, and the mean over j < T of max_{l < T} a[l][j] - a[T][j] (0 when T = 1)."""
+    acc = np.asarray(task_end_accs, np.float64)
+    if acc.ndim != 2 or acc.shape[0] != acc.shape[1]:
+        raise ValueError(f"need a square (tasks, tasks) matrix of accuracies, got shape {acc.shape}")
+    forgetting = float(np.mean(acc[:-1, :-1].max(axis=0) - acc[-1, :-1])) if len(acc) > 1 else 0.0
+    return float(acc[-1].mean()), forgetting
+
+
+def run_method(method: str, learner, train, stream, tests, config, workdir: str) -> dict:
+    """One pass; accuracies at the evaluation positions (a batch ends at or after each)."""
+    logdir = os.path.join(workdir, method, "tb")
+    if jax.process_index() == 0 and os.path.isdir(logdir):
+        shutil.rmtree(logdir)  # a rerun (changed config, or an interrupted pass) starts a clean log
+    writer = MetricWriter(logdir)
+    pending = sorted(eval_positions(stream, config.eval.points_per_task).items())
+    batch_size = config.stream.batch_size
+    curve, task_end_accs, train_seconds, compile_seconds, plateaus = [], [], 0.0, 0.0, []
+    batches = streams.stream_batches(train, stream, batch_size)
+    bar = tqdm(batches, total=-(-len(stream) // batch_size), desc=method, disable=not config.progress, leave=False)
+    for step, batch in enumerate(bar):
+        t0 = time.perf_counter()
+        metrics = learner.step(batch)
+        if step == 0:  # compilation; later methods may reuse an earlier method's programs
+            compile_seconds = time.perf_counter() - t0
+        else:
+            train_seconds += time.perf_counter() - t0
+        if metrics.get("plateau"):
+            plateaus.append(batch["position"] + batch_size)
+        if step % config.log_every == 0:
+            writer.scalars(step, {f"train/{k}": float(v) for k, v in metrics.items()})
+            bar.set_postfix(loss=f"{metrics['batch_loss']:.3f}", plateaus=metrics["n_plateaus"])
+        seen = min(batch["position"] + batch_size, len(stream))
+        while pending and pending[0][0] <= seen:
+            _, is_task_end = pending.pop(0)
+            accs = [learner.evaluate(t.images, t.labels, config.eval.batch_size) for t in tests]
+            started = int(np.searchsorted(stream.boundaries, seen - 1, side="right"))
+            curve.append({"position": seen, "task_accs": accs, "avg_seen": float(np.mean(accs[:started]))})
+            writer.scalars(step, {"eval/avg_acc_seen_tasks": curve[-1]["avg_seen"],
+                                  **{f"eval/task_{j}": a for j, a in enumerate(accs)}})
+            if is_task_end:
+                task_end_accs.append(accs)
+    writer.close()
+    avg_acc, forgetting = continual_metrics(task_end_accs)
+    return {"avg_acc": avg_acc, "forgetting": forgetting, "n_plateaus": int(learner.n_plateaus),
+            "seconds": train_seconds, "first_step_seconds": compile_seconds, "steps": step + 1,
+            "seconds_per_step": train_seconds / max(step, 1),
+            "plateau_positions": plateaus, "task_end_accs": task_end_accs, "curve": curve}
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    methods = validate(config)
+    start_time = time.perf_counter()
+    initialize_distributed()
+    mesh = make_mesh(config.mesh)
+    os.makedirs(os.path.join(workdir, "methods"), exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+    train, test = stream_data(config)
+    tasks = streams.class_incremental_tasks(train.num_classes, config.stream.num_tasks, seed=config.seed,
+                                            shuffle_classes=config.stream.shuffle_classes)
+    stream = streams.make_stream(train, tasks, kind=config.stream.kind, seed=config.seed,
+                                 blurry_ratio=config.stream.blurry_ratio,
+                                 disjoint_class_ratio=config.stream.disjoint_class_ratio)
+    tests = streams.task_test_sets(test, stream.tasks)
+    new_model, preprocess, backbone = make_backbone(config, mesh, workdir, train.num_classes, train.images.shape[1:])
+    print(f"stream: {len(stream)} {config.data.name} images in {len(tasks)} {config.stream.kind} tasks "
+          f"{[list(t) for t in stream.tasks]}; backbone: {backbone}")
+
+    # A finished method is reused only if everything that shapes its pass is unchanged.
+    signature = {k: v for k, v in config.to_dict().items() if k not in ("methods", "progress", "log_every")}
+    method_results = {}
+    for method in methods:
+        path = os.path.join(workdir, "methods", f"{method}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("signature") == json.loads(json.dumps(signature)):
+                method_results[method] = saved["result"]
+                print(f"{method}: reusing {path}")
+                continue
+        learner = make_learner(method, new_model(), config, preprocess)
+        result = run_method(method, learner, train, stream, tests, config, workdir)
+        method_results[method] = result
+        if jax.process_index() == 0:
+            write_json_atomic(path, {"signature": signature, "result": result})
+        print(f"{method}: avg_acc {result['avg_acc']:.4f}, forgetting {result['forgetting']:.4f}, "
+              f"{result['n_plateaus']} plateaus, {result['seconds']:.1f} s")
+
+    stream_info = {"kind": config.stream.kind, "tasks": [list(t) for t in stream.tasks],
+                   "boundaries": list(stream.boundaries), "length": len(stream), "batch_size": config.stream.batch_size}
+    results = {"methods": method_results, "backbone": backbone, "model": config.model.name,
+               "data": config.data.name, "stream": stream_info,
+               "test_examples": [len(t) for t in tests], "wall_time_s": time.perf_counter() - start_time,
+               "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        table = results_table(results)
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(table + "\n")
+        plot_accuracy(results, os.path.join(workdir, "accuracy.png"))
+        print(table)
+    return results
+
+
+def results_table(results: dict) -> str:
+    s = results["stream"]
+    lines = [f"{results['model']} on {results['data']}: {len(s['tasks'])} {s['kind']} tasks, {s['length']} images "
+             f"seen once in batches of {s['batch_size']}", "",
+             "| method | avg acc (%) | forgetting (%) | plateaus | seconds |", "|---|---|---|---|---|"]
+    for name, r in results["methods"].items():
+        lines.append(f"| {LABELS[name]} | {100 * r['avg_acc']:.2f} | {100 * r['forgetting']:.2f} | "
+                     f"{r['n_plateaus']} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(results: dict, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results["methods"].items():
+        ax.plot([p["position"] for p in r["curve"]], [100 * p["avg_seen"] for p in r["curve"]], marker="o",
+                markersize=3, label=LABELS[name])
+    for b in results["stream"]["boundaries"][1:]:
+        ax.axvline(b, color="grey", alpha=0.3, linewidth=1)
+    ax.set_xlabel("images seen")
+    ax.set_ylabel("mean accuracy over tasks seen (%)")
+    ax.set_title(f"{results['model']} on a {results['stream']['kind']} {results['data']} stream")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,86 @@
+"""The Online-LoRA experiment end to end (smoke configs on embedded digits and the CIFAR-10 sample), its
+metrics on known matrices, its evaluation schedule and its config errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import online_lora
+from research.core.config import ConfigError, load_config
+from research.data import streams
+
+KEYS = ("avg_acc", "forgetting", "n_plateaus", "seconds")
+# 8 x 8 digits for the stream and the backbone's pre-training (patch size chosen automatically)
+DIGITS = {"data.name": "digits", "pretrain.data": "digits", "data.test_per_class": 0, "model.patch_size": 0}
+
+
+def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
+    config = load_config("configs/online_lora.py:smoke", DIGITS)
+    results = online_lora.main(config, str(tmp_path))
+    assert list(results["methods"]) == list(online_lora.METHODS)
+    for r in results["methods"].values():
+        assert all(key in r for key in KEYS) and 0 <= r["avg_acc"] <= 1
+        assert np.asarray(r["task_end_accs"]).shape == (5, 5)
+        # the final task-end row is the last point of the curve, and avg_acc its mean
+        assert r["curve"][-1]["task_accs"] == r["task_end_accs"][-1]
+        assert r["avg_acc"] == pytest.approx(np.mean(r["task_end_accs"][-1]))
+    assert results["methods"]["sequential_ft"]["n_plateaus"] == 0
+    assert results["stream"]["length"] == 200 and sum(results["test_examples"]) > 300
+    assert {"results.json", "results.md", "accuracy.png", "pretrain", "methods", "online_lora"} <= set(
+        os.listdir(tmp_path))
+    capsys.readouterr()
+    again = online_lora.main(config, str(tmp_path))
+    assert capsys.readouterr().out.count("reusing") == len(online_lora.METHODS)
+    assert again["methods"] == json.loads((tmp_path / "results.json").read_text())["methods"]
+    # a changed setting runs the method again
+    changed = load_config("configs/online_lora.py:smoke", {**DIGITS, "methods": "lora", "online_lora.lr": 0.01})
+    online_lora.main(changed, str(tmp_path))
+    assert "reusing" not in capsys.readouterr().out
+
+
+def test_efficientnet_lite_stream_trains_lora_on_pointwise_convolutions(tmp_path):
+    from research.models import efficientnet_lite as effnet
+    pytest.importorskip("torch", reason="the ImageNet weights are read with torch (the `ref` extra)")
+    try:
+        effnet.pretrained_state_dict_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    config = load_config("configs/online_lora.py:cifar10,smoke", {"methods": "online_lora"})
+    results = online_lora.main(config, str(tmp_path))
+    assert results["backbone"]["source"] == "imagenet" and results["model"] == "efficientnet_lite0"
+    assert 0 <= results["methods"]["online_lora"]["avg_acc"] <= 1
+
+
+def test_metrics_on_a_known_matrix():
+    acc = [[0.9, 0.0, 0.0],
+           [0.7, 0.8, 0.0],
+           [0.5, 0.8, 0.9]]
+    avg, forgetting = online_lora.continual_metrics(acc)
+    assert avg == pytest.approx((0.5 + 0.8 + 0.9) / 3)
+    assert forgetting == pytest.approx(((0.9 - 0.5) + (0.8 - 0.8)) / 2)
+    assert online_lora.continual_metrics([[0.7]]) == (0.7, 0.0)
+    with pytest.raises(ValueError, match="square"):
+        online_lora.continual_metrics([[0.1, 0.2]])
+
+
+def test_evaluation_positions_cover_every_task_end():
+    train_labels = np.repeat(np.arange(4), 25)
+    data = type("Data", (), {"labels": train_labels, "num_classes": 4, "__len__": lambda self: 100})()
+    stream = streams.make_stream(data, [(0, 1), (2, 3)], kind="sharp")
+    positions = online_lora.eval_positions(stream, points_per_task=1)
+    assert positions == {25: False, 50: True, 75: False, 100: True}
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"methods": "online_lora,replay"}, "methods"),
+    ({"stream.kind": "fuzzy"}, "stream.kind"),
+    ({"backbone.source": "imagenet"}, "backbone.source"),
+    ({"baselines.ewc_alpha": 0.0}, "baselines.ewc_alpha"),
+    ({"stream.num_tasks": 0}, "stream.num_tasks"),
+])
+def test_bad_config_values_name_the_key(override, key, tmp_path):
+    config = load_config("configs/online_lora.py:smoke", override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        online_lora.main(config, str(tmp_path))
+    assert not os.listdir(tmp_path)  # nothing written before the config is known to be good

@@ -249,7 +249,9 @@ def test_plateau_level_is_kept_until_the_next_plateau():
 
 def test_step_consolidates_when_the_detector_fires():
     ol = learner(window=2, mean_threshold=100.0, var_threshold=100.0)
-    metrics = [ol.step(batch(seed=i)) for i in range(3)]
+    metrics = [ol.step(batch(seed=i)) for i in range(2)]
+    ol.detector.mean_threshold = -1.0  # no further plateau: the third step trains the new adapter
+    metrics.append(ol.step(batch(seed=2)))
     assert [m["plateau"] for m in metrics] == [False, True, False]
     assert ol.n_plateaus == 1 and metrics[-1]["n_plateaus"] == 1
     for _, b in factors(ol).values():

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +114,7 @@ def stream_data(config) -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
 
 # ------------------------------------------------------------------------------------------ backbone
 
-def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> tuple[callable, callable, dict]:
+def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> tuple[Callable, Callable, dict]:
     """(new_model() -> a model with the pre-trained backbone and a fresh head, preprocess(uint8 images) ->
     inputs, info). Every call of new_model gives the same weights."""
     dtype = COMPUTE_DTYPES[config.model.dtype]

@@ -1,0 +1,1 @@
+"""Attention: RoPE, the attention arithmetic behind ``attention_impl`` (ops), MLA and X-EcoMLA upcycling."""

@@ -126,3 +126,12 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 1
     if launched:
         jax.distributed.initialize()
     return launched
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = LOGICAL_RULES):
+    """Moves every array of an NNX module onto ``mesh`` by its logical axis names, in place;
+    returns the shardings."""
+    state = nnx.state(module)
+    shardings = state_shardings(state, mesh, rules)
+    nnx.update(module, jax.device_put(state, shardings))
+    return shardings

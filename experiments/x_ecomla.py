@@ -1,0 +1,197 @@
+"""X-EcoMLA: upcycle a pretrained GQA Llama into MLA (SVD init) and distil it from the original.
+
+    python -m experiments.x_ecomla --config configs/x_ecomla.py[:PRESETS] --workdir DIR
+
+Writes to DIR: config.json, upcycle.json (per-layer kinds, ranks, factorisation errors), TensorBoard
+events (tb/), checkpoints of the student (checkpoints/, resumed when present), curves.png and
+results.json (kv_values_per_token_teacher / _student, kv_ratio, ppl_teacher, ppl_student_init,
+ppl_student_kd, top1_agreement_init / _kd, train_tokens, wall_time_s, ...).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from research.attention.ops import ATTENTION_IMPLS
+from research.attention.upcycle import KV_SVD_ROWS, ROPE_KEYS, ROPE_MODES, UpcycleConfig, upcycle_gqa_to_mla
+from research.core import cli, config as cfg, optim
+from research.core.checkpoint import Checkpointer
+from research.core.config import ConfigError
+from research.core.loop import fit
+from research.core.mesh import batch_sharding, initialize_distributed, make_mesh, replicated, state_shardings
+from research.core.records import MetricWriter, plot_curves, write_json_atomic
+from research.core.train import create_train_state, place_on_mesh
+from research.data.text import kjv_chapters, split_documents, token_windows
+from research.distill import make_kd_train_step
+from research.distill.evaluate import lm_metrics, top1_predictions
+from research.models.llama import DTYPES, Llama, LlamaConfig
+
+MODEL_SOURCES = ("gguf", "hf", "converted", "random")
+TRAINABLE = ("all", "attention")
+
+
+def layer_list(config: ml_collections.ConfigDict, key: str) -> tuple[int, ...]:
+    """ "0,29" -> (0, 29); a one-line ConfigError naming the key otherwise."""
+    text = str(cfg.get(config, key)).strip()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"config key '{key}' = {text!r} is not allowed; expected comma-separated layer indices") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    cfg.check_choice(config, "model.source", MODEL_SOURCES)
+    cfg.check_choice(config, "model.dtype", DTYPES)
+    cfg.check_choice(config, "model.attention_impl", ATTENTION_IMPLS)
+    cfg.check_choice(config, "upcycle.rope_mode", ROPE_MODES)
+    cfg.check_choice(config, "upcycle.rope_key", ROPE_KEYS)
+    cfg.check_choice(config, "upcycle.kv_svd_rows", KV_SVD_ROWS)
+    cfg.check_choice(config, "distill.trainable", TRAINABLE)
+    for key in ("upcycle.kv_rank", "data.seq_len", "data.eval_windows", "data.calibration_windows",
+                "train.steps", "train.batch_size"):
+        cfg.check(config, key, lambda v: v > 0, "a positive int")
+    cfg.check(config, "upcycle.rope_dim", lambda v: v >= 2 and v % 2 == 0, "an even int >= 2")
+    cfg.check(config, "upcycle.rank_energy", lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+    cfg.check(config, "data.heldout_every", lambda v: v >= 2, "an int >= 2")
+    cfg.check(config, "distill.temperature", lambda v: v > 0, "> 0")
+    cfg.check(config, "train.grad_accum_steps", lambda v: v > 0 and config.train.batch_size % v == 0,
+              "a positive divisor of train.batch_size")
+    layer_list(config, "upcycle.gqa_layers")
+    layer_list(config, "upcycle.fixed_rank_layers")
+    optim.validate(config)
+
+
+def load_teacher(config: ml_collections.ConfigDict):
+    """(LlamaConfig, Llama, Tokenizer) of the model to upcycle."""
+    from research.models.llama_gguf import smollm2_gguf_path
+    from research.models.pretrained import load_pretrained_llama
+    from research.models.tokenizer import tokenizer_from_gguf
+
+    m = config.model
+    overrides = dict(dtype=m.dtype, attention_impl=m.attention_impl)
+    if m.source != "random":
+        return load_pretrained_llama(m.source, m.path, cache_dir=m.cache_dir, tokenizer_path=m.tokenizer_path,
+                                     **overrides)
+    # A tiny random GQA model with SmolLM2's tokenizer: the code path of a real run, in seconds.
+    tokenizer = tokenizer_from_gguf(m.tokenizer_path or smollm2_gguf_path())
+    small = LlamaConfig(vocab_size=tokenizer.vocab_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=16, mlp_dim=128, **overrides)
+    return small, Llama(small, rngs=nnx.Rngs(config.seed)), tokenizer
+
+
+def upcycle_config(config: ml_collections.ConfigDict) -> UpcycleConfig:
+    u = config.upcycle
+    return UpcycleConfig(kv_rank=u.kv_rank, q_rank=u.q_rank, rope_dim=u.rope_dim, rope_mode=u.rope_mode,
+                         rope_key=u.rope_key, rank_energy=u.rank_energy,
+                         fixed_rank_layers=layer_list(config, "upcycle.fixed_rank_layers"),
+                         activation_aware=u.activation_aware, kv_svd_rows=u.kv_svd_rows,
+                         gqa_layers=layer_list(config, "upcycle.gqa_layers"), auto_gqa_layers=u.auto_gqa_layers)
+
+
+def text_windows(config: ml_collections.ConfigDict, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(train windows, held-out windows), each (N, seq_len + 1), from KJV chapters."""
+    d = config.data
+    train_docs, heldout_docs = split_documents(kjv_chapters(source=d.source), d.heldout_every)
+    separator = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    train = token_windows(train_docs, tokenizer.encode, d.seq_len, separator, d.max_train_windows)
+    heldout = token_windows(heldout_docs, tokenizer.encode, d.seq_len, separator, d.eval_windows)
+    return train, heldout
+
+
+def trainable_filter(name: str):
+    if name == "attention":
+        return lambda path, value: "attn" in path
+    return nnx.Param
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    validate(config)
+    start_time = time.perf_counter()
+    initialize_distributed()
+    mesh = make_mesh(config.mesh)
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+    teacher_config, teacher, tokenizer = load_teacher(config)
+    train_windows, heldout_windows = text_windows(config, tokenizer)
+    calibration = train_windows[:config.data.calibration_windows, :-1]
+    student, report = upcycle_gqa_to_mla(teacher, upcycle_config(config), calibration)
+    write_json_atomic(os.path.join(workdir, "upcycle.json"), report)
+
+    eval_batch = config.train.batch_size
+    teacher_top1 = top1_predictions(teacher, heldout_windows, eval_batch)
+    teacher_eval = lm_metrics(teacher, heldout_windows, eval_batch)
+    init_eval = lm_metrics(student, heldout_windows, eval_batch, teacher_top1)
+    print(f"held-out perplexity: teacher {teacher_eval['ppl']:.3f}, student at initialisation {init_eval['ppl']:.3f}")
+
+    steps = config.train.steps
+    tx = optim.make_optimizer(config.optim, steps)
+    defs, state = create_train_state(student, tx, trainable_filter(config.distill.trainable), config.seed)
+    state, shardings = place_on_mesh(state, mesh)
+    teacher_graphdef, teacher_state = nnx.split(teacher)
+    teacher_shardings = state_shardings(teacher_state, mesh)
+    teacher_state = jax.device_put(teacher_state, teacher_shardings)
+    kd_step = jax.jit(
+        make_kd_train_step(defs, tx, teacher_graphdef, temperature=config.distill.temperature,
+                           ce_weight=config.distill.ce_weight, accum_steps=config.train.grad_accum_steps),
+        in_shardings=(shardings, teacher_shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+    def next_batch(step: int) -> dict[str, np.ndarray]:
+        rows = np.random.default_rng([config.seed, step]).choice(len(train_windows), config.train.batch_size,
+                                                                   replace=len(train_windows) < config.train.batch_size)
+        windows = train_windows[rows]
+        return {"inputs": windows[:, :-1], "labels": windows[:, 1:], "mask": np.ones(windows[:, 1:].shape, np.float32)}
+
+    writer = MetricWriter(os.path.join(workdir, "tb"))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every or steps)
+    state, train_metrics, _ = fit(
+        state, lambda s, batch: kd_step(s, teacher_state, batch), next_batch, steps, mesh=mesh, writer=writer,
+        checkpointer=checkpointer, learning_rate=optim.make_schedule(config.optim, steps),
+        log_every=config.train.log_every, progress=config.train.progress)
+    checkpointer.close()
+
+    host = jax.device_get(state)
+    distilled = nnx.merge(defs.eval, host.params, host.frozen, host.rest)
+    kd_eval = lm_metrics(distilled, heldout_windows, eval_batch, teacher_top1)
+    writer.scalars(steps, {"heldout/ppl": kd_eval["ppl"], "heldout/top1_agreement": kd_eval["top1_agreement"]})
+    writer.close()
+
+    kv_teacher, kv_student = teacher.kv_values_per_token(), distilled.kv_values_per_token()
+    num_trainable = sum(x.size for x in jax.tree.leaves(host.params))
+    results = {
+        "kv_values_per_token_teacher": kv_teacher,
+        "kv_values_per_token_student": kv_student,
+        "kv_ratio": kv_student / kv_teacher,
+        "ppl_teacher": teacher_eval["ppl"],
+        "ppl_student_init": init_eval["ppl"],
+        "ppl_student_kd": kd_eval["ppl"],
+        "top1_agreement_init": init_eval["top1_agreement"],
+        "top1_agreement_kd": kd_eval["top1_agreement"],
+        "train_loss": train_metrics.get("train/loss"),
+        "train_tokens": int(jax.device_get(state.step)) * config.train.batch_size * config.data.seq_len,
+        "heldout_tokens": int(heldout_windows.shape[0] * config.data.seq_len),
+        "steps": int(jax.device_get(state.step)),
+        "num_trainable_params": int(num_trainable),
+        "layer_kinds": report["layer_kinds"],
+        "kv_rank": report["kv_rank"],
+        "wall_time_s": time.perf_counter() - start_time,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    }
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        plot_curves(writer.history, os.path.join(workdir, "curves.png"),
+                    title=f"KD of the MLA student (KV {100 * results['kv_ratio']:.1f}% of GQA)")
+        print(f"KV cache {kv_student}/{kv_teacher} values per token ({100 * results['kv_ratio']:.1f}%); "
+              f"held-out perplexity teacher {results['ppl_teacher']:.3f}, student init {results['ppl_student_init']:.3f}, "
+              f"after KD {results['ppl_student_kd']:.3f}; top-1 agreement {results['top1_agreement_kd']:.3f}")
+    return results
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,121 @@
+"""A converted Llama on disk: its LlamaConfig as JSON plus its parameters as an orbax checkpoint.
+
+    save_converted(directory, config, model)       # directory/llama_config.json + directory/params/
+    config, model = load_converted(directory)      # no GGUF / safetensors / torch needed
+
+Loading a converted model takes about a second, against the seconds of dequantising a GGUF. The
+directory is written under a temporary name and renamed when complete, so an interrupted save
+leaves no half-written model behind. Before restoring, every stored array's shape is compared with
+the model the JSON config describes; a difference fails naming the array and both shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from research.attention.rope import Llama3RopeScaling
+from research.models.llama import Llama, LlamaConfig
+
+CONFIG_FILE = "llama_config.json"
+PARAMS_DIR = "params"
+
+
+def config_to_json(config: LlamaConfig) -> dict:
+    return dataclasses.asdict(config)  # rope_scaling becomes a nested dict (or None)
+
+
+def config_from_json(data: dict, path: str = CONFIG_FILE) -> LlamaConfig:
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown LlamaConfig field(s) {', '.join(unknown)}")
+    data = dict(data)
+    if data.get("rope_scaling") is not None:
+        data["rope_scaling"] = Llama3RopeScaling(**data["rope_scaling"])
+    return LlamaConfig(**data)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"segments/0/attn/q/kernel": shape, ...} for a pure-dict tree of arrays or array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape) for path, x in leaves}
+
+
+def _check_shapes(found: dict, wanted: dict, found_where: str, wanted_where: str) -> None:
+    missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
+    if missing or extra:
+        raise ValueError(f"{found_where} has different arrays than {wanted_where}: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}")
+    for name, shape in wanted.items():
+        if found[name] != shape:
+            raise ValueError(f"{found_where}: array '{name}' has shape {found[name]}, {wanted_where} expects {shape}")
+
+
+def _abstract(config: LlamaConfig):
+    """(graphdef, abstract Param state) of Llama(config), without allocating parameters."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))), nnx.Param)
+    return graphdef, params
+
+
+def save_converted(directory: str, config: LlamaConfig, model: Llama, *, force: bool = False) -> str:
+    """Writes ``config`` and ``model``'s parameters to ``directory`` atomically; returns its absolute path.
+
+    Fails if the model's parameter shapes do not match ``config``, or if ``directory`` exists and
+    not ``force``.
+    """
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not force:
+        raise FileExistsError(f"{directory} exists; pass force=True (--force) to overwrite it")
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    _check_shapes(_shapes(params), _shapes(_abstract(config)[1].to_pure_dict()), "the model", "the config")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(config_to_json(config), f, indent=2)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
+        checkpointer.wait_until_finished()
+        if os.path.exists(directory):  # force: move the old one aside only once the new one is complete
+            old = tmp + ".old"
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_converted(directory: str, **overrides) -> tuple[LlamaConfig, Llama]:
+    """(config, model) from a directory written by ``save_converted``; ``overrides`` replace config
+    fields that do not change shapes (``dtype``, ``attention_impl``)."""
+    directory = os.path.abspath(directory)
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist: expected a directory written by save_converted "
+                                f"(python -m tools.convert_llama)")
+    with open(config_path) as f:
+        config = dataclasses.replace(config_from_json(json.load(f), config_path), **overrides)
+    params_path = os.path.join(directory, PARAMS_DIR)
+    if not os.path.isdir(params_path):
+        raise FileNotFoundError(f"{params_path} does not exist: the parameters of {directory} are missing")
+    checkpointer = ocp.StandardCheckpointer()
+    graphdef, abstract = _abstract(config)
+    target = abstract.to_pure_dict()
+    stored = checkpointer.metadata(params_path).item_metadata.tree
+    _check_shapes(_shapes(stored), _shapes(target), params_path, f"the config in {config_path}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
+    abstract.replace_by_pure_dict(checkpointer.restore(params_path, target))
+    return config, nnx.merge(graphdef, abstract)

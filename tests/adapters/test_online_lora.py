@@ -194,7 +194,7 @@ def test_importance_is_the_per_sample_fisher_with_per_sample_pseudo_labels():
     half = fisher_importance(logits_fn, theta, images, jnp.array([True, True, False, False]))
     first_two = fisher_importance(logits_fn, theta, images[:2], jnp.ones(2, bool))
     for h, f in zip(jax.tree.leaves(half), jax.tree.leaves(first_two), strict=True):
-        np.testing.assert_allclose(h, f, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(h, f, rtol=1e-4, atol=1e-12)  # batch shapes differ: float32 summation order
 
 
 # --- bug 5: train mode after consolidation -----------------------------------------------------------

@@ -139,11 +139,15 @@ def test_padded_rows_of_a_last_batch_change_nothing(make):
         b = batch(5, seed=i)
         m_plain, m_masked = plain.step(b), masked.step(padded(b))
         assert m_plain["loss"] == pytest.approx(m_masked["loss"], rel=1e-5)
+    # Adam divides by sqrt(v): where a gradient is nearly 0, float32 summation-order noise (padded and
+    # unpadded batches tile differently) becomes an update of up to lr. So compare the whole update:
+    # junk rows leaking into the gradients would change it by O(1), not by the noise.
+    initial = flat(make().model)
     for k, v in flat(plain.model).items():
-        if k.endswith("attn/k/bias"):  # its gradient is exactly 0 (softmax shift), so Adam amplifies float noise
+        if k.endswith("attn/k/bias"):  # its gradient is exactly 0 (softmax shift): pure noise
             continue
-        # Three Adam steps amplify float32 summation-order noise (padded vs unpadded batches) to ~1e-4 relative.
-        np.testing.assert_allclose(flat(masked.model)[k], v, rtol=1e-3, atol=1e-5, err_msg=k)
+        update, difference = v - initial[k], flat(masked.model)[k] - v
+        assert np.linalg.norm(difference) <= 1e-2 * np.linalg.norm(update) + 1e-6, k
     buffer = getattr(masked, "buffer", None) or masked.replay
     junk = {bytes(x) for x in batch(3, 7)["images"]}
     assert not junk & {bytes(x) for x in np.asarray(buffer.images)[:len(buffer)]}

@@ -14,7 +14,7 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
                   "original_max_position_embeddings": 16}
 
 
-def save_tiny_llama(directory, *, tie: bool, rope_scaling=None, seed: int = 0):
+def save_tiny_llama(directory, *, tie: bool, rope_scaling=None, seed: int = 0, max_shard_size=None):
     """A random transformers LlamaForCausalLM saved with save_pretrained (safetensors)."""
     config = transformers.LlamaConfig(
         vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -25,7 +25,7 @@ def save_tiny_llama(directory, *, tie: bool, rope_scaling=None, seed: int = 0):
     with torch.no_grad():  # larger than the 0.02 init, so that every term matters
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return model
 
 
@@ -44,3 +44,14 @@ def test_logits_match_transformers(tmp_path, tie, rope_scaling):
 def test_missing_checkpoint_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf_llama(str(tmp_path))
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path):
+    reference = save_tiny_llama(tmp_path, tie=False, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    _, model = load_hf_llama(str(tmp_path))
+    tokens = np.arange(12)[None] % 100
+    with torch.no_grad():
+        expected = reference(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))[0]), expected, atol=1e-4, rtol=0)

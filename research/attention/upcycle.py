@@ -42,8 +42,9 @@ import numpy as np
 from flax import nnx
 
 from research.attention.mla import MLAConfig, MLAttention
+from research.attention.ops import attention_ops
 from research.attention.rope import inverse_frequencies
-from research.models.llama import GQAttention, Llama, layer_runs, stacked_layers, zeros_module
+from research.models.llama import GQAttention, Llama, layer_runs, set_param, stacked_layers, zeros_module
 
 ROPE_MODES = ("split", "high", "low", "uniform", "2norm")
 ROPE_KEYS = ("shared", "per_kv_head")
@@ -160,7 +161,6 @@ def _whitening(x: np.ndarray) -> np.ndarray:
 def attention_inputs(model: Llama, tokens: np.ndarray) -> np.ndarray:
     """The input of every layer's attention (after its RMSNorm) on ``tokens`` (B, T):
     (L, B*T, D) float32. ``model`` must be all-GQA with one segment."""
-    from research.attention.ops import attention_ops
     if len(model.segments) != 1:
         raise ValueError("attention_inputs expects the original all-GQA model (one segment)")
     graphdef, stacked = nnx.split(model.segments[0])
@@ -239,13 +239,10 @@ def _layer_weights(model: Llama, layer: int) -> dict[str, np.ndarray]:
     return {name: np.asarray(attn[name]["kernel"][...][layer], np.float64).T for name in ("q", "k", "v")}
 
 
-def _set_stacked(state, path: Sequence[str], value) -> None:
-    node = state
-    for key in path[:-1]:
-        node = node[key]
-    # A copy: the student must not share buffers with the teacher (a donated train state would
-    # otherwise free the teacher's arrays).
-    node[path[-1]].set_value(jnp.array(value, jnp.float32, copy=True))
+def _get(state, path: Sequence[str]) -> jax.Array:
+    for key in path:
+        state = state[key]
+    return state[...]
 
 
 def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.ndarray | None = None
@@ -292,27 +289,21 @@ def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.
         state = nnx.state(segment)
         for path in (("attn_norm", "scale"), ("mlp_norm", "scale"), ("mlp", "gate", "kernel"),
                      ("mlp", "up", "kernel"), ("mlp", "down", "kernel"), ("attn", "o", "kernel")):
-            node = old_layers
-            for key in path:
-                node = node[key]
-            _set_stacked(state, path, node[...][np.asarray(idx)])
+            set_param(state, path, _get(old_layers, path)[np.asarray(idx)])
         if kind == "gqa":
             for name in ("q", "k", "v"):
-                _set_stacked(state, ("attn", name, "kernel"), old_layers["attn"][name]["kernel"][...][np.asarray(idx)])
+                set_param(state, ("attn", name, "kernel"), old_layers["attn"][name]["kernel"][...][np.asarray(idx)])
         else:
             for name in layers[idx[0]]["params"]:
-                _set_stacked(state, ("attn", name, "kernel"), np.stack([layers[i]["params"][name] for i in idx]))
-            _set_stacked(state, ("attn", "rope_inv_freq"), np.stack([layers[i]["freqs"] for i in idx]))
+                set_param(state, ("attn", name, "kernel"), np.stack([layers[i]["params"][name] for i in idx]))
+            set_param(state, ("attn", "rope_inv_freq"), np.stack([layers[i]["freqs"] for i in idx]))
         nnx.update(segment, state)
         segments.append(segment)
 
     student = zeros_module(lambda: Llama(config, rngs=nnx.Rngs(0), segments=[], layer_kinds=[]))
     student_state = nnx.state(student)
     for path in (("embed", "embedding"), ("norm", "scale")) + ((("lm_head", "kernel"),) if not config.tie_embeddings else ()):
-        node = nnx.state(model)
-        for key in path:
-            node = node[key]
-        _set_stacked(student_state, path, node[...])
+        set_param(student_state, path, _get(nnx.state(model), path))
     nnx.update(student, student_state)
     student.segments = nnx.List(segments)
     student.layer_kinds = tuple("gqa" if kind == "gqa" else "mla" for kind in kinds)

@@ -30,7 +30,8 @@ def _path_str(path) -> str:
     return "/".join(p for p in parts if p not in ("value", "raw_value"))
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
+def array_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"path/to/array": shape} for a tree of arrays, Variables or array metadata."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
     return {_path_str(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
 
@@ -54,8 +55,8 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def check_compatible(self, step: int, target: Any) -> None:
-        stored = _shapes(self.manager.item_metadata(step))
-        wanted = _shapes(target)
+        stored = array_shapes(self.manager.item_metadata(step))
+        wanted = array_shapes(target)
         missing = sorted(set(wanted) - set(stored))
         extra = sorted(set(stored) - set(wanted))
         if missing or extra:

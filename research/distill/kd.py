@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.core.train import make_train_step
+
 
 def kd_loss_sums(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array, *,
                  labels: jax.Array | None = None, temperature: float = 1.0,
@@ -62,8 +64,6 @@ def make_kd_train_step(defs, tx, teacher_graphdef, *, temperature: float = 1.0, 
 
     batch: inputs (B, T) int, labels (B, T) int (next tokens), mask (B, T) (1 = distil this token).
     The teacher is an argument, not a closure, so its weights are not baked into the program."""
-    from research.core.train import make_train_step
-
     def loss_fn(model, batch, rng):
         logits, _ = model(batch["inputs"])
         return kd_loss_sums(logits, batch["teacher_logits"], batch["mask"], labels=batch["labels"],

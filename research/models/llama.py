@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from research.attention.ops import ATTENTION_IMPLS, attention_ops
@@ -260,5 +261,16 @@ def layer_runs(kinds: Sequence[Any]) -> list[tuple[Any, list[int]]]:
     return out
 
 
-def count_params(model: nnx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def set_param(state: nnx.State, path: Sequence, value) -> None:
+    """Sets the array at ``path`` of an NNX state to a float32 copy of ``value``; a shape that
+    differs from the model's fails naming the path and both shapes. (A copy: a student built from a
+    teacher must not share its buffers, or donating one's train state frees the other's arrays.)"""
+    node = state
+    for key in path[:-1]:
+        node = node[key]
+    variable = node[path[-1]]
+    expected = tuple(variable.get_value().shape)
+    if tuple(np.shape(value)) != expected:
+        raise ValueError(f"parameter {'/'.join(map(str, path))}: checkpoint shape {tuple(np.shape(value))}, "
+                         f"model expects {expected}")
+    variable.set_value(jnp.array(value, jnp.float32, copy=True))

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from research.attention.rope import Llama3RopeScaling
+from research.core.checkpoint import array_shapes
 from research.models.llama import Llama, LlamaConfig
 
 CONFIG_FILE = "llama_config.json"
@@ -42,13 +43,7 @@ def config_from_json(data: dict, path: str = CONFIG_FILE) -> LlamaConfig:
     return LlamaConfig(**data)
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
-    """{"segments/0/attn/q/kernel": shape, ...} for a pure-dict tree of arrays or array metadata."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape) for path, x in leaves}
-
-
-def _check_shapes(found: dict, wanted: dict, found_where: str, wanted_where: str) -> None:
+def _checkarray_shapes(found: dict, wanted: dict, found_where: str, wanted_where: str) -> None:
     missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
     if missing or extra:
         raise ValueError(f"{found_where} has different arrays than {wanted_where}: missing {missing[:3]}, "
@@ -74,7 +69,7 @@ def save_converted(directory: str, config: LlamaConfig, model: Llama, *, force: 
     if os.path.exists(directory) and not force:
         raise FileExistsError(f"{directory} exists; pass force=True (--force) to overwrite it")
     params = nnx.state(model, nnx.Param).to_pure_dict()
-    _check_shapes(_shapes(params), _shapes(_abstract(config)[1].to_pure_dict()), "the model", "the config")
+    _checkarray_shapes(array_shapes(params), array_shapes(_abstract(config)[1].to_pure_dict()), "the model", "the config")
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
@@ -114,7 +109,7 @@ def load_converted(directory: str, **overrides) -> tuple[LlamaConfig, Llama]:
     graphdef, abstract = _abstract(config)
     target = abstract.to_pure_dict()
     stored = checkpointer.metadata(params_path).item_metadata.tree
-    _check_shapes(_shapes(stored), _shapes(target), params_path, f"the config in {config_path}")
+    _checkarray_shapes(array_shapes(stored), array_shapes(target), params_path, f"the config in {config_path}")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
     abstract.replace_by_pure_dict(checkpointer.restore(params_path, target))

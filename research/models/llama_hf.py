@@ -12,12 +12,11 @@ import json
 import os
 from collections.abc import Callable, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from research.attention.rope import Llama3RopeScaling
-from research.models.llama import Llama, LlamaConfig, zeros_module
+from research.models.llama import Llama, LlamaConfig, set_param, zeros_module
 
 # Our path inside a segment -> HF name inside model.layers.{i}, and whether to transpose.
 LAYER_TENSORS = {
@@ -99,25 +98,13 @@ def fill_llama(model: Llama, read: Callable[[str], np.ndarray], *, layer_prefix:
     for path, (name, transpose) in layer_tensors.items():
         per_layer = [read(layer_prefix.format(i) + name) for i in range(c.num_layers)]
         stacked = np.stack([w.T if transpose else w for w in per_layer])
-        _set(segment, path, stacked)
-    _set(state, ("embed", "embedding"), read(embed))
-    _set(state, ("norm", "scale"), read(norm))
+        set_param(segment, path, stacked)
+    set_param(state, ("embed", "embedding"), read(embed))
+    set_param(state, ("norm", "scale"), read(norm))
     if not c.tie_embeddings:
-        _set(state, ("lm_head", "kernel"), read(lm_head).T)
+        set_param(state, ("lm_head", "kernel"), read(lm_head).T)
     nnx.update(model, state)
     return model
-
-
-def _set(state, path: tuple, value: np.ndarray) -> None:
-    node = state
-    for key in path[:-1]:
-        node = node[key]
-    variable = node[path[-1]]
-    expected = tuple(variable.get_value().shape)
-    if tuple(value.shape) != expected:
-        raise ValueError(f"parameter {'/'.join(map(str, path))}: checkpoint shape {tuple(value.shape)}, "
-                         f"model expects {expected}")
-    variable.set_value(jnp.asarray(value, jnp.float32))
 
 
 def abstract_llama(config: LlamaConfig) -> Llama:

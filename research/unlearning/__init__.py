@@ -1,0 +1,1 @@
+"""Machine unlearning: empirical NTK, NTK scrubbing and Fast-NTK, baselines, metrics."""

@@ -1,0 +1,187 @@
+"""Empirical NTK: both modes against a jax.jacrev reference, the ridge solve in both spaces, sharding,
+and NTK scrubbing's exactness on a model that is linear in its parameters."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from research.core.mesh import make_mesh
+from research.data.pipeline import ImageArrays
+from research.models import build_model
+from research.models.filters import bn_and_head, head
+from research.unlearning import ntk
+from research.unlearning.model import ForgetProblem, Unlearnable
+from research.unlearning.ntk_scrub import NTKScrubConfig, ntk_scrub, trapezium_scale
+from research.unlearning.train import minimize
+
+
+class TinyCNN(nnx.Module):
+    """conv-BN-relu-pool-head: small enough that the full Jacobian is cheap."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jnp.mean(nnx.relu(self.bn(self.conv(x))), axis=(1, 2)))
+
+
+def tiny_cnn() -> nnx.Module:
+    model = TinyCNN(nnx.Rngs(0))
+    # Non-trivial BN statistics and affine parameters, so eval mode is not the identity.
+    model.bn.mean.value = jnp.linspace(-0.1, 0.1, 4)
+    model.bn.var.value = jnp.linspace(0.5, 2.0, 4)
+    model.bn.scale.value = jnp.linspace(0.8, 1.2, 4)
+    model.bn.bias.value = jnp.linspace(-0.2, 0.2, 4)
+    return model
+
+
+def images(n, seed=0, size=6):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+
+
+def reference_ntk(fn, theta, xa, xb):
+    ja = jax.jacrev(fn)(theta, jnp.asarray(xa))  # (Na, C, P): per-sample because samples are independent
+    jb = jax.jacrev(fn)(theta, jnp.asarray(xb))
+    return np.einsum("ncp,mdp->ncmd", ja, jb).reshape(ja.shape[0] * ja.shape[1], -1)
+
+
+@pytest.mark.parametrize("subset", ["all", "bn_and_head"])
+@pytest.mark.parametrize("mode", ntk.NTK_MODES)
+def test_ntk_modes_equal_jacrev_reference(subset, mode):
+    model = tiny_cnn()
+    u = Unlearnable.from_model(model, nnx.Param if subset == "all" else bn_and_head(model))
+    theta, fn, _ = u.flat()
+    xa, xb = images(7, 0), images(5, 1)
+    want = reference_ntk(fn, theta, xa, xb)
+    got = np.asarray(ntk.empirical_ntk(fn, theta, xa, xb, mode=mode, chunk_size=3))
+    assert got.shape == (21, 15)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+    sym = np.asarray(ntk.empirical_ntk(fn, theta, xa, mode=mode, chunk_size=4))
+    np.testing.assert_allclose(sym, reference_ntk(fn, theta, xa, xa), atol=1e-5 * np.abs(want).max())
+
+
+def test_subset_jacobian_is_the_full_jacobians_columns():
+    model = tiny_cnn()
+    full = Unlearnable.from_model(model, nnx.Param)
+    part = Unlearnable.from_model(tiny_cnn(), head(model))
+    x = images(4)
+    j_full = np.asarray(ntk.jacobian(*full.flat()[1::-1], x, chunk_size=4))
+    j_head = np.asarray(ntk.jacobian(*part.flat()[1::-1], x, chunk_size=4))
+    # ravel_pytree orders leaves by path: bn, conv, head -> the head's bias and kernel come last.
+    np.testing.assert_allclose(j_full[..., -j_head.shape[-1]:], j_head, atol=1e-6)
+
+
+def test_ntk_vector_product_equals_kernel_times_vector():
+    u = Unlearnable.from_model(tiny_cnn())
+    theta, fn, _ = u.flat()
+    x = images(9)
+    v = np.random.default_rng(2).normal(size=(9, 3)).astype(np.float32)
+    want = reference_ntk(fn, theta, x, x) @ v.reshape(-1)
+    got = np.asarray(ntk.ntk_vector_product(fn, theta, x, v, chunk_size=4)).reshape(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_ridge_solve_in_sample_and_parameter_space_agree():
+    rng = np.random.default_rng(0)
+    for m, p in [(12, 40), (40, 12)]:
+        j = jnp.asarray(rng.normal(size=(m, p)), jnp.float32)
+        r = rng.normal(size=m)
+        a = np.asarray(ntk.ridge_solve(j, r, 0.3, space="samples"))
+        b = np.asarray(ntk.ridge_solve(j, r, 0.3, space="parameters"))
+        jn = np.asarray(j, np.float64)
+        want = jn.T @ np.linalg.solve(jn @ jn.T + 0.3 * np.eye(m), r)
+        np.testing.assert_allclose(a, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="solve space"):
+        ntk.ridge_solve(j, r, 0.3, space="rows")
+
+
+def test_jacobian_sharded_on_eight_devices_equals_one_device():
+    u = Unlearnable.from_model(tiny_cnn())
+    theta, fn, _ = u.flat()
+    x = images(20)
+    one = np.asarray(ntk.jacobian(fn, theta, x, chunk_size=8))
+    mesh = make_mesh({"data": 8, "model": 1})
+    eight = np.asarray(ntk.jacobian(fn, theta, x, chunk_size=8, mesh=mesh))
+    np.testing.assert_allclose(eight, one, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of the mesh"):
+        ntk.jacobian(fn, theta, x, chunk_size=6, mesh=mesh)
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(ValueError, match="unknown NTK mode 'exact'"):
+        ntk.empirical_ntk(lambda t, x: x, jnp.zeros(1), images(2), mode="exact")
+    with pytest.raises(ValueError, match="NTKScrubConfig.scale='half'"):
+        NTKScrubConfig(scale="half")
+
+
+# ---------------------------------------------------------------- scrubbing a linear model is retraining
+
+WD = 0.05
+
+
+def linear_problem(n_retain=30, n_forget=10, classes=3):
+    """A model linear in its trainable parameters: a frozen random-feature MLP whose head alone is trained."""
+    model = build_model("mlp", num_classes=classes, input_shape=(4, 4, 1), rngs=nnx.Rngs(1), hidden_sizes=(16,))
+    u = Unlearnable.from_model(model, head(model))
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (n_retain + n_forget + 10, 4, 4, 1), dtype=np.uint8)
+    y = rng.integers(0, classes, len(x)).astype(np.int32)
+    names = tuple(map(str, range(classes)))
+    split = lambda a, b: ImageArrays(x[a:b], y[a:b], names)
+    return u, split(0, n_retain), split(n_retain, n_retain + n_forget), split(n_retain + n_forget, len(x))
+
+
+def train_to_convergence(u, data, init):
+    """Mean MSE to one-hot targets + (WD/2)|w - w_init|^2, by L-BFGS until the gradient vanishes."""
+    init_flat, fn, unravel = u.with_params(init).flat()
+    x, targets = jnp.asarray(data.images), jax.nn.one_hot(data.labels, 3)
+
+    def loss(theta):
+        return 0.5 * jnp.mean(jnp.sum((fn(theta, x) - targets) ** 2, -1)) + 0.5 * WD * jnp.sum((theta - init_flat) ** 2)
+    tx = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    @jax.jit
+    def run(theta):
+        def step(carry, _):
+            theta, state = carry
+            value, grad = value_and_grad(theta, state=state)
+            updates, state = tx.update(grad, state, theta, value=value, grad=grad, value_fn=loss)
+            return (optax.apply_updates(theta, updates), state), None
+        return jax.lax.scan(step, (theta, tx.init(theta)), None, length=100)[0][0]
+    theta = run(init_flat)
+    assert float(jnp.linalg.norm(jax.grad(loss)(theta))) < 1e-6
+    return unravel(theta)
+
+
+def test_ntk_scrub_of_a_linear_model_equals_retraining_on_the_retain_set():
+    u, retain, forget, test = linear_problem()
+    init = u.params
+    both = ImageArrays(np.concatenate([retain.images, forget.images]), np.concatenate([retain.labels, forget.labels]),
+                       retain.label_names)
+    trained = u.with_params(train_to_convergence(u, both, init))
+    retrained = train_to_convergence(u, retain, init)
+    problem = ForgetProblem(trained, init, retain, forget, test)
+    want = jax.flatten_util.ravel_pytree(retrained)[0]
+    before = float(jnp.abs(jax.flatten_util.ravel_pytree(trained.params)[0] - want).max())
+    assert before > 1e-2  # forgetting must move the weights
+    for space in ("samples", "parameters"):
+        for mode in ntk.NTK_MODES if space == "samples" else ("jacobian",):
+            config = NTKScrubConfig(loss="mse", weight_decay=WD, scale="none", mode=mode, space=space, chunk_size=16)
+            scrubbed, info = ntk_scrub(problem, config)
+            got = jax.flatten_util.ravel_pytree(scrubbed)[0]
+            assert float(jnp.abs(got - want).max()) <= 1e-5, (space, mode)
+            assert info["space"] == space
+
+
+def test_trapezium_scale_values():
+    dw = np.array([1.0, 0.0])
+    assert trapezium_scale(dw, -dw)[0] == pytest.approx(3.0)           # exactly linear model: e = -dw
+    assert trapezium_scale(dw, np.array([0.0, 2.0]))[0] == pytest.approx(1.0)   # orthogonal error
+    s, cos = trapezium_scale(dw, np.array([0.5, 0.0]))
+    assert cos == pytest.approx(1.0) and s == pytest.approx(2.0)        # |dw| + 2 * 1 * 0.5

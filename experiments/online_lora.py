@@ -96,19 +96,10 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- data
 
-def per_class(data: pipeline.ImageArrays, n: int, seed: int) -> pipeline.ImageArrays:
-    """The first n examples of each class after a seeded shuffle (all of them when n == 0)."""
-    if not n:
-        return data
-    order = np.random.default_rng(seed).permutation(len(data))
-    keep = np.concatenate([order[data.labels[order] == c][:n] for c in range(data.num_classes)])
-    return data.subset(np.sort(keep))
-
-
 def stream_data(config) -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
     ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
     train, test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
-    return per_class(train, config.data.train_per_class, config.seed), per_class(test, config.data.test_per_class,
+    return pipeline.per_class(train, config.data.train_per_class, config.seed), pipeline.per_class(test, config.data.test_per_class,
                                                                                  config.seed)
 
 

@@ -64,6 +64,15 @@ def select_classes(data: ImageArrays, classes) -> ImageArrays:
     return ImageArrays(data.images[rows], remap[data.labels[rows]], tuple(data.label_names[c] for c in classes))
 
 
+def per_class(data: ImageArrays, n: int, seed: int) -> ImageArrays:
+    """The first n examples of each class after a seeded shuffle (all of them when n == 0), in data order."""
+    if not n:
+        return data
+    order = np.random.default_rng(seed).permutation(len(data))
+    keep = np.concatenate([order[data.labels[order] == c][:n] for c in range(data.num_classes)])
+    return data.subset(np.sort(keep))
+
+
 def split_halves(train: ImageArrays, test: ImageArrays, by: str, seed: int = 0):
     """Two (train, test) tasks from one data set: ``by="classes"`` gives the first half of the classes
     and then the second half (a non-IID split, each relabelled from 0); ``by="samples"`` gives two

@@ -23,8 +23,8 @@ and s = predicted / |dw|. (When the model is exactly linear, w(D) - w_init = w_c
 e = -dw and the rule gives s = 3, not 1: the trapezium is a heuristic for networks that are not.)
 
 Optional Fisher noise (``fisher_alpha`` > 0; 1e-9 with NTK in the paper's code): w += sqrt(var) eps,
-var = alpha * min(1 / (F + 1e-8), 1e3), F the diagonal Fisher of the CE on D_r at the scrubbed
-weights.
+var = alpha * min(1 / (F + 1e-8), 1e3), F the diagonal Fisher (expected over the model's
+predictions) on D_r at the scrubbed weights, as Fisher forgetting in baselines.py.
 
 Exactness we test: for a model linear in its parameters, trained to convergence on D with the mean
 MSE + (wd/2)|w - w_init|^2, ``scale="none"`` returns exactly the weights retrained on D_r.
@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from research.unlearning import ntk
+from research.unlearning.baselines import add_fisher_noise, fisher_diagonal
 from research.unlearning.model import ForgetProblem
 
 LOSSES = ("ce", "mse")
@@ -142,27 +143,9 @@ def ntk_scrub(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubConfig(),
     w_scrub = w_trained + jnp.asarray(scale * dw, w_trained.dtype)
     info.update(scale=scale, cos=cos, dw_norm=float(np.linalg.norm(dw)), e_norm=float(np.linalg.norm(e)))
 
+    params = unravel(w_scrub)
     if config.fisher_alpha > 0:
-        std = fisher_noise_std(fn, w_scrub, problem.retain.images, problem.retain.labels, config.fisher_alpha,
-                               chunk_size=config.chunk_size)
-        w_scrub = w_scrub + std * jax.random.normal(jax.random.PRNGKey(seed), w_scrub.shape, w_scrub.dtype)
+        fisher = fisher_diagonal(problem.trained, problem.retain, params=params)
+        params = add_fisher_noise(params, fisher, jax.random.PRNGKey(seed), config.fisher_alpha)
     info["seconds"] = time.perf_counter() - t0
-    return unravel(w_scrub), info
-
-
-def diagonal_fisher(fn, theta: jax.Array, images: np.ndarray, labels: np.ndarray, *, chunk_size: int = 64) -> jax.Array:
-    """Empirical diagonal Fisher of the CE at the labels: mean over samples of (d log p_y / d theta)^2. (P,)."""
-    def log_py(t, x, y):
-        return jax.nn.log_softmax(fn(t, x[None])[0])[y]
-    sq_grads = jax.jit(lambda t, x, y: jnp.sum(jax.vmap(jax.grad(log_py), (None, 0, 0))(t, x, y) ** 2, 0))
-    total = jnp.zeros_like(theta)
-    for start in range(0, len(images), chunk_size):
-        total = total + sq_grads(theta, jnp.asarray(images[start:start + chunk_size]),
-                                 jnp.asarray(labels[start:start + chunk_size]))
-    return total / len(images)
-
-
-def fisher_noise_std(fn, theta, images, labels, alpha: float, *, chunk_size: int = 64) -> jax.Array:
-    """sqrt(alpha * min(1 / (F + 1e-8), 1e3)) per parameter, F the diagonal Fisher on (images, labels)."""
-    fisher = diagonal_fisher(fn, theta, images, labels, chunk_size=chunk_size)
-    return jnp.sqrt(alpha * jnp.minimum(1.0 / (fisher + 1e-8), 1e3))
+    return params, info

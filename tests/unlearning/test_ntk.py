@@ -185,3 +185,14 @@ def test_trapezium_scale_values():
     assert trapezium_scale(dw, np.array([0.0, 2.0]))[0] == pytest.approx(1.0)   # orthogonal error
     s, cos = trapezium_scale(dw, np.array([0.5, 0.0]))
     assert cos == pytest.approx(1.0) and s == pytest.approx(2.0)        # |dw| + 2 * 1 * 0.5
+
+
+def test_fisher_noise_on_top_of_the_scrub_has_the_fisher_std():
+    u, retain, forget, test = linear_problem()
+    problem = ForgetProblem(u, u.params, retain, forget, test)
+    plain, _ = ntk_scrub(problem, NTKScrubConfig(scale="none"))
+    noisy, _ = ntk_scrub(problem, NTKScrubConfig(scale="none", fisher_alpha=1e-4), seed=3)
+    from research.unlearning.baselines import fisher_diagonal, fisher_noise_std
+    std = jax.flatten_util.ravel_pytree(fisher_noise_std(fisher_diagonal(u, retain, params=plain), 1e-4))[0]
+    z = (jax.flatten_util.ravel_pytree(noisy)[0] - jax.flatten_util.ravel_pytree(plain)[0]) / std
+    assert abs(float(jnp.mean(z))) < 0.2 and abs(float(jnp.std(z)) - 1) < 0.15  # 51 entries of N(0, 1)

@@ -1,0 +1,288 @@
+"""Unlearning benchmark: NTK scrubbing / Fast-NTK against retraining and the standard baselines.
+
+    python -m experiments.unlearning --config configs/unlearning.py[:fast_ntk|:vit_prompts|:smoke] --workdir DIR
+
+1. Pre-train a backbone on data disjoint from D (``pretrain``; resumable, reused from another run's
+   folder with ``pretrain.workdir``).
+2. Train the parameter subset ``unlearn.subset`` on D from w_init (pre-trained backbone, fresh head,
+   fresh prompts), BatchNorm in eval mode: the model to unlearn, w(D). Saved and reused.
+3. For each scenario (a class, a random 10%) and each method: unlearn, then measure retain / forget /
+   test accuracy, MIA efficacy and seconds. ``gap_to_retrain`` is the mean absolute gap to the
+   ``retrain`` row over those four (percentage points).
+WORKDIR receives results.json, results.md (the tables), unlearning.png and one JSON per finished
+(scenario, method), reused when the run is repeated with the same config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from research.adapters.prompts import PromptedViT, prompt_and_head_filter, prompt_filter
+from research.core import cli
+from research.core import config as cfg
+from research.core import optim
+from research.core.classify import fit_classifier
+from research.core.mesh import initialize_distributed, make_mesh
+from research.core.records import write_json_atomic
+from research.data import pipeline, sources
+from research.data.augment import make_preprocess, normalize
+from research.models import build_from_config, filters
+from research.unlearning import baselines, metrics
+from research.unlearning.model import ForgetProblem, Unlearnable
+from research.unlearning.ntk_scrub import NTKScrubConfig, ntk_scrub
+from research.unlearning.train import TrainRecipe, fit
+
+SUBSETS = ("all", "bn_and_head", "bn", "head", "prompts_and_head", "prompts")
+METHOD_NAMES = ("retrain", "ntk", *[m for m in baselines.BASELINES if m != "retrain"])
+SCENARIOS = ("class", "random")
+REPORTED = ("retain_acc", "forget_acc", "test_acc", "mia")
+
+
+def _names(text: str, allowed, key: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in allowed]
+    if unknown or not names:
+        raise cfg.ConfigError(f"{key}: unknown or empty {unknown or text!r}; choose from: {', '.join(allowed)}")
+    return names
+
+
+def _ints(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c.strip()]
+
+
+def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+    methods = _names(config.methods, METHOD_NAMES, "methods")
+    if "retrain" not in methods:
+        methods.insert(0, "retrain")  # gap_to_retrain needs it
+    scenarios = _names(config.scenarios, SCENARIOS, "scenarios")
+    cfg.check_choice(config, "unlearn.subset", SUBSETS)
+    for key, allowed in (("ntk.loss", ("ce", "mse")), ("ntk.scale", ("trapezium", "none")),
+                         ("ntk.mode", ("jacobian", "vector_products")), ("ntk.space", ("auto", "samples", "parameters"))):
+        cfg.check_choice(config, key, allowed)
+    cfg.check(config, "forget_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
+    for key in ("unlearn.epochs", "unlearn.batch_size", "ntk.chunk_size", "eval_batch_size"):
+        cfg.check(config, key, lambda v: v > 0, "a positive int")
+    is_vit = config.model.name.startswith("vit")
+    if config.unlearn.subset.startswith("prompts") and not is_vit:
+        raise cfg.ConfigError(f"unlearn.subset: {config.unlearn.subset} needs a ViT (model.name vit_tiny | vit_small), "
+                              f"not {config.model.name}")
+    optim.validate(config, "pretrain.optim")
+    return methods, scenarios
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def load_arrays(name: str, config, classes: str, label: str = "label"):
+    ds = sources.load(name, source=config.data.source, data_dir=config.data.data_dir or None)
+    train, test = pipeline.to_arrays(ds["train"], label), pipeline.to_arrays(ds["test"], label)
+    chosen = _ints(classes)
+    if chosen:
+        bad = [c for c in chosen if not 0 <= c < train.num_classes]
+        if bad:
+            raise cfg.ConfigError(f"classes {bad} do not exist in {name} ({train.num_classes} classes)")
+        train, test = pipeline.select_classes(train, chosen), pipeline.select_classes(test, chosen)
+    return train, test
+
+
+def data_of_d(config) -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
+    """D (train) and its test split."""
+    train, test = load_arrays(config.data.name, config, config.data.classes)
+    train = pipeline.per_class(train, config.data.train_per_class, config.seed)
+    if config.data.train_total and config.data.train_total < len(train):
+        rows = np.random.default_rng(config.seed).permutation(len(train))[:config.data.train_total]
+        train = train.subset(np.sort(rows))
+    return train, test
+
+
+def scenario_split(name: str, train, test, config):
+    """(retain, forget, test) of one scenario. For a class, the test split drops that class (the
+    test accuracy of what should be kept)."""
+    if name == "class":
+        if not 0 <= config.forget_class < train.num_classes:
+            raise cfg.ConfigError(f"forget_class: {config.forget_class} is not a class of D (0..{train.num_classes - 1})")
+        forget_rows = np.flatnonzero(train.labels == config.forget_class)
+        test = test.subset(np.flatnonzero(test.labels != config.forget_class))
+    else:
+        n_forget = max(1, round(config.forget_fraction * len(train)))
+        forget_rows = np.sort(np.random.default_rng([config.seed, 1]).permutation(len(train))[:n_forget])
+    keep = np.ones(len(train), bool)
+    keep[forget_rows] = False
+    return train.subset(np.flatnonzero(keep)), train.subset(forget_rows), test
+
+
+# ---------------------------------------------------------------------------------------- models
+
+def pretrained_backbone(config, mesh, workdir: str, input_shape):
+    """(state of the pre-trained model without its head, preprocess, info)."""
+    pre_train, pre_test = load_arrays(config.pretrain.data, config, config.pretrain.classes, config.pretrain.label)
+    if pre_train.images.shape[1:] != tuple(input_shape):
+        raise cfg.ConfigError(f"pretrain.data: {config.pretrain.data} images are {pre_train.images.shape[1:]}, "
+                              f"D's are {tuple(input_shape)}; pre-train on images of the same shape")
+    mean, std = pipeline.channel_stats(pre_train.images)
+    model = build_from_config(config.model, num_classes=pre_train.num_classes, input_shape=input_shape,
+                              rngs=nnx.Rngs(config.seed))
+    t0 = time.perf_counter()
+    run = fit_classifier(model, pre_train, pre_test, config.pretrain,
+                         preprocess=make_preprocess(mean, std, config.pretrain.crop_padding, config.pretrain.flip),
+                         mesh=mesh, workdir=config.pretrain.workdir or os.path.join(workdir, "pretrain"), seed=config.seed)
+    state = nnx.state(run.model()).filter(nnx.Not(nnx.PathContains("head")))
+    info = {"data": config.pretrain.data, "classes": pre_train.num_classes, "images": len(pre_train),
+            "test_acc": 100 * float(run.eval_metrics.get("test/accuracy", float("nan"))),
+            "steps": int(run.state.step), "seconds": time.perf_counter() - t0}
+    mean, std = tuple(map(float, mean)), tuple(map(float, std))
+    return state, (lambda images: normalize(images, mean, std)), info
+
+
+def model_at_init(config, backbone_state, num_classes: int, input_shape) -> tuple[nnx.Module, object]:
+    """The model at w_init (pre-trained backbone, fresh head / prompts) and the filter of its subset."""
+    model = build_from_config(config.model, num_classes=num_classes, input_shape=input_shape,
+                              rngs=nnx.Rngs(config.seed + 1))
+    nnx.update(model, backbone_state)
+    subset = config.unlearn.subset
+    if subset.startswith("prompts"):
+        model = PromptedViT(model, config.unlearn.num_prompts, deep=config.unlearn.deep_prompts,
+                            rngs=nnx.Rngs(config.seed + 2))
+        return model, prompt_and_head_filter() if subset == "prompts_and_head" else prompt_filter()
+    return model, filters.param_filter(model, subset)
+
+
+def recipe_of(config) -> TrainRecipe:
+    u = config.unlearn
+    return TrainRecipe(lr=u.lr, momentum=u.momentum, weight_decay=u.weight_decay, epochs=u.epochs,
+                       batch_size=u.batch_size, schedule="cosine")
+
+
+def trained_params(init: Unlearnable, train, recipe: TrainRecipe, path: str, seed: int, progress: bool):
+    """w(D): trained once, then read back from ``path`` (a .npz of the flat subset)."""
+    theta0, _, unravel = init.flat()
+    if os.path.exists(path):
+        theta = np.load(path)["theta"]
+        if theta.shape != theta0.shape:
+            raise cfg.ConfigError(f"{path} holds {theta.shape[0]} parameters, the subset has {theta0.shape[0]}; "
+                                  f"delete it or use another workdir")
+        return unravel(jnp.asarray(theta)), 0.0
+    t0 = time.perf_counter()
+    params = fit(init, train, recipe, seed=seed, progress=progress, desc="train on D")
+    seconds = time.perf_counter() - t0
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, theta=np.asarray(ravel_pytree(params)[0]))
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written file
+    return params, seconds
+
+
+# --------------------------------------------------------------------------------------- methods
+
+def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, mesh):
+    """(params, info) of one method."""
+    if method == "ntk":
+        ntk_config = NTKScrubConfig(loss=config.ntk.loss, weight_decay=recipe.weight_decay, scale=config.ntk.scale,
+                                    fisher_alpha=config.ntk.fisher_alpha, mode=config.ntk.mode,
+                                    space=config.ntk.space, chunk_size=config.ntk.chunk_size)
+        chunk_mesh = mesh if mesh.shape["data"] > 1 and config.ntk.chunk_size % mesh.shape["data"] == 0 else None
+        return ntk_scrub(problem, ntk_config, seed=config.seed, mesh=chunk_mesh)
+    kwargs = {"recipe": recipe} if method == "retrain" else config.baselines[method].to_dict()
+    return baselines.BASELINES[method](problem, seed=config.seed, progress=config.progress, **kwargs), {}
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    methods, scenarios = validate(config)
+    start = time.perf_counter()
+    initialize_distributed()
+    mesh = make_mesh(config.mesh)
+    os.makedirs(os.path.join(workdir, "methods"), exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+    train, test = data_of_d(config)
+    input_shape = train.images.shape[1:]
+    backbone_state, preprocess, pretrain_info = pretrained_backbone(config, mesh, workdir, input_shape)
+    model, subset = model_at_init(config, backbone_state, train.num_classes, input_shape)
+    init = Unlearnable.from_model(model, subset, preprocess)
+    recipe = recipe_of(config)
+    params, train_seconds = trained_params(init, train, recipe, os.path.join(workdir, "trained.npz"), config.seed,
+                                           config.progress)
+    trained = init.with_params(params)
+    print(f"D: {len(train)} {config.data.name} images, {train.num_classes} classes; subset {config.unlearn.subset}: "
+          f"{init.num_params:,} parameters; pre-trained on {pretrain_info['data']} "
+          f"(test acc {pretrain_info['test_acc']:.1f}%); trained on D: test acc {metrics.accuracy(trained, test):.1f}%")
+
+    signature = {k: v for k, v in config.to_dict().items() if k not in ("methods", "scenarios", "progress")}
+    results = {}
+    for scenario in scenarios:
+        retain, forget, scenario_test = scenario_split(scenario, train, test, config)
+        problem = ForgetProblem(trained, init.params, retain, forget, scenario_test)
+        rows = {"original": {**metrics.unlearning_metrics(trained, trained.params, problem), "seconds": 0.0}}
+        for method in methods:
+            path = os.path.join(workdir, "methods", f"{scenario}_{method}.json")
+            saved = json.load(open(path)) if os.path.exists(path) else {}
+            if saved.get("signature") == json.loads(json.dumps(signature)):
+                rows[method] = saved["result"]
+                continue
+            t0 = time.perf_counter()
+            new_params, info = unlearn(method, problem, config, recipe, mesh)
+            jax.block_until_ready(new_params)
+            seconds = time.perf_counter() - t0
+            row = {**metrics.unlearning_metrics(trained, new_params, problem), "seconds": seconds,
+                   **{f"info_{k}": v for k, v in info.items()}}
+            rows[method] = row
+            write_json_atomic(path, {"signature": signature, "result": row})
+            print(f"{scenario:6s} {method:18s} " + " ".join(f"{k} {row[k]:6.2f}" for k in REPORTED)
+                  + f"  {seconds:7.1f} s")
+        for row in rows.values():
+            row["gap_to_retrain"] = metrics.gap_to_retrain(row, rows["retrain"])
+        results[scenario] = {"n_retain": len(retain), "n_forget": len(forget), "n_test": len(scenario_test),
+                             "methods": rows}
+
+    summary = {"scenarios": results, "model": config.model.name, "subset": config.unlearn.subset,
+               "num_params": init.num_params, "data": config.data.name, "n_train": len(train),
+               "pretrain": pretrain_info, "train_seconds": train_seconds,
+               "wall_time_s": time.perf_counter() - start, "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+    write_json_atomic(os.path.join(workdir, "results.json"), summary)
+    table = results_table(summary)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    plot_results(summary, os.path.join(workdir, "unlearning.png"))
+    print(table)
+    return summary
+
+
+def results_table(summary: dict) -> str:
+    lines = []
+    for scenario, block in summary["scenarios"].items():
+        lines += [f"\n**{scenario}** ({block['n_retain']} retain, {block['n_forget']} forget, {block['n_test']} test; "
+                  f"{summary['num_params']:,} parameters in the subset)\n",
+                  "| method | retain acc | forget acc | test acc | MIA | gap to retrain | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        for method, r in block["methods"].items():
+            lines.append(f"| {method} | {r['retain_acc']:.2f} | {r['forget_acc']:.2f} | {r['test_acc']:.2f} | "
+                         f"{r['mia']:.2f} | {r['gap_to_retrain']:.2f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_results(summary: dict, path: str) -> None:
+    """Gap to retrain (bars) per method and scenario: the figure a reader looks at first."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scenarios = list(summary["scenarios"])
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 3.6), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios):
+        rows = summary["scenarios"][scenario]["methods"]
+        names = [m for m in rows if m != "retrain"]
+        ax.bar(names, [rows[m]["gap_to_retrain"] for m in names], color="tab:blue")
+        ax.set_title(f"forget {scenario}: mean |gap| to retrain (points)")
+        ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    cli.run(main, default_workdir="runs/unlearning")

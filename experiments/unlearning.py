@@ -44,6 +44,7 @@ SUBSETS = ("all", "bn_and_head", "bn", "head", "prompts_and_head", "prompts")
 METHOD_NAMES = ("retrain", "ntk", *[m for m in baselines.BASELINES if m != "retrain"])
 SCENARIOS = ("class", "random")
 REPORTED = ("retain_acc", "forget_acc", "test_acc", "mia")
+BASELINE_REFERENCE_LR = 0.01  # the training lr that the baselines' default lrs were chosen for
 
 
 def _names(text: str, allowed, key: str) -> list[str]:
@@ -160,20 +161,23 @@ def recipe_of(config) -> TrainRecipe:
                        batch_size=u.batch_size, schedule="cosine")
 
 
-def trained_params(init: Unlearnable, train, recipe: TrainRecipe, path: str, seed: int, progress: bool):
-    """w(D): trained once, then read back from ``path`` (a .npz of the flat subset)."""
+def trained_params(init: Unlearnable, train, recipe: TrainRecipe, path: str, seed: int, progress: bool,
+                   signature: str):
+    """w(D): trained once, then read back from ``path`` (a .npz of the flat subset and the settings that
+    produced it; other settings train again)."""
     theta0, _, unravel = init.flat()
     if os.path.exists(path):
-        theta = np.load(path)["theta"]
-        if theta.shape != theta0.shape:
-            raise cfg.ConfigError(f"{path} holds {theta.shape[0]} parameters, the subset has {theta0.shape[0]}; "
-                                  f"delete it or use another workdir")
-        return unravel(jnp.asarray(theta)), 0.0
+        saved = np.load(path)
+        if str(saved["signature"]) == signature:
+            if saved["theta"].shape != theta0.shape:
+                raise cfg.ConfigError(f"{path} holds {saved['theta'].shape[0]} parameters, the subset has "
+                                      f"{theta0.shape[0]}; delete it or use another workdir")
+            return unravel(jnp.asarray(saved["theta"])), 0.0
     t0 = time.perf_counter()
     params = fit(init, train, recipe, seed=seed, progress=progress, desc="train on D")
     seconds = time.perf_counter() - t0
     tmp = path + ".tmp.npz"
-    np.savez(tmp, theta=np.asarray(ravel_pytree(params)[0]))
+    np.savez(tmp, theta=np.asarray(ravel_pytree(params)[0]), signature=np.asarray(signature))
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written file
     return params, seconds
 
@@ -188,7 +192,12 @@ def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, me
                                     space=config.ntk.space, chunk_size=config.ntk.chunk_size)
         chunk_mesh = mesh if mesh.shape["data"] > 1 and config.ntk.chunk_size % mesh.shape["data"] == 0 else None
         return ntk_scrub(problem, ntk_config, seed=config.seed, mesh=chunk_mesh)
-    kwargs = {"recipe": recipe} if method == "retrain" else config.baselines[method].to_dict()
+    if method == "retrain":
+        kwargs = {"recipe": recipe}
+    else:  # baseline lrs are set for a model trained at lr 0.01 and follow the training lr
+        kwargs = config.baselines[method].to_dict()
+        if "lr" in kwargs:
+            kwargs["lr"] *= recipe.lr / BASELINE_REFERENCE_LR
     return baselines.BASELINES[method](problem, seed=config.seed, progress=config.progress, **kwargs), {}
 
 
@@ -206,14 +215,18 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model, subset = model_at_init(config, backbone_state, train.num_classes, input_shape)
     init = Unlearnable.from_model(model, subset, preprocess)
     recipe = recipe_of(config)
+    what_shapes_w_d = json.dumps({k: config.to_dict()[k] for k in ("seed", "data", "model", "pretrain", "unlearn")},
+                                 sort_keys=True)
     params, train_seconds = trained_params(init, train, recipe, os.path.join(workdir, "trained.npz"), config.seed,
-                                           config.progress)
+                                           config.progress, what_shapes_w_d)
     trained = init.with_params(params)
     print(f"D: {len(train)} {config.data.name} images, {train.num_classes} classes; subset {config.unlearn.subset}: "
           f"{init.num_params:,} parameters; pre-trained on {pretrain_info['data']} "
           f"(test acc {pretrain_info['test_acc']:.1f}%); trained on D: test acc {metrics.accuracy(trained, test):.1f}%")
 
-    signature = {k: v for k, v in config.to_dict().items() if k not in ("methods", "scenarios", "progress")}
+    # A finished (scenario, method) is reused only if everything that shaped it is unchanged: the
+    # run's settings and that method's own hyperparameters (not the other methods').
+    shared = {k: v for k, v in config.to_dict().items() if k not in ("methods", "scenarios", "progress", "baselines")}
     results = {}
     for scenario in scenarios:
         retain, forget, scenario_test = scenario_split(scenario, train, test, config)
@@ -221,6 +234,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rows = {"original": {**metrics.unlearning_metrics(trained, trained.params, problem), "seconds": 0.0}}
         for method in methods:
             path = os.path.join(workdir, "methods", f"{scenario}_{method}.json")
+            signature = {**shared, "hyperparameters": config.baselines.get(method, ml_collections.ConfigDict()).to_dict()}
             saved = json.load(open(path)) if os.path.exists(path) else {}
             if saved.get("signature") == json.loads(json.dumps(signature)):
                 rows[method] = saved["result"]

@@ -110,9 +110,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.pretrain.label = "coarse_label"
         c.pretrain.train.update(epochs=60, eval_every_epochs=20)
         c.unlearn.subset = "bn_and_head"
-        c.unlearn.lr = 0.05
-        c.unlearn.epochs = 10
-        c.unlearn.batch_size = 128
     if "vit_prompts" in presets:
         c.data.name = "fashion_mnist"
         c.data.classes = ""
@@ -128,9 +125,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 grad_clip_norm=1.0)
         c.pretrain.train.update(epochs=2, eval_every_epochs=1)
         c.unlearn.subset = "prompts_and_head"
-        c.unlearn.lr = 0.05
-        c.unlearn.epochs = 10
-        c.unlearn.batch_size = 128
+    if "fast_ntk" in presets or "vit_prompts" in presets:
+        # A few thousand parameters from a fresh head: a larger lr, fewer epochs, larger batches.
+        c.unlearn.update(lr=0.05, epochs=10, batch_size=128)
     if "smoke" in presets:
         c.data.train_per_class = 8
         c.data.train_total = 0

@@ -235,7 +235,10 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for method in methods:
             path = os.path.join(workdir, "methods", f"{scenario}_{method}.json")
             signature = {**shared, "hyperparameters": config.baselines.get(method, ml_collections.ConfigDict()).to_dict()}
-            saved = json.load(open(path)) if os.path.exists(path) else {}
+            saved = {}
+            if os.path.exists(path):
+                with open(path) as f:
+                    saved = json.load(f)
             if saved.get("signature") == json.loads(json.dumps(signature)):
                 rows[method] = saved["result"]
                 continue

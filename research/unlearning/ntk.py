@@ -156,18 +156,25 @@ def empirical_ntk(fn: FlatFn, theta: jax.Array, images_a: np.ndarray, images_b: 
     return jnp.asarray(np.concatenate(rows, axis=0))
 
 
-def ntk_vector_product(fn: FlatFn, theta: jax.Array, images: np.ndarray, v: jax.Array, *,
-                       chunk_size: int = 64) -> jax.Array:
-    """Theta v = J (J^T v) for v (N, C), returning (N, C), without forming J or Theta."""
-    vjp_sum = jax.jit(lambda t, x, cot: jax.vjp(lambda t_: fn(t_, x), t)[1](cot)[0])
-    jvp = jax.jit(lambda t, x, u: jax.jvp(lambda t_: fn(t_, x), (t,), (u,))[1])
+def transpose_product(fn: FlatFn, theta: jax.Array, images: np.ndarray, v: np.ndarray, *,
+                      chunk_size: int = 64) -> jax.Array:
+    """J^T v for v (N, C): one VJP per chunk (the last padded with zero cotangents), summed. (P,)."""
+    vjp = jax.jit(lambda t, x, cot: jax.vjp(lambda t_: fn(t_, x), t)[1](cot)[0])
     v = np.asarray(v)
     u = jnp.zeros_like(theta)
     for start, stop in _chunks(len(images), chunk_size):
         x, n = _place(images[start:stop], chunk_size, None)
         cot = np.zeros((chunk_size,) + v.shape[1:], v.dtype)
-        cot[:n] = v[start:stop]  # padded rows get a zero cotangent
-        u = u + vjp_sum(theta, x, jnp.asarray(cot))
+        cot[:n] = v[start:stop]
+        u = u + vjp(theta, x, jnp.asarray(cot))
+    return u
+
+
+def ntk_vector_product(fn: FlatFn, theta: jax.Array, images: np.ndarray, v: jax.Array, *,
+                       chunk_size: int = 64) -> jax.Array:
+    """Theta v = J (J^T v) for v (N, C), returning (N, C), without forming J or Theta."""
+    u = transpose_product(fn, theta, images, v, chunk_size=chunk_size)
+    jvp = jax.jit(lambda t, x, u: jax.jvp(lambda t_: fn(t_, x), (t,), (u,))[1])
     out = [np.asarray(jvp(theta, _place(images[s:e], chunk_size, None)[0], u))[:e - s]
            for s, e in _chunks(len(images), chunk_size)]
     return jnp.asarray(np.concatenate(out))

@@ -79,19 +79,11 @@ def residuals(logits: jax.Array, labels: np.ndarray, loss: str) -> np.ndarray:
     return np.asarray(out - onehot, np.float32)
 
 
-def _solution_from_jacobian(jac: jax.Array, r: np.ndarray, ridge: float, space: str) -> jax.Array:
-    return -ntk.ridge_solve(jac, r, ridge, space=space)
-
-
 def _solution_by_products(fn, theta, images: np.ndarray, r: np.ndarray, ridge: float, chunk: int) -> jax.Array:
     """-J^T (Theta + ridge I)^{-1} r without forming J: Theta by NTK-vector products, J^T by one VJP."""
     kernel = ntk.empirical_ntk(fn, theta, images, mode="vector_products", chunk_size=chunk)
     alpha = ntk.cholesky_solve(np.asarray(kernel), r.reshape(-1), ridge).astype(np.float32).reshape(r.shape)
-    u = jnp.zeros_like(theta)
-    vjp = jax.jit(lambda t, x, cot: jax.vjp(lambda t_: fn(t_, x), t)[1](cot)[0])
-    for start in range(0, len(images), chunk):
-        u = u + vjp(theta, jnp.asarray(images[start:start + chunk]), jnp.asarray(alpha[start:start + chunk]))
-    return -u
+    return -ntk.transpose_product(fn, theta, images, alpha, chunk_size=chunk)
 
 
 def trapezium_scale(dw: np.ndarray, e: np.ndarray) -> tuple[float, float]:
@@ -127,8 +119,8 @@ def ntk_scrub(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubConfig(),
         jac = ntk.jacobian(fn, at, images, chunk_size=config.chunk_size, mesh=mesh)
         info["jacobian_seconds"] = time.perf_counter() - t0
         space = config.space if config.space != "auto" else ntk.solve_space(r.size, int(at.size))
-        w_complete = _solution_from_jacobian(jac, r, n * config.weight_decay, space)
-        w_retain = _solution_from_jacobian(jac[:n_r], r[:n_r], n_r * config.weight_decay, space)
+        w_complete = -ntk.ridge_solve(jac, r, n * config.weight_decay, space=space)
+        w_retain = -ntk.ridge_solve(jac[:n_r], r[:n_r], n_r * config.weight_decay, space=space)
         del jac
     else:
         space = "samples"

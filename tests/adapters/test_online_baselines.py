@@ -89,7 +89,7 @@ def test_batch_fisher_is_the_mean_of_per_sample_squared_gradients():
         logits = xb @ p["w"] + p["b"]
         return -jax.nn.log_softmax(logits)[0, yb[0]]
 
-    fisher = batch_fisher(loss_fn, params, x, y, mask, chunk=4)
+    fisher = batch_fisher(loss_fn, params, x, y, mask)
     grads = [jax.grad(loss_fn)(params, x[i:i + 1], y[i:i + 1]) for i in range(6) if mask[i]]
     for k in params:
         expected = np.mean([np.square(g[k]) for g in grads], axis=0)

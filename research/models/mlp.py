@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.models import taps
 from research.models.resnet import HEAD_SHARDING
 
 _init = nnx.initializers.lecun_normal()
@@ -40,7 +41,7 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1).astype(self.dtype)
         for layer in self.layers:
-            x = nnx.relu(layer(x))
+            x = taps.relu(layer(x))
         return self.head(x).astype(jnp.float32)
 
 

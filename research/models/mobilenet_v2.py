@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.models import taps
 from research.models.resnet import BN_EPSILON, BN_MOMENTUM, CONV_SHARDING, HEAD_SHARDING
 
 # (expand ratio t, output channels c, repeats n, first stride s), Table 2 of the paper.
@@ -70,7 +71,7 @@ class ConvBN(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.bn(self.conv(x))
-        return nnx.relu6(x) if self.activation else x
+        return taps.relu6(x) if self.activation else x
 
 
 class InvertedResidual(nnx.Module):
@@ -126,11 +127,15 @@ class MobileNetV2(nnx.Module):
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def features(self, x: jax.Array) -> jax.Array:
+        """Pre-pooling features (N, H', W', last_ch)."""
         x = self.stem(x.astype(self.dtype))
         for block in self.blocks:
             x = block(x)
-        x = jnp.mean(self.last_conv(x), axis=(1, 2))  # (N, last_ch)
+        return self.last_conv(x)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.mean(self.features(x), axis=(1, 2))  # (N, last_ch)
         return self.head(self.dropout(x)).astype(jnp.float32)
 
 

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.models import taps
+
 # Kaiming-normal with fan_out, as torchvision / the reference CIFAR code; "normal" (not the
 # truncated he_normal of JAX) so that the weight distribution matches torch.nn.init.kaiming_normal_.
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -89,9 +91,9 @@ class BasicBlock(nnx.Module):
         return x
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = taps.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        return nnx.relu(y + self.shortcut(x))
+        return taps.relu(y + self.shortcut(x))
 
 
 class ResNet(nnx.Module):
@@ -128,11 +130,15 @@ class ResNet(nnx.Module):
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.relu(self.stem_bn(self.stem_conv(x.astype(self.dtype))))
+    def features(self, x: jax.Array) -> jax.Array:
+        """Pre-pooling features (N, H', W', C_last)."""
+        x = taps.relu(self.stem_bn(self.stem_conv(x.astype(self.dtype))))
         for block in self.blocks:
             x = block(x)
-        x = jnp.mean(x, axis=(1, 2))  # (N, C)
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.mean(self.features(x), axis=(1, 2))  # (N, C)
         return self.head(x).astype(jnp.float32)
 
 

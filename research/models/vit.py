@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.models import taps
 from research.models.resnet import HEAD_SHARDING
 
 # Xavier-uniform for linear layers and zero biases, as the original JAX implementation.
@@ -71,7 +72,7 @@ class MLPBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Exact (erf) GELU, as the PyTorch/Hugging Face ViTs, so their weights carry over.
-        return self.fc2(self.dropout(nnx.gelu(self.fc1(x), approximate=False)))
+        return self.fc2(self.dropout(taps.gelu(self.fc1(x), approximate=False)))
 
 
 class EncoderBlock(nnx.Module):
@@ -116,7 +117,8 @@ class ViT(nnx.Module):
         self.norm = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.head = dense(dim, num_classes, HEAD_SHARDING, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def features(self, x: jax.Array) -> jax.Array:
+        """Token features after the final norm, (N, T, D); the class token is first."""
         x = self.patch_embed(x.astype(self.dtype))  # (N, H/p, W/p, D)
         n, _, _, d = x.shape
         x = x.reshape(n, -1, d)
@@ -125,8 +127,10 @@ class ViT(nnx.Module):
         x = self.dropout(x)
         for block in self.blocks:  # a Python loop: simplest graph, compiles fast enough for 12
             x = block(x)
-        x = self.norm(x)
-        return self.head(x[:, 0]).astype(jnp.float32)
+        return self.norm(x)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x)[:, 0]).astype(jnp.float32)
 
 
 _CONFIGS = {

@@ -1,0 +1,189 @@
+"""Zero-shot NAS under a budget: evolutionary search against random search at equal cost.
+
+    python -m experiments.zero_shot_search --config configs/zero_shot_search.py[:smoke|:mobilenet] --workdir DIR
+
+Every candidate's network is built from one seed and scored by one proxy on one fixed batch of
+CIFAR training images (as in ``experiments.nas_correlation``). Evolution (``research.nas.search``)
+runs first; random search then scores as many distinct candidates as evolution did. For NB201 the
+found cells are looked up in the ground-truth file (``val_accuracy`` of NB201's full training);
+with ``candidates=file`` the search only visits cells the file holds, so each has an accuracy, and
+``oracle`` is the file's most accurate cell within the budget (flops and params budgets).
+
+WORKDIR receives config.json, results.json (per method: best candidate, score, cost, seconds,
+evaluations, val_accuracy or null, history of (evaluations, best score)), results.md and
+search.png (best score against proxy evaluations).
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+
+from experiments.nas_correlation import DATASETS, ground_truth, image_batch, naslib_cell
+from research.core import cli
+from research.core import config as cfg
+from research.core.records import write_json_atomic
+from research.data import sources
+from research.nas import proxies, search
+from research.nas.macro_space import MobileNetSpace
+
+SPACES = ("nb201", "mobilenet")
+METHODS = ("evolution", "random")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    cfg.check_choice(config, "space", SPACES)
+    cfg.check_choice(config, "proxy", proxies.PROXY_NAMES)
+    cfg.check_choice(config, "budget_kind", search.COST_KINDS)
+    cfg.check_choice(config, "dataset", DATASETS)
+    cfg.check_choice(config, "candidates", ("file", "all"))
+    unit = search.UNITS[config.budget_kind]
+    cfg.check(config, "budget", lambda b: b > 0, f"a number > 0 ({unit})")
+    cfg.check(config, "population", lambda n: n >= 1, "an integer >= 1")
+    cfg.check(config, "steps", lambda n: n >= 0, "an integer >= 0")
+    need = max(proxies.get(config.proxy).batch_size, 1)
+    cfg.check(config, "num_images", lambda n: n >= need,
+              f">= {need} (the images proxy {config.proxy} reads)")
+    for key in ("width", "cells_per_stage", "latency_batch", "latency_runs"):
+        cfg.check(config, key, lambda n: n >= 1, "an integer >= 1")
+    cfg.check(config, "width_multiplier", lambda m: m > 0, "a number > 0")
+
+
+def _correlation_view(config) -> ml_collections.ConfigDict:
+    """The keys that nas_correlation's ``image_batch`` and ``ground_truth`` read."""
+    return ml_collections.ConfigDict({
+        "dataset": config.dataset, "ground_truth": config.ground_truth, "num_cells": 0,
+        "seed": config.seed, "data": {**config.data.to_dict(), "num_images": config.num_images}})
+
+
+def accuracies(config) -> dict:
+    """{cell: val_accuracy} of the ground-truth file for ``dataset``; {} when the file is absent
+    and not needed (``candidates=all``)."""
+    try:
+        cells = ground_truth(_correlation_view(config))
+    except sources.DataSourceError:
+        if config.candidates == "file":
+            raise
+        return {}
+    return {naslib_cell(k): float(v["val_accuracy"]) for k, v in cells.items()}
+
+
+def make_space(config, accuracy: dict):
+    _, classes = DATASETS[config.dataset]
+    latency = {"latency_batch": config.latency_batch, "latency_runs": config.latency_runs}
+    if config.space == "mobilenet":
+        return MobileNetSpace(width_multiplier=config.width_multiplier, num_classes=classes,
+                              **latency)
+    cells = sorted(accuracy) if config.candidates == "file" else None
+    return search.NB201Space(C=config.width, N=config.cells_per_stage, num_classes=classes,
+                             cells=cells, **latency)
+
+
+def oracle(config, space, accuracy: dict) -> dict | None:
+    """The most accurate file cell within the budget (NB201, flops and params budgets)."""
+    if config.space != "nb201" or config.budget_kind == "latency" or not accuracy:
+        return None
+    feasible = [c for c in accuracy if space.cost(c, config.budget_kind) <= config.budget]
+    if not feasible:
+        return None
+    best = max(feasible, key=lambda c: (accuracy[c], c))
+    return {"best": space.describe(best), "cost": space.cost(best, config.budget_kind),
+            "val_accuracy": accuracy[best], "feasible_cells": len(feasible)}
+
+
+def row(space, result: search.SearchResult, accuracy: dict) -> dict:
+    """One method's record; ``val_accuracy`` is None where the file lacks the cell (or for a
+    space without ground truth)."""
+    return {"best": space.describe(result.best), "candidate": result.best,
+            "score": result.score, "cost": result.cost, "seconds": result.seconds,
+            "evaluations": result.evaluations, "steps": result.steps, "rejected": result.rejected,
+            "val_accuracy": accuracy.get(result.best), "history": result.history}
+
+
+def table(summary: dict) -> list[str]:
+    unit = search.UNITS[summary["budget_kind"]]
+    lines = [f"{summary['space']} space, {summary['dataset']}, proxy {summary['proxy']}, "
+             f"{summary['budget_kind']} <= {summary['budget']:g} {unit}", "",
+             f"| budget ({unit}) | proxy | method | best | cost | score | val acc (%) "
+             "| evaluations | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def acc(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    def code(text):  # NB201 strings hold "|", which would split a table cell
+        return "`" + text.replace("|", "\\|") + "`"
+
+    for method, r in summary["methods"].items():
+        lines.append(f"| {summary['budget']:g} | {summary['proxy']} | {method} | "
+                     f"{code(r['best'])} | {r['cost']:.3g} | {r['score']:.4g} | "
+                     f"{acc(r['val_accuracy'])} | {r['evaluations']} | {r['seconds']:.1f} |")
+    if summary["oracle"]:
+        o = summary["oracle"]
+        lines.append(f"| {summary['budget']:g} | - | oracle (best of {o['feasible_cells']} file "
+                     f"cells) | {code(o['best'])} | {o['cost']:.3g} | - | {acc(o['val_accuracy'])} "
+                     "| - | - |")
+    return lines
+
+
+def plot(workdir: str, summary: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for (method, r), style in zip(summary["methods"].items(), ("-", "--")):
+        steps = np.array(r["history"], np.float64).reshape(-1, 2)
+        ax.step(steps[:, 0], steps[:, 1], style, where="post", label=method)  # dashed: overlaps
+    ax.set_xlabel("proxy evaluations")
+    ax.set_ylabel(f"best {summary['proxy']} so far")
+    ax.set_title(f"{summary['space']}, {summary['budget_kind']} <= {summary['budget']:g} "
+                 f"{search.UNITS[summary['budget_kind']]}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "search.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    validate(config)
+    accuracy = accuracies(config) if config.space == "nb201" else {}
+    space = make_space(config, accuracy)
+    try:  # an impossible budget fails here, before any data is read
+        first, _ = search.sample_feasible(space, np.random.default_rng(config.seed),
+                                          config.budget_kind, config.budget)
+    except search.BudgetError as e:
+        raise cfg.ConfigError(f"config key 'budget' = {config.budget!r}: {e}") from None
+    batch = image_batch(_correlation_view(config))
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    _, classes = DATASETS[config.dataset]
+    score = search.proxy_scorer(space, config.proxy, batch, classes, config.seed, jit=config.jit)
+    common = {"kind": config.budget_kind, "budget": config.budget, "seed": config.seed,
+              "progress": config.progress}
+    listed = f" ({len(space.cells)} file cells)" if getattr(space, "cells", None) else ""
+    print(f"{config.space} space{listed}, {config.budget_kind} <= {config.budget:g} "
+          f"{search.UNITS[config.budget_kind]}, proxy {config.proxy}", flush=True)
+    # One untimed evaluation first: run op by op, a proxy compiles each new primitive on first use,
+    # and that one-off cost would otherwise be charged to whichever method runs first.
+    score(first)
+    evolution = search.evolution_search(space, score, population=config.population,
+                                        steps=config.steps, **common)
+    random = search.random_search(space, score, evaluations=evolution.evaluations, **common)
+    summary = {k: config[k] for k in ("space", "proxy", "dataset", "budget_kind", "budget",
+                                      "population", "steps", "seed")}
+    summary["units"] = search.UNITS[config.budget_kind]
+    summary["methods"] = {"evolution": row(space, evolution, accuracy),
+                          "random": row(space, random, accuracy)}
+    summary["oracle"] = oracle(config, space, accuracy)
+    write_json_atomic(os.path.join(workdir, "results.json"), summary)
+    lines = table(summary)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    plot(workdir, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    cli.run(main, default_workdir="runs/zero_shot_search")

@@ -1,0 +1,103 @@
+"""Cells per second for a zero-cost proxy on NAS-Bench-201: one cell at a time vs vmapped.
+
+    python -m tools.bench.proxies [--proxy zico] [--cells 8] [--chunk 8] [--images 256]
+                                  [--width 16] [--cells-per-stage 5] [--all] [--out FILE.json]
+
+Three ways to score the same ``--cells`` random cells (same seed, same random batch):
+  exact-serial   one network per cell, op by op (what the correlation experiment does on CPU:
+                 primitives compile once and serve every cell);
+  masked-serial  the masked super-network, compiled once, one cell per call;
+  masked-vmap    the super-network, compiled once, ``--chunk`` cells per call (vmap over the
+                 one-hot choices).
+Compilation is timed apart from the steady state (a warm-up call first). Prints cells/s of each
+and the ratios vmap / masked-serial and vmap / exact-serial. ``--all`` then scores all 15,625
+cells with the vmapped program and reports the wall time (meant for an accelerator).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from research.nas import nb201, proxies, scoring
+
+
+def _batch(n: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"image": jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
+
+
+def _timed(fn) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--proxy", default="zico", choices=proxies.PROXY_NAMES)
+    parser.add_argument("--cells", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--images", type=int, default=0, help="0 = the proxy's own batch size")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--cells-per-stage", type=int, default=5)
+    parser.add_argument("--all", action="store_true", help="score all 15,625 cells (vmapped)")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+
+    proxy = proxies.get(args.proxy)
+    n_images = args.images or max(proxy.batch_size, 1)
+    batch = proxies.take(_batch(n_images), n_images)
+    rng = np.random.default_rng(0)
+    cells = nb201.all_cells()[rng.choice(nb201.NUM_CELLS, args.cells + 1, replace=False)]
+    warm, cells = cells[0], cells[1:]
+    key = jax.random.key(0)
+    size = dict(C=args.width, N=args.cells_per_stage)
+    report = {"proxy": args.proxy, "images": n_images, "cells": args.cells, "chunk": args.chunk,
+              "width": args.width, "cells_per_stage": args.cells_per_stage,
+              "device": str(jax.devices()[0].platform)}
+    x64 = jax.enable_x64(True) if proxy.float64 else None
+
+    # exact-serial, op by op
+    def exact(cell):
+        model = nb201.NB201Network(tuple(cell), rngs=nnx.Rngs(0), **size)
+        return proxies.score(args.proxy, model, batch, key, jit=False)
+
+    _, report["exact_serial_warmup_s"] = _timed(lambda: exact(warm))
+    _, seconds = _timed(lambda: [exact(c) for c in cells])
+    report["exact_serial_cells_per_s"] = len(cells) / seconds
+
+    masked = nb201.NB201Network(None, rngs=nnx.Rngs(0), **size)
+    for name, chunk in (("masked_serial", 1), ("masked_vmap", args.chunk)):
+        if x64 is not None:
+            x64.__enter__()
+        scorer = scoring.cell_scorer(args.proxy, masked, batch, key, n_images)
+        first = jnp.asarray(nb201.one_hot(np.repeat(warm[None], chunk, axis=0)))
+        _, report[f"{name}_compile_s"] = _timed(lambda: scorer(first))
+        groups = [cells[i:i + chunk] for i in range(0, len(cells), chunk)]
+        groups = [np.concatenate([g, np.repeat(g[-1:], chunk - len(g), axis=0)]) for g in groups]
+        _, seconds = _timed(lambda: [scorer(jnp.asarray(nb201.one_hot(g))) for g in groups])
+        report[f"{name}_cells_per_s"] = len(cells) / seconds
+        if x64 is not None:
+            x64.__exit__(None, None, None)
+    report["vmap_over_masked_serial"] = report["masked_vmap_cells_per_s"] / report["masked_serial_cells_per_s"]
+    report["vmap_over_exact_serial"] = report["masked_vmap_cells_per_s"] / report["exact_serial_cells_per_s"]
+    if args.all:
+        _, seconds = _timed(lambda: scoring.score_cells(args.proxy, masked, nb201.all_cells(), batch,
+                                                        key, chunk=args.chunk, batch_size=n_images))
+        report["all_cells_seconds"] = seconds
+    for k, v in report.items():
+        print(f"{k:30s} {v:.4g}" if isinstance(v, float) else f"{k:30s} {v}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

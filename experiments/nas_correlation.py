@@ -37,22 +37,13 @@ DATASETS = {"cifar10": ("cifar10_sample", 10), "cifar100": ("cifar100_sample", 1
 NASLIB_STORED = ("flops", "params", "synflow", "grasp", "fisher", "grad_norm", "snip", "jacov", "nwot")
 
 
-def _names(text: str, allowed, key: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in allowed]
-    if unknown or not names:
-        raise cfg.ConfigError(f"{key}: unknown or empty {unknown or text!r}; "
-                              f"choose from: {', '.join(allowed)}")
-    return names
-
-
 def validate(config: ml_collections.ConfigDict) -> list[str]:
     cfg.check_choice(config, "dataset", DATASETS)
     cfg.check_choice(config, "mode", ("exact", "masked"))
     cfg.check(config, "num_cells", lambda n: n >= 0, "an integer >= 0 (0 = all)")
     cfg.check(config, "chunk", lambda n: n >= 1, "an integer >= 1")
     cfg.check(config, "data.num_images", lambda n: n >= 1, "an integer >= 1")
-    names = _names(config.proxies, proxies.PROXY_NAMES, "proxies")
+    names = cfg.check_names(config, "proxies", proxies.PROXY_NAMES)
     need = max(proxies.get(n).batch_size for n in names)
     if config.data.num_images < need:
         raise cfg.ConfigError(f"data.num_images={config.data.num_images}: the proxies chosen read "

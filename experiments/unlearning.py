@@ -47,23 +47,15 @@ REPORTED = ("retain_acc", "forget_acc", "test_acc", "mia")
 BASELINE_REFERENCE_LR = 0.01  # the training lr that the baselines' default lrs were chosen for
 
 
-def _names(text: str, allowed, key: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in allowed]
-    if unknown or not names:
-        raise cfg.ConfigError(f"{key}: unknown or empty {unknown or text!r}; choose from: {', '.join(allowed)}")
-    return names
-
-
 def _ints(text: str) -> list[int]:
     return [int(c) for c in text.split(",") if c.strip()]
 
 
 def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
-    methods = _names(config.methods, METHOD_NAMES, "methods")
+    methods = cfg.check_names(config, "methods", METHOD_NAMES)
     if "retrain" not in methods:
         methods.insert(0, "retrain")  # gap_to_retrain needs it
-    scenarios = _names(config.scenarios, SCENARIOS, "scenarios")
+    scenarios = cfg.check_names(config, "scenarios", SCENARIOS)
     cfg.check_choice(config, "unlearn.subset", SUBSETS)
     for key, allowed in (("ntk.loss", ("ce", "mse")), ("ntk.scale", ("trapezium", "none")),
                          ("ntk.mode", ("jacobian", "vector_products")), ("ntk.space", ("auto", "samples", "parameters"))):

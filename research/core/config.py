@@ -169,6 +169,19 @@ def check(config: ml_collections.ConfigDict, key: str, predicate: Callable[[Any]
         raise ConfigError(f"config key '{key}' = {value!r} is not allowed; expected {allowed}")
 
 
+def check_names(config: ml_collections.ConfigDict, key: str, allowed: Iterable[str]) -> list[str]:
+    """The names of a comma-separated `config[key]`; a one-line ConfigError when it is empty or
+    names something not in `allowed`."""
+    allowed = list(allowed)
+    text = get(config, key)
+    names = [m.strip() for m in str(text).split(",") if m.strip()]
+    unknown = [m for m in names if m not in allowed]
+    if unknown or not names:
+        raise ConfigError(f"config key '{key}': unknown or empty {unknown or text!r}; "
+                          f"choose from (comma-separated): {', '.join(allowed)}")
+    return names
+
+
 def split_override_args(argv: list[str], flag: str = "config") -> tuple[list[str], dict[str, str]]:
     """Separates `--config.a.b=value` arguments from the rest of argv."""
     rest, overrides = [], {}

@@ -75,8 +75,8 @@ def test_fast_ntk_on_visual_prompts_runs(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"methods": "retrain,oracle"}, "methods: unknown"),
-    ({"scenarios": "half"}, "scenarios: unknown"),
+    ({"methods": "retrain,oracle"}, "methods.: unknown"),
+    ({"scenarios": "half"}, "scenarios.: unknown"),
     ({"unlearn.subset": "prompts"}, "needs a ViT"),
     ({"forget_fraction": 1.5}, "forget_fraction"),
     ({"ntk.scale": "double"}, "ntk.scale"),

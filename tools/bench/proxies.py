@@ -16,6 +16,7 @@ cells with the vmapped program and reports the wall time (meant for an accelerat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -62,7 +63,6 @@ def main() -> None:
     report = {"proxy": args.proxy, "images": n_images, "cells": args.cells, "chunk": args.chunk,
               "width": args.width, "cells_per_stage": args.cells_per_stage,
               "device": str(jax.devices()[0].platform)}
-    x64 = jax.enable_x64(True) if proxy.float64 else None
 
     # exact-serial, op by op
     def exact(cell):
@@ -75,17 +75,14 @@ def main() -> None:
 
     masked = nb201.NB201Network(None, rngs=nnx.Rngs(0), **size)
     for name, chunk in (("masked_serial", 1), ("masked_vmap", args.chunk)):
-        if x64 is not None:
-            x64.__enter__()
-        scorer = scoring.cell_scorer(args.proxy, masked, batch, key, n_images)
-        first = jnp.asarray(nb201.one_hot(np.repeat(warm[None], chunk, axis=0)))
-        _, report[f"{name}_compile_s"] = _timed(lambda: scorer(first))
-        groups = [cells[i:i + chunk] for i in range(0, len(cells), chunk)]
-        groups = [np.concatenate([g, np.repeat(g[-1:], chunk - len(g), axis=0)]) for g in groups]
-        _, seconds = _timed(lambda: [scorer(jnp.asarray(nb201.one_hot(g))) for g in groups])
+        with jax.enable_x64(True) if proxy.float64 else contextlib.nullcontext():
+            scorer = scoring.cell_scorer(args.proxy, masked, batch, key, n_images)
+            first = jnp.asarray(nb201.one_hot(np.repeat(warm[None], chunk, axis=0)))
+            _, report[f"{name}_compile_s"] = _timed(lambda: scorer(first))
+            groups = [cells[i:i + chunk] for i in range(0, len(cells), chunk)]
+            groups = [np.concatenate([g, np.repeat(g[-1:], chunk - len(g), axis=0)]) for g in groups]
+            _, seconds = _timed(lambda: [scorer(jnp.asarray(nb201.one_hot(g))) for g in groups])
         report[f"{name}_cells_per_s"] = len(cells) / seconds
-        if x64 is not None:
-            x64.__exit__(None, None, None)
     report["vmap_over_masked_serial"] = report["masked_vmap_cells_per_s"] / report["masked_serial_cells_per_s"]
     report["vmap_over_exact_serial"] = report["masked_vmap_cells_per_s"] / report["exact_serial_cells_per_s"]
     if args.all:

@@ -56,8 +56,3 @@ def kernel_grads(model: nnx.Module, images: jax.Array, labels: jax.Array):
 def flat(state) -> dict:
     return {path: v.get_value() if hasattr(v, "get_value") else v
             for path, v in nnx.to_flat_state(state)}
-
-
-def layer_sum(values: dict, fn) -> jax.Array:
-    """sum over layers of fn(array); fn returns a scalar."""
-    return sum((fn(v) for v in values.values()), jnp.zeros((), jnp.float32))

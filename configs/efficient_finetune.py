@@ -20,6 +20,7 @@ Presets (comma-separated, ``smoke`` shrinks any of them to seconds):
 """
 import ml_collections
 
+from research.core import config as config_lib
 from research.core import optim
 
 PRESETS = ("smoke", "mobilenet_v2", "vit")
@@ -37,11 +38,7 @@ def _stage(lr: float, epochs: int, name: str = "sgd") -> ml_collections.ConfigDi
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = [p for p in (arg or "").split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown} for configs/efficient_finetune.py; "
-                         f"choose from: {', '.join(PRESETS)}")
+    presets = config_lib.parse_presets(arg, PRESETS, "configs/efficient_finetune.py")
     c = ml_collections.ConfigDict()
     c.seed = 0
 

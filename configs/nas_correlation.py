@@ -11,17 +11,14 @@ stopped run resumes where it was.
 """
 import ml_collections
 
+from research.core import config as config_lib
 from research.nas.proxies import PROXY_NAMES
 
 PRESETS = ("smoke", "cifar100")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = [p for p in (arg or "").split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown} for configs/nas_correlation.py; "
-                         f"choose from: {', '.join(PRESETS)}")
+    presets = config_lib.parse_presets(arg, PRESETS, "configs/nas_correlation.py")
     c = ml_collections.ConfigDict()
     c.seed = 0                        # network initialisation (the same for every cell)
     c.dataset = "cifar10"             # cifar10 | cifar100 (key of the ground-truth file)

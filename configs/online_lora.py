@@ -19,6 +19,7 @@ CIFAR-100 with the full data: ``--config.data.name=cifar100 --config.data.source
 """
 import ml_collections
 
+from research.core import config as config_lib
 from research.core import optim
 
 PRESETS = ("smoke", "cifar10")
@@ -26,10 +27,7 @@ METHODS = ("online_lora", "lora", "sequential_ft", "online_ewc", "er")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = [p for p in (arg or "").split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown} for configs/online_lora.py; choose from: {', '.join(PRESETS)}")
+    presets = config_lib.parse_presets(arg, PRESETS, "configs/online_lora.py")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.methods = ",".join(METHODS)

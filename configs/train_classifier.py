@@ -15,16 +15,14 @@ Presets:
 """
 import ml_collections
 
+from research.core import config as config_lib
 from research.core import optim
 
 PRESETS = ("smoke", "fashion_mnist", "cifar10_sample", "cifar10_sample_vit")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = [p for p in (arg or "").split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown} for configs/train_classifier.py; choose from: {', '.join(PRESETS)}")
+    presets = config_lib.parse_presets(arg, PRESETS, "configs/train_classifier.py")
 
     c = ml_collections.ConfigDict()
     c.seed = 0

@@ -21,6 +21,7 @@ Scenarios (``scenarios``): ``class`` forgets every training image of class ``for
 """
 import ml_collections
 
+from research.core import config as config_lib
 from research.core import optim
 from research.unlearning import baselines
 
@@ -31,10 +32,7 @@ SCENARIOS = ("class", "random")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = [p for p in (arg or "").split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown} for configs/unlearning.py; choose from: {', '.join(PRESETS)}")
+    presets = config_lib.parse_presets(arg, PRESETS, "configs/unlearning.py")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.methods = ",".join(METHODS)     # "ntk" is Fast-NTK when unlearn.subset is not "all"

@@ -18,16 +18,14 @@ Other choices: ``--config.upcycle.rope_mode=split`` (the reference), ``rank_ener
 """
 import ml_collections
 
+from research.core import config as config_lib
 from research.core import optim
 
 PRESETS = ("smoke", "kv25", "kv50")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = [p for p in (arg or "").split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown} for configs/x_ecomla.py; choose from: {', '.join(PRESETS)}")
+    presets = config_lib.parse_presets(arg, PRESETS, "configs/x_ecomla.py")
     c = ml_collections.ConfigDict()
     c.seed = 0
 

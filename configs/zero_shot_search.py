@@ -18,15 +18,13 @@ the mobilenet space from about 13 to 210 M multiply-adds (MobileNetV2 itself: 88
 """
 import ml_collections
 
+from research.core import config as config_lib
+
 PRESETS = ("smoke", "cifar100", "mobilenet")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = [p for p in (arg or "").split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown} for configs/zero_shot_search.py; "
-                         f"choose from: {', '.join(PRESETS)}")
+    presets = config_lib.parse_presets(arg, PRESETS, "configs/zero_shot_search.py")
     c = ml_collections.ConfigDict()
     c.space = "nb201"                 # nb201 | mobilenet
     c.proxy = "zico"                  # any name of research.nas.proxies

@@ -182,6 +182,17 @@ def check_names(config: ml_collections.ConfigDict, key: str, allowed: Iterable[s
     return names
 
 
+def parse_presets(arg: str | None, allowed: Iterable[str], config_file: str) -> list[str]:
+    """The presets of a config's ARG (``configs/NAME.py:a,b``); a one-line ConfigError naming
+    `config_file` and the allowed presets when one is unknown."""
+    allowed = list(allowed)
+    presets = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    unknown = [p for p in presets if p not in allowed]
+    if unknown:
+        raise ConfigError(f"unknown preset(s) {unknown} for {config_file}; choose from: {', '.join(allowed)}")
+    return presets
+
+
 def split_override_args(argv: list[str], flag: str = "config") -> tuple[list[str], dict[str, str]]:
     """Separates `--config.a.b=value` arguments from the rest of argv."""
     rest, overrides = [], {}

@@ -1,15 +1,24 @@
 """Config loading, validated overrides, choices and sweeps."""
+import pathlib
+
 import pytest
 
 from research.core.config import (ConfigError, apply_overrides, check, check_choice, load_config, load_sweep,
                                   split_override_args)
 
 CONFIG = "configs/train_classifier.py"
+WITH_PRESETS = sorted(str(p) for p in pathlib.Path("configs").glob("*.py") if "PRESETS" in p.read_text())
 
 
 def test_presets_and_overrides_apply():
     c = load_config(f"{CONFIG}:fashion_mnist,smoke", {"optim.lr": 0.05, "model.name": "mlp"})
     assert (c.data.name, c.train.steps, c.optim.lr, c.model.name) == ("fashion_mnist", 6, 0.05, "mlp")
+
+
+@pytest.mark.parametrize("config_file", WITH_PRESETS)
+def test_unknown_preset_names_the_file_and_the_allowed_ones(config_file):
+    with pytest.raises(ConfigError, match=rf"unknown preset\(s\) \['smok'\] for {config_file}; choose from: .*smoke"):
+        load_config(f"{config_file}:smok")
 
 
 def test_command_line_strings_are_parsed_by_the_type_of_the_field():

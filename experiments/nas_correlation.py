@@ -168,10 +168,10 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def save():
         write_json_atomic(path, {"signature": signature, "cells": done})
 
+    scored = sum(all(n in done.get(k, {}) for n in names) for k in cells)
     print(f"{len(cells)} NB201 cells ({config.dataset}), proxies: {', '.join(names)}; "
-          f"{config.mode} mode; {sum(all(n in done.get(k, {}) for n in names) for k in cells)} "
-          "already scored", flush=True)
-    with tqdm(total=len(cells), disable=not config.progress, desc="cells") as bar:
+          f"{config.mode} mode; {scored} already scored", flush=True)
+    with tqdm(total=len(cells), initial=scored, disable=not config.progress, desc="cells") as bar:
         (score_exact if config.mode == "exact" else score_masked)(config, names, cells, batch, done,
                                                                    save, bar)
     accuracy = np.array([cells[k]["val_accuracy"] for k in cells])

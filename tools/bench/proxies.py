@@ -12,6 +12,8 @@ Three ways to score the same ``--cells`` random cells (same seed, same random ba
 Compilation is timed apart from the steady state (a warm-up call first). Prints cells/s of each
 and the ratios vmap / masked-serial and vmap / exact-serial. ``--all`` then scores all 15,625
 cells with the vmapped program and reports the wall time (meant for an accelerator).
+On a 24 GB CPU machine the full-size masked network (C=16, N=5) scoring ZiCo holds about 10 GB
+per cell, so a chunk above 1 does not fit: measure there with ``--width 8 --cells-per-stage 1``.
 """
 from __future__ import annotations
 

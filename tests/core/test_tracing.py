@@ -34,7 +34,9 @@ def test_batch_norm_writes_do_not_walk_the_trace(monkeypatch):
     # Each walk visits every equation traced so far: one per BatchNorm write made tracing
     # quadratic. Count the walks while tracing 20 BatchNorm updates.
     walks = []
-    original = partial_eval.JaxprStackFrame.find_progenitors
+    original = getattr(partial_eval.JaxprStackFrame, "find_progenitors", None)
+    if original is None:
+        pytest.skip("this JAX version has no trace walk to count")
     monkeypatch.setattr(partial_eval.JaxprStackFrame, "find_progenitors",
                         lambda self, tracer: walks.append(1) or original(self, tracer))
     norms = nnx.List([nnx.BatchNorm(4, rngs=nnx.Rngs(0)) for _ in range(20)])

@@ -5,9 +5,10 @@
 For each cell of the ground-truth file: build the NB201 network (one seed for all cells), score it
 with every proxy on the same fixed batch of CIFAR training images, and record the seconds each
 proxy took. Then rank-correlate each proxy with the file's ``val_accuracy``.
-WORKDIR receives scores.json (per cell, resumable), results.json (``spearman`` and ``kendall``
-keyed by proxy, ``n_cells``, ``seconds_per_cell`` per proxy, and the same correlations of the
-values NASLib stored in the file, for reference), results.md and correlation.png.
+WORKDIR receives scores.json (per cell, resumable; cells are scored in a seeded random order, so
+an interrupted run holds a uniform sample), results.json (``spearman`` and ``kendall`` keyed by
+proxy, ``n_cells``, ``seconds_per_cell`` per proxy, and the same correlations of the values NASLib
+stored in the file, for reference), results.md and correlation.png.
 """
 from __future__ import annotations
 
@@ -81,8 +82,9 @@ def naslib_cell(key: str) -> nb201.Cell:
 
 
 def score_exact(config, names, cells, batch, done: dict, save, bar) -> None:
-    """One network per cell, run op by op: each primitive compiles once and is reused by every
-    cell, where compiling a whole program per cell would cost more than running it."""
+    """One network per cell, run op by op: each NB201 operation compiles once per shape and is
+    reused by every cell (``nb201.run_compiled``), where compiling a whole program per cell would
+    cost more than running it."""
     _, classes = DATASETS[config.dataset]
     key = jax.random.key(config.seed)
     for k in cells:
@@ -171,8 +173,10 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     scored = sum(all(n in done.get(k, {}) for n in names) for k in cells)
     print(f"{len(cells)} NB201 cells ({config.dataset}), proxies: {', '.join(names)}; "
           f"{config.mode} mode; {scored} already scored", flush=True)
+    # A seeded random order: the cells an interrupted run has scored are a uniform sample.
+    order = [str(k) for k in np.random.default_rng(config.seed).permutation(list(cells))]
     with tqdm(total=len(cells), initial=scored, disable=not config.progress, desc="cells") as bar:
-        (score_exact if config.mode == "exact" else score_masked)(config, names, cells, batch, done,
+        (score_exact if config.mode == "exact" else score_masked)(config, names, order, batch, done,
                                                                    save, bar)
     accuracy = np.array([cells[k]["val_accuracy"] for k in cells])
     table = {n: np.array([done[k][n]["value"] for k in cells]) for n in names}

@@ -56,6 +56,12 @@ def recording(probes: Sequence[jax.Array] | None = None) -> Iterator[Recorder]:
         stack.pop()
 
 
+def is_recording() -> bool:
+    """Whether a ``recording()`` block is open (code that traces a separate program, such as a
+    nested ``jax.jit``, must then run inline so its taps reach the recorder)."""
+    return bool(getattr(_local, "stack", None))
+
+
 def _tap(pre: jax.Array, post: jax.Array, active) -> jax.Array:
     stack = getattr(_local, "stack", None)
     if not stack:

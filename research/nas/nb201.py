@@ -26,6 +26,7 @@ seed hold the same weights for the cell's operations (``exact_from_masked`` copi
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -199,6 +200,38 @@ def _inverse_window_counts(height: int, width: int) -> np.ndarray:
     return (1.0 / np.outer(side(height), side(width)))[None, :, :, None]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _compiled_call(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array):
+    module = nnx.merge(graphdef, state, copy=True)
+    return module(x), nnx.state(module, nnx.BatchStat)
+
+
+def _updates_statistics(module: nnx.Module) -> bool:
+    return any(isinstance(m, nnx.BatchNorm) and not m.use_running_average
+               for _, m in nnx.iter_modules(module))
+
+
+def run_compiled(module: nnx.Module, x: jax.Array) -> jax.Array:
+    """``module(x)`` as one compiled program per module structure and input shape, shared by every
+    module of that structure (in training mode, its BN statistics are written back as usual).
+
+    A cell network runs op by op (compiling a whole program per cell costs more than running it);
+    compiling each operation instead keeps one program per (operation, shape) for all 15,625 cells
+    and halves the time of gradient proxies such as ZiCo. While activations are being recorded
+    (``taps.recording``, which records at trace time) the module runs inline.
+    """
+    if taps.is_recording():
+        return module(x)
+    graphdef, state = nnx.split(module)
+    y, statistics = _compiled_call(graphdef, state, x)
+    if _updates_statistics(module):
+        nnx.update(module, statistics)
+    return y
+
+
+_avg_pool_3x3_compiled = jax.jit(avg_pool_3x3)
+
+
 class ReLUConvBN(nnx.Module):
     """ReLU -> conv (no bias) -> BN. (N, H, W, cin) -> (N, H/stride, W/stride, cout)."""
 
@@ -224,8 +257,9 @@ class Edge(nnx.Module):
     def __call__(self, x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
         if self.op is not None:
             return {NONE: lambda: jnp.zeros_like(x), SKIP: lambda: x,
-                    CONV1: lambda: self.conv_1x1(x), CONV3: lambda: self.conv_3x3(x),
-                    POOL: lambda: avg_pool_3x3(x)}[self.op]()
+                    CONV1: lambda: run_compiled(self.conv_1x1, x),
+                    CONV3: lambda: run_compiled(self.conv_3x3, x),
+                    POOL: lambda: _avg_pool_3x3_compiled(x)}[self.op]()
         # A switched-off op's weight is exactly 0, so its parameters get exactly zero gradient.
         return (weights[SKIP] * x + weights[CONV1] * self.conv_1x1(x, weights[CONV1])
                 + weights[CONV3] * self.conv_3x3(x, weights[CONV3])
@@ -300,7 +334,10 @@ class NB201Network(nnx.Module):
         ops = None if self.cell is not None else self.ops[...]
         x = self.stem_bn(self.stem_conv(x))
         for block in self.blocks:
-            x = block(x, ops) if isinstance(block, CellBlock) else block(x)
+            if isinstance(block, CellBlock):
+                x = block(x, ops)
+            else:
+                x = block(x) if ops is not None else run_compiled(block, x)
         return taps.relu(self.last_bn(x))
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -5,7 +5,7 @@
 
 Three ways to score the same ``--cells`` random cells (same seed, same random batch):
   exact-serial   one network per cell, op by op (what the correlation experiment does on CPU:
-                 primitives compile once and serve every cell);
+                 each NB201 operation compiles once and serves every cell);
   masked-serial  the masked super-network, compiled once, one cell per call;
   masked-vmap    the super-network, compiled once, ``--chunk`` cells per call (vmap over the
                  one-hot choices).

@@ -7,22 +7,11 @@ import pytest
 from flax import nnx
 
 from research.models import build_model
+from tests.models.batch_norms import randomise_batch_norms
 
 torch = pytest.importorskip("torch")
 
 from tools.bench import torch_resnet  # noqa: E402  (needs torch)
-
-
-def _randomise_batch_norms(model, seed=1):
-    """Non-trivial BN affine parameters and running statistics, so eval mode is a real test."""
-    rng = np.random.default_rng(seed)  # numpy: no per-shape JAX compilation
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.BatchNorm):
-            c = node.scale.shape
-            node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
-            node.bias[...] = jnp.asarray(0.1 * rng.standard_normal(c), jnp.float32)
-            node.mean[...] = jnp.asarray(0.1 * rng.standard_normal(c), jnp.float32)
-            node.var[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +19,7 @@ def models():
     # An "rbg" key: its initialiser programs compile ~3x faster on CPU than the default threefry.
     rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))
     model = build_model("resnet20", num_classes=10, input_shape=(16, 16, 3), rngs=rngs)
-    _randomise_batch_norms(model)
+    randomise_batch_norms(model, seed=1)
     reference = torch_resnet.load_from_nnx(torch_resnet.torch_resnet20(10), model)
     x = np.random.default_rng(2).standard_normal((8, 16, 16, 3)).astype(np.float32)
     return model, reference, x

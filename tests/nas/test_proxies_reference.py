@@ -18,6 +18,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from research.nas import nb201  # noqa: E402
 from research.nas.proxies import PROXIES, score  # noqa: E402
+from tests.models.batch_norms import randomise_batch_norms  # noqa: E402
 
 CELL = (3, 3, 4, 1, 2, 1)  # both convs, the pool and two skips
 C, N, CLASSES, SIDE, BATCH = 4, 1, 10, 16, 16
@@ -222,22 +223,10 @@ def _check(jax_scores, name, expected, rtol=RTOL):
 # --------------------------------------------------------------------------- the twin itself
 
 
-def _randomise_batch_norms(model, seed=2):
-    """Non-trivial BN affine parameters and statistics, so the eval-mode check tests the copy."""
-    rng = np.random.default_rng(seed)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.BatchNorm):
-            c = node.scale.shape
-            node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
-            node.bias[...] = jnp.asarray(0.1 * rng.standard_normal(c), jnp.float32)
-            node.mean[...] = jnp.asarray(0.1 * rng.standard_normal(c), jnp.float32)
-            node.var[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
-
-
 @pytest.mark.parametrize("train", [True, False])
 def test_twin_forward_matches(model, batch, train):
     model = nnx.clone(model)
-    _randomise_batch_norms(model)
+    randomise_batch_norms(model, seed=2)
     net = twin(model).train(train)  # float64: the tolerance is then JAX's float32 rounding alone
     if train:
         model.train()

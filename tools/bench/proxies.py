@@ -1,19 +1,23 @@
 """Cells per second for a zero-cost proxy on NAS-Bench-201: one cell at a time vs vmapped.
 
     python -m tools.bench.proxies [--proxy zico] [--cells 8] [--chunk 8] [--images 256]
-                                  [--width 16] [--cells-per-stage 5] [--all] [--out FILE.json]
+                                  [--width 16] [--cells-per-stage 5] [--no-masked] [--all]
+                                  [--out FILE.json]
 
-Three ways to score the same ``--cells`` random cells (same seed, same random batch):
-  exact-serial   one network per cell, op by op (what the correlation experiment does on CPU:
-                 each NB201 operation compiles once and serves every cell);
-  masked-serial  the masked super-network, compiled once, one cell per call;
-  masked-vmap    the super-network, compiled once, ``--chunk`` cells per call (vmap over the
-                 one-hot choices).
+Four ways to score the same ``--cells`` random cells (same seed, same random batch):
+  exact-primitives  one network per cell, primitive by primitive (``jax.disable_jit``);
+  exact-serial      one network per cell, op by op (what the correlation experiment does on CPU:
+                    each NB201 operation compiles once and serves every cell);
+  masked-serial     the masked super-network, compiled once, one cell per call;
+  masked-vmap       the super-network, compiled once, ``--chunk`` cells per call (vmap over the
+                    one-hot choices).
 Compilation is timed apart from the steady state (a warm-up call first). Prints cells/s of each
-and the ratios vmap / masked-serial and vmap / exact-serial. ``--all`` then scores all 15,625
-cells with the vmapped program and reports the wall time (meant for an accelerator).
+and the ratios exact-serial / exact-primitives, vmap / masked-serial and vmap / exact-serial.
+``--no-masked`` skips the two masked ways; ``--all`` then scores all 15,625 cells with the vmapped
+program and reports the wall time (meant for an accelerator).
 On a 24 GB CPU machine the full-size masked network (C=16, N=5) scoring ZiCo holds about 10 GB
-per cell, so a chunk above 1 does not fit: measure there with ``--width 8 --cells-per-stage 1``.
+per cell, so a chunk above 1 does not fit: measure there with ``--width 8 --cells-per-stage 1``,
+or at full size with ``--no-masked``.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=0, help="0 = the proxy's own batch size")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--cells-per-stage", type=int, default=5)
+    parser.add_argument("--no-masked", action="store_true", help="only the two exact ways")
     parser.add_argument("--all", action="store_true", help="score all 15,625 cells (vmapped)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
@@ -69,11 +74,19 @@ def main() -> None:
     # exact-serial, op by op
     def exact(cell):
         model = nb201.NB201Network(tuple(cell), rngs=nnx.Rngs(0), **size)
-        return proxies.score(args.proxy, model, batch, key, jit=False)
+        return proxies.score(args.proxy, model, batch, key, jit=False, batch_size=n_images)
 
+    with jax.disable_jit():
+        _, report["exact_primitives_warmup_s"] = _timed(lambda: exact(warm))
+        _, seconds = _timed(lambda: [exact(c) for c in cells])
+    report["exact_primitives_cells_per_s"] = len(cells) / seconds
     _, report["exact_serial_warmup_s"] = _timed(lambda: exact(warm))
     _, seconds = _timed(lambda: [exact(c) for c in cells])
     report["exact_serial_cells_per_s"] = len(cells) / seconds
+    report["exact_serial_over_primitives"] = (report["exact_serial_cells_per_s"]
+                                              / report["exact_primitives_cells_per_s"])
+    if args.no_masked:
+        return _print(report, args.out)
 
     masked = nb201.NB201Network(None, rngs=nnx.Rngs(0), **size)
     for name, chunk in (("masked_serial", 1), ("masked_vmap", args.chunk)):
@@ -91,10 +104,14 @@ def main() -> None:
         _, seconds = _timed(lambda: scoring.score_cells(args.proxy, masked, nb201.all_cells(), batch,
                                                         key, chunk=args.chunk, batch_size=n_images))
         report["all_cells_seconds"] = seconds
+    _print(report, args.out)
+
+
+def _print(report: dict, out: str) -> None:
     for k, v in report.items():
         print(f"{k:30s} {v:.4g}" if isinstance(v, float) else f"{k:30s} {v}")
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(report, f, indent=1)
 
 

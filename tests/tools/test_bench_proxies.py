@@ -8,7 +8,7 @@ import pytest
 from tools.bench import proxies
 
 
-@pytest.mark.slow  # about 30 s idle: every primitive of the op-by-op way compiles in the warm-up
+@pytest.mark.slow  # 82 s on a busy 2-core CPU: each primitive of the op-by-op way compiles first
 def test_small_run_reports_both_exact_ways(tmp_path, monkeypatch):
     out = tmp_path / "report.json"
     monkeypatch.setattr(sys, "argv", ["proxies", "--proxy", "grad_norm", "--cells", "2", "--images", "4",

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from research.models.compiled import run_compiled
 from research.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING, ConvBN, make_divisible
 from research.models.resnet import HEAD_SHARDING
 from research.nas.search import COST_KINDS, LatencyCost
@@ -147,8 +148,8 @@ class MacroNet(nnx.Module):
 
     def features(self, x: jax.Array) -> jax.Array:
         x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
+        for block in self.blocks:  # one cached program per block structure, for every candidate
+            x = run_compiled(block, x)
         return self.last_conv(x)  # ConvBN ends in taps.relu6, which proxies observe
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -17,7 +17,8 @@ Operations are ReLU-Conv-BN (bias-free convs, affine BN), skip, zero, and a 3x3 
 does not count padding. Initialisation is PyTorch's default (kaiming-uniform with a = sqrt(5),
 BN weight 1 and bias 0), because zero-cost proxies depend on it.
 
-``NB201Network(cell)`` builds one cell. ``NB201Network(None)`` is the masked super-network: every
+``NB201Network(cell)`` builds one cell; run op by op, each of its operations goes through
+``run_compiled`` (one program per operation and shape, shared by all cells). ``NB201Network(None)`` is the masked super-network: every
 edge holds every operation, and the per-edge choice is data (``model.ops``, one-hot (6, 5)), so one
 compiled program scores any cell and ``vmap`` over ``ops`` scores many. Every candidate operation
 is built in the same order in both modes, so a super-network and a cell network made with the same
@@ -26,7 +27,6 @@ seed hold the same weights for the cell's operations (``exact_from_masked`` copi
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Sequence
 
@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from research.models import taps
+from research.models.compiled import run_compiled
 from research.models.resnet import BN_EPSILON, BN_MOMENTUM, CONV_SHARDING, HEAD_SHARDING
 
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
@@ -200,36 +201,7 @@ def _inverse_window_counts(height: int, width: int) -> np.ndarray:
     return (1.0 / np.outer(side(height), side(width)))[None, :, :, None]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _compiled_call(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array):
-    module = nnx.merge(graphdef, state, copy=True)
-    return module(x), nnx.state(module, nnx.BatchStat)
-
-
-def _updates_statistics(module: nnx.Module) -> bool:
-    return any(isinstance(m, nnx.BatchNorm) and not m.use_running_average
-               for _, m in nnx.iter_modules(module))
-
-
-def run_compiled(module: nnx.Module, x: jax.Array) -> jax.Array:
-    """``module(x)`` as one compiled program per module structure and input shape, shared by every
-    module of that structure (in training mode, its BN statistics are written back as usual).
-
-    A cell network runs op by op (compiling a whole program per cell costs more than running it);
-    compiling each operation instead keeps one program per (operation, shape) for all 15,625 cells
-    and halves the time of gradient proxies such as ZiCo. While activations are being recorded
-    (``taps.recording``, which records at trace time) the module runs inline.
-    """
-    if taps.is_recording():
-        return module(x)
-    graphdef, state = nnx.split(module)
-    y, statistics = _compiled_call(graphdef, state, x)
-    if _updates_statistics(module):
-        nnx.update(module, statistics)
-    return y
-
-
-_avg_pool_3x3_compiled = jax.jit(avg_pool_3x3)
+_avg_pool_3x3_compiled = jax.jit(avg_pool_3x3)  # exact cells: see run_compiled
 
 
 class ReLUConvBN(nnx.Module):

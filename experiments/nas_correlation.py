@@ -141,7 +141,8 @@ def plot(workdir: str, names, table: dict, accuracy: np.ndarray, summary: dict) 
         ax.set_title(f"{name}  rho={summary['spearman'][name]:.2f}", fontsize=9)
         ax.set_xlabel("proxy", fontsize=8)
         ax.set_ylabel("NB201 accuracy (%)", fontsize=8)
-        if name in ("params", "flops", "synflow") and np.all(np.asarray(table[name]) > 0):
+        values = np.asarray(table[name])
+        if np.all(values > 0) and values.max() > 100 * values.min():  # heavy-tailed: log axis
             ax.set_xscale("log")
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")

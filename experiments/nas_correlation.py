@@ -142,7 +142,8 @@ def plot(workdir: str, names, table: dict, accuracy: np.ndarray, summary: dict) 
         ax.set_xlabel("proxy", fontsize=8)
         ax.set_ylabel("NB201 accuracy (%)", fontsize=8)
         values = np.asarray(table[name])
-        if np.all(values > 0) and values.max() > 100 * values.min():  # heavy-tailed: log axis
+        # Sizes, and any positive proxy spanning over two decades, read better on a log axis.
+        if np.all(values > 0) and (name in ("params", "flops") or values.max() > 100 * values.min()):
             ax.set_xscale("log")
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")

@@ -18,11 +18,12 @@ does not count padding. Initialisation is PyTorch's default (kaiming-uniform wit
 BN weight 1 and bias 0), because zero-cost proxies depend on it.
 
 ``NB201Network(cell)`` builds one cell; run op by op, each of its operations goes through
-``run_compiled`` (one program per operation and shape, shared by all cells). ``NB201Network(None)`` is the masked super-network: every
-edge holds every operation, and the per-edge choice is data (``model.ops``, one-hot (6, 5)), so one
-compiled program scores any cell and ``vmap`` over ``ops`` scores many. Every candidate operation
-is built in the same order in both modes, so a super-network and a cell network made with the same
-seed hold the same weights for the cell's operations (``exact_from_masked`` copies them).
+``run_compiled`` (one program per operation and shape, shared by all cells).
+``NB201Network(None)`` is the masked super-network: every edge holds every operation, and the
+per-edge choice is data (``model.ops``, one-hot (6, 5)), so one compiled program scores any cell
+and ``vmap`` over ``ops`` scores many. Every candidate operation is built in the same order in
+both modes, so a super-network and a cell network made with the same seed hold the same weights
+for the cell's operations (``exact_from_masked`` copies them).
 """
 
 from __future__ import annotations

@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="score all 15,625 cells (vmapped)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    if args.all and args.no_masked:
+        parser.error("--all scores with the masked network; drop --no-masked")
 
     proxy = proxies.get(args.proxy)
     n_images = args.images or max(proxy.batch_size, 1)
@@ -72,8 +74,7 @@ def main() -> None:
               "width": args.width, "cells_per_stage": args.cells_per_stage,
               "device": str(jax.devices()[0].platform)}
 
-    # exact-serial, op by op
-    def exact(cell):
+    def exact(cell):  # one cell network, op by op
         model = nb201.NB201Network(tuple(cell), rngs=nnx.Rngs(0), **size)
         return proxies.score(args.proxy, model, batch, key, jit=False, batch_size=n_images)
 

@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ntk.mode = "jacobian"           # jacobian | vector_products
     c.ntk.space = "auto"              # auto | samples | parameters
     c.ntk.chunk_size = 64
+    c.ntk.scale_sweep = ""            # e.g. "0,1,2,4,8": also measure w(D) + s dw at each s (a diagnostic)
 
     # Every baseline's hyperparameters (defaults and their sources: research/unlearning/baselines.py).
     # Their learning rates are for a model trained at unlearn.lr = 0.01; the experiment multiplies them by

@@ -37,7 +37,7 @@ from research.data.augment import make_preprocess, normalize
 from research.models import build_from_config, filters
 from research.unlearning import baselines, metrics
 from research.unlearning.model import ForgetProblem, Unlearnable
-from research.unlearning.ntk_scrub import NTKScrubConfig, ntk_scrub
+from research.unlearning.ntk_scrub import NTKScrubConfig, apply_scrub, scrub_direction, step_along
 from research.unlearning.train import TrainRecipe, fit
 
 SUBSETS = ("all", "bn_and_head", "bn", "head", "prompts_and_head", "prompts")
@@ -45,6 +45,13 @@ METHOD_NAMES = ("retrain", "ntk", *[m for m in baselines.BASELINES if m != "retr
 SCENARIOS = ("class", "random")
 REPORTED = ("retain_acc", "forget_acc", "test_acc", "mia")
 BASELINE_REFERENCE_LR = 0.01  # the training lr that the baselines' default lrs were chosen for
+
+
+def _is_float_list(text: str) -> bool:
+    try:
+        return isinstance(text, str) and all(map(np.isfinite, _floats(text)))
+    except ValueError:
+        return False
 
 
 def _ints(text: str) -> list[int]:
@@ -61,6 +68,7 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
                          ("ntk.mode", ("jacobian", "vector_products")), ("ntk.space", ("auto", "samples", "parameters"))):
         cfg.check_choice(config, key, allowed)
     cfg.check(config, "forget_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
+    cfg.check(config, "ntk.scale_sweep", _is_float_list, 'comma-separated numbers, e.g. "0,1,2,4" ("" = none)')
     for key in ("unlearn.epochs", "unlearn.batch_size", "ntk.chunk_size", "eval_batch_size"):
         cfg.check(config, key, lambda v: v > 0, "a positive int")
     is_vit = config.model.name.startswith("vit")
@@ -176,6 +184,10 @@ def trained_params(init: Unlearnable, train, recipe: TrainRecipe, path: str, see
 
 # --------------------------------------------------------------------------------------- methods
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, mesh):
     """(params, info) of one method."""
     if method == "ntk":
@@ -183,7 +195,15 @@ def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, me
                                     fisher_alpha=config.ntk.fisher_alpha, mode=config.ntk.mode,
                                     space=config.ntk.space, chunk_size=config.ntk.chunk_size)
         chunk_mesh = mesh if mesh.shape["data"] > 1 and config.ntk.chunk_size % mesh.shape["data"] == 0 else None
-        return ntk_scrub(problem, ntk_config, seed=config.seed, mesh=chunk_mesh)
+        direction = scrub_direction(problem, ntk_config, mesh=chunk_mesh)
+        params, info = apply_scrub(problem, direction, ntk_config, seed=config.seed)
+        if config.ntk.scale_sweep:  # a diagnostic, not part of the scrub's time: metrics along dw
+            t0 = time.perf_counter()
+            info["sweep"] = [{"scale": s, **metrics.unlearning_metrics(problem.trained, step_along(problem, direction.dw, s),
+                                                                       problem)}
+                             for s in _floats(config.ntk.scale_sweep)]
+            info["sweep_seconds"] = time.perf_counter() - t0
+        return params, info
     if method == "retrain":
         kwargs = {"recipe": recipe}
     else:  # baseline lrs are set for a model trained at lr 0.01 and follow the training lr
@@ -217,8 +237,10 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"(test acc {pretrain_info['test_acc']:.1f}%); trained on D: test acc {metrics.accuracy(trained, test):.1f}%")
 
     # A finished (scenario, method) is reused only if everything that shaped it is unchanged: the
-    # run's settings and that method's own hyperparameters (not the other methods').
-    shared = {k: v for k, v in config.to_dict().items() if k not in ("methods", "scenarios", "progress", "baselines")}
+    # run's settings and that method's own hyperparameters (not the other methods'; ntk.* are ntk's).
+    shared = {k: v for k, v in config.to_dict().items()
+              if k not in ("methods", "scenarios", "progress", "baselines", "ntk")}
+    own = {**config.baselines.to_dict(), "ntk": config.ntk.to_dict()}
     results = {}
     for scenario in scenarios:
         retain, forget, scenario_test = scenario_split(scenario, train, test, config)
@@ -226,7 +248,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rows = {"original": {**metrics.unlearning_metrics(trained, trained.params, problem), "seconds": 0.0}}
         for method in methods:
             path = os.path.join(workdir, "methods", f"{scenario}_{method}.json")
-            signature = {**shared, "hyperparameters": config.baselines.get(method, ml_collections.ConfigDict()).to_dict()}
+            signature = {**shared, "hyperparameters": own.get(method, {})}
             saved = {}
             if os.path.exists(path):
                 with open(path) as f:
@@ -237,7 +259,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t0 = time.perf_counter()
             new_params, info = unlearn(method, problem, config, recipe, mesh)
             jax.block_until_ready(new_params)
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0 - info.pop("sweep_seconds", 0.0)
             row = {**metrics.unlearning_metrics(trained, new_params, problem), "seconds": seconds,
                    **{f"info_{k}": v for k, v in info.items()}}
             rows[method] = row
@@ -246,6 +268,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   + f"  {seconds:7.1f} s")
         for row in rows.values():
             row["gap_to_retrain"] = metrics.gap_to_retrain(row, rows["retrain"])
+            for point in row.get("info_sweep", []):
+                point["gap_to_retrain"] = metrics.gap_to_retrain(point, rows["retrain"])
         results[scenario] = {"n_retain": len(retain), "n_forget": len(forget), "n_test": len(scenario_test),
                              "methods": rows}
 
@@ -258,6 +282,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
     plot_results(summary, os.path.join(workdir, "unlearning.png"))
+    if config.ntk.scale_sweep and "ntk" in methods:
+        plot_sweep(summary, os.path.join(workdir, "ntk_scale_sweep.png"))
     print(table)
     return summary
 
@@ -272,6 +298,12 @@ def results_table(summary: dict) -> str:
         for method, r in block["methods"].items():
             lines.append(f"| {method} | {r['retain_acc']:.2f} | {r['forget_acc']:.2f} | {r['test_acc']:.2f} | "
                          f"{r['mia']:.2f} | {r['gap_to_retrain']:.2f} | {r['seconds']:.1f} |")
+        ntk_row = block["methods"].get("ntk", {})
+        if ntk_row.get("info_sweep"):
+            lines += ["", f"NTK scrub along its direction, w(D) + s dw (the trapezium chose s = {ntk_row['info_scale']:.2f}):", "",
+                      "| s | retain acc | forget acc | test acc | MIA | gap to retrain |", "|---|---|---|---|---|---|"]
+            lines += [f"| {p['scale']:g} | {p['retain_acc']:.2f} | {p['forget_acc']:.2f} | {p['test_acc']:.2f} | "
+                      f"{p['mia']:.2f} | {p['gap_to_retrain']:.2f} |" for p in ntk_row["info_sweep"]]
     return "\n".join(lines)
 
 
@@ -288,6 +320,32 @@ def plot_results(summary: dict, path: str) -> None:
         ax.bar(names, [rows[m]["gap_to_retrain"] for m in names], color="tab:blue")
         ax.set_title(f"forget {scenario}: mean |gap| to retrain (points)")
         ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_sweep(summary: dict, path: str) -> None:
+    """Retain / forget / test accuracy and MIA at w(D) + s dw against s, one panel per scenario;
+    dashed: retraining's values; dotted vertical: the scale the trapezium rule chose."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scenarios = [s for s, b in summary["scenarios"].items() if b["methods"].get("ntk", {}).get("info_sweep")]
+    if not scenarios:
+        return
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.5 * len(scenarios), 3.6), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios):
+        rows = summary["scenarios"][scenario]["methods"]
+        sweep = rows["ntk"]["info_sweep"]
+        for key, color in zip(REPORTED, ("tab:blue", "tab:red", "tab:green", "tab:purple")):
+            ax.plot([p["scale"] for p in sweep], [p[key] for p in sweep], "o-", color=color, label=key)
+            ax.axhline(rows["retrain"][key], color=color, ls="--", lw=0.8)
+        ax.axvline(rows["ntk"]["info_scale"], color="k", ls=":", lw=1)
+        ax.set_xlabel("s in w(D) + s dw")
+        ax.set_ylabel("%")
+        ax.set_title(f"forget {scenario}: dashed = retrain")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -99,11 +99,19 @@ def trapezium_scale(dw: np.ndarray, e: np.ndarray) -> tuple[float, float]:
     return predicted / dw_norm, cos
 
 
-def ntk_scrub(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubConfig(), *, seed: int = 0,
-              mesh: Mesh | None = None):
-    """Scrub ``problem.forget`` from ``problem.trained``. Returns (params, info): the scrubbed parameter
-    subset (same tree as ``problem.trained.params``) and a dict with the scale, cos, |dw|, |e|, the
-    parameter count P, the solve space and seconds spent in the Jacobian and the solves."""
+@dataclasses.dataclass(frozen=True)
+class ScrubDirection:
+    """What the scrub learns before it moves any weight: dw = w_retain - w_complete and the
+    linearisation error e = (w(D) - w_init) - w_retain, both (P,) float64 over the flat subset."""
+    dw: np.ndarray
+    e: np.ndarray
+    info: dict
+
+
+def scrub_direction(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubConfig(), *,
+                    mesh: Mesh | None = None) -> ScrubDirection:
+    """The Jacobian (or kernel) and the two ridge solves: everything of the scrub but the step.
+    ``info`` holds the parameter count P, the number of outputs N C, the solve space and seconds."""
     t0 = time.perf_counter()
     w_trained, fn, unravel = problem.trained.flat()
     w_init = problem.init.flat()[0]
@@ -128,16 +136,38 @@ def ntk_scrub(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubConfig(),
         w_retain = _solution_by_products(fn, at, images[:n_r], r[:n_r], n_r * config.weight_decay,
                                          config.chunk_size)
     info["space"] = space
-
     dw = np.asarray(w_retain - w_complete, np.float64)
     e = np.asarray(w_trained - w_init, np.float64) - np.asarray(w_retain, np.float64)
-    scale, cos = trapezium_scale(dw, e) if config.scale == "trapezium" else (1.0, float("nan"))
-    w_scrub = w_trained + jnp.asarray(scale * dw, w_trained.dtype)
-    info.update(scale=scale, cos=cos, dw_norm=float(np.linalg.norm(dw)), e_norm=float(np.linalg.norm(e)))
+    info.update(dw_norm=float(np.linalg.norm(dw)), e_norm=float(np.linalg.norm(e)),
+                seconds=time.perf_counter() - t0)
+    return ScrubDirection(dw, e, info)
 
-    params = unravel(w_scrub)
+
+def step_along(problem: ForgetProblem, dw: np.ndarray, scale: float):
+    """The scrubbed parameter subset w(D) + scale dw (same tree as ``problem.trained.params``)."""
+    w_trained, _, unravel = problem.trained.flat()
+    return unravel(w_trained + jnp.asarray(scale * dw, w_trained.dtype))
+
+
+def apply_scrub(problem: ForgetProblem, direction: ScrubDirection, config: NTKScrubConfig = NTKScrubConfig(),
+                *, seed: int = 0):
+    """(params, info): the step w(D) + s dw with s from ``config.scale``, then the optional Fisher
+    noise. ``info`` is the direction's, with the scale, cos and the total seconds added."""
+    t0 = time.perf_counter()
+    dw, e = direction.dw, direction.e
+    scale, cos = trapezium_scale(dw, e) if config.scale == "trapezium" else (1.0, float("nan"))
+    params = step_along(problem, dw, scale)
     if config.fisher_alpha > 0:
         fisher = fisher_diagonal(problem.trained, problem.retain, params=params)
         params = add_fisher_noise(params, fisher, jax.random.PRNGKey(seed), config.fisher_alpha)
-    info["seconds"] = time.perf_counter() - t0
+    info = {**direction.info, "scale": scale, "cos": cos}
+    info["seconds"] = direction.info["seconds"] + time.perf_counter() - t0
     return params, info
+
+
+def ntk_scrub(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubConfig(), *, seed: int = 0,
+              mesh: Mesh | None = None):
+    """Scrub ``problem.forget`` from ``problem.trained``. Returns (params, info): the scrubbed parameter
+    subset (same tree as ``problem.trained.params``) and a dict with the scale, cos, |dw|, |e|, the
+    parameter count P, the solve space and seconds spent in the Jacobian and in all."""
+    return apply_scrub(problem, scrub_direction(problem, config, mesh=mesh), config, seed=seed)

@@ -46,6 +46,24 @@ def test_every_method_and_scenario_is_recorded_and_a_rerun_reuses_them(tmp_path,
     assert ran == ["finetune", "finetune"]
 
 
+def test_scale_sweep_walks_the_scrub_direction_and_reruns_only_ntk(tmp_path, capsys):
+    base = {**SMALL_MLP, "methods": "retrain,ntk", "scenarios": "class"}
+    unlearning.main(load_config("configs/unlearning.py:smoke", {**base, "ntk.scale": "none"}), str(tmp_path))
+    capsys.readouterr()
+    results = unlearning.main(load_config("configs/unlearning.py:smoke",
+                                          {**base, "ntk.scale": "none", "ntk.scale_sweep": "0,1"}), str(tmp_path))
+    ran = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.endswith(" s")]
+    assert ran == ["ntk"]  # an ntk setting changed: retraining is reused
+    rows = results["scenarios"]["class"]["methods"]
+    at_zero, at_one = rows["ntk"]["info_sweep"]
+    for key in unlearning.REPORTED:
+        assert at_zero[key] == pytest.approx(rows["original"][key])  # s = 0: the trained model
+        assert at_one[key] == pytest.approx(rows["ntk"][key])        # s = 1: the scrub with scale "none"
+    assert at_one["gap_to_retrain"] == pytest.approx(rows["ntk"]["gap_to_retrain"])
+    assert "ntk_scale_sweep.png" in os.listdir(tmp_path)
+    assert "| 0 |" in (tmp_path / "results.md").read_text()
+
+
 def test_trained_model_is_reused_only_for_the_same_settings(tmp_path):
     model = build_model("mlp", num_classes=3, input_shape=(4, 4, 1), rngs=nnx.Rngs(0), hidden_sizes=(8,))
     init = Unlearnable.from_model(model)
@@ -80,6 +98,7 @@ def test_fast_ntk_on_visual_prompts_runs(tmp_path):
     ({"unlearn.subset": "prompts"}, "needs a ViT"),
     ({"forget_fraction": 1.5}, "forget_fraction"),
     ({"ntk.scale": "double"}, "ntk.scale"),
+    ({"ntk.scale_sweep": "1,two"}, "ntk.scale_sweep"),
 ])
 def test_bad_config_values_fail_with_the_key(tmp_path, override, message):
     config = load_config("configs/unlearning.py:smoke", {**DIGITS, **override})

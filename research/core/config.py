@@ -129,14 +129,16 @@ def apply_overrides(
     """Returns a copy of `config` with dotted-key `overrides` applied and type-checked.
 
     With `from_strings`, values are command-line text and are parsed as Python literals first
-    ("0.1" -> 0.1, "(2, 4)" -> (2, 4), "resnet20" -> "resnet20").
+    ("0.1" -> 0.1, "(2, 4)" -> (2, 4), "resnet20" -> "resnet20"), except for string fields, which
+    take the text as it is ("0,1,2" -> "0,1,2").
     """
     config = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
     known = set(_keys(config))
     for key, value in overrides.items():
         if key not in known:
             raise ConfigError(_unknown_key_message(config, key))
-        if from_strings and isinstance(value, str):
+        # A string field takes the text as written ("0,1,2" stays a string, not a tuple).
+        if from_strings and isinstance(value, str) and not isinstance(get(config, key), str):
             value = _parse_string(value)
         parent_path, _, leaf = key.rpartition(".")
         parent = config

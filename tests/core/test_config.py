@@ -29,6 +29,9 @@ def test_command_line_strings_are_parsed_by_the_type_of_the_field():
     assert c.train.progress is False
     assert c.model.hidden_sizes == (8, 4)
     assert c.optim.decay_boundaries == (0.3,)
+    # A string field keeps the text, even when it reads as a literal.
+    c = apply_overrides(load_config(CONFIG), {"data.data_dir": "0,1", "model.name": "2024"}, from_strings=True)
+    assert (c.data.data_dir, c.model.name) == ("0,1", "2024")
 
 
 def test_unknown_key_names_the_key_and_suggests():

@@ -47,6 +47,10 @@ REPORTED = ("retain_acc", "forget_acc", "test_acc", "mia")
 BASELINE_REFERENCE_LR = 0.01  # the training lr that the baselines' default lrs were chosen for
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def _is_float_list(text: str) -> bool:
     try:
         return isinstance(text, str) and all(map(np.isfinite, _floats(text)))
@@ -184,10 +188,6 @@ def trained_params(init: Unlearnable, train, recipe: TrainRecipe, path: str, see
 
 # --------------------------------------------------------------------------------------- methods
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
 def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, mesh):
     """(params, info) of one method."""
     if method == "ntk":
@@ -300,7 +300,7 @@ def results_table(summary: dict) -> str:
                          f"{r['mia']:.2f} | {r['gap_to_retrain']:.2f} | {r['seconds']:.1f} |")
         ntk_row = block["methods"].get("ntk", {})
         if ntk_row.get("info_sweep"):
-            lines += ["", f"NTK scrub along its direction, w(D) + s dw (the trapezium chose s = {ntk_row['info_scale']:.2f}):", "",
+            lines += ["", f"NTK scrub along its direction, w(D) + s dw (the scrub took s = {ntk_row['info_scale']:.2f}):", "",
                       "| s | retain acc | forget acc | test acc | MIA | gap to retrain |", "|---|---|---|---|---|---|"]
             lines += [f"| {p['scale']:g} | {p['retain_acc']:.2f} | {p['forget_acc']:.2f} | {p['test_acc']:.2f} | "
                       f"{p['mia']:.2f} | {p['gap_to_retrain']:.2f} |" for p in ntk_row["info_sweep"]]
@@ -327,7 +327,7 @@ def plot_results(summary: dict, path: str) -> None:
 
 def plot_sweep(summary: dict, path: str) -> None:
     """Retain / forget / test accuracy and MIA at w(D) + s dw against s, one panel per scenario;
-    dashed: retraining's values; dotted vertical: the scale the trapezium rule chose."""
+    dashed: retraining's values; dotted vertical: the scale the scrub took (``ntk.scale``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -14,7 +14,6 @@ from research.models.filters import bn_and_head, head
 from research.unlearning import ntk
 from research.unlearning.model import ForgetProblem, Unlearnable
 from research.unlearning.ntk_scrub import NTKScrubConfig, ntk_scrub, trapezium_scale
-from research.unlearning.train import minimize
 
 
 class TinyCNN(nnx.Module):

@@ -83,8 +83,8 @@ def naslib_cell(key: str) -> nb201.Cell:
 
 def score_exact(config, names, cells, batch, done: dict, save, bar) -> None:
     """One network per cell, run op by op: each NB201 operation compiles once per shape and is
-    reused by every cell (``research.models.compiled.run_compiled``), where compiling a whole program per cell would
-    cost more than running it."""
+    reused by every cell (``research.models.compiled.run_compiled``), where compiling a whole
+    program per cell would cost more than running it."""
     _, classes = DATASETS[config.dataset]
     key = jax.random.key(config.seed)
     for k in cells:

@@ -210,3 +210,43 @@ def ridge_solve(jac: jax.Array, residual: jax.Array, ridge: float, *, space: str
         jt_r = np.asarray(jnp.matmul(j.T, jnp.asarray(r, j.dtype), precision=jax.lax.Precision.HIGHEST))
         return jnp.asarray(cholesky_solve(np.asarray(_gram(j.T, j.T)), jt_r, ridge), j.dtype)
     raise ValueError(f"unknown solve space {space!r}; choose one of: auto, samples, parameters")
+
+
+def nested_ridge_solves(jac: jax.Array, residual: jax.Array, n_first: int, ridge_all: float, ridge_first: float,
+                        *, space: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """``ridge_solve`` over all N samples and over the first ``n_first`` of them, sharing one Gram
+    matrix: ((P,), (P,)) from J (N, C, P) and r (N, C).
+
+    The two systems are nested (NTK scrubbing solves on D and on its first rows, D_r), so their
+    matrices need not be built twice: in sample space K_rr is the leading block of K = J J^T; in
+    parameter space J^T J = J_r^T J_r + J_f^T J_f, and the forget part is the smaller product.
+    Equal to two ``ridge_solve`` calls up to float rounding, at about half the matmul cost.
+    """
+    if jac.ndim != 3:
+        raise ValueError(f"jac must be (N, C, P), got shape {jac.shape}")
+    if not 0 < n_first <= jac.shape[0]:
+        raise ValueError(f"n_first must be in 1..{jac.shape[0]}, got {n_first}")
+    j = flat_rows(jac)
+    r = np.asarray(residual, np.float64).reshape(-1)
+    m, p = j.shape
+    m_first = n_first * jac.shape[1]
+    if space == "auto":
+        space = solve_space(m, p)
+    if space == "samples":
+        kernel = np.asarray(_gram(j, j))
+        alpha_all = cholesky_solve(kernel, r, ridge_all)
+        alpha_first = cholesky_solve(kernel[:m_first, :m_first], r[:m_first], ridge_first)
+        del kernel
+        return (jnp.matmul(j.T, jnp.asarray(alpha_all, j.dtype), precision=jax.lax.Precision.HIGHEST),
+                jnp.matmul(j[:m_first].T, jnp.asarray(alpha_first, j.dtype), precision=jax.lax.Precision.HIGHEST))
+    if space == "parameters":
+        first, rest = j[:m_first], j[m_first:]
+        gram_first = np.asarray(_gram(first.T, first.T), np.float64)
+        gram_all = gram_first + np.asarray(_gram(rest.T, rest.T), np.float64)
+        jt_r_first = np.asarray(jnp.matmul(first.T, jnp.asarray(r[:m_first], j.dtype),
+                                           precision=jax.lax.Precision.HIGHEST), np.float64)
+        jt_r_all = jt_r_first + np.asarray(jnp.matmul(rest.T, jnp.asarray(r[m_first:], j.dtype),
+                                                      precision=jax.lax.Precision.HIGHEST), np.float64)
+        return (jnp.asarray(cholesky_solve(gram_all, jt_r_all, ridge_all), j.dtype),
+                jnp.asarray(cholesky_solve(gram_first, jt_r_first, ridge_first), j.dtype))
+    raise ValueError(f"unknown solve space {space!r}; choose one of: auto, samples, parameters")

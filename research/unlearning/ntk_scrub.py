@@ -127,8 +127,9 @@ def scrub_direction(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubCon
         jac = ntk.jacobian(fn, at, images, chunk_size=config.chunk_size, mesh=mesh)
         info["jacobian_seconds"] = time.perf_counter() - t0
         space = config.space if config.space != "auto" else ntk.solve_space(r.size, int(at.size))
-        w_complete = -ntk.ridge_solve(jac, r, n * config.weight_decay, space=space)
-        w_retain = -ntk.ridge_solve(jac[:n_r], r[:n_r], n_r * config.weight_decay, space=space)
+        w_complete, w_retain = ntk.nested_ridge_solves(jac, r, n_r, n * config.weight_decay,
+                                                       n_r * config.weight_decay, space=space)
+        w_complete, w_retain = -w_complete, -w_retain
         del jac
     else:
         space = "samples"

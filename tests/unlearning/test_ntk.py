@@ -99,6 +99,21 @@ def test_ridge_solve_in_sample_and_parameter_space_agree():
         ntk.ridge_solve(j, r, 0.3, space="rows")
 
 
+def test_nested_ridge_solves_equal_two_separate_solves_in_both_spaces():
+    rng = np.random.default_rng(1)
+    for n, c, p in [(6, 3, 40), (10, 3, 8)]:  # sample space wins, then parameter space
+        jac = jnp.asarray(rng.normal(size=(n, c, p)), jnp.float32)
+        r = rng.normal(size=(n, c))
+        for space in ("auto", "samples", "parameters"):
+            got_all, got_first = ntk.nested_ridge_solves(jac, r, 4, 0.5, 0.2, space=space)
+            want_all = ntk.ridge_solve(jac, r, 0.5, space="samples")
+            want_first = ntk.ridge_solve(jac[:4], r[:4], 0.2, space="samples")
+            np.testing.assert_allclose(np.asarray(got_all), np.asarray(want_all), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(got_first), np.asarray(want_first), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="n_first"):
+        ntk.nested_ridge_solves(jac, r, 0, 0.5, 0.2)
+
+
 def test_jacobian_sharded_on_eight_devices_equals_one_device():
     u = Unlearnable.from_model(tiny_cnn())
     theta, fn, _ = u.flat()

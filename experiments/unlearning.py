@@ -3,7 +3,8 @@
     python -m experiments.unlearning --config configs/unlearning.py[:fast_ntk|:vit_prompts|:smoke] --workdir DIR
 
 1. Pre-train a backbone on data disjoint from D (``pretrain``; resumable, reused from another run's
-   folder with ``pretrain.workdir``).
+   folder with ``pretrain.workdir``), or load EfficientNet-Lite0's ImageNet weights
+   (``backbone.source=imagenet``).
 2. Train the parameter subset ``unlearn.subset`` on D from w_init (pre-trained backbone, fresh head,
    fresh prompts), BatchNorm in eval mode: the model to unlearn, w(D). Saved and reused.
 3. For each scenario (a class, a random 10%) and each method: unlearn, then measure retain / forget /
@@ -35,11 +36,13 @@ from research.core.records import write_json_atomic
 from research.data import pipeline, sources
 from research.data.augment import make_preprocess, normalize
 from research.models import build_from_config, filters
+from research.models import efficientnet_lite as effnet
 from research.unlearning import baselines, metrics
 from research.unlearning.model import ForgetProblem, Unlearnable
 from research.unlearning.ntk_scrub import NTKScrubConfig, apply_scrub, scrub_direction, step_along
 from research.unlearning.train import TrainRecipe, fit
 
+BACKBONE_SOURCES = ("pretrain", "imagenet")
 SUBSETS = ("all", "bn_and_head", "bn", "head", "prompts_and_head", "prompts")
 METHOD_NAMES = ("retrain", "ntk", *[m for m in baselines.BASELINES if m != "retrain"])
 SCENARIOS = ("class", "random")
@@ -68,6 +71,14 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
         methods.insert(0, "retrain")  # gap_to_retrain needs it
     scenarios = cfg.check_names(config, "scenarios", SCENARIOS)
     cfg.check_choice(config, "unlearn.subset", SUBSETS)
+    cfg.check_choice(config, "backbone.source", BACKBONE_SOURCES)
+    cfg.check(config, "data.image_size", lambda v: v >= 0, "0 (as stored) or a side in pixels")
+    if config.data.image_size and config.backbone.source != "imagenet":
+        raise cfg.ConfigError(f"data.image_size: {config.data.image_size} resizes for the ImageNet backbone only "
+                              f"(backbone.source=imagenet); the pre-training stage uses the stored size, so use 0")
+    if config.backbone.source == "imagenet" and config.model.name != "efficientnet_lite0":
+        raise cfg.ConfigError(f"backbone.source: imagenet weights exist for efficientnet_lite0 only, "
+                              f"not model.name={config.model.name}")
     for key, allowed in (("ntk.loss", ("ce", "mse")), ("ntk.scale", ("trapezium", "none")),
                          ("ntk.mode", ("jacobian", "vector_products")), ("ntk.space", ("auto", "samples", "parameters"))):
         cfg.check_choice(config, key, allowed)
@@ -125,8 +136,37 @@ def scenario_split(name: str, train, test, config):
 
 # ---------------------------------------------------------------------------------------- models
 
+def model_input_shape(config, stored_shape) -> tuple[int, int, int]:
+    """(H, W, C) the model sees: the stored images, or resized to ``data.image_size``."""
+    size = config.data.image_size
+    return (size, size, stored_shape[-1]) if size else tuple(stored_shape)
+
+
+def resize_to(images: jax.Array, shape) -> jax.Array:
+    """uint8 or float (N, H, W, C) -> float32 (N, *shape), bilinear; a no-op at the stored size."""
+    if tuple(images.shape[1:]) == tuple(shape):
+        return images
+    return jax.image.resize(images.astype(jnp.float32), images.shape[:1] + tuple(shape), "bilinear")
+
+
+def imagenet_backbone(config, input_shape):
+    """EfficientNet-Lite0's ImageNet weights (DATA.md): (state without the head, preprocess, info)."""
+    model = build_from_config(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(config.seed))
+    t0 = time.perf_counter()
+    effnet.load_pretrained(model, config.backbone.weights, include_head=False)
+    state = nnx.state(model).filter(nnx.Not(nnx.PathContains("head")))
+
+    def preprocess(images):  # the weights' own input scaling, not per-channel statistics
+        return (resize_to(images, input_shape) - effnet.PIXEL_MEAN) / effnet.PIXEL_STD
+    info = {"data": "imagenet", "weights": config.backbone.weights or effnet.PRETRAINED_PACKAGE,
+            "test_acc": float("nan"), "seconds": time.perf_counter() - t0}
+    return state, preprocess, info
+
+
 def pretrained_backbone(config, mesh, workdir: str, input_shape):
     """(state of the pre-trained model without its head, preprocess, info)."""
+    if config.backbone.source == "imagenet":
+        return imagenet_backbone(config, input_shape)
     pre_train, pre_test = load_arrays(config.pretrain.data, config, config.pretrain.classes, config.pretrain.label)
     if pre_train.images.shape[1:] != tuple(input_shape):
         raise cfg.ConfigError(f"pretrain.data: {config.pretrain.data} images are {pre_train.images.shape[1:]}, "
@@ -195,7 +235,7 @@ def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, me
                                     fisher_alpha=config.ntk.fisher_alpha, mode=config.ntk.mode,
                                     space=config.ntk.space, chunk_size=config.ntk.chunk_size)
         chunk_mesh = mesh if mesh.shape["data"] > 1 and config.ntk.chunk_size % mesh.shape["data"] == 0 else None
-        direction = scrub_direction(problem, ntk_config, mesh=chunk_mesh)
+        direction = scrub_direction(problem, ntk_config, mesh=chunk_mesh, progress=config.progress)
         params, info = apply_scrub(problem, direction, ntk_config, seed=config.seed)
         return params, {**info, "direction": direction.dw}  # main takes dw out for the scale sweep
     if method == "retrain":
@@ -216,19 +256,21 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
 
     train, test = data_of_d(config)
-    input_shape = train.images.shape[1:]
+    input_shape = model_input_shape(config, train.images.shape[1:])
     backbone_state, preprocess, pretrain_info = pretrained_backbone(config, mesh, workdir, input_shape)
     model, subset = model_at_init(config, backbone_state, train.num_classes, input_shape)
     init = Unlearnable.from_model(model, subset, preprocess)
     recipe = recipe_of(config)
-    what_shapes_w_d = json.dumps({k: config.to_dict()[k] for k in ("seed", "data", "model", "pretrain", "unlearn")},
+    what_shapes_w_d = json.dumps({k: config.to_dict()[k] for k in ("seed", "data", "backbone", "model", "pretrain",
+                                                                   "unlearn")},
                                  sort_keys=True)
     params, train_seconds = trained_params(init, train, recipe, os.path.join(workdir, "trained.npz"), config.seed,
                                            config.progress, what_shapes_w_d)
     trained = init.with_params(params)
+    pretrain_acc = "" if np.isnan(pretrain_info["test_acc"]) else f" (test acc {pretrain_info['test_acc']:.1f}%)"
     print(f"D: {len(train)} {config.data.name} images, {train.num_classes} classes; subset {config.unlearn.subset}: "
-          f"{init.num_params:,} parameters; pre-trained on {pretrain_info['data']} "
-          f"(test acc {pretrain_info['test_acc']:.1f}%); trained on D: test acc {metrics.accuracy(trained, test):.1f}%")
+          f"{init.num_params:,} parameters; pre-trained on {pretrain_info['data']}{pretrain_acc}; "
+          f"trained on D: test acc {metrics.accuracy(trained, test):.1f}%")
 
     # A finished (scenario, method) is reused only if everything that shaped it is unchanged: the
     # run's settings and that method's own hyperparameters (not the other methods'; ntk.* are ntk's).

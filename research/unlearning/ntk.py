@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+import tqdm
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -83,9 +84,10 @@ def _sharded_per_sample_jacobian(fn: FlatFn, mesh: Mesh) -> Callable[[jax.Array,
 
 
 def jacobian(fn: FlatFn, theta: jax.Array, images: np.ndarray, *, chunk_size: int = 64,
-             mesh: Mesh | None = None) -> jax.Array:
+             mesh: Mesh | None = None, progress: bool = False) -> jax.Array:
     """J: (N, C, P) float32, d logits[n, c] / d theta, computed ``chunk_size`` samples at a time
-    (sharded over the mesh's ``data`` axis when a mesh is given)."""
+    (sharded over the mesh's ``data`` axis when a mesh is given; a progress bar over the chunks
+    with ``progress``)."""
     if mesh is None:
         jac = jax.jit(_per_sample_jacobian(fn))
     else:
@@ -95,7 +97,8 @@ def jacobian(fn: FlatFn, theta: jax.Array, images: np.ndarray, *, chunk_size: in
         jac = jax.jit(_sharded_per_sample_jacobian(fn, mesh))
         theta = jax.device_put(theta, replicated(mesh))
     parts = []
-    for start, stop in _chunks(len(images), chunk_size):
+    for start, stop in tqdm.tqdm(_chunks(len(images), chunk_size), desc="NTK Jacobian", unit="chunk",
+                                 disable=not progress, leave=False):
         chunk, n = _place(images[start:stop], chunk_size, mesh)
         parts.append(jax.device_get(jac(theta, chunk))[:n])
     return jnp.asarray(np.concatenate(parts))

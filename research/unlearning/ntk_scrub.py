@@ -109,7 +109,7 @@ class ScrubDirection:
 
 
 def scrub_direction(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubConfig(), *,
-                    mesh: Mesh | None = None) -> ScrubDirection:
+                    mesh: Mesh | None = None, progress: bool = False) -> ScrubDirection:
     """The Jacobian (or kernel) and the two ridge solves: everything of the scrub but the step.
     ``info`` holds the parameter count P, the number of outputs N C, the solve space and seconds."""
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def scrub_direction(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubCon
     info = {"num_params": int(w_trained.size), "num_outputs": int(r.size)}
 
     if config.mode == "jacobian":
-        jac = ntk.jacobian(fn, at, images, chunk_size=config.chunk_size, mesh=mesh)
+        jac = ntk.jacobian(fn, at, images, chunk_size=config.chunk_size, mesh=mesh, progress=progress)
         info["jacobian_seconds"] = time.perf_counter() - t0
         space = config.space if config.space != "auto" else ntk.solve_space(r.size, int(at.size))
         w_complete, w_retain = ntk.nested_ridge_solves(jac, r, n_r, n * config.weight_decay,

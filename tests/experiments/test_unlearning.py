@@ -92,6 +92,28 @@ def test_fast_ntk_on_visual_prompts_runs(tmp_path):
     assert results["num_params"] == 2 * 192 + 192 * 10 + 10
 
 
+def test_fast_ntk_on_the_imagenet_efficientnet_runs(tmp_path):
+    from research.data import sources
+    from research.models import efficientnet_lite as effnet
+    pytest.importorskip("torch", reason="the ImageNet weights are read with torch (the `ref` extra)")
+    config = load_config("configs/unlearning.py:fast_ntk_effnet,smoke",
+                         {"methods": "retrain,ntk", "scenarios": "class", "data.train_per_class": 3,
+                          "unlearn.epochs": 1})
+    try:  # the weights' package and the CIFAR-10 sample (RESEARCH_DATA_DIR) must both be here
+        effnet.pretrained_state_dict_path()
+        sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    results = unlearning.main(config, str(tmp_path))
+    assert results["model"] == "efficientnet_lite0" and results["pretrain"]["data"] == "imagenet"
+    assert "pretrain" not in os.listdir(tmp_path)  # no pre-training stage
+    ntk_row = results["scenarios"]["class"]["methods"]["ntk"]
+    # BN affine parameters (2 x 21,008 channels) + a 10-class head on 1,280 features; 30 samples x 10
+    # classes = 300 kernel rows, so the sample-space solve
+    assert results["num_params"] == 2 * 21008 + 1280 * 10 + 10
+    assert ntk_row["info_space"] == "samples" and np.isfinite(ntk_row["gap_to_retrain"])
+
+
 @pytest.mark.parametrize("override, message", [
     ({"methods": "retrain,oracle"}, "methods.: unknown"),
     ({"scenarios": "half"}, "scenarios.: unknown"),
@@ -99,6 +121,9 @@ def test_fast_ntk_on_visual_prompts_runs(tmp_path):
     ({"forget_fraction": 1.5}, "forget_fraction"),
     ({"ntk.scale": "double"}, "ntk.scale"),
     ({"ntk.scale_sweep": "1,two"}, "ntk.scale_sweep"),
+    ({"backbone.source": "hub"}, "backbone.source"),
+    ({"backbone.source": "imagenet"}, "efficientnet_lite0 only"),
+    ({"data.image_size": 64}, "data.image_size"),
 ])
 def test_bad_config_values_fail_with_the_key(tmp_path, override, message):
     config = load_config("configs/unlearning.py:smoke", {**DIGITS, **override})

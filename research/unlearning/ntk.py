@@ -28,6 +28,7 @@ when P < N C (a P x P system instead of an NC x NC one).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import jax
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import tqdm
+from threadpoolctl import threadpool_limits
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -183,11 +185,21 @@ def ntk_vector_product(fn: FlatFn, theta: jax.Array, images: np.ndarray, v: jax.
     return jnp.asarray(np.concatenate(out))
 
 
+# OpenBLAS's multi-threaded Cholesky (dpotrf) segfaults on large matrices: reproduced with the
+# scipy-openblas 0.3.31 wheels (scipy and numpy alike) at n = 16,384 and 20,000 on 2 threads, while
+# n = 12,000 and a single thread at 20,000 were fine. Above this size the factorisation runs on one
+# BLAS thread (20,000: 54 s on this 2-core machine).
+THREADED_CHOLESKY_MAX_N = 8192
+
+
 def cholesky_solve(matrix: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
-    """(A + ridge I)^{-1} rhs in float64 by Cholesky (A symmetric positive semi-definite)."""
-    a = np.asarray(matrix, np.float64)
-    a = a + ridge * np.eye(len(a))
-    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True), np.asarray(rhs, np.float64))
+    """(A + ridge I)^{-1} rhs in float64 by Cholesky (A symmetric positive semi-definite; not modified)."""
+    a = np.array(matrix, np.float64)  # a copy, factorised in place
+    a[np.diag_indices_from(a)] += ridge
+    single_thread = len(a) > THREADED_CHOLESKY_MAX_N
+    with threadpool_limits(1, user_api="blas") if single_thread else contextlib.nullcontext():
+        factor = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True)
+    return scipy.linalg.cho_solve(factor, np.asarray(rhs, np.float64))
 
 
 def solve_space(num_outputs: int, num_params: int) -> str:

@@ -99,6 +99,29 @@ def test_ridge_solve_in_sample_and_parameter_space_agree():
         ntk.ridge_solve(j, r, 0.3, space="rows")
 
 
+@pytest.mark.parametrize("threaded_max_n", [ntk.THREADED_CHOLESKY_MAX_N, 0])  # threaded, then one thread
+def test_cholesky_solve_matches_numpy_and_leaves_its_input_alone(monkeypatch, threaded_max_n):
+    monkeypatch.setattr(ntk, "THREADED_CHOLESKY_MAX_N", threaded_max_n)
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(30, 12))
+    kernel = a @ a.T  # rank 12 < 30: only the ridge makes it invertible
+    before = kernel.copy()
+    rhs = rng.normal(size=30)
+    got = ntk.cholesky_solve(kernel, rhs, 0.1)
+    np.testing.assert_allclose(got, np.linalg.solve(kernel + 0.1 * np.eye(30), rhs), rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(kernel, before)
+
+
+@pytest.mark.slow
+def test_cholesky_solve_of_a_20000_kernel_does_not_crash():
+    """Regression: the threaded OpenBLAS Cholesky segfaulted here (kills the process); 3.2 GB, ~1 min."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20000, 64))
+    rhs = rng.normal(size=20000)
+    x = ntk.cholesky_solve(a @ a.T, rhs, 1.0)
+    np.testing.assert_allclose(a @ (a.T @ x) + x, rhs, rtol=1e-6, atol=1e-6)
+
+
 def test_nested_ridge_solves_equal_two_separate_solves_in_both_spaces():
     rng = np.random.default_rng(1)
     for n, c, p in [(6, 3, 40), (10, 3, 8)]:  # sample space wins, then parameter space

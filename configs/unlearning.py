@@ -98,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ntk.fisher_alpha = 0.0          # 1e-9 adds the paper's Fisher noise
     c.ntk.mode = "jacobian"           # jacobian | vector_products
     c.ntk.space = "auto"              # auto | samples | parameters
+    c.ntk.linearize_at = "init"       # init (the paper) | trained: Jacobian and residual at w(D)
     c.ntk.chunk_size = 64
     c.ntk.scale_sweep = ""            # e.g. "0,1,2,4,8": also measure w(D) + s dw at each s (a diagnostic)
 

@@ -80,7 +80,8 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
         raise cfg.ConfigError(f"backbone.source: imagenet weights exist for efficientnet_lite0 only, "
                               f"not model.name={config.model.name}")
     for key, allowed in (("ntk.loss", ("ce", "mse")), ("ntk.scale", ("trapezium", "none")),
-                         ("ntk.mode", ("jacobian", "vector_products")), ("ntk.space", ("auto", "samples", "parameters"))):
+                         ("ntk.mode", ("jacobian", "vector_products")), ("ntk.space", ("auto", "samples", "parameters")),
+                         ("ntk.linearize_at", ("init", "trained"))):
         cfg.check_choice(config, key, allowed)
     cfg.check(config, "forget_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
     cfg.check(config, "ntk.scale_sweep", _is_float_list, 'comma-separated numbers, e.g. "0,1,2,4" ("" = none)')
@@ -233,7 +234,8 @@ def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, me
     if method == "ntk":
         ntk_config = NTKScrubConfig(loss=config.ntk.loss, weight_decay=recipe.weight_decay, scale=config.ntk.scale,
                                     fisher_alpha=config.ntk.fisher_alpha, mode=config.ntk.mode,
-                                    space=config.ntk.space, chunk_size=config.ntk.chunk_size)
+                                    space=config.ntk.space, linearize_at=config.ntk.linearize_at,
+                                    chunk_size=config.ntk.chunk_size)
         chunk_mesh = mesh if mesh.shape["data"] > 1 and config.ntk.chunk_size % mesh.shape["data"] == 0 else None
         direction = scrub_direction(problem, ntk_config, mesh=chunk_mesh, progress=config.progress)
         params, info = apply_scrub(problem, direction, ntk_config, seed=config.seed)

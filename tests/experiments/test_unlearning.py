@@ -121,6 +121,7 @@ def test_fast_ntk_on_the_imagenet_efficientnet_runs(tmp_path):
     ({"forget_fraction": 1.5}, "forget_fraction"),
     ({"ntk.scale": "double"}, "ntk.scale"),
     ({"ntk.scale_sweep": "1,two"}, "ntk.scale_sweep"),
+    ({"ntk.linearize_at": "final"}, "ntk.linearize_at"),
     ({"backbone.source": "hub"}, "backbone.source"),
     ({"backbone.source": "imagenet"}, "efficientnet_lite0 only"),
     ({"data.image_size": 64}, "data.image_size"),

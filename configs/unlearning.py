@@ -112,22 +112,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.progress = True
     c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
 
-    if "fast_ntk" in presets:
-        c.data.classes = ""
-        c.data.train_per_class = 0
-        c.data.train_total = 5000
-        c.pretrain.data = "cifar100_sample"
-        c.pretrain.classes = ""
-        c.pretrain.label = "coarse_label"
-        c.pretrain.train.update(epochs=60, eval_every_epochs=20)
+    if "fast_ntk" in presets or "fast_ntk_effnet" in presets:  # D: a seeded draw from all of CIFAR-10
+        c.data.update(classes="", train_per_class=0, train_total=5000)
         c.unlearn.subset = "bn_and_head"
+    if "fast_ntk" in presets:
+        c.pretrain.update(data="cifar100_sample", classes="", label="coarse_label")
+        c.pretrain.train.update(epochs=60, eval_every_epochs=20)
     if "fast_ntk_effnet" in presets:
-        c.data.classes = ""
-        c.data.train_per_class = 0
         c.data.train_total = 2000
         c.backbone.source = "imagenet"
         c.model.name = "efficientnet_lite0"
-        c.unlearn.subset = "bn_and_head"
         c.ntk.chunk_size = 32
     if "vit_prompts" in presets:
         c.data.name = "fashion_mnist"

@@ -98,12 +98,15 @@ def jacobian(fn: FlatFn, theta: jax.Array, images: np.ndarray, *, chunk_size: in
                              f"({mesh.shape['data']})")
         jac = jax.jit(_sharded_per_sample_jacobian(fn, mesh))
         theta = jax.device_put(theta, replicated(mesh))
-    parts = []
+    out = None  # filled in place: a list of chunks then a concatenation would hold J twice
     for start, stop in tqdm.tqdm(_chunks(len(images), chunk_size), desc="NTK Jacobian", unit="chunk",
                                  disable=not progress, leave=False):
         chunk, n = _place(images[start:stop], chunk_size, mesh)
-        parts.append(jax.device_get(jac(theta, chunk))[:n])
-    return jnp.asarray(np.concatenate(parts))
+        part = jax.device_get(jac(theta, chunk))[:n]
+        if out is None:
+            out = np.empty((len(images), *part.shape[1:]), part.dtype)
+        out[start:stop] = part
+    return jnp.asarray(out)
 
 
 def flat_rows(jac: jax.Array) -> jax.Array:

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import ml_collections
 import numpy as np
@@ -45,7 +44,7 @@ from research.core.classify import fit_classifier  # noqa: E402
 from research.core.mesh import initialize_distributed, make_mesh  # noqa: E402
 from research.core.records import MetricWriter, write_json_atomic  # noqa: E402
 from research.data import pipeline, sources, streams  # noqa: E402
-from research.data.augment import make_preprocess, normalize  # noqa: E402
+from research.data.augment import make_preprocess, normalize, resize  # noqa: E402
 from research.models import COMPUTE_DTYPES, MODEL_NAMES, build_from_config  # noqa: E402
 from research.models import efficientnet_lite as effnet  # noqa: E402
 
@@ -112,11 +111,6 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
     size = config.data.image_size
     shape = (size, size, input_shape[-1]) if size else tuple(input_shape)
 
-    def resize(images):
-        if not size:
-            return images
-        return jax.image.resize(images.astype(jnp.float32), images.shape[:1] + shape, "bilinear")
-
     def build(seed: int, classes: int, shape_=shape):
         return build_from_config(config.model, num_classes=classes, input_shape=shape_, rngs=nnx.Rngs(seed))
 
@@ -126,7 +120,7 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
         pretrained = nnx.state(reference)
 
         def preprocess(images):
-            return ((resize(images) - effnet.PIXEL_MEAN) / effnet.PIXEL_STD).astype(dtype)
+            return ((resize(images, shape) - effnet.PIXEL_MEAN) / effnet.PIXEL_STD).astype(dtype)
         info = {"source": "imagenet", "weights": config.backbone.weights or effnet.PRETRAINED_PACKAGE}
     else:
         ds = sources.load(config.pretrain.data, source=config.data.source, data_dir=config.data.data_dir or None)
@@ -142,7 +136,7 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
         pretrained = nnx.state(run.model()).filter(nnx.Not(nnx.PathContains("head")))
 
         def preprocess(images):
-            return normalize(resize(images), mean, std, dtype)
+            return normalize(resize(images, shape), mean, std, dtype)
         info = {"source": "pretrain", "data": config.pretrain.data, "test_acc": run.eval_metrics.get("test/accuracy"),
                 "steps": int(run.state.step), "seconds": time.perf_counter() - t0}
 

@@ -34,7 +34,7 @@ from research.core.classify import fit_classifier
 from research.core.mesh import initialize_distributed, make_mesh
 from research.core.records import write_json_atomic
 from research.data import pipeline, sources
-from research.data.augment import make_preprocess, normalize
+from research.data.augment import make_preprocess, normalize, resize
 from research.models import build_from_config, filters
 from research.models import efficientnet_lite as effnet
 from research.unlearning import baselines, metrics
@@ -143,22 +143,16 @@ def model_input_shape(config, stored_shape) -> tuple[int, int, int]:
     return (size, size, stored_shape[-1]) if size else tuple(stored_shape)
 
 
-def resize_to(images: jax.Array, shape) -> jax.Array:
-    """uint8 or float (N, H, W, C) -> float32 (N, *shape), bilinear; a no-op at the stored size."""
-    if tuple(images.shape[1:]) == tuple(shape):
-        return images
-    return jax.image.resize(images.astype(jnp.float32), images.shape[:1] + tuple(shape), "bilinear")
-
-
 def imagenet_backbone(config, input_shape):
     """EfficientNet-Lite0's ImageNet weights (DATA.md): (state without the head, preprocess, info)."""
+    # Any class count: the head is dropped, the model at w_init gets a fresh one for D's classes.
     model = build_from_config(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(config.seed))
     t0 = time.perf_counter()
     effnet.load_pretrained(model, config.backbone.weights, include_head=False)
     state = nnx.state(model).filter(nnx.Not(nnx.PathContains("head")))
 
     def preprocess(images):  # the weights' own input scaling, not per-channel statistics
-        return (resize_to(images, input_shape) - effnet.PIXEL_MEAN) / effnet.PIXEL_STD
+        return (resize(images, input_shape) - effnet.PIXEL_MEAN) / effnet.PIXEL_STD
     info = {"data": "imagenet", "weights": config.backbone.weights or effnet.PRETRAINED_PACKAGE,
             "test_acc": float("nan"), "seconds": time.perf_counter() - t0}
     return state, preprocess, info

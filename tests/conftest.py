@@ -9,3 +9,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def skip_without_imagenet_weights_or_data():
+    """skip(config): skip the test unless torch, the EfficientNet-Lite0 weights' package and
+    ``config.data`` (e.g. the CIFAR-10 sample under RESEARCH_DATA_DIR) are all here."""
+    def skip(config) -> None:
+        from research.data import sources
+        from research.models import efficientnet_lite as effnet
+        pytest.importorskip("torch", reason="the ImageNet weights are read with torch (the `ref` extra)")
+        try:
+            effnet.pretrained_state_dict_path()
+            sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+    return skip

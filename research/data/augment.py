@@ -11,6 +11,13 @@ import jax
 import jax.numpy as jnp
 
 
+def resize(images: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """(N, H, W, C) -> float32 (N, *shape) by bilinear interpolation; unchanged when already that shape."""
+    if tuple(images.shape[1:]) == tuple(shape):
+        return images
+    return jax.image.resize(images.astype(jnp.float32), images.shape[:1] + tuple(shape), "bilinear")
+
+
 def random_crop(images: jax.Array, rng: jax.Array, padding: int) -> jax.Array:
     """Pads (N, H, W, C) by `padding` zeros each side and crops a random H x W window per image."""
     if padding == 0:

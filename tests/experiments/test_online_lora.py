@@ -8,7 +8,7 @@ import pytest
 
 from experiments import online_lora
 from research.core.config import ConfigError, load_config
-from research.data import sources, streams
+from research.data import streams
 
 KEYS = ("avg_acc", "forgetting", "n_plateaus", "seconds")
 # 8 x 8 digits for the stream and the backbone's pre-training (patch size chosen automatically)
@@ -39,15 +39,9 @@ def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
     assert "reusing" not in capsys.readouterr().out
 
 
-def test_efficientnet_lite_stream_trains_lora_on_pointwise_convolutions(tmp_path):
-    from research.models import efficientnet_lite as effnet
-    pytest.importorskip("torch", reason="the ImageNet weights are read with torch (the `ref` extra)")
+def test_efficientnet_lite_stream_trains_lora_on_pointwise_convolutions(tmp_path, skip_without_imagenet_weights_or_data):
     config = load_config("configs/online_lora.py:cifar10,smoke", {"methods": "online_lora"})
-    try:  # the weights' package and the CIFAR-10 sample (RESEARCH_DATA_DIR) must both be here
-        effnet.pretrained_state_dict_path()
-        sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    skip_without_imagenet_weights_or_data(config)
     results = online_lora.main(config, str(tmp_path))
     assert results["backbone"]["source"] == "imagenet" and results["model"] == "efficientnet_lite0"
     assert 0 <= results["methods"]["online_lora"]["avg_acc"] <= 1

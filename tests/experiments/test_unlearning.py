@@ -92,18 +92,11 @@ def test_fast_ntk_on_visual_prompts_runs(tmp_path):
     assert results["num_params"] == 2 * 192 + 192 * 10 + 10
 
 
-def test_fast_ntk_on_the_imagenet_efficientnet_runs(tmp_path):
-    from research.data import sources
-    from research.models import efficientnet_lite as effnet
-    pytest.importorskip("torch", reason="the ImageNet weights are read with torch (the `ref` extra)")
+def test_fast_ntk_on_the_imagenet_efficientnet_runs(tmp_path, skip_without_imagenet_weights_or_data):
     config = load_config("configs/unlearning.py:fast_ntk_effnet,smoke",
                          {"methods": "retrain,ntk", "scenarios": "class", "data.train_per_class": 3,
                           "unlearn.epochs": 1})
-    try:  # the weights' package and the CIFAR-10 sample (RESEARCH_DATA_DIR) must both be here
-        effnet.pretrained_state_dict_path()
-        sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    skip_without_imagenet_weights_or_data(config)
     results = unlearning.main(config, str(tmp_path))
     assert results["model"] == "efficientnet_lite0" and results["pretrain"]["data"] == "imagenet"
     assert "pretrain" not in os.listdir(tmp_path)  # no pre-training stage

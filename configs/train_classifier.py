@@ -16,7 +16,9 @@ Presets:
 import ml_collections
 
 from research.core import config as config_lib
-from research.core import optim
+from research.core.classify import ClassifierTrainConfig
+from research.core.optim import OptimConfig
+from research.models import ModelConfig
 
 PRESETS = ("smoke", "fashion_mnist", "cifar10_sample", "cifar10_sample_vit")
 
@@ -35,30 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.crop_padding = 0         # random-crop padding in pixels (0 = no crop)
     c.data.flip = False             # random horizontal flips
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet20"
-    c.model.dtype = "float32"       # computation dtype: float32 | bfloat16 (params stay float32)
-    # Model-specific options; only those the chosen model takes are passed to it.
-    c.model.width_multiplier = 1.0  # mobilenet_v2
-    c.model.patch_size = 0          # vit_*: 0 = automatic (4 for small images, else 16)
-    c.model.dropout = 0.0           # vit_*
-    c.model.hidden_sizes = (512, 256)  # mlp
-
-    c.optim = optim.default_config()
-
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 128
-    c.train.eval_batch_size = 512
-    c.train.epochs = 30
-    c.train.steps = 0               # > 0 overrides epochs
-    c.train.grad_accum_steps = 1
-    c.train.label_smoothing = 0.0
-    c.train.trainable = "all"       # all | bn | head | backbone | bn_and_head
-    c.train.log_every = 50
-    c.train.eval_every_epochs = 1
-    c.train.checkpoint_every = 500  # steps; 0 = only at the end
-    c.train.progress = True
-
+    c.model = config_lib.section(ModelConfig)
+    c.optim = config_lib.section(OptimConfig)
+    c.train = config_lib.section(ClassifierTrainConfig)
     c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
 
     for preset in presets:

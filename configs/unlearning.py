@@ -28,12 +28,15 @@ Scenarios (``scenarios``): ``class`` forgets every training image of class ``for
 import ml_collections
 
 from research.core import config as config_lib
-from research.core import optim
+from research.core.classify import ClassifierTrainConfig
+from research.core.optim import OptimConfig
+from research.models import ModelConfig
 from research.unlearning import baselines
+from research.unlearning.ntk_scrub import NTKScrubConfig
+from research.unlearning.train import TrainRecipe
 
 PRESETS = ("smoke", "fast_ntk", "fast_ntk_effnet", "vit_prompts")
-METHODS = ("retrain", "ntk", "finetune", "gradient_ascent", "random_labels", "fisher_forgetting",
-           "l1_sparse", "salun", "scrub")
+METHODS = ("retrain", "ntk", *[m for m in baselines.BASELINES if m != "retrain"])
 SCENARIOS = ("class", "random")
 
 
@@ -41,8 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/unlearning.py")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.methods = ",".join(METHODS)     # "ntk" is Fast-NTK when unlearn.subset is not "all"
-    c.scenarios = ",".join(SCENARIOS)
+    c.methods = METHODS               # "ntk" is Fast-NTK when unlearn.subset is not "all"
+    c.scenarios = SCENARIOS
     c.forget_class = 0                # index among the classes of D
     c.forget_fraction = 0.1
 
@@ -50,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.name = "cifar10_sample"
     c.data.source = "auto"            # auto | offline | hub
     c.data.data_dir = ""              # folder with cifar/*.npz ("" = $RESEARCH_DATA_DIR)
-    c.data.classes = "0,1,2,3,4"      # classes of D ("" = all)
+    c.data.classes = (0, 1, 2, 3, 4)  # classes of D (() = all)
     c.data.train_per_class = 100      # images per class in D (0 = all)
     c.data.train_total = 0            # > 0: cap D at this many images (seeded), after train_per_class
     c.data.image_size = 0             # backbone.source=imagenet: resize to this side on the device (0 = as stored)
@@ -59,48 +62,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.backbone.source = "pretrain"    # pretrain: the stage below; imagenet: EfficientNet-Lite0's ImageNet weights
     c.backbone.weights = ""           # imagenet: "" = the installed weights package, or a converted orbax folder
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet20"
-    c.model.dtype = "float32"
-    c.model.depth = 0                 # vit_*: 0 = the model's default
-    c.model.patch_size = 0            # vit_*: 0 = automatic
-    c.model.dropout = 0.0
-    c.model.hidden_sizes = (512, 256)  # mlp
+    c.model = config_lib.section(ModelConfig)
 
-    # Pre-training of the backbone on data disjoint from D (configs/train_classifier.py fields).
+    # Pre-training of the backbone on data disjoint from D.
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.data = "cifar10_sample"
-    c.pretrain.classes = "5,6,7,8,9"  # "" = all classes of pretrain.data
+    c.pretrain.classes = (5, 6, 7, 8, 9)  # () = all classes of pretrain.data
     c.pretrain.label = "label"        # label column (cifar100_sample also has "coarse_label")
     c.pretrain.workdir = ""           # "" = WORKDIR/pretrain; another run's folder reuses its checkpoint
     c.pretrain.crop_padding = 4
     c.pretrain.flip = True
-    c.pretrain.optim = optim.default_config()
-    c.pretrain.optim.update(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_steps=50)
-    c.pretrain.train = ml_collections.ConfigDict(dict(
-        batch_size=128, eval_batch_size=500, epochs=30, steps=0, grad_accum_steps=1, label_smoothing=0.0,
-        log_every=50, eval_every_epochs=10, checkpoint_every=500, progress=True))
+    c.pretrain.optim = config_lib.section(OptimConfig, lr=0.1, warmup_steps=50)
+    c.pretrain.train = config_lib.section(ClassifierTrainConfig, eval_batch_size=500, eval_every_epochs=10)
 
     # Training on D (the model to unlearn) and the retrain baseline on D_r: the same recipe.
-    c.unlearn = ml_collections.ConfigDict()
-    c.unlearn.subset = "all"          # all | bn_and_head | bn | head | prompts_and_head | prompts
-    c.unlearn.num_prompts = 10        # vit + prompts*: prompt tokens
-    c.unlearn.deep_prompts = False
-    c.unlearn.lr = 0.01
-    c.unlearn.momentum = 0.9
-    c.unlearn.weight_decay = 5e-4
-    c.unlearn.epochs = 30
-    c.unlearn.batch_size = 64
-
-    c.ntk = ml_collections.ConfigDict()
-    c.ntk.loss = "ce"                 # ce | mse
-    c.ntk.scale = "trapezium"         # trapezium | none
-    c.ntk.fisher_alpha = 0.0          # 1e-9 adds the paper's Fisher noise
-    c.ntk.mode = "jacobian"           # jacobian | vector_products
-    c.ntk.space = "auto"              # auto | samples | parameters
-    c.ntk.linearize_at = "init"       # init (the paper) | trained: Jacobian and residual at w(D)
-    c.ntk.chunk_size = 64
-    c.ntk.scale_sweep = ""            # e.g. "0,1,2,4,8": also measure w(D) + s dw at each s (a diagnostic)
+    c.unlearn = config_lib.section(TrainRecipe, epochs=30)
+    c.ntk = config_lib.section(NTKScrubConfig)  # weight_decay None: the ridge uses unlearn.weight_decay
 
     # Every baseline's hyperparameters (defaults and their sources: research/unlearning/baselines.py).
     # Their learning rates are for a model trained at unlearn.lr = 0.01; the experiment multiplies them by
@@ -113,10 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
 
     if "fast_ntk" in presets or "fast_ntk_effnet" in presets:  # D: a seeded draw from all of CIFAR-10
-        c.data.update(classes="", train_per_class=0, train_total=5000)
+        c.data.update(classes=(), train_per_class=0, train_total=5000)
         c.unlearn.subset = "bn_and_head"
     if "fast_ntk" in presets:
-        c.pretrain.update(data="cifar100_sample", classes="", label="coarse_label")
+        c.pretrain.update(data="cifar100_sample", classes=(), label="coarse_label")
         c.pretrain.train.update(epochs=60, eval_every_epochs=20)
     if "fast_ntk_effnet" in presets:
         c.data.train_total = 2000
@@ -124,30 +101,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.name = "efficientnet_lite0"
         c.ntk.chunk_size = 32
     if "vit_prompts" in presets:
-        c.data.name = "fashion_mnist"
-        c.data.classes = ""
-        c.data.train_per_class = 500
-        c.model.name = "vit_tiny"
-        c.model.depth = 4
-        c.model.patch_size = 7
-        c.pretrain.data = "mnist"
-        c.pretrain.classes = ""
-        c.pretrain.crop_padding = 0
-        c.pretrain.flip = False
-        c.pretrain.optim.update(name="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine", warmup_steps=100,
-                                grad_clip_norm=1.0)
+        c.data.update(name="fashion_mnist", classes=(), train_per_class=500)
+        c.model.update(name="vit_tiny", depth=4, patch_size=7)
+        c.pretrain.update(data="mnist", classes=(), crop_padding=0, flip=False)
+        c.pretrain.optim.update(name="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=100, grad_clip_norm=1.0)
         c.pretrain.train.update(epochs=2, eval_every_epochs=1)
         c.unlearn.subset = "prompts_and_head"
     if any(p in presets for p in ("fast_ntk", "fast_ntk_effnet", "vit_prompts")):
         # A few thousand parameters from a fresh head: a larger lr, fewer epochs, larger batches.
         c.unlearn.update(lr=0.05, epochs=10, batch_size=128)
     if "smoke" in presets:
-        c.data.train_per_class = 8
-        c.data.train_total = 0
+        c.data.update(train_per_class=8, train_total=0)
         c.pretrain.train.update(batch_size=32, eval_batch_size=64, epochs=0, steps=3, log_every=1,
                                 checkpoint_every=3, progress=False)
-        c.unlearn.epochs = 2
-        c.unlearn.batch_size = 16
+        c.unlearn.update(epochs=2, batch_size=16)
         c.ntk.chunk_size = 8
         c.eval_batch_size = 64
         c.progress = False

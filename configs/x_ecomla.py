@@ -18,8 +18,9 @@ Other choices: ``--config.upcycle.rope_mode=split`` (the reference), ``rank_ener
 """
 import ml_collections
 
+from research.attention.upcycle import UpcycleConfig
 from research.core import config as config_lib
-from research.core import optim
+from research.core.optim import OptimConfig
 
 PRESETS = ("smoke", "kv25", "kv50")
 
@@ -45,30 +46,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.calibration_windows = 8   # training windows for 2-norm RoPE choice / activation-aware SVD
     c.data.max_train_windows = 0     # 0 = every training window
 
-    c.upcycle = ml_collections.ConfigDict()
-    c.upcycle.kv_rank = 56
-    c.upcycle.q_rank = 0             # 0 = queries not compressed (they are not cached)
-    c.upcycle.rope_dim = 4
-    c.upcycle.rope_mode = "2norm"    # split | high | low | uniform | 2norm
-    c.upcycle.rope_key = "shared"    # shared | per_kv_head
-    c.upcycle.rank_energy = 0.0      # > 0: per-layer ranks keeping this fraction of sigma^2
-    c.upcycle.fixed_rank_layers = "" # comma-separated layer indices kept at kv_rank under rank_energy
-    c.upcycle.activation_aware = True   # factor W L with L L^T = calibration input covariance
-    c.upcycle.kv_svd_rows = "used"   # used | all (the reference's SVD also factors the RoPE rows)
-    c.upcycle.gqa_layers = ""        # comma-separated layers that stay GQA
-    c.upcycle.auto_gqa_layers = 0    # + this many layers with the largest KV factorisation error
+    c.upcycle = config_lib.section(UpcycleConfig, kv_rank=56, rope_dim=4, activation_aware=True)
 
     c.distill = ml_collections.ConfigDict()
     c.distill.temperature = 1.0
     c.distill.ce_weight = 0.0
     c.distill.trainable = "all"      # all | attention
 
-    c.optim = optim.default_config()
-    c.optim.name = "adamw"
-    c.optim.lr = 2e-4
-    c.optim.weight_decay = 0.0
-    c.optim.warmup_steps = 10
-    c.optim.grad_clip_norm = 1.0
+    c.optim = config_lib.section(OptimConfig, name="adamw", lr=2e-4, weight_decay=0.0, warmup_steps=10,
+                                 grad_clip_norm=1.0)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 120

@@ -15,28 +15,22 @@ import jax
 import ml_collections
 from flax import nnx
 
-from research.core import cli, config as cfg, optim
-from research.core.classify import fit_classifier
+from research.core import cli, config as cfg
+from research.core.classify import ClassifierTrainConfig, fit_classifier
+from research.core.optim import OptimConfig
 from research.core.mesh import initialize_distributed, make_mesh
 from research.core.records import plot_curves, write_json_atomic
 from research.data import pipeline, sources
 from research.data.augment import make_preprocess
-from research.models import COMPUTE_DTYPES, MODEL_NAMES, build_from_config
-from research.models.filters import PARAM_SUBSETS, param_filter
+from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    cfg.check_choice(config, "model.name", MODEL_NAMES)
-    cfg.check_choice(config, "model.dtype", COMPUTE_DTYPES)
+    cfg.build(ModelConfig, config, "model")
+    cfg.build(OptimConfig, config, "optim")
+    cfg.build(ClassifierTrainConfig, config, "train")
     cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
     cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
-    cfg.check_choice(config, "train.trainable", PARAM_SUBSETS)
-    cfg.check(config, "train.batch_size", lambda v: v > 0, "a positive int")
-    cfg.check(config, "train.eval_batch_size", lambda v: v > 0, "a positive int")
-    cfg.check(config, "train.grad_accum_steps", lambda v: v > 0 and config.train.batch_size % v == 0,
-              "a positive divisor of train.batch_size")
-    cfg.check(config, "train.epochs", lambda v: v > 0 or config.train.steps > 0, "> 0 (or set train.steps)")
     cfg.check(config, "data.crop_padding", lambda v: v >= 0, "an int >= 0")
-    optim.validate(config)
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -61,7 +55,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               rngs=nnx.Rngs(config.seed))
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     run = fit_classifier(model, train, test, config, preprocess=preprocess, mesh=mesh, workdir=workdir,
-                         trainable=param_filter(model, config.train.trainable), seed=config.seed)
+                         seed=config.seed)
     state, train_metrics, eval_metrics = run.state, run.train_metrics, run.eval_metrics
     results_path = os.path.join(workdir, "results.json")
     if not train_metrics and os.path.exists(results_path):  # a finished run resumed: keep its training record

@@ -15,6 +15,7 @@ WORKDIR receives results.json, results.md (the tables), unlearning.png and one J
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -29,13 +30,13 @@ from jax.flatten_util import ravel_pytree
 from research.adapters.prompts import PromptedViT, prompt_and_head_filter, prompt_filter
 from research.core import cli
 from research.core import config as cfg
-from research.core import optim
-from research.core.classify import fit_classifier
+from research.core.classify import ClassifierTrainConfig, fit_classifier
+from research.core.optim import OptimConfig
 from research.core.mesh import initialize_distributed, make_mesh
 from research.core.records import write_json_atomic
 from research.data import pipeline, sources
 from research.data.augment import make_preprocess, normalize, resize
-from research.models import build_from_config, filters
+from research.models import ModelConfig, build_from_config, filters
 from research.models import efficientnet_lite as effnet
 from research.unlearning import baselines, metrics
 from research.unlearning.model import ForgetProblem, Unlearnable
@@ -43,64 +44,47 @@ from research.unlearning.ntk_scrub import NTKScrubConfig, apply_scrub, scrub_dir
 from research.unlearning.train import TrainRecipe, fit
 
 BACKBONE_SOURCES = ("pretrain", "imagenet")
-SUBSETS = ("all", "bn_and_head", "bn", "head", "prompts_and_head", "prompts")
 METHOD_NAMES = ("retrain", "ntk", *[m for m in baselines.BASELINES if m != "retrain"])
 SCENARIOS = ("class", "random")
 REPORTED = ("retain_acc", "forget_acc", "test_acc", "mia")
 BASELINE_REFERENCE_LR = 0.01  # the training lr that the baselines' default lrs were chosen for
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _is_float_list(text: str) -> bool:
-    try:
-        return isinstance(text, str) and all(map(np.isfinite, _floats(text)))
-    except ValueError:
-        return False
-
-
-def _ints(text: str) -> list[int]:
-    return [int(c) for c in text.split(",") if c.strip()]
-
-
-def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], TrainRecipe, NTKScrubConfig]:
+    """(methods, scenarios, recipe, ntk settings); the sections' own checks live in their dataclasses."""
     methods = cfg.check_names(config, "methods", METHOD_NAMES)
     if "retrain" not in methods:
         methods.insert(0, "retrain")  # gap_to_retrain needs it
     scenarios = cfg.check_names(config, "scenarios", SCENARIOS)
-    cfg.check_choice(config, "unlearn.subset", SUBSETS)
+    model = cfg.build(ModelConfig, config, "model")
+    recipe = cfg.build(TrainRecipe, config, "unlearn")
+    ntk_config = cfg.build(NTKScrubConfig, config, "ntk")
+    if ntk_config.weight_decay is None:  # the ridge is the training run's L2 (|S| wd)
+        ntk_config = dataclasses.replace(ntk_config, weight_decay=recipe.weight_decay)
+    cfg.build(OptimConfig, config, "pretrain.optim")
+    cfg.build(ClassifierTrainConfig, config, "pretrain.train")
     cfg.check_choice(config, "backbone.source", BACKBONE_SOURCES)
     cfg.check(config, "data.image_size", lambda v: v >= 0, "0 (as stored) or a side in pixels")
+    cfg.check(config, "forget_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
+    cfg.check(config, "eval_batch_size", lambda v: v > 0, "a positive int")
     if config.data.image_size and config.backbone.source != "imagenet":
         raise cfg.ConfigError(f"data.image_size: {config.data.image_size} resizes for the ImageNet backbone only "
                               f"(backbone.source=imagenet); the pre-training stage uses the stored size, so use 0")
-    if config.backbone.source == "imagenet" and config.model.name != "efficientnet_lite0":
+    if config.backbone.source == "imagenet" and model.name != "efficientnet_lite0":
         raise cfg.ConfigError(f"backbone.source: imagenet weights exist for efficientnet_lite0 only, "
-                              f"not model.name={config.model.name}")
-    for key, allowed in (("ntk.loss", ("ce", "mse")), ("ntk.scale", ("trapezium", "none")),
-                         ("ntk.mode", ("jacobian", "vector_products")), ("ntk.space", ("auto", "samples", "parameters")),
-                         ("ntk.linearize_at", ("init", "trained"))):
-        cfg.check_choice(config, key, allowed)
-    cfg.check(config, "forget_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
-    cfg.check(config, "ntk.scale_sweep", _is_float_list, 'comma-separated numbers, e.g. "0,1,2,4" ("" = none)')
-    for key in ("unlearn.epochs", "unlearn.batch_size", "ntk.chunk_size", "eval_batch_size"):
-        cfg.check(config, key, lambda v: v > 0, "a positive int")
-    is_vit = config.model.name.startswith("vit")
-    if config.unlearn.subset.startswith("prompts") and not is_vit:
-        raise cfg.ConfigError(f"unlearn.subset: {config.unlearn.subset} needs a ViT (model.name vit_tiny | vit_small), "
-                              f"not {config.model.name}")
-    optim.validate(config, "pretrain.optim")
-    return methods, scenarios
+                              f"not model.name={model.name}")
+    if recipe.subset.startswith("prompts") and not model.name.startswith("vit"):
+        raise cfg.ConfigError(f"unlearn.subset: {recipe.subset} needs a ViT (model.name vit_tiny | vit_small), "
+                              f"not {model.name}")
+    return methods, scenarios, recipe, ntk_config
 
 
 # ------------------------------------------------------------------------------------------- data
 
-def load_arrays(name: str, config, classes: str, label: str = "label"):
+def load_arrays(name: str, config, classes: tuple[int, ...], label: str = "label"):
     ds = sources.load(name, source=config.data.source, data_dir=config.data.data_dir or None)
     train, test = pipeline.to_arrays(ds["train"], label), pipeline.to_arrays(ds["test"], label)
-    chosen = _ints(classes)
+    chosen = list(classes)
     if chosen:
         bad = [c for c in chosen if not 0 <= c < train.num_classes]
         if bad:
@@ -181,23 +165,16 @@ def pretrained_backbone(config, mesh, workdir: str, input_shape):
     return state, (lambda images: normalize(images, mean, std)), info
 
 
-def model_at_init(config, backbone_state, num_classes: int, input_shape) -> tuple[nnx.Module, object]:
+def model_at_init(config, recipe: TrainRecipe, backbone_state, num_classes: int,
+                  input_shape) -> tuple[nnx.Module, object]:
     """The model at w_init (pre-trained backbone, fresh head / prompts) and the filter of its subset."""
     model = build_from_config(config.model, num_classes=num_classes, input_shape=input_shape,
                               rngs=nnx.Rngs(config.seed + 1))
     nnx.update(model, backbone_state)
-    subset = config.unlearn.subset
-    if subset.startswith("prompts"):
-        model = PromptedViT(model, config.unlearn.num_prompts, deep=config.unlearn.deep_prompts,
-                            rngs=nnx.Rngs(config.seed + 2))
-        return model, prompt_and_head_filter() if subset == "prompts_and_head" else prompt_filter()
-    return model, filters.param_filter(model, subset)
-
-
-def recipe_of(config) -> TrainRecipe:
-    u = config.unlearn
-    return TrainRecipe(lr=u.lr, momentum=u.momentum, weight_decay=u.weight_decay, epochs=u.epochs,
-                       batch_size=u.batch_size, schedule="cosine")
+    if recipe.subset.startswith("prompts"):
+        model = PromptedViT(model, recipe.num_prompts, deep=recipe.deep_prompts, rngs=nnx.Rngs(config.seed + 2))
+        return model, prompt_and_head_filter() if recipe.subset == "prompts_and_head" else prompt_filter()
+    return model, filters.param_filter(model, recipe.subset)
 
 
 def trained_params(init: Unlearnable, train, recipe: TrainRecipe, path: str, seed: int, progress: bool,
@@ -223,14 +200,10 @@ def trained_params(init: Unlearnable, train, recipe: TrainRecipe, path: str, see
 
 # --------------------------------------------------------------------------------------- methods
 
-def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, mesh):
+def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, ntk_config: NTKScrubConfig, mesh):
     """(params, info) of one method."""
     if method == "ntk":
-        ntk_config = NTKScrubConfig(loss=config.ntk.loss, weight_decay=recipe.weight_decay, scale=config.ntk.scale,
-                                    fisher_alpha=config.ntk.fisher_alpha, mode=config.ntk.mode,
-                                    space=config.ntk.space, linearize_at=config.ntk.linearize_at,
-                                    chunk_size=config.ntk.chunk_size)
-        chunk_mesh = mesh if mesh.shape["data"] > 1 and config.ntk.chunk_size % mesh.shape["data"] == 0 else None
+        chunk_mesh = mesh if mesh.shape["data"] > 1 and ntk_config.chunk_size % mesh.shape["data"] == 0 else None
         direction = scrub_direction(problem, ntk_config, mesh=chunk_mesh, progress=config.progress)
         params, info = apply_scrub(problem, direction, ntk_config, seed=config.seed)
         return params, {**info, "direction": direction.dw}  # main takes dw out for the scale sweep
@@ -244,7 +217,7 @@ def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, me
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    methods, scenarios = validate(config)
+    methods, scenarios, recipe, ntk_config = validate(config)
     start = time.perf_counter()
     initialize_distributed()
     mesh = make_mesh(config.mesh)
@@ -254,9 +227,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train, test = data_of_d(config)
     input_shape = model_input_shape(config, train.images.shape[1:])
     backbone_state, preprocess, pretrain_info = pretrained_backbone(config, mesh, workdir, input_shape)
-    model, subset = model_at_init(config, backbone_state, train.num_classes, input_shape)
+    model, subset = model_at_init(config, recipe, backbone_state, train.num_classes, input_shape)
     init = Unlearnable.from_model(model, subset, preprocess)
-    recipe = recipe_of(config)
     what_shapes_w_d = json.dumps({k: config.to_dict()[k] for k in ("seed", "data", "backbone", "model", "pretrain",
                                                                    "unlearn")},
                                  sort_keys=True)
@@ -264,7 +236,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            config.progress, what_shapes_w_d)
     trained = init.with_params(params)
     pretrain_acc = "" if np.isnan(pretrain_info["test_acc"]) else f" (test acc {pretrain_info['test_acc']:.1f}%)"
-    print(f"D: {len(train)} {config.data.name} images, {train.num_classes} classes; subset {config.unlearn.subset}: "
+    print(f"D: {len(train)} {config.data.name} images, {train.num_classes} classes; subset {recipe.subset}: "
           f"{init.num_params:,} parameters; pre-trained on {pretrain_info['data']}{pretrain_acc}; "
           f"trained on D: test acc {metrics.accuracy(trained, test):.1f}%")
 
@@ -289,13 +261,13 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 rows[method] = saved["result"]
                 continue
             t0 = time.perf_counter()
-            new_params, info = unlearn(method, problem, config, recipe, mesh)
+            new_params, info = unlearn(method, problem, config, recipe, ntk_config, mesh)
             jax.block_until_ready(new_params)
             seconds = time.perf_counter() - t0
             dw = info.pop("direction", None)
-            if dw is not None and config.ntk.scale_sweep:  # a diagnostic, after the timed scrub
+            if dw is not None and ntk_config.scale_sweep:  # a diagnostic, after the timed scrub
                 info["sweep"] = [{"scale": s, **metrics.unlearning_metrics(trained, step_along(problem, dw, s), problem)}
-                                 for s in _floats(config.ntk.scale_sweep)]
+                                 for s in ntk_config.scale_sweep]
             row = {**metrics.unlearning_metrics(trained, new_params, problem), "seconds": seconds,
                    **{f"info_{k}": v for k, v in info.items()}}
             rows[method] = row
@@ -309,7 +281,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results[scenario] = {"n_retain": len(retain), "n_forget": len(forget), "n_test": len(scenario_test),
                              "methods": rows}
 
-    summary = {"scenarios": results, "model": config.model.name, "subset": config.unlearn.subset,
+    summary = {"scenarios": results, "model": config.model.name, "subset": recipe.subset,
                "num_params": init.num_params, "data": config.data.name, "n_train": len(train),
                "pretrain": pretrain_info, "train_seconds": train_seconds,
                "wall_time_s": time.perf_counter() - start, "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
@@ -318,7 +290,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
     plot_results(summary, os.path.join(workdir, "unlearning.png"))
-    if config.ntk.scale_sweep and "ntk" in methods:
+    if ntk_config.scale_sweep and "ntk" in methods:
         plot_sweep(summary, os.path.join(workdir, "ntk_scale_sweep.png"))
     print(table)
     return summary

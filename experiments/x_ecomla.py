@@ -18,10 +18,10 @@ import numpy as np
 from flax import nnx
 
 from research.attention.ops import ATTENTION_IMPLS
-from research.attention.upcycle import KV_SVD_ROWS, ROPE_KEYS, ROPE_MODES, UpcycleConfig, upcycle_gqa_to_mla
+from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core import cli, config as cfg, optim
 from research.core.checkpoint import Checkpointer
-from research.core.config import ConfigError
+from research.core.optim import OptimConfig
 from research.core.loop import fit
 from research.core.mesh import batch_sharding, initialize_distributed, make_mesh, replicated, state_shardings
 from research.core.records import MetricWriter, plot_curves, write_json_atomic
@@ -36,35 +36,18 @@ MODEL_SOURCES = ("gguf", "hf", "converted", "random")
 TRAINABLE = ("all", "attention")
 
 
-def layer_list(config: ml_collections.ConfigDict, key: str) -> tuple[int, ...]:
-    """ "0,29" -> (0, 29); a one-line ConfigError naming the key otherwise."""
-    text = str(cfg.get(config, key)).strip()
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ConfigError(f"config key '{key}' = {text!r} is not allowed; expected comma-separated layer indices") from None
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> tuple[UpcycleConfig, OptimConfig]:
     cfg.check_choice(config, "model.source", MODEL_SOURCES)
     cfg.check_choice(config, "model.dtype", DTYPES)
     cfg.check_choice(config, "model.attention_impl", ATTENTION_IMPLS)
-    cfg.check_choice(config, "upcycle.rope_mode", ROPE_MODES)
-    cfg.check_choice(config, "upcycle.rope_key", ROPE_KEYS)
-    cfg.check_choice(config, "upcycle.kv_svd_rows", KV_SVD_ROWS)
     cfg.check_choice(config, "distill.trainable", TRAINABLE)
-    for key in ("upcycle.kv_rank", "data.seq_len", "data.eval_windows", "data.calibration_windows",
-                "train.steps", "train.batch_size"):
+    for key in ("data.seq_len", "data.eval_windows", "data.calibration_windows", "train.steps", "train.batch_size"):
         cfg.check(config, key, lambda v: v > 0, "a positive int")
-    cfg.check(config, "upcycle.rope_dim", lambda v: v >= 2 and v % 2 == 0, "an even int >= 2")
-    cfg.check(config, "upcycle.rank_energy", lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
     cfg.check(config, "data.heldout_every", lambda v: v >= 2, "an int >= 2")
     cfg.check(config, "distill.temperature", lambda v: v > 0, "> 0")
     cfg.check(config, "train.grad_accum_steps", lambda v: v > 0 and config.train.batch_size % v == 0,
               "a positive divisor of train.batch_size")
-    layer_list(config, "upcycle.gqa_layers")
-    layer_list(config, "upcycle.fixed_rank_layers")
-    optim.validate(config)
+    return cfg.build(UpcycleConfig, config, "upcycle"), cfg.build(OptimConfig, config, "optim")
 
 
 def load_teacher(config: ml_collections.ConfigDict):
@@ -89,15 +72,6 @@ def load_teacher(config: ml_collections.ConfigDict):
     return small, Llama(small, rngs=nnx.Rngs(config.seed)), tokenizer
 
 
-def upcycle_config(config: ml_collections.ConfigDict) -> UpcycleConfig:
-    u = config.upcycle
-    return UpcycleConfig(kv_rank=u.kv_rank, q_rank=u.q_rank, rope_dim=u.rope_dim, rope_mode=u.rope_mode,
-                         rope_key=u.rope_key, rank_energy=u.rank_energy,
-                         fixed_rank_layers=layer_list(config, "upcycle.fixed_rank_layers"),
-                         activation_aware=u.activation_aware, kv_svd_rows=u.kv_svd_rows,
-                         gqa_layers=layer_list(config, "upcycle.gqa_layers"), auto_gqa_layers=u.auto_gqa_layers)
-
-
 def text_windows(config: ml_collections.ConfigDict, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(train windows, held-out windows), each (N, seq_len + 1), from KJV chapters."""
     d = config.data
@@ -115,7 +89,7 @@ def trainable_filter(name: str):
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    validate(config)
+    upcycle, opt = validate(config)
     start_time = time.perf_counter()
     initialize_distributed()
     mesh = make_mesh(config.mesh)
@@ -125,7 +99,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_config, teacher, tokenizer = load_teacher(config)
     train_windows, heldout_windows = text_windows(config, tokenizer)
     calibration = train_windows[:config.data.calibration_windows, :-1]
-    student, report = upcycle_gqa_to_mla(teacher, upcycle_config(config), calibration)
+    student, report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
     write_json_atomic(os.path.join(workdir, "upcycle.json"), report)
 
     eval_batch = config.train.batch_size
@@ -135,7 +109,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"held-out perplexity: teacher {teacher_eval['ppl']:.3f}, student at initialisation {init_eval['ppl']:.3f}")
 
     steps = config.train.steps
-    tx = optim.make_optimizer(config.optim, steps)
+    tx = optim.make_optimizer(opt, steps)
     defs, state = create_train_state(student, tx, trainable_filter(config.distill.trainable), config.seed)
     state, shardings = place_on_mesh(state, mesh)
     teacher_graphdef, teacher_state = nnx.split(teacher)
@@ -157,7 +131,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every or steps)
     state, train_metrics, _ = fit(
         state, lambda s, batch: kd_step(s, teacher_state, batch), next_batch, steps, mesh=mesh, writer=writer,
-        checkpointer=checkpointer, learning_rate=optim.make_schedule(config.optim, steps),
+        checkpointer=checkpointer, learning_rate=optim.make_schedule(opt, steps),
         log_every=config.train.log_every, progress=config.train.progress)
     checkpointer.close()
 

@@ -1,5 +1,7 @@
-"""JAX/Flax research framework: compression, efficient adaptation and machine unlearning."""
+"""JAX/Flax research framework: compression, efficient adaptation and machine unlearning.
 
-from research.core import tracing as _tracing
-
-_tracing.install()  # linear-time tracing of BatchNorm updates (see research/core/tracing.py)
+Importing the library changes no global JAX or Flax setting. On jax versions whose tracers walk
+the whole trace on ``.sharding`` (see research/core/tracing.py), call
+``research.core.tracing.install()`` once for linear-time tracing of networks with many BatchNorm
+layers; the command-line entry (``research.core.cli.run``) does.
+"""

@@ -10,6 +10,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from research.core import tracing  # noqa: E402
+
+tracing.install()  # as the command-line entry does: linear-time tracing of BatchNorm updates
+
 
 import pytest  # noqa: E402
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -44,43 +44,46 @@ from flax import nnx
 from research.attention.mla import MLAConfig, MLAttention
 from research.attention.ops import attention_ops
 from research.attention.rope import inverse_frequencies
+from research.core import config as config_lib
 from research.models.llama import GQAttention, Llama, layer_runs, set_param, stacked_layers, zeros_module
-
-ROPE_MODES = ("split", "high", "low", "uniform", "2norm")
-ROPE_KEYS = ("shared", "per_kv_head")
-KV_SVD_ROWS = ("used", "all")
-
 
 @dataclasses.dataclass(frozen=True)
 class UpcycleConfig:
+    """How each GQA layer becomes MLA; the ``upcycle`` section of configs/x_ecomla.py."""
     kv_rank: int = 128                    # r_kv (fixed rank, or the rank of fixed_rank_layers)
     q_rank: int = 0                       # r_q; 0 = W_q kept whole (no query compression)
     rope_dim: int = 32                    # d_r per head, even, <= head_dim
-    rope_mode: str = "2norm"              # ROPE_MODES
-    rope_key: str = "shared"              # ROPE_KEYS
-    rank_energy: float = 0.0              # > 0: per-layer ranks from this energy fraction
-    fixed_rank_layers: tuple[int, ...] = ()
-    activation_aware: bool = False        # factor W L (calibration) instead of W
-    kv_svd_rows: str = "used"             # KV_SVD_ROWS
+    rope_mode: Literal["split", "high", "low", "uniform", "2norm"] = "2norm"
+    rope_key: Literal["shared", "per_kv_head"] = "shared"
+    rank_energy: float = 0.0              # > 0: per-layer ranks keeping this fraction of sigma^2
+    fixed_rank_layers: tuple[int, ...] = ()  # kept at kv_rank under rank_energy
+    activation_aware: bool = False        # factor W L (L L^T = calibration input covariance) instead of W
+    kv_svd_rows: Literal["used", "all"] = "used"  # all: the reference's SVD also factors the RoPE rows
     gqa_layers: tuple[int, ...] = ()      # layers that stay GQA
     auto_gqa_layers: int = 0              # and this many more, by largest KV factorisation error
 
+    def __post_init__(self):
+        config_lib.check_fields(self)
+        config_lib.require(self, "kv_rank", self.kv_rank >= 1, "a positive int")
+        config_lib.require(self, "q_rank", self.q_rank >= 0, "an int >= 0 (0 = no query compression)")
+        config_lib.require(self, "rope_dim", self.rope_dim >= 2 and self.rope_dim % 2 == 0, "an even int >= 2")
+        config_lib.require(self, "rank_energy", 0 <= self.rank_energy <= 1, "a fraction in [0, 1]")
+        config_lib.require(self, "auto_gqa_layers", self.auto_gqa_layers >= 0, "an int >= 0")
+
     def validate(self, head_dim: int, num_layers: int) -> None:
+        """The checks that need the model: rope_dim <= head_dim, layer indices in range."""
         def fail(msg):
             raise ValueError(f"upcycle: {msg}")
-        if self.rope_mode not in ROPE_MODES:
-            fail(f"unknown rope_mode {self.rope_mode!r}; choose one of: {', '.join(ROPE_MODES)}")
-        if self.rope_key not in ROPE_KEYS:
-            fail(f"unknown rope_key {self.rope_key!r}; choose one of: {', '.join(ROPE_KEYS)}")
-        if self.kv_svd_rows not in KV_SVD_ROWS:
-            fail(f"unknown kv_svd_rows {self.kv_svd_rows!r}; choose one of: {', '.join(KV_SVD_ROWS)}")
-        if self.rope_dim % 2 or not 2 <= self.rope_dim <= head_dim:
+        if self.rope_dim > head_dim:
             fail(f"rope_dim must be even and in [2, head_dim={head_dim}], got {self.rope_dim}")
-        if self.kv_rank < 1 or self.q_rank < 0 or not 0 <= self.rank_energy <= 1:
-            fail(f"need kv_rank >= 1, q_rank >= 0 and rank_energy in [0, 1]: {self}")
         bad = [i for i in (*self.gqa_layers, *self.fixed_rank_layers) if not 0 <= i < num_layers]
         if bad or not 0 <= self.auto_gqa_layers + len(set(self.gqa_layers)) <= num_layers:
             fail(f"layer indices must lie in [0, {num_layers}) and GQA layers be at most {num_layers}: {self}")
+
+
+ROPE_MODES = config_lib.choices(UpcycleConfig, "rope_mode")
+ROPE_KEYS = config_lib.choices(UpcycleConfig, "rope_key")
+KV_SVD_ROWS = config_lib.choices(UpcycleConfig, "kv_svd_rows")
 
 
 # ----------------------------------------------------------------------------- RoPE pair choice

@@ -2,13 +2,14 @@
 
 ``fit_classifier`` composes the pieces of research.core (optimizer, train/eval steps on the mesh,
 the resumable loop, TensorBoard) for one model and one pair of splits. It reads only the
-``optim`` and ``train`` sections of a config (see configs/train_classifier.py for their fields)
-and writes only under ``workdir``: ``tb/`` and ``checkpoints/``.
+``optim`` (`OptimConfig`) and ``train`` (`ClassifierTrainConfig`) sections of a config and writes
+only under ``workdir``: ``tb/`` and ``checkpoints/``.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer
 from research.core.loop import evaluate, fit
@@ -24,6 +26,33 @@ from research.core.records import MetricWriter, image_grid
 from research.core.train import (ModelDefs, TrainState, classification_loss, create_train_state, jit_eval_step,
                                  jit_train_step, make_eval_step, make_train_step, place_on_mesh)
 from research.data import pipeline
+from research.models.filters import param_filter
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """The ``train`` section of a classifier's training: batches, length, logging, checkpoints."""
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    epochs: int = 30
+    steps: int = 0                     # > 0 overrides epochs
+    grad_accum_steps: int = 1
+    label_smoothing: float = 0.0
+    trainable: Literal["all", "bn", "head", "backbone", "bn_and_head"] = "all"  # the Params trained
+    log_every: int = 50
+    eval_every_epochs: int = 1
+    checkpoint_every: int = 500        # steps; 0 = only at the end
+    progress: bool = True
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+        config_lib.require(self, "batch_size", self.batch_size > 0, "a positive int")
+        config_lib.require(self, "eval_batch_size", self.eval_batch_size > 0, "a positive int")
+        config_lib.require(self, "grad_accum_steps",
+                           self.grad_accum_steps > 0 and self.batch_size % self.grad_accum_steps == 0,
+                           f"a positive divisor of batch_size ({self.batch_size})")
+        config_lib.require(self, "epochs", self.epochs > 0 or self.steps > 0, "> 0 (or set steps)")
+        config_lib.require(self, "label_smoothing", 0 <= self.label_smoothing < 1, "a float in [0, 1)")
 
 
 @dataclasses.dataclass
@@ -43,41 +72,46 @@ class ClassifierRun:
         return nnx.merge(self.defs.eval, state.params, state.frozen, state.rest)
 
 
-def total_steps(train_config: ml_collections.ConfigDict, num_examples: int) -> int:
+def total_steps(train_config: ClassifierTrainConfig | ml_collections.ConfigDict, num_examples: int) -> int:
     """``train.steps`` if set, else ``train.epochs`` epochs of ``train.batch_size``."""
     return train_config.steps or train_config.epochs * pipeline.steps_per_epoch(num_examples, train_config.batch_size)
 
 
 def fit_classifier(model: nnx.Module, train: pipeline.ImageArrays, test: pipeline.ImageArrays,
                    config: ml_collections.ConfigDict, *, preprocess, mesh: Mesh, workdir: str,
-                   trainable: nnx.filterlib.Filter = nnx.Param, train_mode: bool = True,
+                   trainable: nnx.filterlib.Filter | None = None, train_mode: bool = True,
                    seed: int = 0) -> ClassifierRun:
-    """Trains ``model`` (its ``trainable`` Params) on ``train``, evaluates on ``test``; resumes from
-    ``workdir/checkpoints`` when a run was interrupted. ``preprocess(images, rng, train)`` runs on
-    the device. ``train_mode=False`` trains with BatchNorm in eval mode."""
-    steps_per_epoch = pipeline.steps_per_epoch(len(train), config.train.batch_size)
-    steps = total_steps(config.train, len(train))
-    tx = optim.make_optimizer(config.optim, steps)
+    """Trains ``model`` (its ``trainable`` Params; default: the subset ``config.train.trainable``)
+    on ``train``, evaluates on ``test``; resumes from ``workdir/checkpoints`` when a run was
+    interrupted. ``preprocess(images, rng, train)`` runs on the device. ``train_mode=False`` trains
+    with BatchNorm in eval mode. ``config`` holds an ``optim`` and a ``train`` section."""
+    opt = config_lib.build(optim.OptimConfig, config, "optim")
+    train_config = config_lib.build(ClassifierTrainConfig, config, "train")
+    if trainable is None:
+        trainable = param_filter(model, train_config.trainable)
+    steps_per_epoch = pipeline.steps_per_epoch(len(train), train_config.batch_size)
+    steps = total_steps(train_config, len(train))
+    tx = optim.make_optimizer(opt, steps)
     defs, state = create_train_state(model, tx, trainable, seed, train_mode)
     state, shardings = place_on_mesh(state, mesh)
     num_trainable = sum(x.size for x in jax.tree.leaves(state.params))
 
-    train_loss, eval_loss = classification_loss(preprocess, config.train.label_smoothing)
-    train_step = jit_train_step(make_train_step(defs, tx, train_loss, config.train.grad_accum_steps), shardings, mesh)
+    train_loss, eval_loss = classification_loss(preprocess, train_config.label_smoothing)
+    train_step = jit_train_step(make_train_step(defs, tx, train_loss, train_config.grad_accum_steps), shardings, mesh)
     eval_step = jit_eval_step(make_eval_step(defs, eval_loss), shardings, mesh)
 
     writer = MetricWriter(os.path.join(workdir, "tb"))
-    first = pipeline.train_batch(train, config.train.batch_size, seed, 0)
+    first = pipeline.train_batch(train, train_config.batch_size, seed, 0)
     shown = preprocess(jnp.asarray(first["images"][:32]), jax.random.PRNGKey(0), True)
     writer.images(0, {"train/augmented_inputs": image_grid(np.asarray(shown, np.float32))})
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every or steps)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps)
     state, train_metrics, eval_metrics = fit(
-        state, train_step, lambda step: pipeline.train_batch(train, config.train.batch_size, seed, step),
+        state, train_step, lambda step: pipeline.train_batch(train, train_config.batch_size, seed, step),
         steps, mesh=mesh, writer=writer, checkpointer=checkpointer,
-        evaluate=lambda state: evaluate(eval_step, state, pipeline.eval_batches(test, config.train.eval_batch_size),
+        evaluate=lambda state: evaluate(eval_step, state, pipeline.eval_batches(test, train_config.eval_batch_size),
                                         mesh, "test/"),
-        learning_rate=optim.make_schedule(config.optim, steps), log_every=config.train.log_every,
-        eval_every=config.train.eval_every_epochs * steps_per_epoch, progress=config.train.progress)
+        learning_rate=optim.make_schedule(opt, steps), log_every=train_config.log_every,
+        eval_every=train_config.eval_every_epochs * steps_per_epoch, progress=train_config.progress)
     checkpointer.close()
     writer.close()
     return ClassifierRun(defs, state, train_metrics, eval_metrics, writer.history, steps_per_epoch, num_trainable)

@@ -34,7 +34,11 @@ def _fail(message: str) -> None:
 
 
 def run(main: Callable, default_workdir: str = "runs/latest") -> None:
-    """Runs `main(config, workdir)` from the command line."""
+    """Runs `main(config, workdir)` from the command line, with linear-time tracing of NNX
+    Variable writes installed (research/core/tracing.py)."""
+    from research.core import tracing
+
+    tracing.install()
     overrides: dict[str, str] = {}
 
     def parse(argv: list[str]) -> list[str]:

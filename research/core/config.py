@@ -5,21 +5,168 @@ A config file defines `get_config(arg=None) -> ml_collections.ConfigDict` and, w
 Overrides from the command line (`--config.optim.lr=0.1`) and from sweeps go through one
 function, `apply_overrides`, so a bad key or value fails the same way everywhere: a
 `ConfigError` whose message is one line naming the key and what is allowed.
+
+A component's settings have one schema: a frozen dataclass of the library owns the fields, their
+defaults, their allowed values (``Literal[...]`` annotations) and their checks (``__post_init__``
+calling `check_fields`). A config file makes its section from it, ``c.ntk = section(NTKScrubConfig,
+chunk_size=32)``, and the experiment builds it back, ``build(NTKScrubConfig, config, "ntk")``, as
+big_vision passes ``Model(**config.model)``. Adding an option is then one edit, in the dataclass.
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
+import functools
 import importlib.util
 import os
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import ml_collections
 
 
 class ConfigError(ValueError):
     """A config key or value that is not allowed; the message is one line."""
+
+
+# ------------------------------------------------------------------ schemas: library dataclasses
+
+class FieldError(ValueError):
+    """A dataclass field whose value is not allowed: ``field`` names it, ``detail`` says why
+    (``"= 'x' is not allowed; choose one of: a, b"``)."""
+
+    def __init__(self, owner: str, field: str, detail: str):
+        super().__init__(f"{owner}.{field} {detail}")
+        self.field, self.detail = field, detail
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of: " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        return f"a tuple of ({_describe(args[0])})" if len(args) == 2 and args[1] is Ellipsis else f"a tuple {hint}"
+    return {int: "an int", float: "a float", bool: "a bool", str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(map(_matches, value, args))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def check_fields(obj) -> None:
+    """Checks every field of the dataclass instance ``obj`` against its annotation (``Literal``
+    choices, int / float / bool / str, ``tuple[X, ...]``, ``X | None``); a `FieldError` names the
+    first that does not match. Call it first in ``__post_init__``."""
+    owner = type(obj).__name__
+    for field in dataclasses.fields(obj):
+        hint, value = _hints(type(obj))[field.name], getattr(obj, field.name)
+        if not _matches(value, hint):
+            detail = f"= {value!r} is not allowed; " + (
+                f"choose {_describe(hint)}" if typing.get_origin(hint) is Literal else f"expected {_describe(hint)}")
+            raise FieldError(owner, field.name, detail)
+
+
+def require(obj, field: str, ok: bool, allowed: str) -> None:
+    """A `FieldError` naming ``field`` of ``obj`` unless ``ok``; ``allowed`` says what is."""
+    if not ok:
+        raise FieldError(type(obj).__name__, field, f"= {getattr(obj, field)!r} is not allowed; expected {allowed}")
+
+
+def choices(cls, field: str) -> tuple:
+    """The values a ``Literal[...]`` field (or ``tuple[Literal[...], ...]``) of ``cls`` allows."""
+    hint = _hints(cls)[field]
+    if typing.get_origin(hint) is tuple:
+        hint = typing.get_args(hint)[0]
+    return typing.get_args(hint)
+
+
+def _convert(value, hint):
+    """Config values to the field's type: lists to tuples, ints to floats, dicts to dataclasses."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+        return hint(**{k: _convert(v, _hints(hint).get(k, Any)) for k, v in value.items()})
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            converted = _convert(value, a)
+            if _matches(converted, a):
+                return converted
+        return value
+    if origin is tuple and isinstance(value, (tuple, list)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0]) for v in value)
+        return tuple(_convert(v, a) for v, a in zip(value, args)) if len(value) == len(args) else tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def section(cls, **values) -> ml_collections.ConfigDict:
+    """A config section made from the dataclass ``cls``: every field with its default (a nested
+    dataclass field becomes a nested section), ``values`` in place of some defaults. The values are
+    checked by building ``cls`` once, so a config file with a bad default fails when it loads."""
+    instance = _convert(values, cls) if values else cls()
+
+    def to_config(obj) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(
+            {f.name: to_config(getattr(obj, f.name)) if dataclasses.is_dataclass(getattr(obj, f.name))
+             else getattr(obj, f.name) for f in dataclasses.fields(obj)}, type_safe=True)
+    return to_config(instance)
+
+
+def build(cls, config: ml_collections.ConfigDict | Mapping, key: str = ""):
+    """``cls(**config[key])`` (``key=""``: ``config`` is the section), with the values converted to
+    the fields' types. An unknown key, a wrong type, a value outside a field's choices or a failed
+    check is one `ConfigError` line naming ``key`` and what is allowed."""
+    node = get(config, key) if key else config
+    return _build(cls, node.to_dict() if isinstance(node, ml_collections.ConfigDict) else dict(node), key)
+
+
+def _build(cls, values: dict, key: str):
+    prefix = f"{key}." if key else ""
+    hints = _hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for name, value in values.items():
+        if name not in fields:
+            guess = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean '{prefix}{guess[0]}'?)" if guess else ""
+            raise ConfigError(f"unknown config key '{prefix}{name}'{hint}; {cls.__name__} has: {', '.join(fields)}")
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, Mapping):
+            values[name] = _build(hints[name], dict(value), prefix + name)
+    try:
+        return cls(**{k: _convert(v, hints[k]) for k, v in values.items()})
+    except FieldError as e:
+        raise ConfigError(f"config key '{prefix}{e.field}' {e.detail}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key '{key or cls.__name__}': {str(e).splitlines()[0]}") from None
 
 
 def load_module(path: str):
@@ -94,6 +241,16 @@ def _parse_string(text: str) -> Any:
         return text
 
 
+def _parse_sequence(text: str) -> tuple:
+    """Command-line text for a tuple field: "(1, 2)", "1,2", "a,b" or "" (empty)."""
+    if not text.strip():
+        return ()
+    value = _parse_string(text)
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    return tuple(_parse_string(part.strip()) for part in text.split(",") if part.strip())
+
+
 def _coerce(key: str, current: Any, value: Any) -> Any:
     """Checks `value` against the type of the current value; ints widen to floats."""
     if current is None or value is None:
@@ -130,7 +287,8 @@ def apply_overrides(
 
     With `from_strings`, values are command-line text and are parsed as Python literals first
     ("0.1" -> 0.1, "(2, 4)" -> (2, 4), "resnet20" -> "resnet20"), except for string fields, which
-    take the text as it is ("0,1,2" -> "0,1,2").
+    take the text as it is ("0,1,2" -> "0,1,2"), and tuple fields, which take a comma list
+    ("0,1,2" -> (0, 1, 2), "ce,mse" -> ("ce", "mse"), "" -> ()).
     """
     config = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
     known = set(_keys(config))
@@ -138,7 +296,10 @@ def apply_overrides(
         if key not in known:
             raise ConfigError(_unknown_key_message(config, key))
         # A string field takes the text as written ("0,1,2" stays a string, not a tuple).
-        if from_strings and isinstance(value, str) and not isinstance(get(config, key), str):
+        current = get(config, key)
+        if from_strings and isinstance(value, str) and isinstance(current, (tuple, list)):
+            value = _parse_sequence(value)  # "0,1,2", "a,b", "(1, 2)" and "" all name a tuple
+        elif from_strings and isinstance(value, str) and not isinstance(current, str):
             value = _parse_string(value)
         parent_path, _, leaf = key.rpartition(".")
         parent = config
@@ -172,15 +333,15 @@ def check(config: ml_collections.ConfigDict, key: str, predicate: Callable[[Any]
 
 
 def check_names(config: ml_collections.ConfigDict, key: str, allowed: Iterable[str]) -> list[str]:
-    """The names of a comma-separated `config[key]`; a one-line ConfigError when it is empty or
-    names something not in `allowed`."""
+    """The names in the tuple ``config[key]``; a one-line ConfigError when it is not a tuple, is
+    empty or names something not in ``allowed``."""
     allowed = list(allowed)
-    text = get(config, key)
-    names = [m.strip() for m in str(text).split(",") if m.strip()]
-    unknown = [m for m in names if m not in allowed]
-    if unknown or not names:
-        raise ConfigError(f"config key '{key}': unknown or empty {unknown or text!r}; "
-                          f"choose from (comma-separated): {', '.join(allowed)}")
+    value = get(config, key)
+    names = list(value) if isinstance(value, (tuple, list)) else None
+    unknown = [m for m in names or [] if m not in allowed]
+    if names is None or unknown or not names:
+        raise ConfigError(f"config key '{key}': unknown or empty {unknown or value!r}; "
+                          f"choose a tuple of: {', '.join(allowed)} (on the command line: a,b)")
     return names
 
 

@@ -1,6 +1,6 @@
 """One device mesh with named axes `data` and `model`, and logical-axis sharding of parameters.
 
-Parameters carry logical axis names as NNX metadata (`nnx.with_partitioning(init, ("embed",
+Parameters carry logical axis names as NNX metadata (`research.models.sharding.logical(init, ("embed",
 "mlp"))`); `LOGICAL_RULES` maps each logical name to a mesh axis. A dimension whose size is not
 divisible by its mesh axis is replicated instead, so any model runs on any mesh shape.
 Batches are split over `data`. Under `jax.jit` with these shardings the program computes the

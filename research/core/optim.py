@@ -1,37 +1,55 @@
-"""Optimizers and learning-rate schedules from an `optim` config group.
+"""Optimizers and learning-rate schedules from an `optim` config section (`OptimConfig`).
 
-Fields (see configs/train_classifier.py): name (sgd | adamw | adam), lr, momentum, nesterov,
-b1, b2, weight_decay, schedule (constant | cosine | linear | step), warmup_steps,
-decay_boundaries (fractions of training, for `step`), decay_factor, grad_clip_norm (0 = off).
 Weight decay skips vectors (biases, BatchNorm and LayerNorm parameters), as is usual; for SGD it
 is the coupled L2 form of He et al., for AdamW the decoupled form of Loshchilov & Hutter.
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Literal
+
 import jax
-import ml_collections
 import optax
 
-from research.core.config import check, check_choice
-
-OPTIMIZERS = ("sgd", "adamw", "adam")
-SCHEDULES = ("constant", "cosine", "linear", "step")
+from research.core import config as config_lib
 
 
-def validate(root: ml_collections.ConfigDict, prefix: str = "optim") -> None:
-    """Checks the optimizer section at the (dotted) key ``prefix`` of ``root`` ("": ``root`` is the section)."""
-    def key(name: str) -> str:
-        return f"{prefix}.{name}" if prefix else name
-    check_choice(root, key("name"), OPTIMIZERS)
-    check_choice(root, key("schedule"), SCHEDULES)
-    check(root, key("lr"), lambda v: v > 0, "a positive float")
-    check(root, key("weight_decay"), lambda v: v >= 0, "a float >= 0")
-    check(root, key("grad_clip_norm"), lambda v: v >= 0, "a float >= 0 (0 = no clipping)")
-    check(root, key("warmup_steps"), lambda v: v >= 0, "an int >= 0")
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """An optimiser and its learning-rate schedule (linear warm-up, then the decay)."""
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9                  # sgd
+    nesterov: bool = True                  # sgd
+    b1: float = 0.9                        # adam, adamw
+    b2: float = 0.999
+    weight_decay: float = 5e-4
+    schedule: Literal["constant", "cosine", "linear", "step"] = "cosine"
+    warmup_steps: int = 0
+    decay_boundaries: tuple[float, ...] = (0.5, 0.75)  # step: fractions of training
+    decay_factor: float = 0.1              # step: lr multiplier at each boundary
+    grad_clip_norm: float = 0.0            # 0 = no clipping
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+        config_lib.require(self, "lr", self.lr > 0, "a positive float")
+        config_lib.require(self, "weight_decay", self.weight_decay >= 0, "a float >= 0")
+        config_lib.require(self, "grad_clip_norm", self.grad_clip_norm >= 0, "a float >= 0 (0 = no clipping)")
+        config_lib.require(self, "warmup_steps", self.warmup_steps >= 0, "an int >= 0")
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+OPTIMIZERS = config_lib.choices(OptimConfig, "name")
+SCHEDULES = config_lib.choices(OptimConfig, "schedule")
+
+
+def _as_config(cfg: OptimConfig | Mapping) -> OptimConfig:
+    return cfg if isinstance(cfg, OptimConfig) else config_lib.build(OptimConfig, cfg)
+
+
+def make_schedule(cfg: OptimConfig | Mapping, total_steps: int) -> optax.Schedule:
     """Learning rate per optimizer step: linear warm-up, then the chosen decay."""
+    cfg = _as_config(cfg)
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
     if cfg.schedule == "constant":
@@ -52,9 +70,10 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """The optax chain: clip -> (L2) -> optimizer with the schedule."""
-    validate(cfg, "")
+def make_optimizer(cfg: OptimConfig | Mapping, total_steps: int) -> optax.GradientTransformation:
+    """The optax chain: clip -> (L2) -> optimizer with the schedule. ``cfg``: an `OptimConfig` or
+    a config section made from one."""
+    cfg = _as_config(cfg)
     schedule = make_schedule(cfg, total_steps)
     chain = []
     if cfg.grad_clip_norm > 0:
@@ -68,12 +87,3 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
     else:
         chain.append(optax.adam(schedule, b1=cfg.b1, b2=cfg.b2))
     return optax.chain(*chain)
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The `optim` group with every field, for configs to start from and override."""
-    return ml_collections.ConfigDict(dict(
-        name="sgd", lr=0.1, momentum=0.9, nesterov=True, b1=0.9, b2=0.999, weight_decay=5e-4,
-        schedule="cosine", warmup_steps=0, decay_boundaries=(0.5, 0.75), decay_factor=0.1,
-        grad_clip_norm=0.0,
-    ))

@@ -7,21 +7,20 @@ parameters whatever the computation ``dtype``, switches train/eval with ``model.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Mapping
+from typing import Literal
 
 import jax.numpy as jnp
 from flax import nnx
 
-# Kernels carry logical sharding names (``out_sharding`` metadata) that a separate module maps to
-# mesh axes later; with eager sharding on, creating such a Variable outside a mesh fails.
-# (Thread-local in flax 0.12.8: other threads should build models through ``build_model``.)
-nnx.use_eager_sharding(False)
-
-from research.models.efficientnet_lite import efficientnet_lite0  # noqa: E402
-from research.models.mlp import mlp  # noqa: E402
-from research.models.mobilenet_v2 import mobilenet_v2  # noqa: E402
-from research.models.resnet import resnet18, resnet20  # noqa: E402
-from research.models.vit import vit_small, vit_tiny  # noqa: E402
+from research.core import config as config_lib
+from research.models.efficientnet_lite import efficientnet_lite0
+from research.models.mlp import mlp
+from research.models.mobilenet_v2 import mobilenet_v2
+from research.models.resnet import resnet18, resnet20
+from research.models.vit import vit_small, vit_tiny
 
 MODEL_NAMES = ("mlp", "resnet20", "resnet18", "mobilenet_v2", "vit_tiny", "vit_small",
                "efficientnet_lite0")
@@ -57,24 +56,43 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for model {name!r}; "
                          f"allowed: {', '.join(allowed) or '(none)'}")
-    # Again here: the setting above is thread-local, and a model may be built in another thread.
-    with nnx.use_eager_sharding(False):
-        return _BUILDERS[name](num_classes=num_classes, input_shape=tuple(input_shape), rngs=rngs,
-                               dtype=dtype, **kwargs)
+    return _BUILDERS[name](num_classes=num_classes, input_shape=tuple(input_shape), rngs=rngs, dtype=dtype, **kwargs)
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The ``model`` section: which model and its options; each model takes only the options in
+    its builder's signature (``model_options``), the others are ignored."""
+    name: Literal[MODEL_NAMES] = "resnet20"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # computation dtype; parameters stay float32
+    width_multiplier: float = 1.0       # mobilenet_v2
+    patch_size: int = 0                 # vit_*: 0 = automatic (4 for small images, else 16)
+    depth: int = 0                      # vit_*: 0 = the model's default
+    dropout: float = 0.0                # vit_*, mobilenet_v2, efficientnet_lite0
+    hidden_sizes: tuple[int, ...] = (512, 256)  # mlp
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+        config_lib.require(self, "patch_size", self.patch_size >= 0, "an int >= 0 (0 = automatic)")
+        config_lib.require(self, "depth", self.depth >= 0, "an int >= 0 (0 = the default)")
+        config_lib.require(self, "width_multiplier", self.width_multiplier > 0, "a positive float")
+
+
 _AUTOMATIC_WHEN_ZERO = ("patch_size", "depth")
 
 
-def build_from_config(model_config, *, num_classes: int, input_shape: tuple[int, int, int],
+def build_from_config(model_config: ModelConfig | Mapping, *, num_classes: int, input_shape: tuple[int, int, int],
                       rngs: nnx.Rngs) -> nnx.Module:
-    """Build the model a config's ``model`` section names (``name``, ``dtype`` and the options the
-    model takes; other fields are ignored, and 0 means "automatic" for ``patch_size`` / ``depth``)."""
-    kwargs = {k: model_config[k] for k in model_options(model_config.name) if k in model_config}
+    """Build the model a ``model`` section names (a `ModelConfig` or a config section made from one)."""
+    if not isinstance(model_config, ModelConfig):
+        model_config = config_lib.build(ModelConfig, model_config)
+    kwargs = {k: getattr(model_config, k) for k in model_options(model_config.name) if hasattr(model_config, k)}
     kwargs.update({k: None for k in _AUTOMATIC_WHEN_ZERO if kwargs.get(k) == 0})
     return build_model(model_config.name, num_classes=num_classes, input_shape=input_shape, rngs=rngs,
                        dtype=COMPUTE_DTYPES[model_config.dtype], **kwargs)
 
 
-__all__ = ["COMPUTE_DTYPES", "MODEL_NAMES", "build_from_config", "build_model", "model_options"]
+__all__ = ["COMPUTE_DTYPES", "MODEL_NAMES", "ModelConfig", "build_from_config", "build_model", "model_options"]

@@ -57,7 +57,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from research.models.mobilenet_v2 import ConvBN as MobileNetConvBN
-from research.models.resnet import HEAD_SHARDING
+from research.models.sharding import HEAD_SHARDING, logical
 
 # (expand ratio t, output channels c, repeats n, first stride s, depthwise kernel k), EfficientNet-B0.
 BLOCK_SETTING = (
@@ -139,7 +139,7 @@ class EfficientNetLite(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
         self.head = nnx.Linear(
             LAST_CHANNELS, num_classes,
-            kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.01), HEAD_SHARDING),
+            kernel_init=logical(nnx.initializers.normal(0.01), HEAD_SHARDING),
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
 

@@ -33,6 +33,7 @@ from flax import nnx
 
 from research.attention.ops import ATTENTION_IMPLS, attention_ops
 from research.attention.rope import Llama3RopeScaling, apply_rope, inverse_frequencies
+from research.models.sharding import logical
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _init = nnx.initializers.normal(0.02)
@@ -74,7 +75,7 @@ class LlamaConfig:
 
 
 def linear(in_f: int, out_f: int, names: tuple, config: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_f, out_f, use_bias=False, kernel_init=nnx.with_partitioning(_init, names),
+    return nnx.Linear(in_f, out_f, use_bias=False, kernel_init=logical(_init, names),
                       dtype=config.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
@@ -83,7 +84,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",), eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -202,7 +203,7 @@ class Llama(nnx.Module):
                  layer_kinds: Sequence[str] | None = None):
         c = config
         self.config = c
-        self.embed = nnx.Embed(c.vocab_size, c.dim, embedding_init=nnx.with_partitioning(_init, ("vocab", "embed")),
+        self.embed = nnx.Embed(c.vocab_size, c.dim, embedding_init=logical(_init, ("vocab", "embed")),
                                dtype=c.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
         if segments is None:
             segments = [stacked_layers(c, lambda r: GQAttention(c, rngs=r), c.num_layers, rngs)]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models import taps
-from research.models.resnet import HEAD_SHARDING
+from research.models.sharding import HEAD_SHARDING, logical
 
 _init = nnx.initializers.lecun_normal()
 
@@ -27,14 +27,14 @@ class MLP(nnx.Module):
         for size in hidden_sizes:
             layers.append(nnx.Linear(
                 in_features, size,
-                kernel_init=nnx.with_partitioning(_init, ("embed", "mlp")),
+                kernel_init=logical(_init, ("embed", "mlp")),
                 dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
             ))
             in_features = size
         self.layers = nnx.List(layers)
         self.head = nnx.Linear(
             in_features, num_classes,
-            kernel_init=nnx.with_partitioning(_init, HEAD_SHARDING),
+            kernel_init=logical(_init, HEAD_SHARDING),
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models import taps
-from research.models.resnet import BN_EPSILON, BN_MOMENTUM, CONV_SHARDING, HEAD_SHARDING
+from research.models.resnet import BN_EPSILON, BN_MOMENTUM
+from research.models.sharding import CONV_SHARDING, DEPTHWISE_SHARDING, HEAD_SHARDING, logical
 
 # (expand ratio t, output channels c, repeats n, first stride s), Table 2 of the paper.
 INVERTED_RESIDUAL_SETTING = (
@@ -28,7 +29,6 @@ INVERTED_RESIDUAL_SETTING = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-DEPTHWISE_SHARDING = (None, None, None, "conv_out")
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
@@ -62,7 +62,7 @@ class ConvBN(nnx.Module):
         self.conv = nnx.Conv(
             in_ch, out_ch, (kernel, kernel), strides=stride, padding=padding,
             feature_group_count=groups, use_bias=False,
-            kernel_init=nnx.with_partitioning(_conv_init, sharding),
+            kernel_init=logical(_conv_init, sharding),
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
         self.bn = nnx.BatchNorm(out_ch, momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype,
@@ -123,7 +123,7 @@ class MobileNetV2(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
         self.head = nnx.Linear(
             last_ch, num_classes,
-            kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.01), HEAD_SHARDING),
+            kernel_init=logical(nnx.initializers.normal(0.01), HEAD_SHARDING),
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
 

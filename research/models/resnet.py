@@ -23,12 +23,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models import taps
+from research.models.sharding import CONV_SHARDING, HEAD_SHARDING, logical
 
 # Kaiming-normal with fan_out, as torchvision / the reference CIFAR code; "normal" (not the
 # truncated he_normal of JAX) so that the weight distribution matches torch.nn.init.kaiming_normal_.
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-CONV_SHARDING = (None, None, "conv_in", "conv_out")
-HEAD_SHARDING = ("embed", "classes")
 
 # PyTorch-equivalent BatchNorm: flax momentum 0.9 == torch momentum 0.1.
 BN_MOMENTUM = 0.9
@@ -44,7 +43,7 @@ def conv(in_ch: int, out_ch: int, kernel: int, stride: int, *, dtype, rngs: nnx.
     pad = kernel // 2
     return nnx.Conv(
         in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-        use_bias=False, kernel_init=nnx.with_partitioning(_conv_init, CONV_SHARDING),
+        use_bias=False, kernel_init=logical(_conv_init, CONV_SHARDING),
         dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
     )
 
@@ -125,7 +124,7 @@ class ResNet(nnx.Module):
                 in_ch = width
         self.blocks = nnx.List(blocks)
         self.head = nnx.Linear(
-            in_ch, num_classes, kernel_init=nnx.with_partitioning(
+            in_ch, num_classes, kernel_init=logical(
                 nnx.initializers.lecun_normal(), HEAD_SHARDING),
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models import taps
-from research.models.resnet import HEAD_SHARDING
+from research.models.sharding import HEAD_SHARDING, logical
 
 # Xavier-uniform for linear layers and zero biases, as the original JAX implementation.
 _dense_init = nnx.initializers.xavier_uniform()
@@ -26,7 +26,7 @@ LN_EPSILON = 1e-6
 
 
 def dense(in_f: int, out_f: int, sharding: tuple, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_f, out_f, kernel_init=nnx.with_partitioning(_dense_init, sharding),
+    return nnx.Linear(in_f, out_f, kernel_init=logical(_dense_init, sharding),
                       dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
@@ -104,7 +104,7 @@ class ViT(nnx.Module):
         self.dtype = dtype
         self.patch_embed = nnx.Conv(
             channels, dim, (patch_size, patch_size), strides=patch_size, padding="VALID",
-            kernel_init=nnx.with_partitioning(_dense_init, (None, None, None, "embed")),
+            kernel_init=logical(_dense_init, (None, None, None, "embed")),
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
         self.cls_token = nnx.Param(jnp.zeros((1, 1, dim), jnp.float32))

@@ -36,7 +36,7 @@ from flax import nnx
 
 from research.models.compiled import run_compiled
 from research.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING, ConvBN, make_divisible
-from research.models.resnet import HEAD_SHARDING
+from research.models.sharding import HEAD_SHARDING, logical
 from research.nas.search import COST_KINDS, LatencyCost
 
 Stage = tuple[int, int, int, int]  # (depth, width, expand, kernel)
@@ -144,7 +144,7 @@ class MacroNet(nnx.Module):
         self.last_conv = ConvBN(cin, last, 1, dtype=jnp.float32, rngs=rngs)
         self.head = nnx.Linear(  # MobileNetV2's head initialisation
             last, num_classes, rngs=rngs,
-            kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.01), HEAD_SHARDING))
+            kernel_init=logical(nnx.initializers.normal(0.01), HEAD_SHARDING))
 
     def features(self, x: jax.Array) -> jax.Array:
         x = self.stem(x)

@@ -38,7 +38,8 @@ from flax import nnx
 
 from research.models import taps
 from research.models.compiled import run_compiled
-from research.models.resnet import BN_EPSILON, BN_MOMENTUM, CONV_SHARDING, HEAD_SHARDING
+from research.models.resnet import BN_EPSILON, BN_MOMENTUM
+from research.models.sharding import CONV_SHARDING, HEAD_SHARDING, logical
 
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 NONE, SKIP, CONV1, CONV3, POOL = range(5)
@@ -179,7 +180,7 @@ def _conv(cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.
     pad = kernel // 2
     return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                     use_bias=False, rngs=rngs,
-                    kernel_init=nnx.with_partitioning(_torch_kernel_init, CONV_SHARDING))
+                    kernel_init=logical(_torch_kernel_init, CONV_SHARDING))
 
 
 def _bn(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -292,7 +293,7 @@ class NB201Network(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.last_bn = _bn(4 * C, rngs)
         self.head = nnx.Linear(4 * C, num_classes, rngs=rngs,
-                               kernel_init=nnx.with_partitioning(_torch_kernel_init, HEAD_SHARDING),
+                               kernel_init=logical(_torch_kernel_init, HEAD_SHARDING),
                                bias_init=_torch_bias_init(4 * C))
         self.ops = OpChoice(jnp.asarray(one_hot(cell or (CONV3,) * len(EDGES))))
 

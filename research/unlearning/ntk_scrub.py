@@ -37,39 +37,45 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from research.core import config as config_lib
 from research.unlearning import ntk
 from research.unlearning.baselines import add_fisher_noise, fisher_diagonal
 from research.unlearning.model import ForgetProblem
 
-LOSSES = ("ce", "mse")
-SCALES = ("trapezium", "none")
-LINEARIZE_AT = ("init", "trained")
-
-
 @dataclasses.dataclass(frozen=True)
 class NTKScrubConfig:
-    loss: str = "ce"               # ce | mse: the training loss whose linearisation is scrubbed
-    weight_decay: float = 5e-4     # wd of the training run; the ridge is |S| * wd
-    scale: str = "trapezium"       # trapezium | none
-    fisher_alpha: float = 0.0      # 0 = no noise
-    mode: str = "jacobian"         # jacobian | vector_products (the kernel; see ntk.py)
-    space: str = "auto"            # auto | samples | parameters (jacobian mode only)
-    linearize_at: str = "init"     # init | trained
-    chunk_size: int = 64
+    """Settings of the scrub; the ``ntk`` section of configs/unlearning.py is made from them."""
+    loss: Literal["ce", "mse"] = "ce"           # the training loss whose linearisation is scrubbed
+    weight_decay: float | None = None           # wd of the training run, the ridge is |S| * wd; None: the recipe's
+    scale: Literal["trapezium", "none"] = "trapezium"
+    fisher_alpha: float = 0.0                   # 1e-9 adds the paper's Fisher noise; 0 = none
+    mode: Literal["jacobian", "vector_products"] = "jacobian"  # how the kernel is formed (see ntk.py)
+    space: Literal["auto", "samples", "parameters"] = "auto"  # where the ridge is solved (jacobian mode)
+    linearize_at: Literal["init", "trained"] = "init"  # init: the paper; trained: Jacobian and residual at w(D)
+    chunk_size: int = 64                        # samples per Jacobian chunk
+    scale_sweep: tuple[float, ...] = ()         # a diagnostic: also measure w(D) + s dw at each s
 
     def __post_init__(self):
-        for name, allowed in (("loss", LOSSES), ("scale", SCALES), ("mode", ntk.NTK_MODES),
-                              ("linearize_at", LINEARIZE_AT), ("space", ("auto", "samples", "parameters"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"NTKScrubConfig.{name}={getattr(self, name)!r}; choose one of: {', '.join(allowed)}")
-        if self.mode == "vector_products" and self.space == "parameters":
-            raise ValueError("NTKScrubConfig.space='parameters' needs the Jacobian; use mode='jacobian'")
+        config_lib.check_fields(self)
+        config_lib.require(self, "weight_decay", self.weight_decay is None or self.weight_decay >= 0, "None or >= 0")
+        config_lib.require(self, "fisher_alpha", self.fisher_alpha >= 0, ">= 0")
+        config_lib.require(self, "chunk_size", self.chunk_size > 0, "a positive int")
+        config_lib.require(self, "scale_sweep", all(map(math.isfinite, self.scale_sweep)), "finite numbers")
+        config_lib.require(self, "space", not (self.mode == "vector_products" and self.space == "parameters"),
+                           "auto or samples with mode=vector_products (parameter space needs the Jacobian)")
+
+    @property
+    def ridge_weight_decay(self) -> float:
+        if self.weight_decay is None:
+            raise ValueError("NTKScrubConfig.weight_decay is None: set it to the training run's weight decay")
+        return self.weight_decay
 
 
 def residuals(logits: jax.Array, labels: np.ndarray, loss: str) -> np.ndarray:
@@ -127,14 +133,14 @@ def scrub_direction(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubCon
         jac = ntk.jacobian(fn, at, images, chunk_size=config.chunk_size, mesh=mesh, progress=progress)
         info["jacobian_seconds"] = time.perf_counter() - t0
         space = config.space if config.space != "auto" else ntk.solve_space(r.size, int(at.size))
-        w_complete, w_retain = ntk.nested_ridge_solves(jac, r, n_r, n * config.weight_decay,
-                                                       n_r * config.weight_decay, space=space)
+        w_complete, w_retain = ntk.nested_ridge_solves(jac, r, n_r, n * config.ridge_weight_decay,
+                                                       n_r * config.ridge_weight_decay, space=space)
         w_complete, w_retain = -w_complete, -w_retain
         del jac
     else:
         space = "samples"
-        w_complete = _solution_by_products(fn, at, images, r, n * config.weight_decay, config.chunk_size)
-        w_retain = _solution_by_products(fn, at, images[:n_r], r[:n_r], n_r * config.weight_decay,
+        w_complete = _solution_by_products(fn, at, images, r, n * config.ridge_weight_decay, config.chunk_size)
+        w_retain = _solution_by_products(fn, at, images[:n_r], r[:n_r], n_r * config.ridge_weight_decay,
                                          config.chunk_size)
     info["space"] = space
     dw = np.asarray(w_retain - w_complete, np.float64)

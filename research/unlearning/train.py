@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +18,7 @@ import optax
 import tqdm
 from flax import nnx
 
-import dataclasses
-
+from research.core import config as config_lib
 from research.data.pipeline import ImageArrays
 from research.unlearning.model import Unlearnable
 
@@ -81,14 +82,26 @@ def sgd(lr: float, momentum: float = 0.9, weight_decay: float = 0.0, steps: int 
 
 @dataclasses.dataclass(frozen=True)
 class TrainRecipe:
-    """How a model was trained on D (and so how the retrain baseline trains on D_r): SGD with
-    momentum, L2 ``weight_decay`` on the subset, ``epochs`` over the data in batches of ``batch_size``."""
+    """How a model was trained on D (and so how the retrain baseline trains on D_r): the parameter
+    ``subset`` trained (the rest frozen, BatchNorm in eval mode), SGD with momentum, L2
+    ``weight_decay`` on the subset, ``epochs`` over the data in batches of ``batch_size``."""
+    subset: Literal["all", "bn_and_head", "bn", "head", "prompts_and_head", "prompts"] = "all"
+    num_prompts: int = 10          # prompts*: prompt tokens (a ViT)
+    deep_prompts: bool = False     # prompts*: one set per block (deep VPT) instead of one at the input
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: int = 10
     batch_size: int = 64
-    schedule: str = "cosine"  # constant | cosine
+    schedule: Literal["constant", "cosine"] = "cosine"
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+        config_lib.require(self, "lr", self.lr > 0, "a positive float")
+        config_lib.require(self, "weight_decay", self.weight_decay >= 0, "a float >= 0")
+        config_lib.require(self, "epochs", self.epochs > 0, "a positive int")
+        config_lib.require(self, "batch_size", self.batch_size > 0, "a positive int")
+        config_lib.require(self, "num_prompts", self.num_prompts > 0, "a positive int")
 
     def steps(self, n: int) -> int:
         return self.epochs * max(n // min(self.batch_size, n), 1)

@@ -5,8 +5,7 @@ import pytest
 from flax import nnx
 from jax._src.interpreters import partial_eval
 
-import research  # noqa: F401  (installs the patch)
-from research.core import tracing
+from research.core import tracing  # installed by tests/conftest.py, as by the command-line entry
 
 
 @pytest.mark.parametrize("name", ["sharding", "device"])

@@ -47,11 +47,11 @@ def test_every_method_and_scenario_is_recorded_and_a_rerun_reuses_them(tmp_path,
 
 
 def test_scale_sweep_walks_the_scrub_direction_and_reruns_only_ntk(tmp_path, capsys):
-    base = {**SMALL_MLP, "methods": "retrain,ntk", "scenarios": "class"}
+    base = {**SMALL_MLP, "methods": ("retrain", "ntk"), "scenarios": ("class",)}
     unlearning.main(load_config("configs/unlearning.py:smoke", {**base, "ntk.scale": "none"}), str(tmp_path))
     capsys.readouterr()
     results = unlearning.main(load_config("configs/unlearning.py:smoke",
-                                          {**base, "ntk.scale": "none", "ntk.scale_sweep": "0,1"}), str(tmp_path))
+                                          {**base, "ntk.scale": "none", "ntk.scale_sweep": (0, 1)}), str(tmp_path))
     ran = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.endswith(" s")]
     assert ran == ["ntk"]  # an ntk setting changed: retraining is reused
     rows = results["scenarios"]["class"]["methods"]
@@ -82,7 +82,7 @@ def test_trained_model_is_reused_only_for_the_same_settings(tmp_path):
 
 def test_fast_ntk_on_visual_prompts_runs(tmp_path):
     config = load_config("configs/unlearning.py:vit_prompts,smoke",
-                         {**DIGITS, "methods": "retrain,ntk,finetune", "scenarios": "random",
+                         {**DIGITS, "methods": ("retrain", "ntk", "finetune"), "scenarios": ("random",),
                           "data.train_per_class": 8, "unlearn.num_prompts": 2})
     results = unlearning.main(config, str(tmp_path))
     rows = results["scenarios"]["random"]["methods"]
@@ -94,7 +94,7 @@ def test_fast_ntk_on_visual_prompts_runs(tmp_path):
 
 def test_fast_ntk_on_the_imagenet_efficientnet_runs(tmp_path, skip_without_imagenet_weights_or_data):
     config = load_config("configs/unlearning.py:fast_ntk_effnet,smoke",
-                         {"methods": "retrain,ntk", "scenarios": "class", "data.train_per_class": 3,
+                         {"methods": ("retrain", "ntk"), "scenarios": ("class",), "data.train_per_class": 3,
                           "unlearn.epochs": 1})
     skip_without_imagenet_weights_or_data(config)
     results = unlearning.main(config, str(tmp_path))
@@ -108,12 +108,12 @@ def test_fast_ntk_on_the_imagenet_efficientnet_runs(tmp_path, skip_without_image
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"methods": "retrain,oracle"}, "methods.: unknown"),
-    ({"scenarios": "half"}, "scenarios.: unknown"),
+    ({"methods": ("retrain", "oracle")}, "methods.: unknown"),
+    ({"scenarios": ("half",)}, "scenarios.: unknown"),
     ({"unlearn.subset": "prompts"}, "needs a ViT"),
     ({"forget_fraction": 1.5}, "forget_fraction"),
     ({"ntk.scale": "double"}, "ntk.scale"),
-    ({"ntk.scale_sweep": "1,two"}, "ntk.scale_sweep"),
+    ({"ntk.scale_sweep": (1, "two")}, "ntk.scale_sweep"),
     ({"ntk.linearize_at": "final"}, "ntk.linearize_at"),
     ({"backbone.source": "hub"}, "backbone.source"),
     ({"backbone.source": "imagenet"}, "efficientnet_lite0 only"),

@@ -41,7 +41,7 @@ def test_rerun_resumes_from_the_final_checkpoint(smoke_run):
 @pytest.mark.parametrize("override,key", [
     ({"upcycle.rope_mode": "middle"}, "upcycle.rope_mode"),
     ({"upcycle.rope_dim": 3}, "upcycle.rope_dim"),
-    ({"upcycle.gqa_layers": "0,x"}, "upcycle.gqa_layers"),
+    ({"upcycle.gqa_layers": (0, "x")}, "upcycle.gqa_layers"),
     ({"distill.trainable": "mlp"}, "distill.trainable"),
     ({"model.source": "onnx"}, "model.source"),
 ])

@@ -152,7 +152,7 @@ def test_jacobian_sharded_on_eight_devices_equals_one_device():
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="unknown NTK mode 'exact'"):
         ntk.empirical_ntk(lambda t, x: x, jnp.zeros(1), images(2), mode="exact")
-    with pytest.raises(ValueError, match="NTKScrubConfig.scale='half'"):
+    with pytest.raises(ValueError, match="NTKScrubConfig.scale = 'half' is not allowed; choose one of: trapezium, none"):
         NTKScrubConfig(scale="half")
 
 
@@ -227,8 +227,8 @@ def test_trapezium_scale_values():
 def test_fisher_noise_on_top_of_the_scrub_has_the_fisher_std():
     u, retain, forget, test = linear_problem()
     problem = ForgetProblem(u, u.params, retain, forget, test)
-    plain, _ = ntk_scrub(problem, NTKScrubConfig(scale="none"))
-    noisy, _ = ntk_scrub(problem, NTKScrubConfig(scale="none", fisher_alpha=1e-4), seed=3)
+    plain, _ = ntk_scrub(problem, NTKScrubConfig(scale="none", weight_decay=WD))
+    noisy, _ = ntk_scrub(problem, NTKScrubConfig(scale="none", weight_decay=WD, fisher_alpha=1e-4), seed=3)
     from research.unlearning.baselines import fisher_diagonal, fisher_noise_std
     std = jax.flatten_util.ravel_pytree(fisher_noise_std(fisher_diagonal(u, retain, params=plain), 1e-4))[0]
     z = (jax.flatten_util.ravel_pytree(noisy)[0] - jax.flatten_util.ravel_pytree(plain)[0]) / std

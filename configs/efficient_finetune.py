@@ -21,20 +21,18 @@ Presets (comma-separated, ``smoke`` shrinks any of them to seconds):
 import ml_collections
 
 from research.core import config as config_lib
-from research.core import optim
+from research.core.classify import ClassifierTrainConfig
+from research.core.optim import OptimConfig
+from research.models import ModelConfig
 
 PRESETS = ("smoke", "mobilenet_v2", "vit")
 
 
 def _stage(lr: float, epochs: int, name: str = "sgd") -> ml_collections.ConfigDict:
-    """The ``optim`` and ``train`` sections of one training stage (fields of configs/train_classifier.py)."""
-    stage = ml_collections.ConfigDict()
-    stage.optim = optim.default_config()
-    stage.optim.update(name=name, lr=lr)
-    stage.train = ml_collections.ConfigDict(dict(
-        batch_size=128, eval_batch_size=500, epochs=epochs, steps=0, grad_accum_steps=1, label_smoothing=0.0,
-        log_every=50, eval_every_epochs=1, checkpoint_every=500, progress=True))
-    return stage
+    """The ``optim`` and ``train`` sections of one training stage."""
+    return ml_collections.ConfigDict({
+        "optim": config_lib.section(OptimConfig, name=name, lr=lr),
+        "train": config_lib.section(ClassifierTrainConfig, eval_batch_size=500, epochs=epochs)})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -51,14 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.crop_padding = 2
     c.data.flip = False
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet20"
-    c.model.dtype = "float32"
-    c.model.width_multiplier = 1.0  # mobilenet_v2
-    c.model.patch_size = 0          # vit_*: 0 = automatic
-    c.model.dropout = 0.0           # vit_*
-    c.model.depth = 0               # vit_*: 0 = the model's default
-    c.model.hidden_sizes = (512, 256)  # mlp
+    c.model = config_lib.section(ModelConfig)
 
     c.pretrain = _stage(lr=0.1, epochs=3)
     c.pretrain.workdir = ""         # "" = WORKDIR/pretrain; another run's folder reuses (or resumes) its pre-training
@@ -66,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune = _stage(lr=0.05, epochs=2)
     c.finetune.unit = "layers"      # layers: the last N conv (CNN) / token-linear (ViT) layers; blocks: model.blocks
     c.finetune.last_n = 2
-    c.finetune.variants = "vanilla,filter_r2,filter_r4,head_only"
+    c.finetune.variants = ("vanilla", "filter_r2", "filter_r4", "head_only")
 
     c.measure = ml_collections.ConfigDict()
     c.measure.repeats = 5           # timed backward passes per variant (median), at finetune.train.batch_size
@@ -89,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.finetune = _stage(lr=5e-4, epochs=1, name="adamw")
         c.finetune.unit = "blocks"
         c.finetune.last_n = 2
-        c.finetune.variants = "vanilla,lbp_k2,lbp_k4,lbp_k6,head_only"
+        c.finetune.variants = ("vanilla", "lbp_k2", "lbp_k4", "lbp_k6", "head_only")
     if "smoke" in presets:
         c.data.train_limit = 256
         for stage in (c.pretrain, c.finetune):
@@ -106,4 +97,4 @@ def get_sweep(arg: str | None = None) -> list[dict]:
 
     python -m tools.sweep --experiment efficient_finetune --config configs/efficient_finetune.py --workdir runs/gf_sweep
     """
-    return [{"finetune.last_n": n, "finetune.variants": f"vanilla,filter_r{r}"} for n in (2, 4) for r in (2, 4)]
+    return [{"finetune.last_n": n, "finetune.variants": ("vanilla", f"filter_r{r}")} for n in (2, 4) for r in (2, 4)]

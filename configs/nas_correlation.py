@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset = "cifar10"             # cifar10 | cifar100 (key of the ground-truth file)
     c.ground_truth = ""               # zc_nasbench201.json ("" = $RESEARCH_DATA_DIR/nasbench201/)
     c.num_cells = 0                   # 0 = every cell the file has for the dataset
-    c.proxies = ",".join(PROXY_NAMES)
+    c.proxies = PROXY_NAMES
     c.mode = "exact"                  # exact: one network per cell, op by op | masked: super-network, vmapped
     c.chunk = 4                       # cells per vmapped call (mode=masked)
     c.width = 16                      # NB201's C
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.width = 4
         c.cells_per_stage = 1
         c.data.num_images = 256
-        c.proxies = "zico,params,flops,synflow,naswot"
+        c.proxies = ("zico", "params", "flops", "synflow", "naswot")
         c.progress = False
     return c
 

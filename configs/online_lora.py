@@ -19,8 +19,11 @@ CIFAR-100 with the full data: ``--config.data.name=cifar100 --config.data.source
 """
 import ml_collections
 
+from research.adapters.online_lora import OnlineLoraConfig
 from research.core import config as config_lib
-from research.core import optim
+from research.core.classify import ClassifierTrainConfig
+from research.core.optim import OptimConfig
+from research.models import ModelConfig
 
 PRESETS = ("smoke", "cifar10")
 METHODS = ("online_lora", "lora", "sequential_ft", "online_ewc", "er")
@@ -30,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/online_lora.py")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.methods = ",".join(METHODS)
+    c.methods = METHODS
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "fashion_mnist"
@@ -52,34 +55,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.backbone.source = "pretrain"  # pretrain: stage below; imagenet: EfficientNet-Lite0 ImageNet weights
     c.backbone.weights = ""         # imagenet: "" = the installed package, or a converted orbax directory
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "vit_tiny"
-    c.model.dtype = "float32"
-    c.model.depth = 4
-    c.model.patch_size = 7
-    c.model.dropout = 0.0
+    c.model = config_lib.section(ModelConfig, name="vit_tiny", depth=4, patch_size=7)
 
-    # The backbone's own training (fields of configs/train_classifier.py), on another data set.
+    # The backbone's own training, on another data set.
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.data = "mnist"
     c.pretrain.workdir = ""         # "" = WORKDIR/pretrain; another run's folder reuses its checkpoint
-    c.pretrain.optim = optim.default_config()
-    c.pretrain.optim.update(name="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=100, grad_clip_norm=1.0)
-    c.pretrain.train = ml_collections.ConfigDict(dict(
-        batch_size=128, eval_batch_size=500, epochs=2, steps=0, grad_accum_steps=1, label_smoothing=0.0,
-        log_every=50, eval_every_epochs=1, checkpoint_every=500, progress=True))
+    c.pretrain.optim = config_lib.section(OptimConfig, name="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=100,
+                                          grad_clip_norm=1.0)
+    c.pretrain.train = config_lib.section(ClassifierTrainConfig, eval_batch_size=500, epochs=2)
 
-    c.online_lora = ml_collections.ConfigDict()
-    c.online_lora.targets = r"attn/(q|v)$"  # regex over layer paths
-    c.online_lora.rank = 4
-    c.online_lora.alpha = 4.0
-    c.online_lora.lr = 1e-3
-    c.online_lora.reg_lambda = 2000.0
-    c.online_lora.buffer_size = 4
-    c.online_lora.window = 5
-    c.online_lora.mean_threshold = 6.0
-    c.online_lora.var_threshold = 0.1
-    c.online_lora.first_plateau_needs_peak = False
+    c.online_lora = config_lib.section(OnlineLoraConfig, lr=1e-3)
 
     c.baselines = ml_collections.ConfigDict()
     c.baselines.lr = 1e-4            # sequential_ft, online_ewc, er (all parameters); lora uses online_lora.lr
@@ -125,5 +111,5 @@ def get_sweep(arg: str | None = None) -> list[dict]:
 
     python -m tools.sweep --experiment online_lora --config configs/online_lora.py --workdir runs/online_lora_sweep
     """
-    return [{"stream.kind": kind, "online_lora.reg_lambda": lam, "methods": "online_lora"}
+    return [{"stream.kind": kind, "online_lora.reg_lambda": lam, "methods": ("online_lora",)}
             for kind in ("sharp", "si_blurry") for lam in (0.0, 2000.0)]

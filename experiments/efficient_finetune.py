@@ -27,26 +27,27 @@ from research.backprop.apply import (enable_gradient_filter, enable_lbp_wht, lay
                                      select_layers, trace_layers)
 from research.backprop.cost import finetune_backward_cost  # noqa: E402
 from research.backprop.measure import backward_profile  # noqa: E402
-from research.core import cli, optim  # noqa: E402
+from research.core import cli  # noqa: E402
 from research.core import config as cfg  # noqa: E402
-from research.core.classify import fit_classifier  # noqa: E402
+from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
+from research.core.optim import OptimConfig  # noqa: E402
 from research.core.mesh import initialize_distributed, make_mesh, shard_batch  # noqa: E402
 from research.core.records import write_json_atomic  # noqa: E402
 from research.core.train import classification_loss  # noqa: E402
 from research.data import pipeline, sources  # noqa: E402
 from research.data.augment import make_preprocess  # noqa: E402
-from research.models import COMPUTE_DTYPES, MODEL_NAMES, build_from_config  # noqa: E402
+from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config  # noqa: E402
 
 VARIANT = re.compile(r"^(vanilla|head_only|filter_r(?P<r>[1-9]\d*)|lbp_k(?P<k>[1-9]\d*))$")
 UNITS = ("layers", "blocks")
 SPLITS = ("classes", "samples")
 
 
-def parse_variants(text: str) -> list[tuple[str, str, int | None]]:
-    """"vanilla,filter_r2,lbp_k6" -> [(name, method, setting)] with method vanilla|head_only|filter|lbp."""
+def parse_variants(names: tuple[str, ...]) -> list[tuple[str, str, int | None]]:
+    """("vanilla", "filter_r2", "lbp_k6") -> [(name, method, setting)] with method vanilla|head_only|filter|lbp."""
     variants = []
-    for name in (v.strip() for v in text.split(",") if v.strip()):
-        match = VARIANT.match(name)
+    for name in names:
+        match = VARIANT.match(str(name))
         if not match:
             raise cfg.ConfigError(f"finetune.variants: unknown variant {name!r}; allowed: vanilla, head_only, "
                                   "filter_rR (R >= 1), lbp_kK (1 <= K <= 15)")
@@ -62,8 +63,7 @@ def parse_variants(text: str) -> list[tuple[str, str, int | None]]:
 
 
 def validate(config: ml_collections.ConfigDict) -> list[tuple[str, str, int | None]]:
-    cfg.check_choice(config, "model.name", MODEL_NAMES)
-    cfg.check_choice(config, "model.dtype", COMPUTE_DTYPES)
+    model = cfg.build(ModelConfig, config, "model")
     cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
     cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
     cfg.check_choice(config, "data.split", SPLITS)
@@ -71,17 +71,15 @@ def validate(config: ml_collections.ConfigDict) -> list[tuple[str, str, int | No
     cfg.check(config, "finetune.last_n", lambda v: v > 0, "a positive int")
     cfg.check(config, "measure.repeats", lambda v: v > 0, "a positive int")
     for stage in ("pretrain", "finetune"):
-        cfg.check(config, f"{stage}.train.batch_size", lambda v: v > 0, "a positive int")
-        cfg.check(config, f"{stage}.train.epochs", lambda v, s=stage: v > 0 or config[s].train.steps > 0,
-                  "> 0 (or set train.steps)")
-        optim.validate(config, f"{stage}.optim")
+        cfg.build(OptimConfig, config, f"{stage}.optim")
+        cfg.build(ClassifierTrainConfig, config, f"{stage}.train")
     variants = parse_variants(config.finetune.variants)
     if not variants:
-        raise cfg.ConfigError("finetune.variants: empty; give a comma-separated list such as vanilla,filter_r2")
-    kind = layer_kind(config.model.name)
+        raise cfg.ConfigError("finetune.variants: empty; give a tuple such as (vanilla, filter_r2)")
+    kind = layer_kind(model.name)
     for name, method, _ in variants:
         if (method, kind) in (("filter", "linear"), ("lbp", "conv")):
-            raise cfg.ConfigError(f"finetune.variants: {name} does not apply to {config.model.name} "
+            raise cfg.ConfigError(f"finetune.variants: {name} does not apply to {model.name} "
                                   f"(its fine-tuned layers are {kind} layers)")
     return variants
 

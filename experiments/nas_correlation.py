@@ -17,7 +17,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -27,14 +26,9 @@ from tqdm import tqdm
 from research.core import cli
 from research.core import config as cfg
 from research.core.records import write_json_atomic
-from research.data import pipeline, sources
-from research.data.augment import normalize
 from research.nas import nb201, proxies, scoring
+from research.nas.benchmark import DATASETS, ground_truth_path, load_ground_truth, naslib_cell, proxy_batch
 
-# NB201's CIFAR normalisation (Dong & Yang 2020).
-CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
-CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
-DATASETS = {"cifar10": ("cifar10_sample", 10), "cifar100": ("cifar100_sample", 100)}
 NASLIB_STORED = ("flops", "params", "synflow", "grasp", "fisher", "grad_norm", "snip", "jacov", "nwot")
 
 
@@ -50,35 +44,6 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
         raise cfg.ConfigError(f"data.num_images={config.data.num_images}: the proxies chosen read "
                               f"up to {need} images; allowed: >= {need}")
     return names
-
-
-def ground_truth(config) -> dict:
-    root = config.data.data_dir or os.environ.get("RESEARCH_DATA_DIR", "")
-    path = config.ground_truth or os.path.join(root, "nasbench201", "zc_nasbench201.json")
-    if not os.path.exists(path):
-        raise sources.DataSourceError(
-            f"NB201 ground truth {path!r} not found; set --config.ground_truth=FILE, or "
-            "data.data_dir / $RESEARCH_DATA_DIR to a folder holding nasbench201/zc_nasbench201.json")
-    with open(path) as f:
-        cells = json.load(f)[config.dataset]
-    keys = sorted(cells)
-    if config.num_cells:
-        rng = np.random.default_rng(config.seed)
-        keys = sorted(rng.choice(keys, min(config.num_cells, len(keys)), replace=False).tolist())
-    return {k: cells[k] for k in keys}
-
-
-def image_batch(config) -> dict:
-    name, _ = DATASETS[config.dataset]
-    ds = sources.load(name, source=config.data.source, data_dir=config.data.data_dir or None)
-    train = pipeline.to_arrays(ds["train"])
-    rows = np.random.default_rng(config.data.seed).permutation(len(train))[:config.data.num_images]
-    return {"image": normalize(jnp.asarray(train.images[rows]), CIFAR_MEAN, CIFAR_STD),
-            "label": jnp.asarray(train.labels[rows])}
-
-
-def naslib_cell(key: str) -> nb201.Cell:
-    return nb201.from_naslib(json.loads(key.replace("(", "[").replace(")", "]")))
 
 
 def score_exact(config, names, cells, batch, done: dict, save, bar) -> None:
@@ -154,8 +119,10 @@ def plot(workdir: str, names, table: dict, accuracy: np.ndarray, summary: dict) 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     names = validate(config)
-    cells = ground_truth(config)
-    batch = image_batch(config)
+    cells = load_ground_truth(ground_truth_path(config.ground_truth, config.data.data_dir), config.dataset,
+                              config.num_cells, config.seed)
+    batch = proxy_batch(config.dataset, config.data.num_images, config.data.seed, source=config.data.source,
+                        data_dir=config.data.data_dir or None)
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     # Scores are reusable only under the same protocol (seed, images, network size).

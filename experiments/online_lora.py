@@ -38,14 +38,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from research.adapters.online_baselines import OnlineBaselineConfig, OnlineFinetune  # noqa: E402
 from research.adapters.online_lora import OnlineLoRA, OnlineLoraConfig  # noqa: E402
-from research.core import cli, optim  # noqa: E402
+from research.core import cli  # noqa: E402
 from research.core import config as cfg  # noqa: E402
-from research.core.classify import fit_classifier  # noqa: E402
+from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
+from research.core.optim import OptimConfig  # noqa: E402
 from research.core.mesh import initialize_distributed, make_mesh  # noqa: E402
 from research.core.records import MetricWriter, write_json_atomic  # noqa: E402
 from research.data import pipeline, sources, streams  # noqa: E402
 from research.data.augment import make_preprocess, normalize, resize  # noqa: E402
-from research.models import COMPUTE_DTYPES, MODEL_NAMES, build_from_config  # noqa: E402
+from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config  # noqa: E402
 from research.models import efficientnet_lite as effnet  # noqa: E402
 
 METHODS = ("online_lora", "lora", "sequential_ft", "online_ewc", "er")
@@ -54,43 +55,34 @@ LABELS = {"online_lora": "Online-LoRA", "lora": "LoRA (no regularisation)", "seq
           "online_ewc": "online EWC (EWC++)", "er": "experience replay"}
 
 
-def parse_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise cfg.ConfigError(f"methods: unknown or empty {unknown or text!r}; allowed (comma-separated): "
-                              f"{', '.join(METHODS)}")
-    return methods
-
-
 def validate(config: ml_collections.ConfigDict) -> list[str]:
+    model = cfg.build(ModelConfig, config, "model")
+    cfg.build(OnlineLoraConfig, config, "online_lora")
     cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
     cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
-    cfg.check_choice(config, "model.name", MODEL_NAMES)
-    cfg.check_choice(config, "model.dtype", COMPUTE_DTYPES)
     cfg.check_choice(config, "stream.kind", streams.KINDS)
     cfg.check_choice(config, "backbone.source", BACKBONES)
-    for key in ("data.train_per_class", "data.test_per_class", "data.image_size", "eval.points_per_task",
-                "baselines.replay_size"):
+    for key in ("data.train_per_class", "data.test_per_class", "data.image_size", "eval.points_per_task"):
         cfg.check(config, key, lambda v: v >= 0, "an int >= 0")
-    for key in ("stream.num_tasks", "stream.batch_size", "eval.batch_size", "online_lora.rank",
-                "online_lora.buffer_size", "online_lora.window", "baselines.ewc_every", "baselines.replay_batch",
-                "log_every"):
+    for key in ("stream.num_tasks", "stream.batch_size", "eval.batch_size", "log_every"):
         cfg.check(config, key, lambda v: v > 0, "a positive int")
     for key in ("stream.blurry_ratio", "stream.disjoint_class_ratio"):
         cfg.check(config, key, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
-    cfg.check(config, "baselines.ewc_alpha", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
-    for key in ("online_lora.lr", "baselines.lr"):
-        cfg.check(config, key, lambda v: v > 0, "a positive number")
-    for key in ("online_lora.reg_lambda", "baselines.ewc_lambda"):
-        cfg.check(config, key, lambda v: v >= 0, "a number >= 0")
-    if config.backbone.source == "imagenet" and config.model.name != "efficientnet_lite0":
+    if config.backbone.source == "imagenet" and model.name != "efficientnet_lite0":
         raise cfg.ConfigError(f"backbone.source: imagenet weights exist for efficientnet_lite0 only, "
-                              f"got model.name={config.model.name}; use backbone.source=pretrain")
+                              f"got model.name={model.name}; use backbone.source=pretrain")
     if config.backbone.source == "pretrain":
         cfg.check_choice(config, "pretrain.data", sources.IMAGE_DATASETS)
-        optim.validate(config, "pretrain.optim")
-    return parse_methods(config.methods)
+        cfg.build(OptimConfig, config, "pretrain.optim")
+        cfg.build(ClassifierTrainConfig, config, "pretrain.train")
+    methods = cfg.check_names(config, "methods", METHODS)
+    for method in methods:
+        if method != "online_lora":
+            try:
+                baseline_config(method, config)
+            except cfg.FieldError as e:  # the baseline's own checks, under the key that set the value
+                raise cfg.ConfigError(f"config key 'baselines.{e.field}' {e.detail}") from None
+    return methods
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -147,23 +139,23 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
     return new_model, preprocess, info
 
 
-def make_learner(method: str, model: nnx.Module, config, preprocess):
-    ol = config.online_lora
-    rngs = nnx.Rngs(config.seed + 2)
-    if method == "online_lora":
-        return OnlineLoRA(model, OnlineLoraConfig(
-            rank=ol.rank, alpha=ol.alpha, targets=ol.targets, lr=ol.lr, reg_lambda=ol.reg_lambda,
-            buffer_size=ol.buffer_size, window=ol.window, mean_threshold=ol.mean_threshold,
-            var_threshold=ol.var_threshold, first_plateau_needs_peak=ol.first_plateau_needs_peak),
-            rngs=rngs, preprocess=preprocess)
-    b = config.baselines
+def baseline_config(method: str, config) -> OnlineBaselineConfig:
+    """The settings of a baseline: the ``baselines`` section, with the adapter of ``online_lora``."""
+    ol, b = cfg.build(OnlineLoraConfig, config, "online_lora"), config.baselines
     common = dict(rank=ol.rank, alpha=ol.alpha, targets=ol.targets, seed=config.seed)
     settings = {"lora": dict(trainable="lora", lr=ol.lr),
                 "sequential_ft": dict(trainable="all", lr=b.lr),
                 "online_ewc": dict(trainable="all", lr=b.lr, ewc_lambda=b.ewc_lambda, ewc_alpha=b.ewc_alpha,
                                    ewc_every=b.ewc_every),
                 "er": dict(trainable="all", lr=b.lr, replay_size=b.replay_size, replay_batch=b.replay_batch)}[method]
-    return OnlineFinetune(model, OnlineBaselineConfig(**common, **settings), rngs=rngs, preprocess=preprocess)
+    return OnlineBaselineConfig(**common, **settings)
+
+
+def make_learner(method: str, model: nnx.Module, config, preprocess):
+    rngs = nnx.Rngs(config.seed + 2)
+    if method == "online_lora":
+        return OnlineLoRA(model, cfg.build(OnlineLoraConfig, config, "online_lora"), rngs=rngs, preprocess=preprocess)
+    return OnlineFinetune(model, baseline_config(method, config), rngs=rngs, preprocess=preprocess)
 
 
 # ------------------------------------------------------------------------------------------ the pass

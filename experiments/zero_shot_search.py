@@ -20,12 +20,12 @@ import os
 import ml_collections
 import numpy as np
 
-from experiments.nas_correlation import DATASETS, ground_truth, image_batch, naslib_cell
 from research.core import cli
 from research.core import config as cfg
 from research.core.records import write_json_atomic
 from research.data import sources
 from research.nas import proxies, search
+from research.nas.benchmark import DATASETS, ground_truth_path, load_ground_truth, naslib_cell, proxy_batch
 from research.nas.macro_space import MobileNetSpace
 
 SPACES = ("nb201", "mobilenet")
@@ -50,18 +50,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     cfg.check(config, "width_multiplier", lambda m: m > 0, "a number > 0")
 
 
-def _correlation_view(config) -> ml_collections.ConfigDict:
-    """The keys that nas_correlation's ``image_batch`` and ``ground_truth`` read."""
-    return ml_collections.ConfigDict({
-        "dataset": config.dataset, "ground_truth": config.ground_truth, "num_cells": 0,
-        "seed": config.seed, "data": {**config.data.to_dict(), "num_images": config.num_images}})
-
-
 def accuracies(config) -> dict:
     """{cell: val_accuracy} of the ground-truth file for ``dataset``; {} when the file is absent
     and not needed (``candidates=all``)."""
     try:
-        cells = ground_truth(_correlation_view(config))
+        cells = load_ground_truth(ground_truth_path(config.ground_truth, config.data.data_dir), config.dataset)
     except sources.DataSourceError:
         if config.candidates == "file":
             raise
@@ -154,7 +147,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           config.budget_kind, config.budget)
     except search.BudgetError as e:
         raise cfg.ConfigError(f"config key 'budget' = {config.budget!r}: {e}") from None
-    batch = image_batch(_correlation_view(config))
+    batch = proxy_batch(config.dataset, config.num_images, config.data.seed, source=config.data.source,
+                        data_dir=config.data.data_dir or None)
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     _, classes = DATASETS[config.dataset]

@@ -24,7 +24,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-import research.models  # noqa: F401  (eager sharding off)
 from research.models.llama_convert import load_converted, save_converted
 from research.models.llama_gguf import load_gguf_llama, smollm2_gguf_path
 from research.models.llama_hf import load_hf_llama

@@ -98,7 +98,8 @@ class LoraAdapter(nnx.Module):
 
 
 def _sharding(names) -> dict:
-    return {"out_sharding": tuple(names)} if names is not None else {}
+    # Metadata only (as research.models.sharding.logical): the mesh maps the names to devices later.
+    return {"out_sharding": tuple(names), "eager_sharding": False} if names is not None else {}
 
 
 class LoraLayer(nnx.Module):
@@ -147,10 +148,8 @@ class LoraLayer(nnx.Module):
         if names is not None:
             names_a = tuple(names[:lead]) + tuple(names[lead + i] for i in self.in_axes) + (None,)
             names_b = tuple(names[:lead]) + (None,) + tuple(names[lead + i] for i in self.out_axes)
-        # Metadata only: the mesh maps names to devices later (as research.models.build_model).
-        with nnx.use_eager_sharding(False):
-            self.lora[name] = LoraAdapter(a_shape, b_shape, names_a, names_b, spec, name,
-                                          kernel[...].dtype, rngs=rngs, lead=lead)
+        self.lora[name] = LoraAdapter(a_shape, b_shape, names_a, names_b, spec, name, kernel[...].dtype,
+                                      rngs=rngs, lead=lead)
 
     def delta(self, name: str, dtype=jnp.float32) -> jax.Array:
         """The dense update (alpha/r) * A B of adapter ``name`` in the kernel's shape and axis order."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ import optax
 from flax import nnx
 
 from research.adapters.lora import LoraSpec, add_lora, lora_filter
+from research.core import config as config_lib
 from research.adapters.online_lora import (as_batch, default_preprocess, evaluate_accuracy, masked_mean,
                                            train_mode)
 from research.models import filters
@@ -54,7 +56,7 @@ class OnlineBaselineConfig:
     freeze_batch_stats   BatchNorm normalises with its running statistics in training too.
     seed            the reservoir's and the replay draws' random stream.
     """
-    trainable: str = "all"
+    trainable: Literal["all", "lora", "head"] = "all"
     rank: int = 4
     alpha: float = 4.0
     targets: str = r"attn/(q|v)$"
@@ -69,14 +71,13 @@ class OnlineBaselineConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
-        if self.ewc_lambda < 0 or not 0 < self.ewc_alpha <= 1 or self.ewc_every < 1:
-            raise ValueError(f"need ewc_lambda >= 0, 0 < ewc_alpha <= 1, ewc_every >= 1; got {self.ewc_lambda}, "
-                             f"{self.ewc_alpha}, {self.ewc_every}")
-        if self.replay_size < 0 or (self.replay_size and self.replay_batch < 1):
-            raise ValueError(f"need replay_size >= 0 and replay_batch >= 1; got {self.replay_size}, "
-                             f"{self.replay_batch}")
+        config_lib.check_fields(self)
+        config_lib.require(self, "lr", self.lr > 0, "a positive float")
+        config_lib.require(self, "ewc_lambda", self.ewc_lambda >= 0, "a float >= 0")
+        config_lib.require(self, "ewc_alpha", 0 < self.ewc_alpha <= 1, "a number in (0, 1]")
+        config_lib.require(self, "ewc_every", self.ewc_every >= 1, "an int >= 1")
+        config_lib.require(self, "replay_size", self.replay_size >= 0, "an int >= 0 (0 = no replay)")
+        config_lib.require(self, "replay_batch", self.replay_batch >= 1, "an int >= 1")
 
 
 class ReservoirBuffer:

@@ -52,6 +52,7 @@ import optax
 from flax import nnx
 
 from research.adapters.lora import LoraLayer, LoraSpec, add_lora, lora_filter
+from research.core import config as config_lib
 from research.models import filters
 
 ADAPTER = "current"  # name of the trainable adapter on each target layer
@@ -100,8 +101,12 @@ class OnlineLoraConfig:
     reset_adam: bool = True
 
     def __post_init__(self):
-        if self.buffer_size < 1 or self.window < 1:
-            raise ValueError(f"buffer_size and window must be >= 1, got {self.buffer_size}, {self.window}")
+        config_lib.check_fields(self)
+        for name in ("rank", "buffer_size", "window"):
+            config_lib.require(self, name, getattr(self, name) >= 1, "an int >= 1")
+        config_lib.require(self, "lr", self.lr > 0, "a positive float")
+        config_lib.require(self, "reg_lambda", self.reg_lambda >= 0, "a float >= 0")
+        config_lib.require(self, "lora_dropout", 0 <= self.lora_dropout < 1, "a float in [0, 1)")
 
 
 # ---------------------------------------------------------------------------------------------

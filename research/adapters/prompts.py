@@ -77,8 +77,7 @@ class PromptedViT(nnx.Module):
             value = init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
         sharding = (None,) * (len(shape) - 1) + ("embed",)
         # Metadata only (as the ViT's own params): the mesh placement happens later, by logical names.
-        with nnx.use_eager_sharding(False):
-            self.prompts = PromptParam(value, out_sharding=sharding)
+        self.prompts = PromptParam(value, out_sharding=sharding, eager_sharding=False)
         # No RNG state when off, so the model state stays just parameters.
         self.prompt_dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
 

@@ -39,7 +39,7 @@ def test_cnn_variants_write_their_record_and_resume(tmp_path):
 
 def test_vit_lbp_wht_variants(tmp_path):
     config = load_config("configs/efficient_finetune.py:vit,smoke",
-                         {"data.name": "digits", "finetune.variants": "vanilla,lbp_k2", "data.split": "samples"})
+                         {"data.name": "digits", "finetune.variants": ("vanilla", "lbp_k2"), "data.split": "samples"})
     results = efficient_finetune.main(config, str(tmp_path))
     assert len(results["finetuned_layers"]) == 12  # q, k, v, out, fc1, fc2 of the last two blocks
     variants = results["variants"]
@@ -47,8 +47,8 @@ def test_vit_lbp_wht_variants(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"finetune.variants": "vanilla,filter_r0"}, "unknown variant 'filter_r0'"),
-    ({"finetune.variants": "lbp_k4"}, "lbp_k4 does not apply to resnet20"),
+    ({"finetune.variants": ("vanilla", "filter_r0")}, "unknown variant 'filter_r0'"),
+    ({"finetune.variants": ("lbp_k4",)}, "lbp_k4 does not apply to resnet20"),
     ({"finetune.unit": "stages"}, "'finetune.unit' = 'stages' is not allowed"),
     ({"data.split": "random"}, "'data.split' = 'random' is not allowed"),
 ])

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_smoke_run_records_every_proxy_and_a_rerun_reuses_the_scores(tmp_path, capsys):
-    config = load_config("configs/nas_correlation.py:smoke", {"proxies": "params,flops,naswot"})
+    config = load_config("configs/nas_correlation.py:smoke", {"proxies": ("params", "flops", "naswot")})
     summary = nas_correlation.main(config, str(tmp_path))
     assert summary["n_cells"] == 3
     for table in ("spearman", "kendall", "seconds_per_cell"):
@@ -35,7 +35,7 @@ def test_smoke_run_records_every_proxy_and_a_rerun_reuses_the_scores(tmp_path, c
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("dataset", "imagenet", "dataset"), ("mode", "fast", "mode"), ("proxies", "zico,foo", "proxies"),
+    ("dataset", "imagenet", "dataset"), ("mode", "fast", "mode"), ("proxies", ("zico", "foo"), "proxies"),
     ("data.num_images", 16, "data.num_images"),
 ])
 def test_bad_config_values_are_rejected(key, value, message):

@@ -34,13 +34,13 @@ def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
     assert capsys.readouterr().out.count("reusing") == len(online_lora.METHODS)
     assert again["methods"] == json.loads((tmp_path / "results.json").read_text())["methods"]
     # a changed setting runs the method again
-    changed = load_config("configs/online_lora.py:smoke", {**DIGITS, "methods": "lora", "online_lora.lr": 0.01})
+    changed = load_config("configs/online_lora.py:smoke", {**DIGITS, "methods": ("lora",), "online_lora.lr": 0.01})
     online_lora.main(changed, str(tmp_path))
     assert "reusing" not in capsys.readouterr().out
 
 
 def test_efficientnet_lite_stream_trains_lora_on_pointwise_convolutions(tmp_path, skip_without_imagenet_weights_or_data):
-    config = load_config("configs/online_lora.py:cifar10,smoke", {"methods": "online_lora"})
+    config = load_config("configs/online_lora.py:cifar10,smoke", {"methods": ("online_lora",)})
     skip_without_imagenet_weights_or_data(config)
     results = online_lora.main(config, str(tmp_path))
     assert results["backbone"]["source"] == "imagenet" and results["model"] == "efficientnet_lite0"
@@ -68,7 +68,7 @@ def test_evaluation_positions_cover_every_task_end():
 
 
 @pytest.mark.parametrize("override, key", [
-    ({"methods": "online_lora,replay"}, "methods"),
+    ({"methods": ("online_lora", "replay")}, "methods"),
     ({"stream.kind": "fuzzy"}, "stream.kind"),
     ({"backbone.source": "imagenet"}, "backbone.source"),
     ({"baselines.ewc_alpha": 0.0}, "baselines.ewc_alpha"),

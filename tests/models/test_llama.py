@@ -4,7 +4,6 @@ import pytest
 
 import jax.numpy as jnp
 
-import research.models  # noqa: F401  (eager sharding off)
 from research.models.llama_hf import load_hf_llama
 
 torch = pytest.importorskip("torch")

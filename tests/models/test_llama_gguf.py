@@ -9,7 +9,6 @@ import pytest
 import jax.numpy as jnp
 from flax import nnx
 
-import research.models  # noqa: F401  (eager sharding off)
 from research.attention.rope import Llama3RopeScaling, inverse_frequencies
 from research.models.llama import Llama, LlamaConfig
 from research.models.llama_convert import CONFIG_FILE, load_converted, save_converted

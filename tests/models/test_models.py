@@ -105,7 +105,7 @@ def test_mlp_hidden_sizes_option():
 
 
 def test_build_in_another_thread():
-    # nnx.use_eager_sharding is thread-local; build_model must not depend on the importing thread.
+    # Variables are created with eager sharding off one by one, so no thread-local setting matters.
     result = []
 
     def build_abstract():  # not the cached abstract(): it must really build in the thread

@@ -2,7 +2,6 @@
 import jax
 from flax import nnx
 
-import research.models  # noqa: F401  (eager sharding off)
 from research.models.llama import Llama, LlamaConfig
 
 TINY = LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,

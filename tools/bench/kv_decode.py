@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import research.models  # noqa: F401  (eager sharding off)
 from research.attention.mla import set_mla_decode
 from research.attention.ops import attention_ops
 from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla

@@ -4,7 +4,7 @@
 The config file is loaded through ml_collections' config flag; `--config.*` overrides go through
 `research.core.config.apply_overrides`, which names a bad key or value in one line. Known user
 errors (bad config, missing data, checkpoint mismatch) end the program with that line and exit
-status 2, not a traceback.
+status 2, not a traceback; so does a path the user gave that does not exist.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from research.core.config import ConfigError, apply_overrides, split_override_args
+from research.core.config import ConfigError, PathNotFoundError, apply_overrides, split_override_args
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file: configs/NAME.py[:ARG].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, logs, checkpoints and results.")
@@ -25,7 +25,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from research.core.checkpoint import CheckpointMismatchError
     from research.data.sources import DataSourceError
 
-    return (ConfigError, DataSourceError, CheckpointMismatchError)
+    return (ConfigError, PathNotFoundError, DataSourceError, CheckpointMismatchError)
 
 
 def _fail(message: str) -> None:

@@ -32,6 +32,18 @@ class ConfigError(ValueError):
     """A config key or value that is not allowed; the message is one line."""
 
 
+class PathNotFoundError(FileNotFoundError):
+    """A path the user gave (a data folder, a model or weights file, a checkpoint) that does not
+    exist; the message is one line naming it. A given path never falls back to a default."""
+
+
+def require_path(path: str, what: str) -> str:
+    """``path`` when it exists; else a `PathNotFoundError` naming ``what`` (e.g. "data.data_dir")."""
+    if not os.path.exists(path):
+        raise PathNotFoundError(f"{what} {path!r} does not exist")
+    return path
+
+
 # ------------------------------------------------------------------ schemas: library dataclasses
 
 class FieldError(ValueError):

@@ -14,7 +14,8 @@ Image sets have columns `image` (uint8 H x W x C, an `Array3D` feature) and `lab
 | cifar100        | -                                                 | uoft-cs/cifar100            |
 | kjv             | Debian `bible-kjv` (the `bible` program), one row per verse | -                 |
 
-The CIFAR samples are found under `data_dir` or `$RESEARCH_DATA_DIR`; results on them must be
+The CIFAR samples are found under `data_dir` when it is given (it must exist; nothing else is tried
+then, neither `$RESEARCH_DATA_DIR` nor the hub), else under `$RESEARCH_DATA_DIR`; results on them must be
 reported as the sample, never as full CIFAR, hence their own names. Sources that are slow to
 decode (MNIST, Fashion-MNIST) are cached with `save_to_disk` under `cache_dir` (default
 `$RESEARCH_CACHE_DIR` or ~/.cache/research); `tools/prepare_data.py` fills the cache.
@@ -33,6 +34,8 @@ from collections.abc import Callable
 
 import datasets as hf
 import numpy as np
+
+from research.core.config import require_path
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's package installs it
 
@@ -132,7 +135,7 @@ def _fashion_mnist(data_dir):
 
 
 def _find_sample(data_dir, filename: str, name: str) -> str:
-    roots = [r for r in (data_dir, os.environ.get("RESEARCH_DATA_DIR")) if r]
+    roots = [r for r in (data_dir or os.environ.get("RESEARCH_DATA_DIR"),) if r]  # a given folder, never both
     for root in roots:
         for path in (os.path.join(root, "cifar", filename), os.path.join(root, filename)):
             if os.path.isfile(path):
@@ -240,6 +243,8 @@ def load(name: str, *, source: str = "auto", data_dir: str | None = None, cache_
     if source not in SOURCE_KINDS:
         raise DataSourceError(f"unknown data source kind '{source}'; choose one of: {', '.join(SOURCE_KINDS)}")
     spec = SOURCES[name]
+    if data_dir:  # a folder the user named: it must exist, and nothing else is tried in its place
+        require_path(data_dir, "data.data_dir")
     if source == "hub" or (source == "auto" and spec.offline is None):
         if spec.hub is None:
             raise DataSourceError(f"{name} has no hub source; it comes from {spec.provider}")
@@ -254,7 +259,7 @@ def load(name: str, *, source: str = "auto", data_dir: str | None = None, cache_
     try:
         ds = spec.offline(data_dir)
     except DataSourceError as offline_error:
-        if source != "auto" or spec.hub is None:
+        if source != "auto" or spec.hub is None or data_dir:
             raise
         try:
             return _from_hub(spec)

@@ -56,6 +56,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from research.core.config import require_path
 from research.models.mobilenet_v2 import ConvBN as MobileNetConvBN
 from research.models.sharding import HEAD_SHARDING, logical
 
@@ -283,7 +284,9 @@ def restore_converted(model: EfficientNetLite, directory: str, *, include_head: 
 def load_pretrained(model: EfficientNetLite, source: str | Path = "", *, include_head: bool = False) -> None:
     """ImageNet weights into ``model`` in place: from a directory written by the converter when
     ``source`` names one (no torch needed), else from the installed package's PyTorch state dict
-    (``source`` = "" ) or from a state dict file."""
+    (``source`` = "" ) or from a state dict file. A ``source`` that does not exist fails (no fallback)."""
+    if source:
+        require_path(str(source), "backbone.weights")
     if source and Path(source).is_dir():
         restore_converted(model, str(source), include_head=include_head)
     else:

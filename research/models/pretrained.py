@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from research.core.config import require_path
 from research.models.llama import Llama, LlamaConfig
 from research.models.tokenizer import Tokenizer
 
@@ -30,9 +31,9 @@ def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", t
         path = path or smollm2_gguf_path()
     elif not path:
         raise ValueError(f"model source {source!r} needs a path")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path} does not exist")
-
+    require_path(path, "model.path")
+    if tokenizer_path:
+        require_path(tokenizer_path, "model.tokenizer_path")
     tokenizer_path = tokenizer_path or path
     if source == "converted" and tokenizer_path == path:
         raise ValueError("a converted model needs tokenizer_path (the GGUF file or HF directory it came from)")

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import train_classifier
@@ -39,7 +40,7 @@ def run_cli(*args, env=None):
     (["--config.model.name=resnet21"], "error: config key 'model.name' = 'resnet21' is not allowed; choose one of: mlp, resnet20"),
     (["--config.data.name=imagenet"], "error: config key 'data.name' = 'imagenet' is not allowed; choose one of: digits, mnist"),
     (["--config.data.name=cifar10_sample", "--config.data.source=offline", "--config.data.data_dir=/nonexistent"],
-     "error: cifar10_sample: cifar/cifar10_subset.npz not found under /nonexistent"),
+     "error: data.data_dir '/nonexistent' does not exist"),
 ])
 def test_bad_input_gives_one_clear_error_line(tmp_path, args, message):
     proc = run_cli(*args, "--workdir", str(tmp_path), env={"RESEARCH_DATA_DIR": ""})
@@ -48,3 +49,27 @@ def test_bad_input_gives_one_clear_error_line(tmp_path, args, message):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(message), lines[0]
     assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_a_data_dir_that_does_not_exist_never_falls_back_to_the_environment(tmp_path):
+    """With $RESEARCH_DATA_DIR holding the sample, a given data.data_dir that does not exist fails,
+    and one that exists without the sample fails too, instead of training on the environment's data."""
+    env_data = tmp_path / "env_data" / "cifar"
+    env_data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    np.savez(env_data / "cifar10_subset.npz", x_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(64) % 2, x_test=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(16) % 2, label_names=np.array(["a", "b"]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"RESEARCH_DATA_DIR": str(tmp_path / "env_data")}
+    common = ["--config.data.name=cifar10_sample", "--config.data.source=auto"]
+    for data_dir, message in ((tmp_path / "nonexistent", f"error: data.data_dir '{tmp_path / 'nonexistent'}' does not exist"),
+                              (empty, f"error: cifar10_sample: cifar/cifar10_subset.npz not found under {empty}")):
+        proc = run_cli(*common, f"--config.data.data_dir={data_dir}", "--workdir", str(tmp_path / "run"), env=env)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "results.json")
+    # The environment's folder is the default when no path is given: the same command trains.
+    proc = run_cli(*common, "--workdir", str(tmp_path / "run"), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]

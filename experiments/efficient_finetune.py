@@ -27,12 +27,11 @@ from research.backprop.apply import (enable_gradient_filter, enable_lbp_wht, lay
                                      select_layers, trace_layers)
 from research.backprop.cost import finetune_backward_cost  # noqa: E402
 from research.backprop.measure import backward_profile  # noqa: E402
-from research.core import cli  # noqa: E402
+from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
 from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
 from research.core.optim import OptimConfig  # noqa: E402
-from research.core.mesh import initialize_distributed, make_mesh, shard_batch  # noqa: E402
-from research.core.records import write_json_atomic  # noqa: E402
+from research.core.mesh import shard_batch  # noqa: E402
 from research.core.train import classification_loss  # noqa: E402
 from research.data import pipeline, sources  # noqa: E402
 from research.data.augment import make_preprocess  # noqa: E402
@@ -105,10 +104,7 @@ def finetuned_layers(model: nnx.Module, input_shape, config: ml_collections.Conf
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     variants = validate(config)
     start_time = time.perf_counter()
-    initialize_distributed()
-    mesh = make_mesh(config.mesh)
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    mesh = experiment.start(config, workdir)
 
     ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
     (pre_train, pre_test), (fine_train, fine_test) = pipeline.split_halves(
@@ -185,11 +181,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_time_s": time.perf_counter() - start_time,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     })
-    if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, "results.json"), results)
+    if experiment.main_process():
         table = results_table(results)
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(table + "\n")
+        experiment.write_results(workdir, results, table)
         plot_tradeoff(results, os.path.join(workdir, "tradeoff.png"))
         print(table)
     return results

@@ -23,7 +23,7 @@ from flax import nnx
 from scipy import stats
 from tqdm import tqdm
 
-from research.core import cli
+from research.core import cli, experiment
 from research.core import config as cfg
 from research.core.records import write_json_atomic
 from research.nas import nb201, proxies, scoring
@@ -123,8 +123,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               config.num_cells, config.seed)
     batch = proxy_batch(config.dataset, config.data.num_images, config.data.seed, source=config.data.source,
                         data_dir=config.data.data_dir or None)
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    experiment.start(config, workdir)
     # Scores are reusable only under the same protocol (seed, images, network size).
     signature = {k: config[k] for k in ("seed", "dataset", "width", "cells_per_stage")}
     signature["data"] = config.data.to_dict()
@@ -159,16 +158,15 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stored = np.array([cells[k][n]["score"] for k in cells])
         rho, tau = correlations(stored, accuracy)
         summary["naslib_stored"]["spearman"][n], summary["naslib_stored"]["kendall"][n] = rho, tau
-    write_json_atomic(os.path.join(workdir, "results.json"), summary)
     lines = [f"{len(cells)} NB201 cells, {config.dataset}; {config.mode} mode", "",
              "| proxy | Spearman | Kendall | s / cell |", "|---|---|---|---|"]
     for n in sorted(names, key=lambda n: -np.nan_to_num(summary["spearman"][n], nan=-9)):
         lines.append(f"| {n} | {summary['spearman'][n]:.3f} | {summary['kendall'][n]:.3f} | "
                      f"{summary['seconds_per_cell'][n]:.2f} |")
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    if experiment.main_process():
+        experiment.write_results(workdir, summary, "\n".join(lines))
+        plot(workdir, names, table, accuracy, summary)
     print("\n".join(lines), flush=True)
-    plot(workdir, names, table, accuracy, summary)
     return summary
 
 

@@ -38,11 +38,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from research.adapters.online_baselines import OnlineBaselineConfig, OnlineFinetune  # noqa: E402
 from research.adapters.online_lora import OnlineLoRA, OnlineLoraConfig  # noqa: E402
-from research.core import cli  # noqa: E402
+from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
 from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
 from research.core.optim import OptimConfig  # noqa: E402
-from research.core.mesh import initialize_distributed, make_mesh  # noqa: E402
 from research.core.records import MetricWriter, write_json_atomic  # noqa: E402
 from research.data import pipeline, sources, streams  # noqa: E402
 from research.data.augment import make_preprocess, normalize, resize  # noqa: E402
@@ -184,7 +183,7 @@ def continual_metrics(task_end_accs) -> tuple[float, float]:
 def run_method(method: str, learner, train, stream, tests, config, workdir: str) -> dict:
     """One pass; accuracies at the evaluation positions (a batch ends at or after each)."""
     logdir = os.path.join(workdir, method, "tb")
-    if jax.process_index() == 0 and os.path.isdir(logdir):
+    if experiment.main_process() and os.path.isdir(logdir):
         shutil.rmtree(logdir)  # a rerun (changed config, or an interrupted pass) starts a clean log
     writer = MetricWriter(logdir)
     pending = sorted(eval_positions(stream, config.eval.points_per_task).items())
@@ -225,10 +224,7 @@ def run_method(method: str, learner, train, stream, tests, config, workdir: str)
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     methods = validate(config)
     start_time = time.perf_counter()
-    initialize_distributed()
-    mesh = make_mesh(config.mesh)
-    os.makedirs(os.path.join(workdir, "methods"), exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    mesh = experiment.start(config, workdir, subdirs=("methods",))
 
     train, test = stream_data(config)
     tasks = streams.class_incremental_tasks(train.num_classes, config.stream.num_tasks, seed=config.seed,
@@ -256,7 +252,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         learner = make_learner(method, new_model(), config, preprocess)
         result = run_method(method, learner, train, stream, tests, config, workdir)
         method_results[method] = result
-        if jax.process_index() == 0:
+        if experiment.main_process():
             write_json_atomic(path, {"signature": signature, "result": result})
         print(f"{method}: avg_acc {result['avg_acc']:.4f}, forgetting {result['forgetting']:.4f}, "
               f"{result['n_plateaus']} plateaus, {result['seconds']:.1f} s")
@@ -267,11 +263,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "data": config.data.name, "stream": stream_info,
                "test_examples": [len(t) for t in tests], "wall_time_s": time.perf_counter() - start_time,
                "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
-    if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, "results.json"), results)
+    if experiment.main_process():
         table = results_table(results)
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(table + "\n")
+        experiment.write_results(workdir, results, table)
         plot_accuracy(results, os.path.join(workdir, "accuracy.png"))
         print(table)
     return results

@@ -15,10 +15,10 @@ import jax
 import ml_collections
 from flax import nnx
 
-from research.core import cli, config as cfg
+from research.core import cli, experiment
+from research.core import config as cfg
 from research.core.classify import ClassifierTrainConfig, fit_classifier
 from research.core.optim import OptimConfig
-from research.core.mesh import initialize_distributed, make_mesh
 from research.core.records import plot_curves, write_json_atomic
 from research.data import pipeline, sources
 from research.data.augment import make_preprocess
@@ -36,10 +36,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     start_time = time.perf_counter()
-    initialize_distributed()
-    mesh = make_mesh(config.mesh)
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    mesh = experiment.start(config, workdir)
 
     # Data: arrays in host memory; augmentation runs on the device inside the step.
     ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
@@ -82,7 +79,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "mesh": dict(mesh.shape),
     }
-    if jax.process_index() == 0:
+    if experiment.main_process():
         write_json_atomic(results_path, results)
         plot_curves(run.history, os.path.join(workdir, "curves.png"),
                     title=f"{config.model.name} on {results['data']}")

@@ -28,11 +28,10 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from research.adapters.prompts import PromptedViT, prompt_and_head_filter, prompt_filter
-from research.core import cli
+from research.core import cli, experiment
 from research.core import config as cfg
 from research.core.classify import ClassifierTrainConfig, fit_classifier
 from research.core.optim import OptimConfig
-from research.core.mesh import initialize_distributed, make_mesh
 from research.core.records import write_json_atomic
 from research.data import pipeline, sources
 from research.data.augment import make_preprocess, normalize, resize
@@ -219,10 +218,7 @@ def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, nt
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     methods, scenarios, recipe, ntk_config = validate(config)
     start = time.perf_counter()
-    initialize_distributed()
-    mesh = make_mesh(config.mesh)
-    os.makedirs(os.path.join(workdir, "methods"), exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    mesh = experiment.start(config, workdir, subdirs=("methods",))
 
     train, test = data_of_d(config)
     input_shape = model_input_shape(config, train.images.shape[1:])
@@ -271,7 +267,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             row = {**metrics.unlearning_metrics(trained, new_params, problem), "seconds": seconds,
                    **{f"info_{k}": v for k, v in info.items()}}
             rows[method] = row
-            write_json_atomic(path, {"signature": signature, "result": row})
+            if experiment.main_process():
+                write_json_atomic(path, {"signature": signature, "result": row})
             print(f"{scenario:6s} {method:18s} " + " ".join(f"{k} {row[k]:6.2f}" for k in REPORTED)
                   + f"  {seconds:7.1f} s")
         for row in rows.values():
@@ -285,13 +282,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "num_params": init.num_params, "data": config.data.name, "n_train": len(train),
                "pretrain": pretrain_info, "train_seconds": train_seconds,
                "wall_time_s": time.perf_counter() - start, "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
-    write_json_atomic(os.path.join(workdir, "results.json"), summary)
     table = results_table(summary)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    plot_results(summary, os.path.join(workdir, "unlearning.png"))
-    if ntk_config.scale_sweep and "ntk" in methods:
-        plot_sweep(summary, os.path.join(workdir, "ntk_scale_sweep.png"))
+    if experiment.main_process():
+        experiment.write_results(workdir, summary, table)
+        plot_results(summary, os.path.join(workdir, "unlearning.png"))
+        if ntk_config.scale_sweep and "ntk" in methods:
+            plot_sweep(summary, os.path.join(workdir, "ntk_scale_sweep.png"))
     print(table)
     return summary
 

@@ -19,11 +19,12 @@ from flax import nnx
 
 from research.attention.ops import ATTENTION_IMPLS
 from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
-from research.core import cli, config as cfg, optim
+from research.core import cli, experiment, optim
+from research.core import config as cfg
 from research.core.checkpoint import Checkpointer
 from research.core.optim import OptimConfig
 from research.core.loop import fit
-from research.core.mesh import batch_sharding, initialize_distributed, make_mesh, replicated, state_shardings
+from research.core.mesh import batch_sharding, replicated, state_shardings
 from research.core.records import MetricWriter, plot_curves, write_json_atomic
 from research.core.train import create_train_state, place_on_mesh
 from research.data.sources import default_cache_dir
@@ -91,10 +92,7 @@ def trainable_filter(name: str):
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     upcycle, opt = validate(config)
     start_time = time.perf_counter()
-    initialize_distributed()
-    mesh = make_mesh(config.mesh)
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    mesh = experiment.start(config, workdir)
 
     teacher_config, teacher, tokenizer = load_teacher(config)
     train_windows, heldout_windows = text_windows(config, tokenizer)
@@ -162,7 +160,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_time_s": time.perf_counter() - start_time,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     }
-    if jax.process_index() == 0:
+    if experiment.main_process():
         write_json_atomic(os.path.join(workdir, "results.json"), results)
         plot_curves(writer.history, os.path.join(workdir, "curves.png"),
                     title=f"KD of the MLA student (KV {100 * results['kv_ratio']:.1f}% of GQA)")

@@ -20,9 +20,8 @@ import os
 import ml_collections
 import numpy as np
 
-from research.core import cli
+from research.core import cli, experiment
 from research.core import config as cfg
-from research.core.records import write_json_atomic
 from research.data import sources
 from research.nas import proxies, search
 from research.nas.benchmark import DATASETS, ground_truth_path, load_ground_truth, naslib_cell, proxy_batch
@@ -149,8 +148,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise cfg.ConfigError(f"config key 'budget' = {config.budget!r}: {e}") from None
     batch = proxy_batch(config.dataset, config.num_images, config.data.seed, source=config.data.source,
                         data_dir=config.data.data_dir or None)
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    experiment.start(config, workdir)
     _, classes = DATASETS[config.dataset]
     score = search.proxy_scorer(space, config.proxy, batch, classes, config.seed, jit=config.jit)
     common = {"kind": config.budget_kind, "budget": config.budget, "seed": config.seed,
@@ -170,12 +168,11 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["methods"] = {"evolution": row(space, evolution, accuracy),
                           "random": row(space, random, accuracy)}
     summary["oracle"] = oracle(config, space, accuracy)
-    write_json_atomic(os.path.join(workdir, "results.json"), summary)
     lines = table(summary)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    if experiment.main_process():
+        experiment.write_results(workdir, summary, "\n".join(lines))
+        plot(workdir, summary)
     print("\n".join(lines), flush=True)
-    plot(workdir, summary)
     return summary
 
 

@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules from an `optim` config section (`OptimConfig`).
 
-Weight decay skips vectors (biases, BatchNorm and LayerNorm parameters), as is usual; for SGD it
-is the coupled L2 form of He et al., for AdamW the decoupled form of Loshchilov & Hutter.
+Weight decay skips vectors (biases, BatchNorm and LayerNorm parameters), as is usual, unless
+``decay_vectors`` (torch's ``SGD(weight_decay=...)``, which the unlearning references use); for SGD
+it is the coupled L2 form of He et al., for AdamW the decoupled form of Loshchilov & Hutter.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class OptimConfig:
     decay_boundaries: tuple[float, ...] = (0.5, 0.75)  # step: fractions of training
     decay_factor: float = 0.1              # step: lr multiplier at each boundary
     grad_clip_norm: float = 0.0            # 0 = no clipping
+    decay_vectors: bool = False            # weight decay on biases and normalisation parameters too
 
     def __post_init__(self):
         config_lib.check_fields(self)
@@ -66,7 +68,7 @@ def make_schedule(cfg: OptimConfig | Mapping, total_steps: int) -> optax.Schedul
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
 
 
-def _decay_mask(params):
+def _matrices(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
@@ -75,15 +77,16 @@ def make_optimizer(cfg: OptimConfig | Mapping, total_steps: int) -> optax.Gradie
     a config section made from one."""
     cfg = _as_config(cfg)
     schedule = make_schedule(cfg, total_steps)
+    mask = None if cfg.decay_vectors else _matrices
     chain = []
     if cfg.grad_clip_norm > 0:
         chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
     if cfg.name == "sgd":
         if cfg.weight_decay > 0:
-            chain.append(optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask))
+            chain.append(optax.add_decayed_weights(cfg.weight_decay, mask=mask))
         chain.append(optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
     elif cfg.name == "adamw":
-        chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decay_mask))
+        chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask))
     else:
         chain.append(optax.adam(schedule, b1=cfg.b1, b2=cfg.b2))
     return optax.chain(*chain)

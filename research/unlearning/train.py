@@ -19,6 +19,7 @@ import tqdm
 from flax import nnx
 
 from research.core import config as config_lib
+from research.core import optim
 from research.data.pipeline import ImageArrays
 from research.unlearning.model import Unlearnable
 
@@ -73,11 +74,12 @@ def image_batches(data: ImageArrays, batch_size: int, seed: int = 0) -> Callable
 
 def sgd(lr: float, momentum: float = 0.9, weight_decay: float = 0.0, steps: int = 0,
         schedule: str = "constant") -> optax.GradientTransformation:
-    """SGD with momentum; ``weight_decay`` adds wd * w to the gradient (L2, as torch's SGD);
+    """research.core's SGD with momentum as the unlearning references' torch code sets it up:
+    ``weight_decay`` adds wd * w to the gradient of every parameter of the subset (vectors too);
     ``schedule="cosine"`` decays lr to 0 over ``steps``."""
-    lr_fn = optax.cosine_decay_schedule(lr, max(steps, 1)) if schedule == "cosine" else lr
-    return optax.chain(optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
-                       optax.sgd(lr_fn, momentum=momentum or None))
+    return optim.make_optimizer(optim.OptimConfig(name="sgd", lr=lr, momentum=momentum, nesterov=False,
+                                                  weight_decay=weight_decay, schedule=schedule, decay_vectors=True),
+                                steps)
 
 
 @dataclasses.dataclass(frozen=True)

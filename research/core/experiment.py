@@ -1,0 +1,42 @@
+"""The start every experiment shares, and the rule that only process 0 writes.
+
+``mesh = start(config, workdir)``: joins a multi-process run when launched as one
+(``jax.distributed``), makes the mesh of ``config.mesh`` (``{"data": -1, "model": 1}`` when the
+config has none), creates ``workdir`` and writes the resolved config to ``workdir/config.json``.
+Files that every process would write alike (results, tables, plots) are written by process 0
+alone: guard them with ``if main_process():``.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from research.core.mesh import initialize_distributed, make_mesh
+from research.core.records import write_json_atomic
+
+
+def main_process() -> bool:
+    """True on the process that writes the run's files (process 0)."""
+    return jax.process_index() == 0
+
+
+def start(config: ml_collections.ConfigDict, workdir: str, *, subdirs: tuple[str, ...] = ()) -> Mesh:
+    """Distributed set-up, the mesh, ``workdir`` (and ``subdirs`` in it) and ``config.json``."""
+    initialize_distributed()
+    mesh = make_mesh(config.get("mesh") or {"data": -1, "model": 1})
+    for folder in (workdir, *(os.path.join(workdir, d) for d in subdirs)):
+        os.makedirs(folder, exist_ok=True)
+    if main_process():
+        write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    return mesh
+
+
+def write_results(workdir: str, results: dict, table: str = "") -> None:
+    """``workdir/results.json`` (atomic) and, with a ``table``, ``workdir/results.md``."""
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    if table:
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(table + "\n")

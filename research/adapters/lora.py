@@ -98,7 +98,7 @@ class LoraAdapter(nnx.Module):
 
 
 def _sharding(names) -> dict:
-    # Metadata only (as research.models.sharding.logical): the mesh maps the names to devices later.
+    # Metadata only (as research.core.mesh.logical): the mesh maps the names to devices later.
     return {"out_sharding": tuple(names), "eager_sharding": False} if names is not None else {}
 
 

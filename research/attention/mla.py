@@ -1,5 +1,5 @@
-"""Multi-head latent attention (DeepSeek-AI 2024, "DeepSeek-V2", section 2.1), as a drop-in layer
-for research.models.llama.
+"""Multi-head latent attention (DeepSeek-AI 2024, "DeepSeek-V2", section 2.1), a drop-in for
+``research.attention.gqa.GQAttention`` in a decoder such as research.models.llama.
 
 With hidden size D, H query heads and the dims of ``MLAConfig``:
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.attention.rope import apply_rope, inverse_frequencies
-from research.models.llama import LlamaConfig, RMSNorm, linear, write_cache
+from research.attention.layers import RMSNorm, linear, write_cache
 
 MLA_DECODE = ("absorbed", "naive")
 
@@ -72,22 +72,24 @@ class MLAttention(nnx.Module):
     """MLA in place of GQAttention: (B, T, D) -> (B, T, D); cache {"c_kv": (B, S, r_kv),
     "k_pe": (B, S, R, d_r)}."""
 
-    def __init__(self, config: LlamaConfig, mla: MLAConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config, mla: MLAConfig, *, rngs: nnx.Rngs):
+        """``config``: the decoder's architecture (see research.attention.layers)."""
         c, m = config, mla
+        dtype = c.compute_dtype
         if c.num_heads % m.rope_heads:
             raise ValueError(f"num_heads {c.num_heads} is not a multiple of rope_heads {m.rope_heads}")
         self.num_heads, self.mla = c.num_heads, m
         h = c.num_heads
         if m.q_rank:
-            self.q_a = linear(c.dim, m.q_rank, ("embed", None), c, rngs)
+            self.q_a = linear(c.dim, m.q_rank, ("embed", None), dtype, rngs)
             self.q_norm = RMSNorm(m.q_rank, c.rms_eps) if m.latent_norm else None
-            self.q_b = linear(m.q_rank, h * m.qk_dim, (None, "heads"), c, rngs)
+            self.q_b = linear(m.q_rank, h * m.qk_dim, (None, "heads"), dtype, rngs)
         else:
-            self.q = linear(c.dim, h * m.qk_dim, ("embed", "heads"), c, rngs)
-        self.kv_a = linear(c.dim, m.kv_rank + m.rope_heads * m.rope_dim, ("embed", None), c, rngs)
+            self.q = linear(c.dim, h * m.qk_dim, ("embed", "heads"), dtype, rngs)
+        self.kv_a = linear(c.dim, m.kv_rank + m.rope_heads * m.rope_dim, ("embed", None), dtype, rngs)
         self.kv_norm = RMSNorm(m.kv_rank, c.rms_eps) if m.latent_norm else None
-        self.kv_b = linear(m.kv_rank, h * (m.nope_dim + m.v_dim), (None, "heads"), c, rngs)
-        self.o = linear(h * m.v_dim, c.dim, ("heads", "embed"), c, rngs)
+        self.kv_b = linear(m.kv_rank, h * (m.nope_dim + m.v_dim), (None, "heads"), dtype, rngs)
+        self.o = linear(h * m.v_dim, c.dim, ("heads", "embed"), dtype, rngs)
         freqs = inverse_frequencies(m.rope_dim, c.rope_theta, c.rope_scaling)
         self.rope_inv_freq = RopeFrequencies(jnp.tile(jnp.asarray(freqs, jnp.float32), (m.rope_heads, 1)))
 

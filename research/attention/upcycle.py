@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+import itertools
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,11 @@ from research.attention.mla import MLAConfig, MLAttention
 from research.attention.ops import attention_ops
 from research.attention.rope import inverse_frequencies
 from research.core import config as config_lib
-from research.models.llama import GQAttention, Llama, layer_runs, set_param, stacked_layers, zeros_module
+from research.attention.gqa import GQAttention
+from research.core.params import set_param, zeros_module
+
+if TYPE_CHECKING:  # upcycling works on the model it is handed; it imports no model
+    from research.models.llama import Llama
 
 @dataclasses.dataclass(frozen=True)
 class UpcycleConfig:
@@ -237,6 +242,16 @@ def upcycle_layer(weights: dict[str, np.ndarray], cfg: UpcycleConfig, config, x:
 
 
 # ----------------------------------------------------------------------------- whole model
+def layer_runs(kinds: Sequence[Any]) -> list[tuple[Any, list[int]]]:
+    """Consecutive runs of equal kinds: ["gqa", "mla", "mla"] -> [("gqa", [0]), ("mla", [1, 2])]."""
+    out, start = [], 0
+    for kind, group in itertools.groupby(kinds):
+        n = len(list(group))
+        out.append((kind, list(range(start, start + n))))
+        start += n
+    return out
+
+
 def _layer_weights(model: Llama, layer: int) -> dict[str, np.ndarray]:
     attn = nnx.state(model.segments[0], nnx.Param)["attn"]
     return {name: np.asarray(attn[name]["kernel"][...][layer], np.float64).T for name in ("q", "k", "v")}
@@ -288,7 +303,7 @@ def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.
             make_attention = lambda r: GQAttention(config, rngs=r)  # noqa: E731
         else:
             make_attention = lambda r, m=kind: MLAttention(config, m, rngs=r)  # noqa: E731
-        segment = zeros_module(lambda: stacked_layers(config, make_attention, len(idx), nnx.Rngs(0)))
+        segment = zeros_module(lambda: model.stacked_layers(config, make_attention, len(idx), nnx.Rngs(0)))
         state = nnx.state(segment)
         for path in (("attn_norm", "scale"), ("mlp_norm", "scale"), ("mlp", "gate", "kernel"),
                      ("mlp", "up", "kernel"), ("mlp", "down", "kernel"), ("attn", "o", "kernel")):
@@ -303,13 +318,12 @@ def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.
         nnx.update(segment, state)
         segments.append(segment)
 
-    student = zeros_module(lambda: Llama(config, rngs=nnx.Rngs(0), segments=[], layer_kinds=[]))
+    student = type(model)(config, rngs=nnx.Rngs(0), segments=segments,
+                          layer_kinds=["gqa" if kind == "gqa" else "mla" for kind in kinds])
     student_state = nnx.state(student)
     for path in (("embed", "embedding"), ("norm", "scale")) + ((("lm_head", "kernel"),) if not config.tie_embeddings else ()):
         set_param(student_state, path, _get(nnx.state(model), path))
     nnx.update(student, student_state)
-    student.segments = nnx.List(segments)
-    student.layer_kinds = tuple("gqa" if kind == "gqa" else "mla" for kind in kinds)
     report = {
         "layer_kinds": list(student.layer_kinds),
         "kv_rank": [None if kind == "gqa" else kind.kv_rank for kind in kinds],

@@ -1,7 +1,8 @@
 """One device mesh with named axes `data` and `model`, and logical-axis sharding of parameters.
 
-Parameters carry logical axis names as NNX metadata (`research.models.sharding.logical(init, ("embed",
-"mlp"))`); `LOGICAL_RULES` maps each logical name to a mesh axis. A dimension whose size is not
+Parameters carry logical axis names as NNX metadata (`logical(init, ("embed", "mlp"))`, which
+attaches them without sharding at creation, so models build outside any mesh and importing the
+library flips no global Flax setting); `LOGICAL_RULES` maps each logical name to a mesh axis. A dimension whose size is not
 divisible by its mesh axis is replicated instead, so any model runs on any mesh shape.
 Batches are split over `data`. Under `jax.jit` with these shardings the program computes the
 same global function as on one device (BatchNorm statistics are over the global batch).
@@ -33,6 +34,17 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "model"),
     ("classes", None),
 )
+
+
+# The logical names of the convolutional and classifier kernels every image model shares.
+CONV_SHARDING = (None, None, "conv_in", "conv_out")   # (kh, kw, in, out)
+DEPTHWISE_SHARDING = (None, None, None, "conv_out")   # (kh, kw, 1, channels)
+HEAD_SHARDING = ("embed", "classes")                  # (features, classes)
+
+
+def logical(init, names: tuple):
+    """``init`` whose Variables carry the logical axis ``names``, placed on a mesh later."""
+    return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
 def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:

@@ -58,7 +58,7 @@ from flax import nnx
 
 from research.core.config import require_path
 from research.models.mobilenet_v2 import ConvBN as MobileNetConvBN
-from research.models.sharding import HEAD_SHARDING, logical
+from research.core.mesh import HEAD_SHARDING, logical
 
 # (expand ratio t, output channels c, repeats n, first stride s, depthwise kernel k), EfficientNet-B0.
 BLOCK_SETTING = (

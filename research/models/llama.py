@@ -22,18 +22,18 @@ Parameter paths (L_s = layers of segment s): ``embed/embedding`` (V, D);
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from research.attention.gqa import GQAttention
+from research.attention.layers import RMSNorm, linear
 from research.attention.ops import ATTENTION_IMPLS, attention_ops
-from research.attention.rope import Llama3RopeScaling, apply_rope, inverse_frequencies
-from research.models.sharding import logical
+from research.attention.rope import Llama3RopeScaling, inverse_frequencies
+from research.core.mesh import logical
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _init = nnx.initializers.normal(0.02)
@@ -74,76 +74,14 @@ class LlamaConfig:
         return inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
 
 
-def linear(in_f: int, out_f: int, names: tuple, config: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_f, out_f, use_bias=False, kernel_init=logical(_init, names),
-                      dtype=config.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
-class RMSNorm(nnx.Module):
-    """x / sqrt(mean(x^2) + eps) * scale, normalised in float32 (as HF Llama)."""
-
-    def __init__(self, dim: int, eps: float):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",), eager_sharding=False)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...] * normed.astype(x.dtype)).astype(x.dtype)
-
-
-class GQAttention(nnx.Module):
-    """Grouped-query attention: H query heads share K key/value heads. (B, T, D) -> (B, T, D).
-
-    Cache: {"k": (B, S, K, Dh), "v": (B, S, K, Dh)}; 2 K Dh values per token and layer.
-    """
-
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        c = config
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.config = c  # static: RoPE frequencies are computed from it at trace time
-        self.q = linear(c.dim, c.num_heads * c.head_dim, ("embed", "heads"), c, rngs)
-        self.k = linear(c.dim, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c, rngs)
-        self.v = linear(c.dim, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c, rngs)
-        self.o = linear(c.num_heads * c.head_dim, c.dim, ("heads", "embed"), c, rngs)
-
-    def cache_values_per_token(self) -> int:
-        return 2 * self.num_kv_heads * self.head_dim
-
-    def init_cache(self, batch: int, length: int, dtype) -> dict[str, jax.Array]:
-        shape = (batch, length, self.num_kv_heads, self.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-    def __call__(self, x, positions, cache, ops):
-        b, t, _ = x.shape
-        q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        inv_freq = self.config.inv_freq()
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        kv_positions = positions
-        if cache is not None:
-            cache = {"k": write_cache(cache["k"], k, positions), "v": write_cache(cache["v"], v, positions)}
-            k, v, kv_positions = cache["k"], cache["v"], None
-        y = ops.gqa(q, k, v, positions, kv_positions, scale=self.head_dim ** -0.5)
-        return self.o(y.reshape(b, t, -1)), cache
-
-
-def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """cache (B, S, ...) with new (B, T, ...) written at slots ``positions`` (B, T)."""
-    rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
-
-
 class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020). (B, T, D) -> (B, T, D)."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = config
-        self.gate = linear(c.dim, c.mlp_dim, ("embed", "mlp"), c, rngs)
-        self.up = linear(c.dim, c.mlp_dim, ("embed", "mlp"), c, rngs)
-        self.down = linear(c.mlp_dim, c.dim, ("mlp", "embed"), c, rngs)
+        self.gate = linear(c.dim, c.mlp_dim, ("embed", "mlp"), c.compute_dtype, rngs)
+        self.up = linear(c.dim, c.mlp_dim, ("embed", "mlp"), c.compute_dtype, rngs)
+        self.down = linear(c.mlp_dim, c.dim, ("mlp", "embed"), c.compute_dtype, rngs)
 
     def __call__(self, x):
         return self.down(nnx.silu(self.gate(x)) * self.up(x))
@@ -196,8 +134,11 @@ class Llama(nnx.Module):
     """Decoder-only LM. tokens (B, T) int -> float32 logits (B, T, V) and the updated cache.
 
     ``segments`` lists stacked layers (see the module docstring); ``layer_kinds[i]`` names layer i's
-    attention ("gqa" here; upcycling adds "mla"). Build a hybrid with ``Llama.from_segments``.
+    attention ("gqa" here; upcycling adds "mla"). A hybrid is built by passing its ``segments``
+    (each from ``Llama.stacked_layers``) and ``layer_kinds`` to the constructor.
     """
+
+    stacked_layers = staticmethod(stacked_layers)  # for code that holds a model, not this module
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, segments: Sequence[nnx.Module] | None = None,
                  layer_kinds: Sequence[str] | None = None):
@@ -211,7 +152,7 @@ class Llama(nnx.Module):
         self.segments = nnx.List(list(segments))
         self.layer_kinds = tuple(layer_kinds)
         self.norm = RMSNorm(c.dim, c.rms_eps)
-        self.lm_head = None if c.tie_embeddings else linear(c.dim, c.vocab_size, ("embed", "vocab"), c, rngs)
+        self.lm_head = None if c.tie_embeddings else linear(c.dim, c.vocab_size, ("embed", "vocab"), c.compute_dtype, rngs)
 
     def segment_sizes(self) -> list[int]:
         return [jax.tree.leaves(nnx.state(s, nnx.Param))[0].shape[0] for s in self.segments]
@@ -244,34 +185,3 @@ class Llama(nnx.Module):
             return x
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32), (None if cache is None else new_cache)
-
-
-def zeros_module(make: Callable[[], nnx.Module]) -> nnx.Module:
-    """The module ``make()`` builds, with every array zero, without running its initialisers."""
-    graphdef, state = nnx.split(nnx.eval_shape(make))
-    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state))
-
-
-def layer_runs(kinds: Sequence[Any]) -> list[tuple[Any, list[int]]]:
-    """Consecutive runs of equal kinds: ["gqa", "mla", "mla"] -> [("gqa", [0]), ("mla", [1, 2])]."""
-    out, start = [], 0
-    for kind, group in itertools.groupby(kinds):
-        n = len(list(group))
-        out.append((kind, list(range(start, start + n))))
-        start += n
-    return out
-
-
-def set_param(state: nnx.State, path: Sequence, value) -> None:
-    """Sets the array at ``path`` of an NNX state to a float32 copy of ``value``; a shape that
-    differs from the model's fails naming the path and both shapes. (A copy: a student built from a
-    teacher must not share its buffers, or donating one's train state frees the other's arrays.)"""
-    node = state
-    for key in path[:-1]:
-        node = node[key]
-    variable = node[path[-1]]
-    expected = tuple(variable.get_value().shape)
-    if tuple(np.shape(value)) != expected:
-        raise ValueError(f"parameter {'/'.join(map(str, path))}: checkpoint shape {tuple(np.shape(value))}, "
-                         f"model expects {expected}")
-    variable.set_value(jnp.array(value, jnp.float32, copy=True))

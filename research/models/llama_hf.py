@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from research.attention.rope import Llama3RopeScaling
-from research.models.llama import Llama, LlamaConfig, set_param, zeros_module
+from research.core.params import set_param, zeros_module
+from research.models.llama import Llama, LlamaConfig
 
 # Our path inside a segment -> HF name inside model.layers.{i}, and whether to transpose.
 LAYER_TENSORS = {

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models import taps
-from research.models.sharding import HEAD_SHARDING, logical
+from research.core.mesh import HEAD_SHARDING, logical
 
 _init = nnx.initializers.lecun_normal()
 

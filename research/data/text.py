@@ -8,11 +8,42 @@ are window[:-1] and next-token labels window[1:].
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 
+from research.core import config as config_lib
 from research.data import sources
+
+
+@dataclasses.dataclass(frozen=True)
+class KJVWindows:
+    """Training and held-out token windows of the King James Bible (the ``data`` section of
+    configs/x_ecomla.py)."""
+    source: Literal["auto", "offline"] = "auto"
+    seq_len: int = 128
+    heldout_every: int = 20        # every 20th chapter is held out
+    eval_windows: int = 64         # held-out windows of seq_len tokens for perplexity
+    calibration_windows: int = 8   # training windows for calibration (e.g. upcycling's 2-norm RoPE choice)
+    max_train_windows: int = 0     # 0 = every training window
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+        for name in ("seq_len", "eval_windows", "calibration_windows"):
+            config_lib.require(self, name, getattr(self, name) > 0, "a positive int")
+        config_lib.require(self, "heldout_every", self.heldout_every >= 2, "an int >= 2")
+        config_lib.require(self, "max_train_windows", self.max_train_windows >= 0, "an int >= 0 (0 = all)")
+
+
+def kjv_windows(spec: KJVWindows, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(train windows, held-out windows), each (N, seq_len + 1) int32, of KJV chapters."""
+    train_docs, heldout_docs = split_documents(kjv_chapters(source=spec.source), spec.heldout_every)
+    separator = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    train = token_windows(train_docs, tokenizer.encode, spec.seq_len, separator, spec.max_train_windows)
+    heldout = token_windows(heldout_docs, tokenizer.encode, spec.seq_len, separator, spec.eval_windows)
+    return train, heldout
 
 
 def kjv_chapters(source: str = "auto", data_dir: str | None = None) -> list[str]:

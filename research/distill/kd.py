@@ -13,11 +13,32 @@ means are exact across accumulation steps and devices.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.core import config as config_lib
 from research.core.train import make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """What distillation trains and with which loss (the ``distill`` section of configs/x_ecomla.py)."""
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    trainable: Literal["all", "attention"] = "all"   # attention: only the student's attention layers
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+        config_lib.require(self, "temperature", self.temperature > 0, "> 0")
+        config_lib.require(self, "ce_weight", self.ce_weight >= 0, ">= 0")
+
+    def trainable_filter(self):
+        """The NNX filter of the trained parameters."""
+        return (lambda path, value: "attn" in path) if self.trainable == "attention" else nnx.Param
 
 
 def kd_loss_sums(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array, *,

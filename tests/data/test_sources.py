@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from research.data import pipeline, sources
+from research.core.config import PathNotFoundError
 from research.data.sources import DataSourceError
 
 
@@ -52,8 +53,22 @@ def test_mnist_from_the_pypi_package():
 
 def test_missing_sample_names_the_file_and_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.delenv("RESEARCH_DATA_DIR", raising=False)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataSourceError, match=r"cifar10_sample: cifar/cifar10_subset.npz not found under .*empty"):
         sources.load("cifar10_sample", source="offline", data_dir=str(tmp_path / "empty"))
+
+
+def test_a_given_data_dir_must_exist_and_is_the_only_place_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESEARCH_DATA_DIR", str(tmp_path))  # would hold the sample; never looked at
+    (tmp_path / "cifar").mkdir()
+    np.savez(tmp_path / "cifar" / "cifar10_subset.npz", x_train=np.zeros((2, 32, 32, 3), np.uint8), y_train=[0, 1],
+             x_test=np.zeros((2, 32, 32, 3), np.uint8), y_test=[0, 1], label_names=np.array(["a", "b"]))
+    assert len(sources.load("cifar10_sample", source="offline")["train"]) == 2  # the default, when none is given
+    with pytest.raises(PathNotFoundError, match=r"^data.data_dir '.*nonexistent' does not exist$"):
+        sources.load("cifar10_sample", source="auto", data_dir=str(tmp_path / "nonexistent"))
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataSourceError, match=r"not found under .*other;"):
+        sources.load("cifar10_sample", source="auto", data_dir=str(tmp_path / "other"))
 
 
 def test_missing_debian_source_names_the_package(monkeypatch):

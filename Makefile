@@ -1,6 +1,6 @@
 # Two entry points on a fresh machine:
 #   make demo   create .venv, install, train the main job (ResNet-20 on the embedded digits data)
-#   make test   create .venv, install, run the test suite (slow tests excluded)
+#   make test   create .venv, install, run the test suite (slow tests excluded) on two workers
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -24,8 +24,9 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python -m experiments.train_classifier --config configs/train_classifier.py --workdir runs/demo
 
+# Two workers: much of a test's time is XLA compilation, which runs on one core.
 test: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadgroup --durations=15
 
 test-all: install
 	$(BIN)/python -m pytest -q

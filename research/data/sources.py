@@ -266,13 +266,16 @@ def load(name: str, *, source: str = "auto", data_dir: str | None = None, cache_
         except DataSourceError as hub_error:
             raise DataSourceError(f"{offline_error}; the hub fallback failed too: {hub_error}") from hub_error
     if use_cache:
-        tmp = cache + ".tmp"
+        tmp = f"{cache}.tmp{os.getpid()}"  # one per process: parallel test workers build caches too
         shutil.rmtree(tmp, ignore_errors=True)
         hf.disable_progress_bars()
         try:
             ds.save_to_disk(tmp)
+            os.rename(tmp, cache)
+        except OSError:  # another process finished the same cache first: keep its copy
+            if not os.path.isdir(cache):
+                raise
         finally:
             hf.enable_progress_bars()
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
+            shutil.rmtree(tmp, ignore_errors=True)
     return ds

@@ -89,5 +89,9 @@ def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", t
     else:
         config, model = (load_gguf_llama if source == "gguf" else load_hf_llama)(path, **overrides)
         if cache_dir:
-            save_converted(cache_dir, config, model)
+            try:
+                save_converted(cache_dir, config, model)
+            except OSError:  # FileExistsError included: another process wrote the same copy first
+                if not os.path.isdir(cache_dir):
+                    raise
     return config, model, tokenizer

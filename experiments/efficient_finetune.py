@@ -30,8 +30,8 @@ from research.backprop.measure import backward_profile  # noqa: E402
 from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
 from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
-from research.core.optim import OptimConfig  # noqa: E402
 from research.core.mesh import shard_batch  # noqa: E402
+from research.core.optim import OptimConfig  # noqa: E402
 from research.core.train import classification_loss  # noqa: E402
 from research.data import pipeline, sources  # noqa: E402
 from research.data.augment import make_preprocess  # noqa: E402

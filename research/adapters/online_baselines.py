@@ -40,7 +40,6 @@ from research.adapters.online_lora import (as_batch, default_preprocess, evaluat
                                            train_mode)
 from research.models import filters
 
-TRAINABLE = ("all", "lora", "head")
 ADAPTER = "adapter"
 
 __all__ = ["OnlineBaselineConfig", "OnlineFinetune", "ReservoirBuffer", "TRAINABLE", "batch_fisher"]
@@ -78,6 +77,9 @@ class OnlineBaselineConfig:
         config_lib.require(self, "ewc_every", self.ewc_every >= 1, "an int >= 1")
         config_lib.require(self, "replay_size", self.replay_size >= 0, "an int >= 0 (0 = no replay)")
         config_lib.require(self, "replay_batch", self.replay_batch >= 1, "an int >= 1")
+
+
+TRAINABLE = config_lib.choices(OnlineBaselineConfig, "trainable")
 
 
 class ReservoirBuffer:

@@ -45,8 +45,8 @@ from flax import nnx
 from research.attention.mla import MLAConfig, MLAttention
 from research.attention.ops import attention_ops
 from research.attention.rope import inverse_frequencies
-from research.core import config as config_lib
 from research.attention.gqa import GQAttention
+from research.core import config as config_lib
 from research.core.params import set_param, zeros_module
 
 if TYPE_CHECKING:  # upcycling works on the model it is handed; it imports no model

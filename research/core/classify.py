@@ -26,7 +26,7 @@ from research.core.records import MetricWriter, image_grid
 from research.core.train import (ModelDefs, TrainState, classification_loss, create_train_state, jit_eval_step,
                                  jit_train_step, make_eval_step, make_train_step, place_on_mesh)
 from research.data import pipeline
-from research.models.filters import param_filter
+from research.models.filters import PARAM_SUBSETS, param_filter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ClassifierTrainConfig:
     steps: int = 0                     # > 0 overrides epochs
     grad_accum_steps: int = 1
     label_smoothing: float = 0.0
-    trainable: Literal["all", "bn", "head", "backbone", "bn_and_head"] = "all"  # the Params trained
+    trainable: Literal[tuple(PARAM_SUBSETS)] = "all"  # the Params trained (research.models.filters)
     log_every: int = 50
     eval_every_epochs: int = 1
     checkpoint_every: int = 500        # steps; 0 = only at the end
@@ -72,7 +72,7 @@ class ClassifierRun:
         return nnx.merge(self.defs.eval, state.params, state.frozen, state.rest)
 
 
-def total_steps(train_config: ClassifierTrainConfig | ml_collections.ConfigDict, num_examples: int) -> int:
+def total_steps(train_config: ClassifierTrainConfig, num_examples: int) -> int:
     """``train.steps`` if set, else ``train.epochs`` epochs of ``train.batch_size``."""
     return train_config.steps or train_config.epochs * pipeline.steps_per_epoch(num_examples, train_config.batch_size)
 

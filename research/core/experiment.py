@@ -26,7 +26,7 @@ def main_process() -> bool:
 def start(config: ml_collections.ConfigDict, workdir: str, *, subdirs: tuple[str, ...] = ()) -> Mesh:
     """Distributed set-up, the mesh, ``workdir`` (and ``subdirs`` in it) and ``config.json``."""
     initialize_distributed()
-    mesh = make_mesh(config.get("mesh") or {"data": -1, "model": 1})
+    mesh = make_mesh(config.get("mesh"))
     for folder in (workdir, *(os.path.join(workdir, d) for d in subdirs)):
         os.makedirs(folder, exist_ok=True)
     if main_process():

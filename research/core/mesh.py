@@ -2,8 +2,9 @@
 
 Parameters carry logical axis names as NNX metadata (`logical(init, ("embed", "mlp"))`, which
 attaches them without sharding at creation, so models build outside any mesh and importing the
-library flips no global Flax setting); `LOGICAL_RULES` maps each logical name to a mesh axis. A dimension whose size is not
-divisible by its mesh axis is replicated instead, so any model runs on any mesh shape.
+library flips no global Flax setting); `LOGICAL_RULES` maps each logical name to a mesh axis. A
+dimension whose size is not divisible by its mesh axis is replicated instead, so any model runs on
+any mesh shape.
 Batches are split over `data`. Under `jax.jit` with these shardings the program computes the
 same global function as on one device (BatchNorm statistics are over the global batch).
 """

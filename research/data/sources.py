@@ -135,7 +135,8 @@ def _fashion_mnist(data_dir):
 
 
 def _find_sample(data_dir, filename: str, name: str) -> str:
-    roots = [r for r in (data_dir or os.environ.get("RESEARCH_DATA_DIR"),) if r]  # a given folder, never both
+    root = data_dir or os.environ.get("RESEARCH_DATA_DIR")  # a given folder, never both
+    roots = [root] if root else []
     for root in roots:
         for path in (os.path.join(root, "cifar", filename), os.path.join(root, filename)):
             if os.path.isfile(path):

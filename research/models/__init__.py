@@ -67,7 +67,7 @@ class ModelConfig:
     """The ``model`` section: which model and its options; each model takes only the options in
     its builder's signature (``model_options``), the others are ignored."""
     name: Literal[MODEL_NAMES] = "resnet20"
-    dtype: Literal["float32", "bfloat16"] = "float32"  # computation dtype; parameters stay float32
+    dtype: Literal[tuple(COMPUTE_DTYPES)] = "float32"  # computation dtype; parameters stay float32
     width_multiplier: float = 1.0       # mobilenet_v2
     patch_size: int = 0                 # vit_*: 0 = automatic (4 for small images, else 16)
     depth: int = 0                      # vit_*: 0 = the model's default

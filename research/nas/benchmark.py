@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research.core.config import require_path
 from research.data import pipeline, sources
 from research.data.augment import normalize
 from research.nas import nb201
@@ -26,12 +27,11 @@ GROUND_TRUTH_FILE = os.path.join("nasbench201", "zc_nasbench201.json")
 
 
 def ground_truth_path(path: str = "", data_dir: str = "") -> str:
-    """The ground-truth file: ``path`` when given (it must exist), else ``GROUND_TRUTH_FILE`` under
-    ``data_dir`` when given, else under ``$RESEARCH_DATA_DIR``. A `DataSourceError` names what is missing."""
+    """The ground-truth file: ``path`` when given (it must exist: a `PathNotFoundError`), else
+    ``GROUND_TRUTH_FILE`` under ``data_dir`` when given, else under ``$RESEARCH_DATA_DIR`` (a
+    `DataSourceError` names what is missing)."""
     if path:
-        if not os.path.isfile(path):
-            raise sources.DataSourceError(f"NB201 ground truth {path!r} (ground_truth) does not exist")
-        return path
+        return require_path(path, "ground_truth")
     root = data_dir or os.environ.get("RESEARCH_DATA_DIR", "")
     found = os.path.join(root, GROUND_TRUTH_FILE)
     if not root or not os.path.isfile(found):

@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from research.core.mesh import CONV_SHARDING, HEAD_SHARDING, logical
 from research.models import taps
 from research.models.compiled import run_compiled
 from research.models.resnet import BN_EPSILON, BN_MOMENTUM
-from research.core.mesh import CONV_SHARDING, HEAD_SHARDING, logical
 
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 NONE, SKIP, CONV1, CONV3, POOL = range(5)

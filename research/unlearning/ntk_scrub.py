@@ -56,7 +56,7 @@ class NTKScrubConfig:
     weight_decay: float | None = None           # wd of the training run, the ridge is |S| * wd; None: the recipe's
     scale: Literal["trapezium", "none"] = "trapezium"
     fisher_alpha: float = 0.0                   # 1e-9 adds the paper's Fisher noise; 0 = none
-    mode: Literal["jacobian", "vector_products"] = "jacobian"  # how the kernel is formed (see ntk.py)
+    mode: Literal[ntk.NTK_MODES] = "jacobian"  # how the kernel is formed (see ntk.py)
     space: Literal["auto", "samples", "parameters"] = "auto"  # where the ridge is solved (jacobian mode)
     linearize_at: Literal["init", "trained"] = "init"  # init: the paper; trained: Jacobian and residual at w(D)
     chunk_size: int = 64                        # samples per Jacobian chunk

@@ -22,6 +22,7 @@ import ml_collections
 
 from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
+from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.models import ModelConfig
 
@@ -62,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.measure = ml_collections.ConfigDict()
     c.measure.repeats = 5           # timed backward passes per variant (median), at finetune.train.batch_size
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    c.mesh = config_lib.section(MeshConfig)
 
     if "mobilenet_v2" in presets:
         c.data.name = "cifar10_sample"

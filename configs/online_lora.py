@@ -22,6 +22,7 @@ import ml_collections
 from research.adapters.online_lora import OnlineLoraConfig
 from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
+from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.models import ModelConfig
 
@@ -81,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 10
     c.progress = True
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    c.mesh = config_lib.section(MeshConfig)
 
     if "cifar10" in presets:
         c.data.name = "cifar10_sample"

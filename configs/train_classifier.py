@@ -17,6 +17,7 @@ import ml_collections
 
 from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
+from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.models import ModelConfig
 
@@ -40,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = config_lib.section(ModelConfig)
     c.optim = config_lib.section(OptimConfig)
     c.train = config_lib.section(ClassifierTrainConfig)
-    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    c.mesh = config_lib.section(MeshConfig)
 
     for preset in presets:
         if preset == "fashion_mnist":

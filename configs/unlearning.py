@@ -29,6 +29,7 @@ import ml_collections
 
 from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
+from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.models import ModelConfig
 from research.unlearning import baselines
@@ -87,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.eval_batch_size = 500
     c.progress = True
-    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    c.mesh = config_lib.section(MeshConfig)
 
     if "fast_ntk" in presets or "fast_ntk_effnet" in presets:  # D: a seeded draw from all of CIFAR-10
         c.data.update(classes=(), train_per_class=0, train_total=5000)

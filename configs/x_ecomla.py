@@ -20,6 +20,7 @@ import ml_collections
 
 from research.attention.upcycle import UpcycleConfig
 from research.core import config as config_lib
+from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.data.text import KJVWindows
 from research.distill import DistillConfig
@@ -43,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(steps=120, batch_size=4, grad_accum_steps=1, log_every=10,
                                              checkpoint_every=20, progress=True))
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    c.mesh = config_lib.section(MeshConfig)
 
     for preset in presets:
         if preset == "kv25":

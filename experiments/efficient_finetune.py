@@ -105,6 +105,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     variants = validate(config)
     start_time = time.perf_counter()
     mesh = experiment.start(config, workdir)
+    rules = experiment.mesh_config(config).logical
 
     ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
     (pre_train, pre_test), (fine_train, fine_test) = pipeline.split_halves(
@@ -123,7 +124,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.perf_counter()
     pretrain_dir = config.pretrain.workdir or os.path.join(workdir, "pretrain")
     pre = fit_classifier(new_model(config.seed, pre_train.num_classes), pre_train, pre_test, config.pretrain,
-                         preprocess=preprocess, mesh=mesh, workdir=pretrain_dir, seed=config.seed)
+                         preprocess=preprocess, mesh=mesh, workdir=pretrain_dir, seed=config.seed, rules=rules)
     pretrained = nnx.state(pre.model())
     results = {"pretrain": {"test_acc": pre.eval_metrics.get("test/accuracy"), "steps": int(pre.state.step),
                             "seconds": time.perf_counter() - t0, "train_examples": len(pre_train),
@@ -149,7 +150,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t0 = time.perf_counter()
         run = fit_classifier(model, fine_train, fine_test, config.finetune, preprocess=preprocess, mesh=mesh,
                              workdir=os.path.join(workdir, "finetune", name), trainable=layer_params_filter(trained),
-                             train_mode=False, seed=config.seed)
+                             train_mode=False, seed=config.seed, rules=rules)
         seconds = time.perf_counter() - t0
         profile = _profile_backward(run, preprocess, measure_batch, mesh, config.measure.repeats)
         analytic = finetune_backward_cost(trained, batch=config.finetune.train.batch_size,

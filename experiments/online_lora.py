@@ -123,7 +123,8 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
         t0 = time.perf_counter()
         run = fit_classifier(build(config.seed, pre_train.num_classes, pre_train.images.shape[1:]), pre_train,
                              pre_test, config.pretrain, preprocess=make_preprocess(mean, std, dtype=dtype), mesh=mesh,
-                             workdir=config.pretrain.workdir or os.path.join(workdir, "pretrain"), seed=config.seed)
+                             workdir=config.pretrain.workdir or os.path.join(workdir, "pretrain"), seed=config.seed,
+                             rules=experiment.mesh_config(config).logical)
         pretrained = nnx.state(run.model()).filter(nnx.Not(nnx.PathContains("head")))
 
         def preprocess(images):

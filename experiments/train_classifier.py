@@ -52,7 +52,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               rngs=nnx.Rngs(config.seed))
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     run = fit_classifier(model, train, test, config, preprocess=preprocess, mesh=mesh, workdir=workdir,
-                         seed=config.seed)
+                         seed=config.seed, rules=experiment.mesh_config(config).logical)
     state, train_metrics, eval_metrics = run.state, run.train_metrics, run.eval_metrics
     results_path = os.path.join(workdir, "results.json")
     if not train_metrics and os.path.exists(results_path):  # a finished run resumed: keep its training record

@@ -155,7 +155,8 @@ def pretrained_backbone(config, mesh, workdir: str, input_shape):
     t0 = time.perf_counter()
     run = fit_classifier(model, pre_train, pre_test, config.pretrain,
                          preprocess=make_preprocess(mean, std, config.pretrain.crop_padding, config.pretrain.flip),
-                         mesh=mesh, workdir=config.pretrain.workdir or os.path.join(workdir, "pretrain"), seed=config.seed)
+                         mesh=mesh, workdir=config.pretrain.workdir or os.path.join(workdir, "pretrain"), seed=config.seed,
+                         rules=experiment.mesh_config(config).logical)
     state = nnx.state(run.model()).filter(nnx.Not(nnx.PathContains("head")))
     info = {"data": config.pretrain.data, "classes": pre_train.num_classes, "images": len(pre_train),
             "test_acc": 100 * float(run.eval_metrics.get("test/accuracy", float("nan"))),

@@ -64,9 +64,10 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps = config.train.steps
     tx = optim.make_optimizer(opt, steps)
     defs, state = create_train_state(student, tx, distill.trainable_filter(), config.seed)
-    state, shardings = place_on_mesh(state, mesh)
+    rules = experiment.mesh_config(config).logical
+    state, shardings = place_on_mesh(state, mesh, rules)
     teacher_graphdef, teacher_state = nnx.split(teacher)
-    teacher_shardings = state_shardings(teacher_state, mesh)
+    teacher_shardings = state_shardings(teacher_state, mesh, rules)
     teacher_state = jax.device_put(teacher_state, teacher_shardings)
     kd_step = jax.jit(
         make_kd_train_step(defs, tx, teacher_graphdef, temperature=distill.temperature,

@@ -20,7 +20,10 @@ Shapes. A kernel's axes split into input axes (contracted with x) and output axe
                                                                   strides/padding/dilation; B is
                                                                   the 1x1 conv r -> out (a matmul
                                                                   over channels)
-  Einsum (kernel_shape):       A (*in_dims, r),     B (r, *out_dims)   in the einsum string's order
+  Einsum (kernel_shape):       A (*in_dims, r),     B (r, *out_dims)   in the einsum string's order;
+                                                                  B A x is two einsums (the dense
+                                                                  delta only when a kernel axis is
+                                                                  batched with the input)
 In every case the dense update is ``delta = (alpha / r) * tensordot(A, B, 1)``, transposed back to
 the kernel's axis order; ``merge`` adds exactly this delta to W and ``unmerge`` subtracts it.
 """
@@ -125,15 +128,16 @@ class LoraLayer(nnx.Module):
             ndim = base.kernel[...].ndim
             in_axes, out_axes = tuple(range(ndim - 1)), (ndim - 1,)
         elif isinstance(base, nnx.Einsum):
-            in_axes, out_axes = _einsum_axes(base.einsum_str, base.kernel[...].ndim)
+            in_axes, out_axes = _einsum_axes(base.einsum_str, len(base.kernel_shape))
         elif isinstance(base, nnx.Linear):
             in_axes, out_axes = (0,), (1,)
         else:
             raise TypeError(f"LoRA adapts nnx.Linear, nnx.Conv and nnx.Einsum, not {type(base).__name__}")
         natural = len(in_axes) + len(out_axes)
-        self.lead = base.kernel[...].ndim - natural if isinstance(base, nnx.Linear) else 0
+        self.lead = base.kernel[...].ndim - natural if isinstance(base, (nnx.Linear, nnx.Einsum)) else 0
         self.base = base
         self.in_axes, self.out_axes = in_axes, out_axes
+        self.factored = _factored_einsums(base.einsum_str, in_axes, out_axes) if isinstance(base, nnx.Einsum) else None
         self.lora = nnx.Dict()
 
     def add(self, name: str, spec: LoraSpec, rngs: nnx.Rngs) -> None:
@@ -190,8 +194,13 @@ class LoraLayer(nnx.Module):
         """(alpha/r) B A x for adapter ``name``, in the base layer's computation dtype."""
         base, adapter = self.base, self.lora[name]
         x, a, b = base.promote_dtype((x, adapter.a[...], adapter.b[...]), dtype=base.dtype)
+        if isinstance(base, nnx.Einsum) and self.factored is not None:
+            # x -> A x (..., r) -> B (A x): two einsums, as for Linear; never the dense delta.
+            to_rank, from_rank = self.factored
+            h = base.einsum_op(to_rank, x, a, precision=base.precision)
+            return base.einsum_op(from_rank, h * jnp.asarray(adapter.scale, h.dtype), b, precision=base.precision)
         if isinstance(base, nnx.Einsum):
-            # No factorised form for a general einsum: build the dense delta (kernel-sized) per call.
+            # A kernel axis batched with the input has no factorised form: the dense delta per call.
             delta = self.delta(name, x.dtype)
             return base.einsum_op(base.einsum_str, x, delta, precision=base.precision)
         # A x: a conv with the base's geometry (..., H', W', r) or a matmul (..., r).
@@ -217,6 +226,20 @@ def _einsum_axes(einsum_str: str | None, ndim: int) -> tuple[tuple[int, ...], tu
     if not in_axes or not out_axes:
         raise ValueError(error + "the kernel needs at least one input axis and one output-only axis")
     return in_axes, out_axes
+
+
+def _factored_einsums(einsum_str: str, in_axes, out_axes) -> tuple[str, str] | None:
+    """The two einsums of B (A x) for an nnx.Einsum: "btd,dhk->bthk" gives ("btd,dZ->btZ",
+    "btZ,Zhk->bthk") with A (d, r) and B (r, h, k). None when an input axis of the kernel is also
+    an output axis (batched, not contracted): then the update needs the dense delta."""
+    operands, out = einsum_str.replace(" ", "").split("->")
+    lhs, rhs = operands.split(",")
+    ins, outs = "".join(rhs[i] for i in in_axes), "".join(rhs[i] for i in out_axes)
+    if any(c in out for c in ins):
+        return None
+    rank = next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in einsum_str)
+    mid = "".join(c for c in lhs if c not in ins) + rank
+    return f"{lhs},{ins}{rank}->{mid}", f"{mid},{rank}{outs}->{out}"
 
 
 def _lax_padding(padding, n: int):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.attention.rope import apply_rope, inverse_frequencies
-from research.attention.layers import RMSNorm, linear, write_cache
+from research.attention.layers import RMSNorm, head_output, head_projection, linear, write_cache
 
 MLA_DECODE = ("absorbed", "naive")
 
@@ -70,7 +70,8 @@ class MLAConfig:
 
 class MLAttention(nnx.Module):
     """MLA in place of GQAttention: (B, T, D) -> (B, T, D); cache {"c_kv": (B, S, r_kv),
-    "k_pe": (B, S, R, d_r)}."""
+    "k_pe": (B, S, R, d_r)}. Kernels: q (D, H, d_n + d_r) or q_a (D, r_q) and q_b (r_q, H, d_n + d_r);
+    kv_a (D, r_kv + R d_r); kv_b (r_kv, H, d_n + d_v); o (H, d_v, D)."""
 
     def __init__(self, config, mla: MLAConfig, *, rngs: nnx.Rngs):
         """``config``: the decoder's architecture (see research.attention.layers)."""
@@ -80,16 +81,17 @@ class MLAttention(nnx.Module):
             raise ValueError(f"num_heads {c.num_heads} is not a multiple of rope_heads {m.rope_heads}")
         self.num_heads, self.mla = c.num_heads, m
         h = c.num_heads
+        heads = ("q_heads", "head_dim")
         if m.q_rank:
             self.q_a = linear(c.dim, m.q_rank, ("embed", None), dtype, rngs)
             self.q_norm = RMSNorm(m.q_rank, c.rms_eps) if m.latent_norm else None
-            self.q_b = linear(m.q_rank, h * m.qk_dim, (None, "heads"), dtype, rngs)
+            self.q_b = head_projection(m.q_rank, h, m.qk_dim, (None, *heads), dtype, rngs)
         else:
-            self.q = linear(c.dim, h * m.qk_dim, ("embed", "heads"), dtype, rngs)
+            self.q = head_projection(c.dim, h, m.qk_dim, ("embed", *heads), dtype, rngs)
         self.kv_a = linear(c.dim, m.kv_rank + m.rope_heads * m.rope_dim, ("embed", None), dtype, rngs)
         self.kv_norm = RMSNorm(m.kv_rank, c.rms_eps) if m.latent_norm else None
-        self.kv_b = linear(m.kv_rank, h * (m.nope_dim + m.v_dim), (None, "heads"), dtype, rngs)
-        self.o = linear(h * m.v_dim, c.dim, ("heads", "embed"), dtype, rngs)
+        self.kv_b = head_projection(m.kv_rank, h, m.nope_dim + m.v_dim, (None, *heads), dtype, rngs)
+        self.o = head_output(h, m.v_dim, c.dim, (*heads, "embed"), dtype, rngs)
         freqs = inverse_frequencies(m.rope_dim, c.rope_theta, c.rope_scaling)
         self.rope_inv_freq = RopeFrequencies(jnp.tile(jnp.asarray(freqs, jnp.float32), (m.rope_heads, 1)))
 
@@ -109,7 +111,6 @@ class MLAttention(nnx.Module):
             q = self.q_b(self.q_norm(c_q) if self.q_norm is not None else c_q)
         else:
             q = self.q(x)
-        q = q.reshape(*x.shape[:2], self.num_heads, m.qk_dim)
         return q[..., :m.nope_dim], q[..., m.nope_dim:]
 
     def latent(self, x):
@@ -124,12 +125,12 @@ class MLAttention(nnx.Module):
     def up_projections(self):
         """W_UK (r_kv, H, d_n) and W_UV (r_kv, H, d_v): the blocks of W_kvb."""
         m = self.mla
-        w = self.kv_b.kernel[...].reshape(m.kv_rank, self.num_heads, m.nope_dim + m.v_dim)
+        w = self.kv_b.kernel[...]
         return w[..., :m.nope_dim], w[..., m.nope_dim:]
 
     def __call__(self, x, positions, cache, ops):
         m = self.mla
-        b, t, _ = x.shape
+        t = x.shape[1]
         q_nope, q_pe = self.queries(x)
         c_kv, k_pe = self.latent(x)
         inv_freq = self.rope_inv_freq[...]
@@ -147,10 +148,10 @@ class MLAttention(nnx.Module):
             o_latent = ops.mla_absorbed(q_latent, q_pe, c_kv, k_pe, positions, kv_positions, scale=scale)
             y = jnp.einsum("bthr,rhv->bthv", o_latent, w_uv.astype(o_latent.dtype))
         else:
-            kv = self.kv_b(c_kv).reshape(b, c_kv.shape[1], self.num_heads, m.nope_dim + m.v_dim)
+            kv = self.kv_b(c_kv)  # (B, S, H, d_n + d_v)
             k_nope, v = kv[..., :m.nope_dim], kv[..., m.nope_dim:]
             y = ops.mla(q_nope, q_pe, k_nope, k_pe, v, positions, kv_positions, scale=scale)
-        return self.o(y.reshape(b, t, self.num_heads * m.v_dim)), cache
+        return self.o(y), cache
 
 
 def set_mla_decode(model: nnx.Module, decode: str) -> None:

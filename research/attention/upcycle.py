@@ -192,7 +192,8 @@ def attention_inputs(model: Llama, tokens: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- one layer
 def upcycle_layer(weights: dict[str, np.ndarray], cfg: UpcycleConfig, config, x: np.ndarray | None,
                   kv_rank: int, q_rank: int, energy: float):
-    """MLA parameters (kernels in (in, out) form), RoPE frequencies and the KV error of one layer.
+    """MLA parameters (kernels in flattened (in, out) form; set_param splits the heads), RoPE
+    frequencies and the KV error of one layer.
 
     weights: "q" (H d_h, D), "k" and "v" (K d_h, D) in (out, in) form; x: calibration inputs or None."""
     h, k, dh = config.num_heads, config.num_kv_heads, config.head_dim
@@ -253,8 +254,10 @@ def layer_runs(kinds: Sequence[Any]) -> list[tuple[Any, list[int]]]:
 
 
 def _layer_weights(model: Llama, layer: int) -> dict[str, np.ndarray]:
+    """Layer ``layer``'s q, k, v kernels (D, heads, Dh) as (heads * Dh, D) matrices (out, in)."""
     attn = nnx.state(model.segments[0], nnx.Param)["attn"]
-    return {name: np.asarray(attn[name]["kernel"][...][layer], np.float64).T for name in ("q", "k", "v")}
+    kernels = {name: np.asarray(attn[name]["kernel"][...][layer], np.float64) for name in ("q", "k", "v")}
+    return {name: w.reshape(w.shape[0], -1).T for name, w in kernels.items()}
 
 
 def _get(state, path: Sequence[str]) -> jax.Array:

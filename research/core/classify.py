@@ -22,6 +22,7 @@ from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer
 from research.core.loop import evaluate, fit
+from research.core.mesh import LogicalRules
 from research.core.records import MetricWriter, image_grid
 from research.core.train import (ModelDefs, TrainState, classification_loss, create_train_state, jit_eval_step,
                                  jit_train_step, make_eval_step, make_train_step, place_on_mesh)
@@ -80,11 +81,12 @@ def total_steps(train_config: ClassifierTrainConfig, num_examples: int) -> int:
 def fit_classifier(model: nnx.Module, train: pipeline.ImageArrays, test: pipeline.ImageArrays,
                    config: ml_collections.ConfigDict, *, preprocess, mesh: Mesh, workdir: str,
                    trainable: nnx.filterlib.Filter | None = None, train_mode: bool = True,
-                   seed: int = 0) -> ClassifierRun:
+                   seed: int = 0, rules: LogicalRules = LogicalRules()) -> ClassifierRun:
     """Trains ``model`` (its ``trainable`` Params; default: the subset ``config.train.trainable``)
     on ``train``, evaluates on ``test``; resumes from ``workdir/checkpoints`` when a run was
     interrupted. ``preprocess(images, rng, train)`` runs on the device. ``train_mode=False`` trains
-    with BatchNorm in eval mode. ``config`` holds an ``optim`` and a ``train`` section."""
+    with BatchNorm in eval mode. ``config`` holds an ``optim`` and a ``train`` section; ``rules``
+    lay the parameters out on ``mesh`` (the experiment's ``MeshConfig.logical``)."""
     opt = config_lib.build(optim.OptimConfig, config, "optim")
     train_config = config_lib.build(ClassifierTrainConfig, config, "train")
     if trainable is None:
@@ -93,7 +95,7 @@ def fit_classifier(model: nnx.Module, train: pipeline.ImageArrays, test: pipelin
     steps = total_steps(train_config, len(train))
     tx = optim.make_optimizer(opt, steps)
     defs, state = create_train_state(model, tx, trainable, seed, train_mode)
-    state, shardings = place_on_mesh(state, mesh)
+    state, shardings = place_on_mesh(state, mesh, rules)
     num_trainable = sum(x.size for x in jax.tree.leaves(state.params))
 
     train_loss, eval_loss = classification_loss(preprocess, train_config.label_smoothing)

@@ -1,8 +1,9 @@
 """The start every experiment shares, and the rule that only process 0 writes.
 
 ``mesh = start(config, workdir)``: joins a multi-process run when launched as one
-(``jax.distributed``), makes the mesh of ``config.mesh`` (``{"data": -1, "model": 1}`` when the
-config has none), creates ``workdir`` and writes the resolved config to ``workdir/config.json``.
+(``jax.distributed``), makes the mesh of ``config.mesh`` (a ``MeshConfig`` section; all devices on
+``data`` when the config has none), creates ``workdir`` and writes the resolved config to
+``workdir/config.json``. ``mesh_config(config).logical`` are the rules that lay parameters out.
 Files that every process would write alike (results, tables, plots) are written by process 0
 alone: guard them with ``if main_process():``.
 """
@@ -14,7 +15,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from research.core.mesh import initialize_distributed, make_mesh
+from research.core import config as config_lib
+from research.core.mesh import MeshConfig, initialize_distributed, make_mesh
 from research.core.records import write_json_atomic
 
 
@@ -23,10 +25,15 @@ def main_process() -> bool:
     return jax.process_index() == 0
 
 
+def mesh_config(config: ml_collections.ConfigDict) -> MeshConfig:
+    """The run's ``mesh`` section (defaults when the config has none); a bad value is a ConfigError."""
+    return config_lib.build(MeshConfig, config, "mesh") if "mesh" in config else MeshConfig()
+
+
 def start(config: ml_collections.ConfigDict, workdir: str, *, subdirs: tuple[str, ...] = ()) -> Mesh:
     """Distributed set-up, the mesh, ``workdir`` (and ``subdirs`` in it) and ``config.json``."""
     initialize_distributed()
-    mesh = make_mesh(config.get("mesh"))
+    mesh = make_mesh(mesh_config(config))
     for folder in (workdir, *(os.path.join(workdir, d) for d in subdirs)):
         os.makedirs(folder, exist_ok=True)
     if main_process():

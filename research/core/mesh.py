@@ -2,9 +2,11 @@
 
 Parameters carry logical axis names as NNX metadata (`logical(init, ("embed", "mlp"))`, which
 attaches them without sharding at creation, so models build outside any mesh and importing the
-library flips no global Flax setting); `LOGICAL_RULES` maps each logical name to a mesh axis. A
-dimension whose size is not divisible by its mesh axis is replicated instead, so any model runs on
-any mesh shape.
+library flips no global Flax setting); `LogicalRules` maps each logical name to a mesh axis
+(`LOGICAL_RULES` by default). A dimension whose size its mesh axis does not divide is an error
+naming the array, the dimension and the axis, unless the rules opt in to replicating it: a model
+whose 3 KV heads cannot split over 2 devices should say so, not run replicated without a word.
+The config section ``mesh`` (`MeshConfig`) holds the mesh shape and the rules.
 Batches are split over `data`. Under `jax.jit` with these shardings the program computes the
 same global function as on one device (BatchNorm statistics are over the global batch).
 """
@@ -13,13 +15,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from research.core.config import ConfigError
+from research.core.config import ConfigError, check_fields, require
 
 MESH_AXES = ("data", "model")
 
@@ -30,8 +33,10 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("conv_out", "model"),
     ("embed", None),
     ("mlp", "model"),
-    ("heads", "model"),
+    ("heads", "model"),       # a flattened head axis (ViT's H*Dh)
+    ("q_heads", "model"),     # attention kernels (D, H, Dh) / (H, Dh, D): whole heads per device
     ("kv_heads", "model"),
+    ("head_dim", None),
     ("vocab", "model"),
     ("classes", None),
 )
@@ -41,6 +46,65 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 CONV_SHARDING = (None, None, "conv_in", "conv_out")   # (kh, kw, in, out)
 DEPTHWISE_SHARDING = (None, None, None, "conv_out")   # (kh, kw, 1, channels)
 HEAD_SHARDING = ("embed", "classes")                  # (features, classes)
+
+
+class IndivisibleDimError(ConfigError):
+    """A parameter dimension that its mesh axis does not divide (a mesh or rules choice that does not
+    fit the model); the message is one line."""
+
+
+@dataclass(frozen=True)
+class LogicalRules:
+    """Logical axis name -> mesh axis (None: replicated), and whether a dimension its mesh axis
+    does not divide is replicated (``replicate_indivisible``) or an `IndivisibleDimError`."""
+    table: tuple[tuple[str, str | None], ...] = LOGICAL_RULES
+    replicate_indivisible: bool = False
+
+    def spec(self, names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+        """PartitionSpec of an array with logical axis ``names``; a mesh axis is used once per array."""
+        table = dict(self.table)
+        used: set[str] = set()
+        spec = []
+        for name, size in zip(names, shape):
+            axis = table.get(name) if name is not None else None
+            if axis is None or axis in used:
+                spec.append(None)
+                continue
+            if size % mesh.shape[axis]:
+                if self.replicate_indivisible:
+                    spec.append(None)
+                    continue
+                raise IndivisibleDimError(
+                    f"dimension '{name}' of size {size} (shape {tuple(shape)}) does not divide over mesh axis "
+                    f"'{axis}' of size {mesh.shape[axis]}; pick a mesh.{axis} that divides it, map '{name}' to "
+                    f"None in mesh.rules, or set mesh.replicate_indivisible=True to replicate it")
+            spec.append(axis)
+            used.add(axis)
+        return P(*spec)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """The ``mesh`` config section: axis sizes (-1 = all remaining devices), the logical-axis
+    ``rules`` as (logical name, mesh axis or None) pairs, and the opt-in to replicate a dimension
+    its mesh axis does not divide. ``--config.mesh.rules="(('mlp', None), ...)"`` replaces the table."""
+    data: int = -1
+    model: int = 1
+    rules: tuple[tuple[str, str | None], ...] = LOGICAL_RULES
+    replicate_indivisible: bool = False
+
+    def __post_init__(self):
+        check_fields(self)
+        require(self, "rules", all(axis is None or axis in MESH_AXES for _, axis in self.rules),
+                f"(logical name, mesh axis) pairs with a mesh axis in {MESH_AXES} or None")
+
+    @property
+    def axes(self) -> dict[str, int]:
+        return {"data": self.data, "model": self.model}
+
+    @property
+    def logical(self) -> LogicalRules:
+        return LogicalRules(self.rules, self.replicate_indivisible)
 
 
 def logical(init, names: tuple):
@@ -65,39 +129,38 @@ def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(axes: Mapping[str, int] | MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh over `devices` (default: all) with axes ("data", "model")."""
     devices = list(jax.devices() if devices is None else devices)
+    axes = axes.axes if isinstance(axes, MeshConfig) else axes
     shape = mesh_shape(dict(axes or {"data": -1, "model": 1}), len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Sequence[tuple[str, str | None]] = LOGICAL_RULES) -> P:
-    """PartitionSpec for an array with logical axis `names`; indivisible dims stay replicated."""
-    table = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(names, shape):
-        axis = table.get(name) if name is not None else None
-        if axis is None or axis in used or size % mesh.shape[axis]:
-            spec.append(None)
-        else:
-            spec.append(axis)
-            used.add(axis)
-    return P(*spec)
+                    rules: LogicalRules = LogicalRules()) -> P:
+    """PartitionSpec for an array with logical axis ``names`` under ``rules`` (see `LogicalRules`)."""
+    return rules.spec(names, shape, mesh)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = LOGICAL_RULES):
-    """A NamedSharding per array of an NNX state, from each Variable's logical axis names."""
-    def one(variable):
+def state_shardings(state: nnx.State, mesh: Mesh, rules: LogicalRules = LogicalRules()):
+    """A NamedSharding per array of an NNX state, from each Variable's logical axis names; an
+    indivisible dimension fails naming the array's path."""
+    def one(path, variable):
         names = variable.get_metadata().get("out_sharding") if isinstance(variable, nnx.Variable) else None
         value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
         shape = getattr(value, "shape", ())
-        spec = logical_to_spec(names, shape, mesh, rules) if names else P()
+        try:
+            spec = rules.spec(names, shape, mesh) if names else P()
+        except IndivisibleDimError as e:
+            raise IndivisibleDimError(f"parameter {_path_str(path)}: {e}") from None
         return NamedSharding(mesh, spec)
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -141,7 +204,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 1
     return launched
 
 
-def shard_module(module: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = LOGICAL_RULES):
+def shard_module(module: nnx.Module, mesh: Mesh, rules: LogicalRules = LogicalRules()):
     """Moves every array of an NNX module onto ``mesh`` by its logical axis names, in place;
     returns the shardings."""
     state = nnx.state(module)

@@ -1,8 +1,10 @@
 """NNX state utilities for loaders and converters: a module without running its initialisers, and
-a checked write of one parameter."""
+a checked write of one parameter (which splits flattened attention heads)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+HEAD_AXES = ("q_heads", "kv_heads")  # logical names of a head axis; "head_dim" follows it
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +18,30 @@ def zeros_module(make: Callable[[], nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state))
 
 
+def flat_heads_shape(names: Sequence | None, shape: Sequence[int]) -> tuple[int, ...] | None:
+    """The shape with its (heads, head_dim) axes merged, e.g. (L, D, H, Dh) -> (L, D, H*Dh): how
+    Hugging Face, GGUF and earlier checkpoints store a head-shaped kernel. None when the logical
+    axis ``names`` have no head axis followed by "head_dim"."""
+    names, shape = tuple(names or ()), tuple(shape)
+    for i in range(len(names) - 1):
+        if names[i] in HEAD_AXES and names[i + 1] == "head_dim":
+            return shape[:i] + (shape[i] * shape[i + 1],) + shape[i + 2:]
+    return None
+
+
 def set_param(state: nnx.State, path: Sequence, value) -> None:
-    """Sets the array at ``path`` of an NNX state to a float32 copy of ``value``; a shape that
-    differs from the model's fails naming the path and both shapes. (A copy: a student built from a
-    teacher must not share its buffers, or donating one's train state frees the other's arrays.)"""
+    """Sets the array at ``path`` of an NNX state to a float32 copy of ``value``. A head-shaped kernel
+    also takes its flattened form (``flat_heads_shape``), split row-major into heads; any other shape
+    that differs from the model's fails naming the path and both shapes. (A copy: a student built
+    from a teacher must not share its buffers, or donating one's train state frees the other's arrays.)"""
     node = state
     for key in path[:-1]:
         node = node[key]
     variable = node[path[-1]]
     expected = tuple(variable.get_value().shape)
-    if tuple(np.shape(value)) != expected:
-        raise ValueError(f"parameter {'/'.join(map(str, path))}: checkpoint shape {tuple(np.shape(value))}, "
-                         f"model expects {expected}")
+    found = tuple(np.shape(value))
+    if found != expected and found == flat_heads_shape(variable.get_metadata().get("out_sharding"), expected):
+        value = np.reshape(value, expected)
+    elif found != expected:
+        raise ValueError(f"parameter {'/'.join(map(str, path))}: checkpoint shape {found}, model expects {expected}")
     variable.set_value(jnp.array(value, jnp.float32, copy=True))

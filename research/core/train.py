@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from research.core.mesh import batch_sharding, replicated, state_shardings
+from research.core.mesh import LogicalRules, batch_sharding, replicated, state_shardings
 
 # loss_fn(model, batch, rng) -> (loss_sum, metric_sums); metric_sums must contain "count".
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -149,9 +149,10 @@ def make_eval_step(defs: ModelDefs, loss_fn: LossFn) -> Callable[[TrainState, di
     return step
 
 
-def place_on_mesh(state: TrainState, mesh: Mesh) -> tuple[TrainState, Any]:
-    """Puts `state` on `mesh` by its parameters' logical axis names; returns (state, shardings)."""
-    shardings = state_shardings(state, mesh)
+def place_on_mesh(state: TrainState, mesh: Mesh, rules: LogicalRules = LogicalRules()) -> tuple[TrainState, Any]:
+    """Puts `state` on `mesh` by its parameters' logical axis names under ``rules``; returns
+    (state, shardings)."""
+    shardings = state_shardings(state, mesh, rules)
     return jax.device_put(state, shardings), shardings
 
 

@@ -14,8 +14,9 @@ The KV cache is a pytree of arrays with a leading layer axis per segment; slot s
 position s, so per-sequence lengths need no extra bookkeeping (see ``research.attention.ops``).
 
 Parameter paths (L_s = layers of segment s): ``embed/embedding`` (V, D);
-``segments/s/attn_norm/scale`` (L_s, D); ``segments/s/attn/{q,k,v,o}/kernel`` (L_s, D, H*Dh),
-(L_s, D, K*Dh), (L_s, D, K*Dh), (L_s, H*Dh, D); ``segments/s/mlp_norm/scale``;
+``segments/s/attn_norm/scale`` (L_s, D); ``segments/s/attn/{q,k,v,o}/kernel`` (L_s, D, H, Dh),
+(L_s, D, K, Dh), (L_s, D, K, Dh), (L_s, H, Dh, D), whose head axes a ``model`` mesh axis splits
+(see research.attention.layers); ``segments/s/mlp_norm/scale``;
 ``segments/s/mlp/{gate,up,down}/kernel`` (L_s, D, F), (L_s, D, F), (L_s, F, D); ``norm/scale`` (D,);
 ``lm_head/kernel`` (D, V) when the embeddings are untied.
 """

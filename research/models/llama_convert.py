@@ -6,7 +6,9 @@
 Loading a converted model takes about a second, against the seconds of dequantising a GGUF. The
 directory is written under a temporary name and renamed when complete, so an interrupted save
 leaves no half-written model behind. Before restoring, every stored array's shape is compared with
-the model the JSON config describes; a difference fails naming the array and both shapes.
+the model the JSON config describes; a difference fails naming the array and both shapes. A model
+converted before the attention kernels kept their head axis stores them flattened, (L, D, H*Dh);
+those are restored in that shape and split into heads.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from research.attention.rope import Llama3RopeScaling
-from research.core.checkpoint import array_shapes
+from research.core.checkpoint import _path_str, array_shapes
+from research.core.params import flat_heads_shape
 from research.models.llama import Llama, LlamaConfig
 
 CONFIG_FILE = "llama_config.json"
@@ -108,9 +111,24 @@ def load_converted(directory: str, **overrides) -> tuple[LlamaConfig, Llama]:
     checkpointer = ocp.StandardCheckpointer()
     graphdef, abstract = _abstract(config)
     target = abstract.to_pure_dict()
-    stored = checkpointer.metadata(params_path).item_metadata.tree
-    _checkarray_shapes(array_shapes(stored), array_shapes(target), params_path, f"the config in {config_path}")
+    found = array_shapes(checkpointer.metadata(params_path).item_metadata.tree)
+    flat = _flat_head_shapes(abstract)
+    wanted = array_shapes(target)
+    legacy = {name for name, shape in found.items() if name in wanted and shape != wanted[name] and shape == flat.get(name)}
+    _checkarray_shapes({**found, **{name: wanted[name] for name in legacy}}, wanted, params_path,
+                       f"the config in {config_path}")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
-    abstract.replace_by_pure_dict(checkpointer.restore(params_path, target))
+    target = jax.tree_util.tree_map_with_path(lambda p, x: jax.ShapeDtypeStruct(
+        found[_path_str(p)] if _path_str(p) in legacy else x.shape, x.dtype, sharding=device), target)
+    restored = checkpointer.restore(params_path, target)
+    abstract.replace_by_pure_dict(jax.tree_util.tree_map_with_path(
+        lambda p, x: x.reshape(wanted[_path_str(p)]) if _path_str(p) in legacy else x, restored))
     return config, nnx.merge(graphdef, abstract)
+
+
+def _flat_head_shapes(abstract: nnx.State) -> dict[str, tuple[int, ...]]:
+    """{"path/to/array": its flattened-heads shape} for the head-shaped kernels of a Param state."""
+    leaves = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    shapes = {_path_str(p): flat_heads_shape(v.get_metadata().get("out_sharding"), v.get_value().shape)
+              for p, v in leaves}
+    return {name: shape for name, shape in shapes.items() if shape is not None}

@@ -2,7 +2,8 @@
 
 ``load_hf_llama(directory)`` reads ``config.json`` and ``model.safetensors`` or the shards named
 by ``model.safetensors.index.json``, and returns ``(LlamaConfig, Llama)``. HF stores a linear
-layer's weight as (out, in); our kernels are (in, out), stacked over layers. The per-layer tensors
+layer's weight as (out, in); our kernels are (in, out), stacked over layers, with the attention
+heads split out of the flattened dim on the way in (``set_param``). The per-layer tensors
 are read one name at a time, so peak host memory is about one copy of the model.
 """
 from __future__ import annotations

@@ -121,6 +121,8 @@ def test_conv_equals_lax_conv_with_merged_kernel(padding, lax_padding, strides, 
 @pytest.mark.parametrize("einsum_str,kernel_shape,bias_shape,x_shape,delta_str", [
     ("btd,dhk->bthk", (5, 2, 3), (2, 3), (2, 4, 5), "dr,rhk->dhk"),
     ("nd,kd->nk", (4, 5), (4,), (3, 5), "dr,rk->kd"),  # output axis first in the kernel
+    ("bthk,hkd->btd", (2, 3, 5), (5,), (2, 4, 2, 3), "hkr,rd->hkd"),  # attention output: heads contracted
+    ("bhd,hdk->bhk", (2, 5, 3), (2, 3), (4, 2, 5), "hdr,rk->hdk"),  # h batched: the dense-delta path
 ])
 def test_einsum_equals_dense_delta(einsum_str, kernel_shape, bias_shape, x_shape, delta_str):
     layer = nnx.Einsum(einsum_str, kernel_shape, bias_shape, rngs=nnx.Rngs(0))

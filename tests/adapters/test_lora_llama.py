@@ -24,7 +24,7 @@ def test_stacked_adapters_are_a_no_op_then_merge_exactly():
     assert paths == ["segments/0/attn/q", "segments/0/attn/v"]
     q = model.segments[0].attn.q
     assert q.lora["default"].a.shape == (TINY.num_layers, TINY.dim, 2)  # one factor pair per layer
-    assert q.lora["default"].b.shape == (TINY.num_layers, 2, TINY.num_heads * TINY.head_dim)
+    assert q.lora["default"].b.shape == (TINY.num_layers, 2, TINY.num_heads, TINY.head_dim)  # B keeps the heads
     before, _ = random_llama()(TOKENS)
     np.testing.assert_array_equal(np.asarray(model(TOKENS)[0]), np.asarray(before))
 

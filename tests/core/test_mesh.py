@@ -1,13 +1,15 @@
 """Mesh construction, logical sharding rules, and 1-device vs 8-device equality of a train step."""
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from research.core.config import ConfigError
-from research.core.mesh import logical_to_spec, make_mesh, mesh_shape, shard_batch
+from research.core.config import ConfigError, apply_overrides, build, section
+from research.core.mesh import (IndivisibleDimError, LogicalRules, MeshConfig, logical_to_spec, make_mesh, mesh_shape,
+                                shard_batch)
 from research.core.train import (classification_loss, create_train_state, jit_train_step, make_train_step,
                                  place_on_mesh)
 from research.data.augment import make_preprocess
@@ -26,11 +28,31 @@ def test_mesh_shape_rejects_what_does_not_fit(axes):
         mesh_shape(axes, 8)
 
 
-def test_logical_rules_replicate_indivisible_dimensions():
+def test_logical_rules_split_divisible_dimensions_once_per_array():
     mesh = make_mesh({"data": 4, "model": 2})
     assert logical_to_spec((None, None, "conv_in", "conv_out"), (3, 3, 16, 32), mesh) == P(None, None, None, "model")
     assert logical_to_spec(("embed", "classes"), (64, 10), mesh) == P(None, None)
-    assert logical_to_spec(("embed", "mlp"), (64, 7), mesh) == P(None, None)  # 7 % 2 != 0
+    assert logical_to_spec(("embed", "q_heads", "head_dim"), (64, 4, 16), mesh) == P(None, "model", None)
+    assert logical_to_spec(("mlp", "vocab"), (8, 16), mesh) == P("model", None)  # `model` already used
+
+
+def test_an_indivisible_dimension_fails_naming_it_unless_replication_is_opted_in():
+    mesh = make_mesh({"data": 4, "model": 2})
+    with pytest.raises(IndivisibleDimError, match=r"'mlp' of size 7 \(shape \(64, 7\)\).*'model' of size 2"):
+        logical_to_spec(("embed", "mlp"), (64, 7), mesh)
+    assert logical_to_spec(("embed", "mlp"), (64, 7), mesh, LogicalRules(replicate_indivisible=True)) == P(None, None)
+
+
+def test_mesh_section_takes_rules_from_the_command_line_and_rejects_an_unknown_axis():
+    config = ml_collections.ConfigDict({"mesh": section(MeshConfig)})
+    changed = apply_overrides(config, {"mesh.model": "2", "mesh.rules": "(('mlp', None), ('embed', 'model'))"},
+                              from_strings=True)
+    layout = build(MeshConfig, changed, "mesh")
+    assert layout.axes == {"data": -1, "model": 2}
+    assert dict(layout.logical.table) == {"mlp": None, "embed": "model"}
+    bad = apply_overrides(config, {"mesh.rules": "(('mlp', 'pipe'),)"}, from_strings=True)
+    with pytest.raises(ConfigError, match=r"^config key 'mesh.rules' .*mesh axis in \('data', 'model'\) or None"):
+        build(MeshConfig, bad, "mesh")
 
 
 def _one_step(mesh, model_name, input_shape):

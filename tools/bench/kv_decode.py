@@ -60,9 +60,7 @@ def attention_step(model: Llama, kind: str):
     def one_layer(layer_state, cache, positions, x):
         attn = nnx.merge(graphdef, layer_state)
         if kind == "gqa":
-            b = x.shape[0]
-            q = attn.q(x).reshape(b, 1, attn.num_heads, attn.head_dim)
-            return ops.gqa(q, cache["k"], cache["v"], positions, scale=attn.head_dim ** -0.5)
+            return ops.gqa(attn.q(x), cache["k"], cache["v"], positions, scale=attn.head_dim ** -0.5)
         m = attn.mla
         q_nope, q_pe = attn.queries(x)
         if kind == "mla_absorbed":
@@ -70,7 +68,7 @@ def attention_step(model: Llama, kind: str):
             q_latent = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk)
             o = ops.mla_absorbed(q_latent, q_pe, cache["c_kv"], cache["k_pe"], positions, scale=m.attention_scale())
             return jnp.einsum("bthr,rhv->bthv", o, w_uv)
-        kv = attn.kv_b(cache["c_kv"]).reshape(*cache["c_kv"].shape[:2], attn.num_heads, m.nope_dim + m.v_dim)
+        kv = attn.kv_b(cache["c_kv"])
         return ops.mla(q_nope, q_pe, kv[..., :m.nope_dim], cache["k_pe"], kv[..., m.nope_dim:], positions,
                        scale=m.attention_scale())
 

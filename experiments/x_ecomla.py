@@ -50,6 +50,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = experiment.start(config, workdir)
 
     teacher_config, teacher, tokenizer = load_llama(source, seed=config.seed, default_cache_root=default_cache_dir())
+    rules = experiment.mesh_config(config).logical
+    teacher_graphdef, teacher_state = nnx.split(teacher)
+    teacher_shardings = state_shardings(teacher_state, mesh, rules)  # a mesh that cannot hold the heads fails here
     train_windows, heldout_windows = kjv_windows(data, tokenizer)
     calibration = train_windows[:data.calibration_windows, :-1]
     student, report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
@@ -64,10 +67,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps = config.train.steps
     tx = optim.make_optimizer(opt, steps)
     defs, state = create_train_state(student, tx, distill.trainable_filter(), config.seed)
-    rules = experiment.mesh_config(config).logical
     state, shardings = place_on_mesh(state, mesh, rules)
-    teacher_graphdef, teacher_state = nnx.split(teacher)
-    teacher_shardings = state_shardings(teacher_state, mesh, rules)
     teacher_state = jax.device_put(teacher_state, teacher_shardings)
     kd_step = jax.jit(
         make_kd_train_step(defs, tx, teacher_graphdef, temperature=distill.temperature,

@@ -32,3 +32,35 @@ def skip_without_imagenet_weights_or_data():
         except FileNotFoundError as e:
             pytest.skip(str(e))
     return skip
+
+
+# SmolLM2-135M from its GGUF, loaded once per test process; the tests that use it must not change it.
+@pytest.fixture(scope="session")
+def smollm2_path():
+    pytest.importorskip("gguf")
+    pytest.importorskip("tokenizers")
+    from research.models import llama_gguf
+    try:
+        return llama_gguf.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_reader(smollm2_path):
+    import gguf
+
+    return gguf.GGUFReader(smollm2_path)  # parsed once (~4 s) for both the model and the tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_reader):
+    """(LlamaConfig, Llama) of SmolLM2-135M."""
+    from research.models.llama_gguf import load_gguf_llama
+    return load_gguf_llama(smollm2_reader)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_reader):
+    from research.models.tokenizer import tokenizer_from_gguf
+    return tokenizer_from_gguf(smollm2_reader)

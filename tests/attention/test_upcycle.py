@@ -85,18 +85,11 @@ def test_bad_choices_name_the_field(teacher):
         upcycle_gqa_to_mla(teacher, UpcycleConfig(rope_dim=4, rope_mode="2norm"))
 
 
-def test_smollm2_at_full_rank_with_all_pairs_is_the_original_model():
+def test_smollm2_at_full_rank_with_all_pairs_is_the_original_model(smollm2, smollm2_tokenizer):
     """The invariant on real weights: SmolLM2-135M (30 layers, 9 query / 3 KV heads) upcycled with
     a full-rank latent, every RoPE pair kept and a RoPE key per KV head gives the same logits."""
-    pytest.importorskip("gguf")
-    from research.models.llama_gguf import load_gguf_llama, smollm2_gguf_path
-    from research.models.tokenizer import tokenizer_from_gguf
-    try:
-        path = smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    config, teacher = load_gguf_llama(path)
-    tokens = jnp.asarray([tokenizer_from_gguf(path).encode(
+    config, teacher = smollm2
+    tokens = jnp.asarray([smollm2_tokenizer.encode(
         "In the beginning God created the heaven and the earth. And the earth was without form, and void.")])
     student, report = upcycle_gqa_to_mla(teacher, UpcycleConfig(**FULL_SMOLLM2), np.asarray(tokens))
     assert max(report["kv_error"]) < 1e-6  # the latent spans [K_rep; V_rep] (rank 2 x 3 x 64 = 384 of 576)

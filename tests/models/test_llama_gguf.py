@@ -13,8 +13,8 @@ from research.attention.rope import Llama3RopeScaling, inverse_frequencies
 from research.models.llama import Llama, LlamaConfig
 from research.models.llama_convert import CONFIG_FILE, load_converted, save_converted
 from research.models import llama_gguf
-from research.models.llama_gguf import llama3_scaling_from_rope_freqs, load_gguf_llama, unpermute_qk
-from research.models.tokenizer import tokenizer_from_gguf, tokenizer_from_hf
+from research.models.llama_gguf import llama3_scaling_from_rope_freqs, unpermute_qk
+from research.models.tokenizer import tokenizer_from_hf
 
 SENTENCE = ("Every evening the old lighthouse keeper climbed the narrow stairs, lit the great lamp, and "
             "watched the fishing boats find their way home safely through the cold grey fog.")
@@ -27,30 +27,18 @@ forward = nnx.jit(lambda model, tokens: model(tokens)[0])  # tokens (B, T) -> lo
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    pytest.importorskip("gguf")
-    pytest.importorskip("tokenizers")
-    try:
-        return llama_gguf.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+def gguf_path(smollm2_path):
+    return smollm2_path
 
 
 @pytest.fixture(scope="module")
-def reader(gguf_path):
-    import gguf
-
-    return gguf.GGUFReader(gguf_path)  # parsed once (~4 s) for both the model and the tokenizer
+def smollm(smollm2):
+    return smollm2[1]
 
 
 @pytest.fixture(scope="module")
-def smollm(reader):
-    return load_gguf_llama(reader)[1]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(reader):
-    return tokenizer_from_gguf(reader)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

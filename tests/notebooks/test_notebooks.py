@@ -9,7 +9,6 @@ from nbclient import NotebookClient
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "notebooks")
 
 
-@pytest.mark.xdist_group("notebooks")  # one worker: they share the converted SmolLM2 cache
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(NOTEBOOKS, "*.ipynb"))), ids=os.path.basename)
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("RESEARCH_SMOKE", "1")

@@ -19,7 +19,7 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint on disk does not fit the state built from the config."""
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
     parts = []
     for entry in path:
         for attr in ("name", "key", "idx"):
@@ -33,7 +33,7 @@ def _path_str(path) -> str:
 def array_shapes(tree) -> dict[str, tuple[int, ...]]:
     """{"path/to/array": shape} for a tree of arrays, Variables or array metadata."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
-    return {_path_str(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
+    return {path_str(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
 
 
 class Checkpointer:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from research.core.checkpoint import path_str
 from research.core.config import ConfigError, check_fields, require
 
 MESH_AXES = ("data", "model")
@@ -153,14 +154,10 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: LogicalRules = LogicalR
         try:
             spec = rules.spec(names, shape, mesh) if names else P()
         except IndivisibleDimError as e:
-            raise IndivisibleDimError(f"parameter {_path_str(path)}: {e}") from None
+            raise IndivisibleDimError(f"parameter {path_str(path)}: {e}") from None
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

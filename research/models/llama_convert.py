@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from research.attention.rope import Llama3RopeScaling
-from research.core.checkpoint import _path_str, array_shapes
+from research.core.checkpoint import array_shapes, path_str
 from research.core.params import flat_heads_shape
 from research.models.llama import Llama, LlamaConfig
 
@@ -119,16 +119,16 @@ def load_converted(directory: str, **overrides) -> tuple[LlamaConfig, Llama]:
                        f"the config in {config_path}")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree_util.tree_map_with_path(lambda p, x: jax.ShapeDtypeStruct(
-        found[_path_str(p)] if _path_str(p) in legacy else x.shape, x.dtype, sharding=device), target)
+        found[path_str(p)] if path_str(p) in legacy else x.shape, x.dtype, sharding=device), target)
     restored = checkpointer.restore(params_path, target)
     abstract.replace_by_pure_dict(jax.tree_util.tree_map_with_path(
-        lambda p, x: x.reshape(wanted[_path_str(p)]) if _path_str(p) in legacy else x, restored))
+        lambda p, x: x.reshape(wanted[path_str(p)]) if path_str(p) in legacy else x, restored))
     return config, nnx.merge(graphdef, abstract)
 
 
 def _flat_head_shapes(abstract: nnx.State) -> dict[str, tuple[int, ...]]:
     """{"path/to/array": its flattened-heads shape} for the head-shaped kernels of a Param state."""
     leaves = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    shapes = {_path_str(p): flat_heads_shape(v.get_metadata().get("out_sharding"), v.get_value().shape)
+    shapes = {path_str(p): flat_heads_shape(v.get_metadata().get("out_sharding"), v.get_value().shape)
               for p, v in leaves}
     return {name: shape for name, shape in shapes.items() if shape is not None}

@@ -2,8 +2,11 @@
 
 Every layer calls these functions and nothing else for the score/softmax/value part, so a kernel
 (Pallas) can replace them by name: ``attention_ops(impl)`` returns the set chosen by a config's
-``attention_impl``. Only ``xla`` exists for now; a kernel implementation must keep these
-signatures and agree with ``xla`` on values and gradients.
+``attention_impl``: ``xla`` (the reference below), ``pallas`` (research.kernels where a kernel
+exists for the call, the reference otherwise) or ``auto`` (``pallas`` on a GPU, ``xla`` elsewhere).
+A kernel implementation keeps these signatures and agrees with ``xla`` on values (and gradients
+where it is differentiated). Off a GPU, ``pallas`` runs its kernels in interpret mode: slow, exact,
+for tests.
 
 Positions, not lengths, say what a query may see: the key in cache slot s has position
 ``kv_positions[b, s]`` (default: s), and a query at position p sees the keys with position <= p.
@@ -95,14 +98,35 @@ def mla_absorbed_attention(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array
     return jnp.einsum("bhts,bsr->bthr", weights.astype(c_kv.dtype), c_kv)
 
 
+def mla_absorbed_pallas(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Array,
+                        q_positions: jax.Array, kv_positions: jax.Array | None = None,
+                        *, scale: float) -> jax.Array:
+    """``mla_absorbed_attention`` with the Pallas decode kernel for one query per sequence over a
+    cache whose slot s holds position s (kv_positions None): the query at position p sees slots
+    0..p, i.e. a length of p + 1. Other calls (prefill, explicit kv_positions) take the reference."""
+    if q_latent.shape[1] != 1 or kv_positions is not None:
+        return mla_absorbed_attention(q_latent, q_pe, c_kv, k_pe, q_positions, kv_positions, scale=scale)
+    from research.kernels.mla_decode import mla_decode  # Pallas is imported only when used
+
+    lengths = jnp.clip(q_positions[:, 0] + 1, 1, c_kv.shape[1])
+    out = mla_decode(q_latent[:, 0], q_pe[:, 0], c_kv, k_pe, lengths, scale=scale,
+                     interpret=jax.default_backend() != "gpu")
+    return out[:, None]
+
+
+_XLA = SimpleNamespace(gqa=gqa_attention, mla=mla_attention, mla_absorbed=mla_absorbed_attention)
 _IMPLS = {
-    "xla": SimpleNamespace(gqa=gqa_attention, mla=mla_attention, mla_absorbed=mla_absorbed_attention),
+    "xla": _XLA,
+    "pallas": SimpleNamespace(gqa=gqa_attention, mla=mla_attention, mla_absorbed=mla_absorbed_pallas),
 }
-ATTENTION_IMPLS = tuple(_IMPLS)
+ATTENTION_IMPLS = (*_IMPLS, "auto")
 
 
 def attention_ops(impl: str) -> SimpleNamespace:
-    """The functions ``gqa``, ``mla`` and ``mla_absorbed`` of implementation ``impl``."""
-    if impl not in _IMPLS:
+    """The functions ``gqa``, ``mla`` and ``mla_absorbed`` of implementation ``impl``; ``auto`` is
+    ``pallas`` on a GPU (where the Triton kernels lower) and ``xla`` elsewhere."""
+    if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; choose one of: {', '.join(ATTENTION_IMPLS)}")
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
     return _IMPLS[impl]

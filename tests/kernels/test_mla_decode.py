@@ -1,0 +1,142 @@
+"""The absorbed MLA decode kernel equals the XLA reference (interpret mode on CPU), lowers for a
+GPU without one, and leaves a whole upcycled model's generated tokens unchanged."""
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from research.attention.ops import attention_ops, mla_absorbed_attention
+from research.kernels.mla_decode import choose_splits, combine_splits, mla_decode
+
+
+def reference(q_lat, q_pe, c_kv, k_pe, lengths, scale):
+    """research.attention.ops' absorbed attention for one query at position length - 1."""
+    positions = (jnp.asarray(lengths) - 1)[:, None]
+    return mla_absorbed_attention(q_lat[:, None], q_pe[:, None], c_kv, k_pe, positions, scale=scale)[:, 0]
+
+
+def inputs(b, h, r, d_r, rope_heads, s, dtype, seed=0):
+    k = jax.random.split(jax.random.key(seed), 4)
+    shapes = [(b, h, r), (b, h, d_r), (b, s, r), (b, s, rope_heads, d_r)]
+    return [jax.random.normal(key, shape).astype(dtype) for key, shape in zip(k, shapes)]
+
+
+CASES = {
+    # name: (B, H, r, d_r, R, S, lengths, num_splits)
+    "length_1_and_a_partial_tile": (2, 16, 64, 16, 1, 256, [1, 131], 0),
+    "empty_splits_and_ragged_lengths": (3, 16, 64, 16, 1, 256, [7, 256, 64], 4),
+    "smollm2_ranks_padded_three_rope_keys": (2, 9, 56, 4, 3, 200, [200, 57], 0),
+    "more_heads_than_a_block": (1, 32, 32, 8, 1, 128, [100], 2),
+}
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_kernel_equals_the_xla_reference(case, dtype, atol):
+    b, h, r, d_r, rope_heads, s, lengths, splits = CASES[case]
+    q_lat, q_pe, c_kv, k_pe = inputs(b, h, r, d_r, rope_heads, s, dtype)
+    lengths = jnp.asarray(lengths)
+    got = mla_decode(q_lat, q_pe, c_kv, k_pe, lengths, scale=0.125, num_splits=splits, block_h=16, interpret=True)
+    want = reference(*(x.astype(jnp.float32) for x in (q_lat, q_pe, c_kv, k_pe)), lengths, 0.125)
+    assert got.shape == (b, h, r) and got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=atol, rtol=0)
+
+
+def test_slots_past_the_length_do_not_reach_the_output():
+    q_lat, q_pe, c_kv, k_pe = inputs(2, 16, 32, 16, 1, 128, jnp.float32)
+    lengths = jnp.asarray([5, 70])
+    poisoned = c_kv.at[0, 5:].set(jnp.nan).at[1, 70:].set(jnp.inf)
+    got = mla_decode(q_lat, q_pe, poisoned, k_pe, lengths, scale=0.1, block_t=16, num_splits=4, interpret=True)
+    np.testing.assert_allclose(got, reference(q_lat, q_pe, c_kv, k_pe, lengths, 0.1), atol=2e-5, rtol=0)
+
+
+def test_combine_ignores_an_empty_split_and_equals_one_softmax():
+    rng = np.random.default_rng(0)
+    scores, values = rng.normal(size=(1, 8)), rng.normal(size=(8, 3))
+    parts, lses = [], []
+    for chunk in (slice(0, 3), slice(3, 8)):
+        w = np.exp(scores[:, chunk] - scores[:, chunk].max())
+        parts.append(w @ values[chunk] / w.sum())
+        lses.append(np.full(1, np.log(w.sum()) + scores[:, chunk].max()))
+    parts.append(np.zeros((1, 3))); lses.append(np.full(1, -1e30))  # an empty split
+    got = combine_splits(jnp.asarray(np.stack(parts)[None]), jnp.asarray(np.stack(lses)[None]))
+    w = np.exp(scores - scores.max())
+    np.testing.assert_allclose(got[0], w @ values / w.sum(), rtol=1e-6)
+
+
+def test_split_choice_divides_the_tiles_and_keeps_splits_long():
+    assert choose_splits(batch=1, tiles=64) == 8          # 64 tiles / at least 8 per split
+    assert choose_splits(batch=32, tiles=1024) == 8       # 32 x 8 = 256 cells
+    assert choose_splits(batch=128, tiles=256) == 2
+    assert choose_splits(batch=1, tiles=7) == 1
+    assert 1024 % choose_splits(batch=3, tiles=1024) == 0
+
+
+def test_pallas_ops_use_the_kernel_for_one_query_and_the_reference_otherwise():
+    q_lat, q_pe, c_kv, k_pe = inputs(2, 4, 16, 8, 2, 40, jnp.float32)
+    ops = attention_ops("pallas")
+    positions = jnp.asarray([[9], [39]])
+    got = ops.mla_absorbed(q_lat[:, None], q_pe[:, None], c_kv, k_pe, positions, scale=0.2)
+    want = mla_absorbed_attention(q_lat[:, None], q_pe[:, None], c_kv, k_pe, positions, scale=0.2)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    prefill = jnp.broadcast_to(jnp.arange(3), (2, 3))
+    q3 = jnp.repeat(q_lat[:, None], 3, 1), jnp.repeat(q_pe[:, None], 3, 1)
+    np.testing.assert_array_equal(ops.mla_absorbed(*q3, c_kv, k_pe, prefill, scale=0.2),
+                                  mla_absorbed_attention(*q3, c_kv, k_pe, prefill, scale=0.2))
+    assert attention_ops("auto") is attention_ops("xla")  # no GPU here
+    with pytest.raises(ValueError, match="unknown attention_impl 'triton'; choose one of: xla, pallas, auto"):
+        attention_ops("triton")
+
+
+def test_bad_shapes_and_blocks_name_what_is_wrong():
+    q_lat, q_pe, c_kv, k_pe = inputs(2, 6, 16, 8, 4, 32, jnp.float32)
+    with pytest.raises(ValueError, match="6 query heads do not group over 4 RoPE keys"):
+        mla_decode(q_lat, q_pe, c_kv, k_pe, jnp.asarray([1, 2]), scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="block_t must be a power of 2 >= 16, got 48"):
+        mla_decode(q_lat, q_pe, c_kv, k_pe[:, :, :2], jnp.asarray([1, 2]), scale=1.0, block_t=48, interpret=True)
+    with pytest.raises(ValueError, match="num_splits 3 does not divide the cache's 2 tiles"):
+        mla_decode(q_lat, q_pe, c_kv, k_pe[:, :, :2], jnp.asarray([1, 2]), scale=1.0, block_t=16,
+                   num_splits=3, interpret=True)
+
+
+# The real shapes: DeepSeek-V2 (r_kv 512, d_r 64, 16 or 128 heads) and SmolLM2 upcycled at 6.4x.
+LOWERING_SHAPES = {
+    "deepseek_h16": (8, 16, 512, 64, 1, 4096),
+    "deepseek_h128": (2, 128, 512, 64, 1, 2048),
+    "smollm2_mla": (4, 9, 56, 4, 3, 1024),
+}
+
+
+@pytest.mark.filterwarnings("ignore")  # jax 0.11 warns that the Triton backend is deprecated
+@pytest.mark.parametrize("shape", list(LOWERING_SHAPES), ids=list(LOWERING_SHAPES))
+def test_kernel_lowers_to_triton_for_a_gpu_without_one(shape):
+    """The Pallas -> Triton lowering runs on CPU and rejects blocks a GPU compiler would reject."""
+    b, h, r, d_r, rope_heads, s = LOWERING_SHAPES[shape]
+    args = [jax.ShapeDtypeStruct(x, jnp.bfloat16) for x in [(b, h, r), (b, h, d_r), (b, s, r), (b, s, rope_heads, d_r)]]
+    f = functools.partial(mla_decode, scale=(128 + d_r) ** -0.5)
+    lowered = jax.jit(f).trace(*args, jax.ShapeDtypeStruct((b,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+def test_upcycled_smollm2_generates_the_same_tokens_with_the_pallas_kernel(smollm2, smollm2_tokenizer, monkeypatch):
+    from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
+    from research.kernels import mla_decode as kernel_module
+    from research.models.generate import generate
+
+    traced = []  # the kernel must really be in the decode step, once per scanned segment
+    monkeypatch.setattr(kernel_module, "mla_decode", lambda *a, **k: traced.append(a[2].shape) or mla_decode(*a, **k))
+
+    _, teacher = smollm2
+    # 6.4x KV compression: r_kv 56 and d_r 4 per former KV head (R = 3), both padded by the kernel
+    student, _ = upcycle_gqa_to_mla(teacher, UpcycleConfig(kv_rank=56, rope_dim=4, rope_mode="uniform", rope_key="per_kv_head"))
+    prompts = [smollm2_tokenizer.encode(p) for p in ("In the beginning God created", "And the earth was")]
+    tokens = {}
+    for impl in ("xla", "pallas"):
+        student.config = dataclasses.replace(student.config, attention_impl=impl)
+        tokens[impl] = generate(student, prompts, 6)
+    assert traced and all(shape[-1] == 56 for shape in traced)
+    np.testing.assert_array_equal(tokens["pallas"], tokens["xla"])

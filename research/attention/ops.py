@@ -3,7 +3,7 @@
 Every layer calls these functions and nothing else for the score/softmax/value part, so a kernel
 (Pallas) can replace them by name: ``attention_ops(impl)`` returns the set chosen by a config's
 ``attention_impl``: ``xla`` (the reference below), ``pallas`` (research.kernels where a kernel
-exists for the call, the reference otherwise) or ``auto`` (``pallas`` on a GPU, ``xla`` elsewhere).
+exists for the call, the reference otherwise) or ``auto`` (``pallas`` on a GPU or TPU, ``xla`` on CPU).
 A kernel implementation keeps these signatures and agrees with ``xla`` on values (and gradients
 where it is differentiated). Off a GPU, ``pallas`` runs its kernels in interpret mode: slow, exact,
 for tests.
@@ -106,12 +106,14 @@ def mla_absorbed_pallas(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k
     0..p, i.e. a length of p + 1. Other calls (prefill, explicit kv_positions) take the reference."""
     if q_latent.shape[1] != 1 or kv_positions is not None:
         return mla_absorbed_attention(q_latent, q_pe, c_kv, k_pe, q_positions, kv_positions, scale=scale)
-    from research.kernels.mla_decode import mla_decode  # Pallas is imported only when used
+    from research.kernels import mla_decode, mla_decode_tpu  # Pallas is imported only when used
 
     lengths = jnp.clip(q_positions[:, 0] + 1, 1, c_kv.shape[1])
-    out = mla_decode(q_latent[:, 0], q_pe[:, 0], c_kv, k_pe, lengths, scale=scale,
-                     interpret=jax.default_backend() != "gpu")
-    return out[:, None]
+    args = (q_latent[:, 0], q_pe[:, 0], c_kv, k_pe, lengths)
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return mla_decode_tpu.mla_decode_tpu(*args, scale=scale)[:, None]
+    return mla_decode.mla_decode(*args, scale=scale, interpret=backend != "gpu")[:, None]
 
 
 _XLA = SimpleNamespace(gqa=gqa_attention, mla=mla_attention, mla_absorbed=mla_absorbed_attention)
@@ -124,9 +126,9 @@ ATTENTION_IMPLS = (*_IMPLS, "auto")
 
 def attention_ops(impl: str) -> SimpleNamespace:
     """The functions ``gqa``, ``mla`` and ``mla_absorbed`` of implementation ``impl``; ``auto`` is
-    ``pallas`` on a GPU (where the Triton kernels lower) and ``xla`` elsewhere."""
+    ``pallas`` on a GPU (Triton kernels) or TPU (Mosaic TPU kernels) and ``xla`` on CPU."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; choose one of: {', '.join(ATTENTION_IMPLS)}")
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+        impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
     return _IMPLS[impl]

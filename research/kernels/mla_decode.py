@@ -46,38 +46,67 @@ def _next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _decode_kernel(lengths_ref, q_lat_ref, q_pe_ref, c_kv_ref, k_pe_ref, o_ref, lse_ref, *,
-                   scale: float, block_t: int, split_len: int):
-    """One (sequence, head block, split) cell. Refs: lengths (1,), q_lat (bh, r), q_pe (bh, p),
-    c_kv (split_len, r), k_pe (split_len, p); outputs o (bh, r) float32, lse (bh,) float32."""
-    split = pl.program_id(2)
-    start = split * split_len
-    valid = jnp.clip(lengths_ref[0] - start, 0, split_len)  # slots of this split below the length
+def _attend_tile(carry, q_lat, q_pe, c_tile, k_tile, seen, scale):
+    """One online-softmax step over a tile of slots: carry (acc (bh, r), m (bh,), l (bh,)) in f32;
+    c_tile (bt, r) serves as key and value; k_tile (bt, p); seen (bt,) marks slots below the length."""
+    acc, m, l = carry
+    # slots past the length in the last tile: zeroed, so stale NaN / inf there cannot leak in
+    c = jnp.where(seen[:, None], c_tile, 0)
+    k = jnp.where(seen[:, None], k_tile, 0)
+    s = lax.dot_general(q_lat, c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s += lax.dot_general(q_pe, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = jnp.where(seen[None, :], s * scale, MASKED)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.exp(s - m_new[:, None])
+    correction = jnp.exp(m - m_new)
+    acc = acc * correction[:, None] + jnp.dot(p.astype(c.dtype), c, preferred_element_type=jnp.float32)
+    return acc, m_new, l * correction + p.sum(axis=1)
+
+
+def _run_split(q_lat_ref, q_pe_ref, o_ref, lse_ref, valid, tile_size, load_tile, scale):
+    """Walks the cdiv(valid, tile_size) tiles of one split (a dynamic trip count: no work past the
+    length) and writes acc / l and lse = m + log l (MASKED for an empty split)."""
     q_lat, q_pe = q_lat_ref[...], q_pe_ref[...]
     bh, r = q_lat.shape
 
-    def tile(i, carry):
-        acc, m, l = carry
-        rows = pl.ds(i * block_t, block_t)
-        seen = (i * block_t + jnp.arange(block_t)) < valid
-        # slots past the length in the last tile: zeroed, so stale NaN / inf there cannot leak in
-        c = jnp.where(seen[:, None], c_kv_ref[rows, :], 0)   # (bt, r): key and value
-        k = jnp.where(seen[:, None], k_pe_ref[rows, :], 0)   # (bt, p)
-        s = lax.dot_general(q_lat, c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        s += lax.dot_general(q_pe, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        s = s * scale
-        s = jnp.where(seen[None, :], s, MASKED)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        correction = jnp.exp(m - m_new)
-        acc = acc * correction[:, None] + jnp.dot(p.astype(c.dtype), c, preferred_element_type=jnp.float32)
-        return acc, m_new, l * correction + p.sum(axis=1)
+    def body(i, carry):
+        c_tile, k_tile = load_tile(i)
+        seen = (i * tile_size + jnp.arange(tile_size)) < valid
+        return _attend_tile(carry, q_lat, q_pe, c_tile, k_tile, seen, scale)
 
     init = (jnp.zeros((bh, r), jnp.float32), jnp.full((bh,), MASKED, jnp.float32), jnp.zeros((bh,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, pl.cdiv(valid, block_t), tile, init)  # dynamic trip count: empty tails skipped
+    acc, m, l = lax.fori_loop(0, pl.cdiv(valid, tile_size), body, init)
     nonempty = l > 0
-    o_ref[...] = acc / jnp.where(nonempty, l, 1.0)[:, None]
-    lse_ref[...] = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), MASKED)
+    safe_l = jnp.where(nonempty, l, 1.0)
+    o_ref[...] = acc / safe_l[:, None]
+    lse_ref[...] = jnp.where(nonempty, m + jnp.log(safe_l), MASKED)
+
+
+def _dense_kernel(lengths_ref, q_lat_ref, q_pe_ref, c_kv_ref, k_pe_ref, o_ref, lse_ref, *,
+                  scale: float, block_t: int, split_len: int):
+    """One (sequence, head block, split) cell. Refs: lengths (1,), q_lat (bh, r), q_pe (bh, p),
+    c_kv (split_len, r), k_pe (split_len, p); outputs o (bh, r) float32, lse (bh,) float32."""
+    valid = jnp.clip(lengths_ref[0] - pl.program_id(2) * split_len, 0, split_len)
+
+    def load_tile(i):
+        rows = pl.ds(i * block_t, block_t)
+        return c_kv_ref[rows, :], k_pe_ref[rows, :]
+
+    _run_split(q_lat_ref, q_pe_ref, o_ref, lse_ref, valid, block_t, load_tile, scale)
+
+
+def _paged_kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_pool_ref, k_pool_ref, o_ref, lse_ref, *,
+                  scale: float, page: int, pages_per_split: int):
+    """As ``_dense_kernel`` over a page pool: table (max_pages,) of this sequence, pools
+    (P, page, r) and (P, page, p) whole; tile i of split j is page table[j * pages_per_split + i]."""
+    split = pl.program_id(2)
+    valid = jnp.clip(lengths_ref[0] - split * pages_per_split * page, 0, pages_per_split * page)
+
+    def load_tile(i):
+        pid = table_ref[split * pages_per_split + i]
+        return c_pool_ref[pid], k_pool_ref[pid]
+
+    _run_split(q_lat_ref, q_pe_ref, o_ref, lse_ref, valid, page, load_tile, scale)
 
 
 def combine_splits(o_parts: jax.Array, lse: jax.Array) -> jax.Array:
@@ -103,8 +132,57 @@ def widen_rope_query(q_pe: jax.Array, rope_heads: int) -> jax.Array:
     return (onehot[None, :, :, None] * q_pe[:, :, None, :]).reshape(b, h, rope_heads * d)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_t", "block_h", "num_splits", "num_warps",
-                                             "num_stages", "interpret"))
+def _pad_to(x: jax.Array, *shape: int) -> jax.Array:
+    """Zero-pads x at the end of each axis to ``shape`` (no copy when it already has it)."""
+    return x if x.shape == shape else jnp.pad(x, [(0, w - n) for w, n in zip(shape, x.shape)])
+
+
+def _check(q_lat, q_pe, cache_rank, rope_heads, d_r, where):
+    b, h, r = q_lat.shape
+    if q_pe.shape != (b, h, d_r) or cache_rank != r:
+        raise ValueError(f"{where}: shapes disagree: q_lat {q_lat.shape}, q_pe {q_pe.shape}, "
+                         f"cache rank {cache_rank}, RoPE keys of {d_r}")
+    if h % rope_heads:
+        raise ValueError(f"{where}: {h} query heads do not group over {rope_heads} RoPE keys")
+
+
+def _queries(q_lat, q_pe, rope_heads, dtype, block_h):
+    """Padded queries and the head block: q_lat (B, H_pad, r_pad), widened q_pe (B, H_pad, p_pad), bh."""
+    b, h, r = q_lat.shape
+    q_pe = widen_rope_query(q_pe, rope_heads)
+    bh = min(_next_pow2(h), _next_pow2(block_h))
+    h_pad = -(-h // bh) * bh
+    return (_pad_to(q_lat.astype(dtype), b, h_pad, _next_pow2(r)),
+            _pad_to(q_pe.astype(dtype), b, h_pad, _next_pow2(q_pe.shape[-1])), bh)
+
+
+def _split_call(kernel, q_lat, q_pe, bh, splits, cache_inputs, cache_specs, prefix_inputs, prefix_specs,
+                num_warps, num_stages, interpret):
+    """pallas_call over the grid (B, head blocks, splits) -> per-split o (B, N, H_pad, r_pad), lse (B, N, H_pad)."""
+    b, h_pad, r_pad = q_lat.shape
+    p_pad = q_pe.shape[-1]
+    return pl.pallas_call(
+        kernel,
+        grid=(b, h_pad // bh, splits),
+        in_specs=[*prefix_specs,
+                  pl.BlockSpec((None, bh, r_pad), lambda i, g, j: (i, g, 0)),
+                  pl.BlockSpec((None, bh, p_pad), lambda i, g, j: (i, g, 0)),
+                  *cache_specs],
+        out_specs=[pl.BlockSpec((None, None, bh, r_pad), lambda i, g, j: (i, j, g, 0)),
+                   pl.BlockSpec((None, None, bh), lambda i, g, j: (i, j, g))],
+        out_shape=[jax.ShapeDtypeStruct((b, splits, h_pad, r_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, h_pad), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=kernel.func.__name__.strip("_"),
+    )(*prefix_inputs, q_lat, q_pe, *cache_inputs)
+
+
+_LENGTH_SPEC = pl.BlockSpec((1,), lambda i, g, j: (i,))
+_STATIC = ("scale", "block_h", "num_splits", "num_warps", "num_stages", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "block_t"))
 def mla_decode(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Array, lengths: jax.Array,
                *, scale: float, block_t: int = 64, block_h: int = 64, num_splits: int = 0,
                num_warps: int = 4, num_stages: int = 2, interpret: bool = False) -> jax.Array:
@@ -116,45 +194,69 @@ def mla_decode(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Arr
     """
     b, h, r = q_lat.shape
     _, s, rope_heads, d_r = k_pe.shape
-    if c_kv.shape[:2] != (b, s) or q_pe.shape != (b, h, d_r) or c_kv.shape[2] != r:
-        raise ValueError(f"mla_decode shapes disagree: q_lat {q_lat.shape}, q_pe {q_pe.shape}, "
-                         f"c_kv {c_kv.shape}, k_pe {k_pe.shape}")
-    if h % rope_heads:
-        raise ValueError(f"mla_decode: {h} query heads do not group over {rope_heads} RoPE keys")
+    if c_kv.shape[:2] != (b, s):
+        raise ValueError(f"mla_decode: c_kv {c_kv.shape} and k_pe {k_pe.shape} disagree on (B, S)")
+    _check(q_lat, q_pe, c_kv.shape[2], rope_heads, d_r, "mla_decode")
     if block_t & (block_t - 1) or block_t < 16:
         raise ValueError(f"mla_decode: block_t must be a power of 2 >= 16, got {block_t}")
     dtype = c_kv.dtype
-    q_pe = widen_rope_query(q_pe, rope_heads)
-    k_pe = k_pe.reshape(b, s, rope_heads * d_r)
-    bh = min(_next_pow2(h), _next_pow2(block_h))
-    h_pad, r_pad, p_pad, s_pad = -(-h // bh) * bh, _next_pow2(r), _next_pow2(rope_heads * d_r), -(-s // block_t) * block_t
-    pad = lambda x, *widths: jnp.pad(x, [(0, w - n) for w, n in zip(widths, x.shape)]) if widths != x.shape else x
-    q_lat, q_pe = pad(q_lat.astype(dtype), b, h_pad, r_pad), pad(q_pe.astype(dtype), b, h_pad, p_pad)
-    c_kv, k_pe = pad(c_kv, b, s_pad, r_pad), pad(k_pe.astype(dtype), b, s_pad, p_pad)
+    q_lat, q_pe, bh = _queries(q_lat, q_pe, rope_heads, dtype, block_h)
+    s_pad = -(-s // block_t) * block_t
+    c_kv = _pad_to(c_kv, b, s_pad, q_lat.shape[-1])
+    k_pe = _pad_to(k_pe.reshape(b, s, rope_heads * d_r).astype(dtype), b, s_pad, q_pe.shape[-1])
     tiles = s_pad // block_t
-    splits = num_splits or choose_splits(b * (h_pad // bh), tiles)
+    splits = num_splits or choose_splits(b * (q_lat.shape[1] // bh), tiles)
     if tiles % splits:
         raise ValueError(f"mla_decode: num_splits {splits} does not divide the cache's {tiles} tiles of {block_t}")
     split_len = s_pad // splits
-    kernel = functools.partial(_decode_kernel, scale=scale, block_t=block_t, split_len=split_len)
-    o_parts, lse = pl.pallas_call(
-        kernel,
-        grid=(b, h_pad // bh, splits),
-        in_specs=[
-            pl.BlockSpec((1,), lambda i, g, j: (i,)),
-            pl.BlockSpec((None, bh, r_pad), lambda i, g, j: (i, g, 0)),
-            pl.BlockSpec((None, bh, p_pad), lambda i, g, j: (i, g, 0)),
-            pl.BlockSpec((None, split_len, r_pad), lambda i, g, j: (i, j, 0)),
-            pl.BlockSpec((None, split_len, p_pad), lambda i, g, j: (i, j, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, bh, r_pad), lambda i, g, j: (i, j, g, 0)),
-            pl.BlockSpec((None, None, bh), lambda i, g, j: (i, j, g)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((b, splits, h_pad, r_pad), jnp.float32),
-                   jax.ShapeDtypeStruct((b, splits, h_pad), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="mla_decode",
-    )(lengths.astype(jnp.int32), q_lat, q_pe, c_kv, k_pe)
+    kernel = functools.partial(_dense_kernel, scale=scale, block_t=block_t, split_len=split_len)
+    cache_specs = [pl.BlockSpec((None, split_len, x.shape[-1]), lambda i, g, j: (i, j, 0)) for x in (c_kv, k_pe)]
+    o_parts, lse = _split_call(kernel, q_lat, q_pe, bh, splits, (c_kv, k_pe), cache_specs,
+                               (lengths.astype(jnp.int32),), (_LENGTH_SPEC,), num_warps, num_stages, interpret)
     return combine_splits(o_parts, lse)[:, :h, :r].astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "pages_per_split"))
+def mla_decode_paged(q_lat: jax.Array, q_pe: jax.Array, c_kv_pages: jax.Array, k_pe_pages: jax.Array,
+                     block_table: jax.Array, lengths: jax.Array, *, scale: float, pages_per_split: int = 0,
+                     block_h: int = 64, num_splits: int = 0, num_warps: int = 4, num_stages: int = 2,
+                     interpret: bool = False) -> jax.Array:
+    """Absorbed MLA decode over a paged latent cache, as FlashMLA and vLLM serve it.
+
+    c_kv_pages (P, page, r) and k_pe_pages (P, page, R, d_r) are the page pool; block_table
+    (B, max_pages) int lists sequence b's pages in order (slot t of b lies in page
+    block_table[b, t // page], row t % page); entries past a sequence's length are never read.
+    lengths (B,) in [1, max_pages * page] -> o_lat (B, H, r). The page size must be a power of 2
+    >= 16 (it is the tile). A split covers ``pages_per_split`` pages (0: from ``choose_splits``).
+    """
+    b, h, r = q_lat.shape
+    num_pages, page, rope_heads, d_r = k_pe_pages.shape
+    if c_kv_pages.shape[:2] != (num_pages, page) or block_table.shape[0] != b:
+        raise ValueError(f"mla_decode_paged: pools {c_kv_pages.shape} / {k_pe_pages.shape} and block table "
+                         f"{block_table.shape} disagree")
+    _check(q_lat, q_pe, c_kv_pages.shape[2], rope_heads, d_r, "mla_decode_paged")
+    if page & (page - 1) or page < 16:
+        raise ValueError(f"mla_decode_paged: the page size must be a power of 2 >= 16, got {page}")
+    dtype = c_kv_pages.dtype
+    q_lat, q_pe, bh = _queries(q_lat, q_pe, rope_heads, dtype, block_h)
+    c_pool = _pad_to(c_kv_pages, num_pages, page, q_lat.shape[-1])
+    k_pool = _pad_to(k_pe_pages.reshape(num_pages, page, rope_heads * d_r).astype(dtype), num_pages, page,
+                     q_pe.shape[-1])
+    max_pages = block_table.shape[1]
+    per_split = pages_per_split or max_pages // choose_splits(b * (q_lat.shape[1] // bh), max_pages, min_tiles=8)
+    splits = -(-max_pages // per_split)
+    table = _pad_to(block_table.astype(jnp.int32), b, _next_pow2(splits * per_split, 1))
+    kernel = functools.partial(_paged_kernel, scale=scale, page=page, pages_per_split=per_split)
+    table_spec = pl.BlockSpec((None, table.shape[1]), lambda i, g, j: (i, 0))
+    pool_specs = [pl.BlockSpec(x.shape, lambda i, g, j: (0, 0, 0)) for x in (c_pool, k_pool)]
+    o_parts, lse = _split_call(kernel, q_lat, q_pe, bh, splits, (c_pool, k_pool), pool_specs,
+                               (lengths.astype(jnp.int32), table), (_LENGTH_SPEC, table_spec),
+                               num_warps, num_stages, interpret)
+    return combine_splits(o_parts, lse)[:, :h, :r].astype(dtype)
+
+
+def gather_pages(pages: jax.Array, block_table: jax.Array) -> jax.Array:
+    """The dense cache of a page pool: pages (P, page, ...), block_table (B, max_pages)
+    -> (B, max_pages * page, ...). The XLA twin of the paged kernel reads through this."""
+    dense = pages[block_table]                                   # (B, max_pages, page, ...)
+    return dense.reshape(block_table.shape[0], -1, *pages.shape[2:])

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from research.attention.ops import attention_ops, mla_absorbed_attention
-from research.kernels.mla_decode import choose_splits, combine_splits, mla_decode
+from research.kernels.mla_decode import choose_splits, combine_splits, gather_pages, mla_decode, mla_decode_paged
+from research.kernels.mla_decode_tpu import mla_decode_tpu
 
 
 def reference(q_lat, q_pe, c_kv, k_pe, lengths, scale):
@@ -28,22 +29,45 @@ def inputs(b, h, r, d_r, rope_heads, s, dtype, seed=0):
 CASES = {
     # name: (B, H, r, d_r, R, S, lengths, num_splits)
     "length_1_and_a_partial_tile": (2, 16, 64, 16, 1, 256, [1, 131], 0),
-    "empty_splits_and_ragged_lengths": (3, 16, 64, 16, 1, 256, [7, 256, 64], 4),
+    "empty_splits_and_ragged_lengths": (3, 16, 64, 16, 1, 256, [7, 256, 64], 4),  # 4 splits of 64 slots
     "smollm2_ranks_padded_three_rope_keys": (2, 9, 56, 4, 3, 200, [200, 57], 0),
     "more_heads_than_a_block": (1, 32, 32, 8, 1, 128, [100], 2),
 }
 
 
-@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_kernel_equals_the_xla_reference(case, dtype, atol):
+KERNELS = {  # small blocks, so that these sizes take several tiles, splits and head blocks
+    "triton": functools.partial(mla_decode, block_t=16, block_h=16, interpret=True),
+    "tpu": functools.partial(mla_decode_tpu, block_t=16, interpret=True),
+}
+PRECISIONS = [(case, jnp.float32, 2e-5) for case in CASES] + [
+    (case, jnp.bfloat16, 3e-2) for case in ("empty_splits_and_ragged_lengths", "smollm2_ranks_padded_three_rope_keys")]
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("case, dtype, atol", PRECISIONS, ids=[f"{c}-{jnp.dtype(d).name}" for c, d, _ in PRECISIONS])
+def test_kernel_equals_the_xla_reference(kernel, case, dtype, atol):
     b, h, r, d_r, rope_heads, s, lengths, splits = CASES[case]
     q_lat, q_pe, c_kv, k_pe = inputs(b, h, r, d_r, rope_heads, s, dtype)
     lengths = jnp.asarray(lengths)
-    got = mla_decode(q_lat, q_pe, c_kv, k_pe, lengths, scale=0.125, num_splits=splits, block_h=16, interpret=True)
+    got = KERNELS[kernel](q_lat, q_pe, c_kv, k_pe, lengths, scale=0.125, num_splits=splits)
     want = reference(*(x.astype(jnp.float32) for x in (q_lat, q_pe, c_kv, k_pe)), lengths, 0.125)
     assert got.shape == (b, h, r) and got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("rope_heads", [1, 3])
+def test_paged_kernel_with_a_shuffled_block_table_equals_the_dense_reference(rope_heads):
+    b, h, r, d_r, page, max_pages = 3, 12, 40, 8, 16, 6
+    q_lat, q_pe, _, _ = inputs(b, h, r, d_r, rope_heads, 1, jnp.float32)
+    num_pages = b * max_pages + 5                      # a pool with pages no sequence uses
+    _, _, c_pool, k_pool = inputs(1, 1, r, d_r, rope_heads, num_pages * page, jnp.float32, seed=1)
+    c_pool, k_pool = c_pool.reshape(num_pages, page, r), k_pool.reshape(num_pages, page, rope_heads, d_r)
+    table = jnp.asarray(np.random.default_rng(0).permutation(num_pages)[:b * max_pages].reshape(b, max_pages))
+    lengths = jnp.asarray([1, 37, 96])                 # one slot, a partial page, every page
+    got = mla_decode_paged(q_lat, q_pe, c_pool, k_pool, table, lengths, scale=0.2, pages_per_split=2,
+                           block_h=16, interpret=True)
+    want = reference(q_lat, q_pe, gather_pages(c_pool, table), gather_pages(k_pool, table), lengths, 0.2)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 
 def test_slots_past_the_length_do_not_reach_the_output():
@@ -112,14 +136,25 @@ LOWERING_SHAPES = {
 
 
 @pytest.mark.filterwarnings("ignore")  # jax 0.11 warns that the Triton backend is deprecated
+@pytest.mark.parametrize("kernel", ["triton", "triton_paged", "tpu"])
 @pytest.mark.parametrize("shape", list(LOWERING_SHAPES), ids=list(LOWERING_SHAPES))
-def test_kernel_lowers_to_triton_for_a_gpu_without_one(shape):
-    """The Pallas -> Triton lowering runs on CPU and rejects blocks a GPU compiler would reject."""
+def test_kernel_lowers_for_a_gpu_and_a_tpu_without_one(shape, kernel):
+    """The Pallas lowerings (Triton for CUDA, Mosaic for TPU) run on CPU and reject the blocks
+    that the GPU or TPU compiler would reject (Triton: powers of 2; TPU: the (8, 128) rule)."""
     b, h, r, d_r, rope_heads, s = LOWERING_SHAPES[shape]
-    args = [jax.ShapeDtypeStruct(x, jnp.bfloat16) for x in [(b, h, r), (b, h, d_r), (b, s, r), (b, s, rope_heads, d_r)]]
-    f = functools.partial(mla_decode, scale=(128 + d_r) ** -0.5)
-    lowered = jax.jit(f).trace(*args, jax.ShapeDtypeStruct((b,), jnp.int32)).lower(lowering_platforms=("cuda",))
-    assert "__gpu$xla.gpu.triton" in lowered.as_text()
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+    queries, scale = (spec(b, h, r), spec(b, h, d_r)), (128 + d_r) ** -0.5
+    dense_cache = spec(b, s, r), spec(b, s, rope_heads, d_r)
+    if kernel == "triton_paged":  # pages of 64 slots (FlashMLA's block), a pool larger than the batch needs
+        pages = b * s // 64 + 7
+        f = functools.partial(mla_decode_paged, scale=scale)
+        args = (*queries, spec(pages, 64, r), spec(pages, 64, rope_heads, d_r), spec(b, s // 64, dtype=jnp.int32))
+    else:
+        f = functools.partial(mla_decode if kernel == "triton" else mla_decode_tpu, scale=scale)
+        args = (*queries, *dense_cache)
+    platform, call = ("tpu", "tpu_custom_call") if kernel == "tpu" else ("cuda", "__gpu$xla.gpu.triton")
+    lowered = jax.jit(f).trace(*args, spec(b, dtype=jnp.int32)).lower(lowering_platforms=(platform,))
+    assert call in lowered.as_text()
 
 
 def test_upcycled_smollm2_generates_the_same_tokens_with_the_pallas_kernel(smollm2, smollm2_tokenizer, monkeypatch):

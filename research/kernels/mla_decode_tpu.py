@@ -1,0 +1,106 @@
+"""Absorbed MLA decode for TPU (Pallas on Mosaic TPU): the same computation and result as
+``research.kernels.mla_decode.mla_decode`` (see its docstring for the equations).
+
+The TPU grid is sequential per core, so the tile loop is a grid axis: (B, splits, tiles per split)
+with the last one "arbitrary" (a reduction) and float32 m, l, acc kept in VMEM scratch across it.
+The lengths are scalar-prefetched into SMEM, and the c_kv / k_pe index maps clamp the tile index
+to the sequence's last valid tile: a block index equal to the previous step's is not fetched
+again, so tiles past the length cost neither HBM traffic nor compute (``pl.when`` skips them).
+Blocks keep TPU's (8, 128) rule: a tile of ``block_t`` slots (a multiple of 8) by the whole
+padded rank, all query heads in one block, lse written across 128 lanes.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from research.kernels.mla_decode import (MASKED, _attend_tile, _check, _pad_to, _queries, choose_splits,
+                                         combine_splits)
+
+LANES = 128
+
+
+def _tpu_kernel(lengths_ref, q_lat_ref, q_pe_ref, c_kv_ref, k_pe_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *,
+                scale: float, block_t: int, tiles_per_split: int):
+    """Cell (b, split, tile): c_kv (bt, r) and k_pe (bt, p) of that tile; scratch acc (H, r), m, l (H, 1)."""
+    b, split, tile = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start = (split * tiles_per_split + tile) * block_t
+    length = lengths_ref[b]
+
+    @pl.when(tile == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+        m_ref[...] = jnp.full_like(m_ref, MASKED)
+        l_ref[...] = jnp.zeros_like(l_ref)
+
+    @pl.when(start < length)
+    def _attend():
+        seen = (start + jnp.arange(block_t)) < length
+        carry = (acc_ref[...], m_ref[...][:, 0], l_ref[...][:, 0])
+        acc, m, l = _attend_tile(carry, q_lat_ref[...], q_pe_ref[...], c_kv_ref[...], k_pe_ref[...], seen, scale)
+        acc_ref[...], m_ref[...], l_ref[...] = acc, m[:, None], l[:, None]
+
+    @pl.when(tile == tiles_per_split - 1)
+    def _finish():
+        l, m = l_ref[...], m_ref[...]
+        nonempty = l > 0
+        safe_l = jnp.where(nonempty, l, 1.0)
+        o_ref[...] = acc_ref[...] / safe_l
+        lse_ref[...] = jnp.broadcast_to(jnp.where(nonempty, m + jnp.log(safe_l), MASKED), lse_ref.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_t", "num_splits", "interpret"))
+def mla_decode_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Array, lengths: jax.Array,
+                   *, scale: float, block_t: int = 128, num_splits: int = 0, interpret: bool = False) -> jax.Array:
+    """q_lat (B, H, r), q_pe (B, H, d_r), c_kv (B, S, r), k_pe (B, S, R, d_r), lengths (B,) in [1, S]
+    -> o_lat (B, H, r) in c_kv's dtype. ``block_t``: slots per tile (a multiple of 8)."""
+    b, h, r = q_lat.shape
+    _, s, rope_heads, d_r = k_pe.shape
+    if c_kv.shape[:2] != (b, s):
+        raise ValueError(f"mla_decode_tpu: c_kv {c_kv.shape} and k_pe {k_pe.shape} disagree on (B, S)")
+    _check(q_lat, q_pe, c_kv.shape[2], rope_heads, d_r, "mla_decode_tpu")
+    if block_t % 8:
+        raise ValueError(f"mla_decode_tpu: block_t must be a multiple of 8, got {block_t}")
+    dtype = c_kv.dtype
+    q_lat, q_pe, _ = _queries(q_lat, q_pe, rope_heads, dtype, block_h=h)  # all heads in one block
+    h_pad, r_pad, p_pad = q_lat.shape[1], q_lat.shape[2], q_pe.shape[2]
+    s_pad = -(-s // block_t) * block_t
+    c_kv = _pad_to(c_kv, b, s_pad, r_pad)
+    k_pe = _pad_to(k_pe.reshape(b, s, rope_heads * d_r).astype(dtype), b, s_pad, p_pad)
+    tiles = s_pad // block_t
+    splits = num_splits or choose_splits(b, tiles, target_cells=2 * b)  # TPU: splits feed both cores
+    if tiles % splits:
+        raise ValueError(f"mla_decode_tpu: num_splits {splits} does not divide the cache's {tiles} tiles of {block_t}")
+    per_split = tiles // splits
+
+    def cache_block(i, j, t, lengths_ref):  # past the length: repeat the last valid tile (not re-fetched)
+        last = jnp.maximum(pl.cdiv(lengths_ref[i], block_t) - 1, 0)
+        return i, jnp.minimum(j * per_split + t, last), 0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(b, splits, per_split),
+        in_specs=[pl.BlockSpec((None, h_pad, r_pad), lambda i, j, t, n: (i, 0, 0)),
+                  pl.BlockSpec((None, h_pad, p_pad), lambda i, j, t, n: (i, 0, 0)),
+                  pl.BlockSpec((None, block_t, r_pad), cache_block),
+                  pl.BlockSpec((None, block_t, p_pad), cache_block)],
+        out_specs=[pl.BlockSpec((None, None, h_pad, r_pad), lambda i, j, t, n: (i, j, 0, 0)),
+                   pl.BlockSpec((None, None, h_pad, LANES), lambda i, j, t, n: (i, j, 0, 0))],
+        scratch_shapes=[pltpu.VMEM((h_pad, r_pad), jnp.float32), pltpu.VMEM((h_pad, 1), jnp.float32),
+                        pltpu.VMEM((h_pad, 1), jnp.float32)],
+    )
+    kernel = functools.partial(_tpu_kernel, scale=scale, block_t=block_t, tiles_per_split=per_split)
+    o_parts, lse = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((b, splits, h_pad, r_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, h_pad, LANES), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name="mla_decode_tpu",
+    )(lengths.astype(jnp.int32), q_lat, q_pe, c_kv, k_pe)
+    return combine_splits(o_parts, lse[..., 0])[:, :h, :r].astype(dtype)

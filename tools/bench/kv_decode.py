@@ -1,7 +1,7 @@
 """Decode latency and KV-cache size: GQA against MLA (naive and absorbed) on the same model.
 
     python -m tools.bench.kv_decode [--contexts 512,1024,2048,4096,8192] [--batch 8] [--repeats 5]
-                                    [--kv-rank 56] [--rope-dim 4] [--layers 30] [--out FILE.json]
+                                    [--kv-rank 56] [--rope-dim 4] [--layers 30] [--pallas] [--out FILE.json]
 
 The GQA model has SmolLM2-135M's shape (random weights: latency does not depend on them); the MLA
 model is its X-EcoMLA upcycling at the given rank (by default the 6.4x preset of configs/x_ecomla.py: r_kv 56 + a shared RoPE key of 4 dims, 15.6% of the KV cache). For each
@@ -12,6 +12,8 @@ context length S, one decode step of a batch whose cache holds S tokens is timed
              and its attention; MLA-absorbed's query absorption, attention over (S, r_kv + d_r) and
              output projection through W_UV; summed over layers (one jitted program per variant);
   model      a whole decode step of the model (embedding to logits), with the cache update.
+With ``--pallas`` a fourth variant, mla_absorbed_pallas, runs the absorbed path through the Pallas
+decode kernel (``attention_impl="pallas"``; on a CPU in interpret mode, which says nothing of speed).
 Ratios are GQA time / MLA time, measured in the same run. KV bytes per token count every layer
 in the cache dtype (float32 here).
 """
@@ -48,10 +50,10 @@ def random_cache(model: Llama, batch: int, length: int, seed: int = 0):
     return jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), model.init_cache(batch, length))
 
 
-def attention_step(model: Llama, kind: str):
+def attention_step(model: Llama, kind: str, impl: str = "xla"):
     """f(attention params, cache, positions) -> (B, 1, H, d_v): the cache-touching part of a decode
     step in every layer, with queries made from a fixed random input (same work as in the model)."""
-    ops = attention_ops(model.config.attention_impl)
+    ops = attention_ops(impl)
     segment = model.segments[0]
     if len(model.segments) != 1:
         raise ValueError("the attention benchmark expects one kind of layer (not a hybrid)")
@@ -63,7 +65,7 @@ def attention_step(model: Llama, kind: str):
             return ops.gqa(attn.q(x), cache["k"], cache["v"], positions, scale=attn.head_dim ** -0.5)
         m = attn.mla
         q_nope, q_pe = attn.queries(x)
-        if kind == "mla_absorbed":
+        if kind.startswith("mla_absorbed"):
             w_uk, w_uv = attn.up_projections()
             q_latent = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk)
             o = ops.mla_absorbed(q_latent, q_pe, cache["c_kv"], cache["k_pe"], positions, scale=m.attention_scale())
@@ -106,9 +108,11 @@ def time_model_steps(step, tokens, positions, cache, repeats: int) -> float:
     return float(np.median(times))
 
 
-def measure(teacher: Llama, student: Llama, contexts, batch: int, repeats: int) -> list[dict]:
+def measure(teacher: Llama, student: Llama, contexts, batch: int, repeats: int, pallas: bool = False) -> list[dict]:
     rows = []
     variants = {"gqa": teacher, "mla_naive": student, "mla_absorbed": student}
+    if pallas:
+        variants["mla_absorbed_pallas"] = student
     for context in contexts:
         positions = jnp.full((batch, 1), context - 1, jnp.int32)
         tokens = jnp.ones((batch, 1), jnp.int32)
@@ -116,14 +120,16 @@ def measure(teacher: Llama, student: Llama, contexts, batch: int, repeats: int) 
         row = {"context": context, "batch": batch}
         for name, model in variants.items():
             set_mla_decode(student, "naive" if name == "mla_naive" else "absorbed")
+            impl = "pallas" if name.endswith("pallas") else "xla"
+            model.config = dataclasses.replace(model.config, attention_impl=impl)
             cache = random_cache(model, batch, context)
-            attention = attention_step(model, name)
+            attention = attention_step(model, name, impl)
             step = model_step(model)
             row[f"{name}_attention_ms"] = 1e3 * _median_seconds(lambda: attention(cache[0], positions, x), repeats)
             row[f"{name}_model_ms"] = 1e3 * time_model_steps(step, tokens, positions, cache, repeats)
             row[f"{name}_kv_bytes_per_token"] = 4 * model.kv_values_per_token()
         for part in ("attention", "model"):
-            for name in ("mla_naive", "mla_absorbed"):
+            for name in list(variants)[1:]:
                 row[f"{part}_speedup_{name}"] = row[f"gqa_{part}_ms"] / row[f"{name}_{part}_ms"]
         rows.append(row)
         print(format_row(row), flush=True)
@@ -136,8 +142,11 @@ def format_row(row: dict) -> str:
             f"MLA-absorbed {row['mla_absorbed_attention_ms']:.2f} ms ({row['attention_speedup_mla_absorbed']:.2f}x) | "
             f"model step GQA {row['gqa_model_ms']:.2f} ms, naive {row['mla_naive_model_ms']:.2f} ms "
             f"({row['model_speedup_mla_naive']:.2f}x), absorbed {row['mla_absorbed_model_ms']:.2f} ms "
-            f"({row['model_speedup_mla_absorbed']:.2f}x) | KV bytes/token GQA {row['gqa_kv_bytes_per_token']}, "
-            f"MLA {row['mla_absorbed_kv_bytes_per_token']}")
+            f"({row['model_speedup_mla_absorbed']:.2f}x)"
+            + (f", absorbed-pallas {row['mla_absorbed_pallas_model_ms']:.2f} ms "
+               f"({row['model_speedup_mla_absorbed_pallas']:.2f}x; attention {row['mla_absorbed_pallas_attention_ms']:.2f} ms)"
+               if "mla_absorbed_pallas_model_ms" in row else "")
+            + f" | KV bytes/token GQA {row['gqa_kv_bytes_per_token']}, MLA {row['mla_absorbed_kv_bytes_per_token']}")
 
 
 def build_models(layers: int, kv_rank: int, rope_dim: int, config: LlamaConfig | None = None):
@@ -155,13 +164,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kv-rank", type=int, default=56)
     parser.add_argument("--rope-dim", type=int, default=4)
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--pallas", action="store_true", help="also time the absorbed path through the Pallas kernel")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     teacher, student = build_models(args.layers, args.kv_rank, args.rope_dim)
     print(f"{jax.devices()[0].device_kind}: {args.layers}-layer SmolLM2-shaped model, MLA r_kv={args.kv_rank}, "
           f"d_r={args.rope_dim}: KV {student.kv_values_per_token()} vs {teacher.kv_values_per_token()} values per token "
           f"({100 * student.kv_values_per_token() / teacher.kv_values_per_token():.1f}%)", flush=True)
-    rows = measure(teacher, student, [int(c) for c in args.contexts.split(",")], args.batch, args.repeats)
+    rows = measure(teacher, student, [int(c) for c in args.contexts.split(",")], args.batch, args.repeats, args.pallas)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

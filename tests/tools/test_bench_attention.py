@@ -1,0 +1,13 @@
+"""The attention benchmark on CPU: both paths timed on the same inputs, bytes counted once, and the
+emulated kernel agrees with the XLA reference."""
+from tools.bench import attention
+
+
+def test_decode_row_times_both_paths_and_counts_the_cache_bytes_once():
+    row = attention.decode_row(batch=2, context=64, heads=4, kv_rank=32, rope_dim=16, repeats=1)
+    assert row["kernel"].startswith("pallas-interpret")
+    assert row["max_abs_error"] < 3e-2  # bfloat16 outputs
+    gigabytes = 2 * 64 * (32 + 16) * 2 / 1e9
+    for name in ("xla", "pallas"):
+        assert abs(row[f"{name}_gb_per_s"] * row[f"{name}_ms"] / 1e3 - gigabytes) < 1e-12
+    assert row["speedup"] == row["xla_ms"] / row["pallas_ms"]

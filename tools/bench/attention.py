@@ -1,0 +1,109 @@
+"""Absorbed MLA decode: the Pallas kernel against the XLA reference, in achieved bandwidth.
+
+    python -m tools.bench.attention [--batches 1,8,32,128] [--contexts 1024,4096,16384,65536]
+                                    [--heads 16] [--kv-rank 512] [--rope-dim 64] [--repeats 10]
+                                    [--out FILE.json]
+
+One decode step (one query per sequence, every sequence at the full context) of DeepSeek-shaped
+MLA in bfloat16: H query heads, a latent cache of r_kv + d_r numbers per token. Each row times
+(median of ``--repeats`` after compilation) ``research.attention.ops.mla_absorbed_attention``
+(xla) and the Pallas kernel (``research.kernels``: Triton on a GPU, Mosaic on a TPU) in the same
+run, and reports GB/s = bytes of c_kv + k_pe read once / time, and the kernel's speed-up.
+
+On a CPU there is no kernel to time: the kernel runs in interpret mode (its grid emulated by XLA:CPU
+loops), at small default sizes, and the table says so. Those figures check that the benchmark runs
+and agrees with the reference; they say nothing about the kernel's speed on a GPU or TPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.attention.ops import mla_absorbed_attention
+from research.kernels.mla_decode import mla_decode
+from research.kernels.mla_decode_tpu import mla_decode_tpu
+
+
+def median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def kernel_for_backend(backend: str):
+    """(decode function, label): the kernel that runs on ``backend``; interpret mode off GPU / TPU."""
+    if backend == "tpu":
+        return mla_decode_tpu, "pallas-mosaic-tpu"
+    if backend == "gpu":
+        return mla_decode, "pallas-triton"
+    return (lambda *a, **k: mla_decode(*a, interpret=True, **k)), "pallas-interpret (CPU emulation)"
+
+
+def decode_row(batch: int, context: int, heads: int, kv_rank: int, rope_dim: int, repeats: int,
+               dtype=jnp.bfloat16, seed: int = 0) -> dict:
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shapes = [(batch, heads, kv_rank), (batch, heads, rope_dim), (batch, context, kv_rank), (batch, context, 1, rope_dim)]
+    q_lat, q_pe, c_kv, k_pe = (jax.random.normal(k, s, dtype) for k, s in zip(keys, shapes))
+    lengths = jnp.full((batch,), context, jnp.int32)
+    scale = (128 + rope_dim) ** -0.5  # DeepSeek-V2: d_n 128 + d_r 64
+    xla = jax.jit(lambda *a: mla_absorbed_attention(a[0][:, None], a[1][:, None], a[2], a[3],
+                                                    (a[4] - 1)[:, None], scale=scale)[:, 0])
+    kernel, label = kernel_for_backend(jax.default_backend())
+    args = (q_lat, q_pe, c_kv, k_pe, lengths)
+    error = float(jnp.abs(kernel(*args, scale=scale).astype(jnp.float32) - xla(*args).astype(jnp.float32)).max())
+    gigabytes = batch * context * (kv_rank + rope_dim) * jnp.dtype(dtype).itemsize / 1e9
+    row = {"batch": batch, "context": context, "heads": heads, "kv_rank": kv_rank, "rope_dim": rope_dim,
+           "dtype": jnp.dtype(dtype).name, "kernel": label, "max_abs_error": error}
+    for name, fn in (("xla", lambda: xla(*args)), ("pallas", lambda: kernel(*args, scale=scale))):
+        seconds = median_seconds(fn, repeats)
+        row[f"{name}_ms"] = 1e3 * seconds
+        row[f"{name}_gb_per_s"] = gigabytes / seconds
+    row["speedup"] = row["xla_ms"] / row["pallas_ms"]
+    return row
+
+
+def format_row(row: dict) -> str:
+    return (f"B={row['batch']:4d} S={row['context']:6d} H={row['heads']}: xla {row['xla_ms']:9.3f} ms "
+            f"{row['xla_gb_per_s']:8.1f} GB/s | {row['kernel']} {row['pallas_ms']:9.3f} ms "
+            f"{row['pallas_gb_per_s']:8.1f} GB/s | speed-up {row['speedup']:.2f}x | max |diff| {row['max_abs_error']:.1e}")
+
+
+def main(argv=None) -> list[dict]:
+    on_cpu = jax.default_backend() == "cpu"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="1,4" if on_cpu else "1,8,32,128")
+    parser.add_argument("--contexts", default="256,1024" if on_cpu else "1024,4096,16384,65536")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-rank", type=int, default=512)
+    parser.add_argument("--rope-dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3 if on_cpu else 10)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    device = jax.devices()[0].device_kind
+    print(f"{device}: absorbed MLA decode, H={args.heads}, r_kv={args.kv_rank}, d_r={args.rope_dim}, bfloat16"
+          + (" -- CPU: the kernel is emulated (interpret mode); these are not kernel speeds" if on_cpu else ""),
+          flush=True)
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        for context in (int(c) for c in args.contexts.split(",")):
+            row = decode_row(batch, context, args.heads, args.kv_rank, args.rope_dim, args.repeats)
+            row["device"] = device
+            rows.append(row)
+            print(format_row(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,8 @@ The device count must be fixed before JAX initialises its backend, hence at impo
 """
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ.get("RESEARCH_TEST_PLATFORM") != "device":  # tools/bench/gpu_check runs the kernel tests on the device
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 

@@ -35,9 +35,11 @@ CASES = {
 }
 
 
+BACKEND = jax.default_backend()
+ON_GPU = BACKEND == "gpu"  # each kernel is compiled on its own platform and interpreted elsewhere
 KERNELS = {  # small blocks, so that these sizes take several tiles, splits and head blocks
-    "triton": functools.partial(mla_decode, block_t=16, block_h=16, interpret=True),
-    "tpu": functools.partial(mla_decode_tpu, block_t=16, interpret=True),
+    "triton": functools.partial(mla_decode, block_t=16, block_h=16, interpret=not ON_GPU),
+    "tpu": functools.partial(mla_decode_tpu, block_t=16, interpret=BACKEND != "tpu"),
 }
 PRECISIONS = [(case, jnp.float32, 2e-5) for case in CASES] + [
     (case, jnp.bfloat16, 3e-2) for case in ("empty_splits_and_ragged_lengths", "smollm2_ranks_padded_three_rope_keys")]
@@ -65,7 +67,7 @@ def test_paged_kernel_with_a_shuffled_block_table_equals_the_dense_reference(rop
     table = jnp.asarray(np.random.default_rng(0).permutation(num_pages)[:b * max_pages].reshape(b, max_pages))
     lengths = jnp.asarray([1, 37, 96])                 # one slot, a partial page, every page
     got = mla_decode_paged(q_lat, q_pe, c_pool, k_pool, table, lengths, scale=0.2, pages_per_split=2,
-                           block_h=16, interpret=True)
+                           block_h=16, interpret=not ON_GPU)
     want = reference(q_lat, q_pe, gather_pages(c_pool, table), gather_pages(k_pool, table), lengths, 0.2)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
@@ -74,7 +76,7 @@ def test_slots_past_the_length_do_not_reach_the_output():
     q_lat, q_pe, c_kv, k_pe = inputs(2, 16, 32, 16, 1, 128, jnp.float32)
     lengths = jnp.asarray([5, 70])
     poisoned = c_kv.at[0, 5:].set(jnp.nan).at[1, 70:].set(jnp.inf)
-    got = mla_decode(q_lat, q_pe, poisoned, k_pe, lengths, scale=0.1, block_t=16, num_splits=4, interpret=True)
+    got = KERNELS["triton"](q_lat, q_pe, poisoned, k_pe, lengths, scale=0.1, num_splits=4)
     np.testing.assert_allclose(got, reference(q_lat, q_pe, c_kv, k_pe, lengths, 0.1), atol=2e-5, rtol=0)
 
 
@@ -111,7 +113,7 @@ def test_pallas_ops_use_the_kernel_for_one_query_and_the_reference_otherwise():
     q3 = jnp.repeat(q_lat[:, None], 3, 1), jnp.repeat(q_pe[:, None], 3, 1)
     np.testing.assert_array_equal(ops.mla_absorbed(*q3, c_kv, k_pe, prefill, scale=0.2),
                                   mla_absorbed_attention(*q3, c_kv, k_pe, prefill, scale=0.2))
-    assert attention_ops("auto") is attention_ops("xla")  # no GPU here
+    assert attention_ops("auto") is attention_ops("pallas" if BACKEND in ("gpu", "tpu") else "xla")
     with pytest.raises(ValueError, match="unknown attention_impl 'triton'; choose one of: xla, pallas, auto"):
         attention_ops("triton")
 

@@ -1,4 +1,4 @@
-"""Training-step throughput of our ResNet-20 against the same network in PyTorch, on this CPU.
+"""Training-step throughput of our ResNet-20 against the same network in PyTorch, on the same device.
 
     python -m tools.bench.train_step [--batch 128] [--steps 20] [--rounds 3] [--threads N]
 
@@ -48,14 +48,15 @@ def ours(model, images: np.ndarray, labels: np.ndarray, lr: float):
     return run
 
 
-def torch_side(model_nnx, images: np.ndarray, labels: np.ndarray, lr: float, channels_last: bool):
+def torch_side(model_nnx, images: np.ndarray, labels: np.ndarray, lr: float, channels_last: bool,
+               device: str = "cpu"):
     import torch
 
     from tools.bench.torch_resnet import load_from_nnx, torch_resnet20
 
-    model = load_from_nnx(torch_resnet20(10, images.shape[-1]), model_nnx).train()
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    y = torch.from_numpy(labels.astype(np.int64))
+    model = load_from_nnx(torch_resnet20(10, images.shape[-1]), model_nnx).train().to(device)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+    y = torch.from_numpy(labels.astype(np.int64)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -69,7 +70,7 @@ def torch_side(model_nnx, images: np.ndarray, labels: np.ndarray, lr: float, cha
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
-        loss.item()
+        loss.item()  # waits for the device
         return time.perf_counter() - start
 
     return run
@@ -86,6 +87,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    # the same device as JAX's: a GPU run compares the two frameworks on the GPU
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch, 32, 32, 3)).astype(np.float32)
     labels = rng.integers(0, 10, args.batch).astype(np.int32)
@@ -93,7 +96,7 @@ def main() -> None:
     sides = {"ours (JAX/XLA)": ours(model, images, labels, 0.05)}
     for channels_last in (False, True):
         sides[f"PyTorch {torch.__version__} {'channels-last' if channels_last else 'NCHW'}"] = torch_side(
-            model, images, labels, 0.05, channels_last)
+            model, images, labels, 0.05, channels_last, device)
 
     for run in sides.values():  # compile / warm up
         run(3)
@@ -104,7 +107,7 @@ def main() -> None:
     throughput = {name: statistics.median(r) for name, r in rounds.items()}
 
     print(f"ResNet-20 training step, batch {args.batch}, 32x32x3, {jax.devices()[0].device_kind} "
-          f"({os.cpu_count()} cores), median of {args.rounds} rounds x {args.steps} steps")
+          f"({os.cpu_count()} cores; PyTorch on {device}), median of {args.rounds} rounds x {args.steps} steps")
     for name, value in throughput.items():
         print(f"  {name:34s} {value:8.1f} images/s   (rounds: {', '.join(f'{v:.0f}' for v in rounds[name])})")
     baseline = max((v, k) for k, v in throughput.items() if k.startswith("PyTorch"))

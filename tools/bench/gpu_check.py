@@ -1,0 +1,106 @@
+"""Every figure that needs an accelerator, in one run that writes one JSON (budget: under 8 minutes).
+
+    python -m tools.bench.gpu_check --out gpu_check.json            # on a GPU (or TPU) machine
+    python -m tools.bench.gpu_check --dry-run --out dry.json         # anywhere: tiny sizes, CPU
+
+Steps, each a subprocess with its own time limit, so that one failure or hang costs only itself:
+  kernel_tests   ``pytest tests/kernels`` on the device: the Pallas kernels compiled for it, not
+                 interpreted (the tests interpret only off the kernel's platform);
+  attention      ``tools.bench.attention``: absorbed MLA decode, kernel vs XLA in GB/s, B in
+                 {1, 8, 32, 128} x S in {1k, 4k, 16k, 64k} (targets on an H200: >= 3.0 TB/s at
+                 S >= 8192, B >= 32, and >= 5x XLA);
+  model_decode   ``tools.bench.kv_decode --pallas``: a whole SmolLM2-shaped decode step, GQA vs
+                 MLA-absorbed on XLA vs MLA-absorbed on the kernel, B = 8 and 32, S = 8192, 32768;
+  train_step     ``tools.bench.train_step``: ResNet-20 training, ours vs PyTorch on the same
+                 device (target >= 1.0x);
+  proxies        ``tools.bench.proxies``: vmapped masked NB201 scoring vs one cell at a time (target
+                 5x), and the wall time of all 15,625 cells.
+``--dry-run`` runs the same steps at tiny sizes on the CPU, so that CI keeps the script working.
+What the device machine lacks (flax, optax, ml_collections, ...) travels as wheels; the script
+itself needs nothing beyond the project.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+FULL = {
+    "kernel_tests": (["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"], 150),
+    "attention": (["-m", "tools.bench.attention", "--out", "{tmp}/attention.json"], 120),
+    "model_decode_b8": (["-m", "tools.bench.kv_decode", "--pallas", "--batch", "8", "--contexts", "8192,32768",
+                         "--repeats", "5", "--out", "{tmp}/model_decode_b8.json"], 60),
+    "model_decode_b32": (["-m", "tools.bench.kv_decode", "--pallas", "--batch", "32", "--contexts", "8192,32768",
+                          "--repeats", "5", "--out", "{tmp}/model_decode_b32.json"], 60),
+    "train_step": (["-m", "tools.bench.train_step", "--rounds", "3"], 45),
+    "proxies": (["-m", "tools.bench.proxies", "--proxy", "zico", "--cells", "64", "--chunk", "32", "--all", "--no-primitives",
+                 "--out", "{tmp}/proxies.json"], 60),
+}
+DRY = {
+    "kernel_tests": (["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "-k", "combine or split_choice"], 120),
+    "attention": (["-m", "tools.bench.attention", "--batches", "1", "--contexts", "64", "--heads", "4",
+                   "--kv-rank", "32", "--rope-dim", "16", "--repeats", "1", "--out", "{tmp}/attention.json"], 120),
+    "model_decode_b8": (["-m", "tools.bench.kv_decode", "--pallas", "--batch", "2", "--contexts", "32", "--layers", "1",
+                         "--repeats", "1", "--out", "{tmp}/model_decode_b8.json"], 120),
+    "train_step": (["-m", "tools.bench.train_step", "--batch", "4", "--steps", "1", "--rounds", "1", "--threads", "1"], 120),
+    "proxies": (["-m", "tools.bench.proxies", "--proxy", "naswot", "--cells", "2", "--chunk", "2", "--width", "2", "--no-primitives",
+                 "--cells-per-stage", "1", "--images", "2", "--out", "{tmp}/proxies.json"], 120),
+}
+
+
+def run_step(name: str, argv: list[str], limit: int, tmp: str, env: dict) -> dict:
+    """Runs one step; returns its status, seconds, output tail and the JSON it wrote (if any)."""
+    argv = [a.replace("{tmp}", tmp) for a in argv]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=limit, env=env)
+        status, output = ("ok" if done.returncode == 0 else f"exit {done.returncode}"), done.stdout + done.stderr
+    except subprocess.TimeoutExpired as e:
+        status, output = f"timeout after {limit} s", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    result = {"status": status, "seconds": round(time.perf_counter() - start, 1),
+              "output_tail": "\n".join(output.strip().splitlines()[-25:])}
+    written = os.path.join(tmp, f"{name}.json")
+    if os.path.exists(written):
+        with open(written) as f:
+            result["result"] = json.load(f)
+    print(f"[{name}] {status} in {result['seconds']} s", flush=True)
+    print(result["output_tail"], flush=True)
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
+    parser.add_argument("--out", default="gpu_check.json")
+    parser.add_argument("--only", default="", help="comma-separated step names (default: all)")
+    args = parser.parse_args(argv)
+    steps = DRY if args.dry_run else FULL
+    if args.only:
+        unknown = set(args.only.split(",")) - set(steps)
+        if unknown:
+            parser.error(f"unknown steps {sorted(unknown)}; choose from {', '.join(steps)}")
+        steps = {k: v for k, v in steps.items() if k in args.only.split(",")}
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.dry_run:
+        env["JAX_PLATFORMS"] = "cpu"
+    else:
+        env.pop("JAX_PLATFORMS", None)  # tests/conftest.py defaults to cpu; let JAX find the device
+        env["RESEARCH_TEST_PLATFORM"] = "device"
+    tmp = os.path.abspath(os.path.splitext(args.out)[0] + "_parts")
+    os.makedirs(tmp, exist_ok=True)
+    report = {"dry_run": args.dry_run, "python": sys.version.split()[0], "steps": {}}
+    for name, (step_argv, limit) in steps.items():
+        report["steps"][name] = run_step(name, step_argv, limit, tmp, env)
+        with open(args.out, "w") as f:  # written after every step: a killed run keeps what it had
+            json.dump(report, f, indent=1)
+    failed = [n for n, r in report["steps"].items() if r["status"] != "ok"]
+    print(f"wrote {args.out}: {len(report['steps']) - len(failed)} of {len(report['steps'])} steps ok"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

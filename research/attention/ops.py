@@ -2,11 +2,15 @@
 
 Every layer calls these functions and nothing else for the score/softmax/value part, so a kernel
 (Pallas) can replace them by name: ``attention_ops(impl)`` returns the set chosen by a config's
-``attention_impl``: ``xla`` (the reference below), ``pallas`` (research.kernels where a kernel
-exists for the call, the reference otherwise) or ``auto`` (``pallas`` on a GPU or TPU, ``xla`` on CPU).
+``attention_impl``:
+  xla     the reference below;
+  pallas  research.kernels: the Pallas absorbed-MLA decode kernel (Triton on a GPU, Mosaic on a
+          TPU, interpret mode elsewhere: slow, exact, for tests), and tokamax's attention kernels
+          for prefill and training where tokamax is installed and the device is a GPU or TPU (the
+          reference otherwise, said once in the log);
+  auto    pallas on a GPU or TPU, xla on a CPU.
 A kernel implementation keeps these signatures and agrees with ``xla`` on values (and gradients
-where it is differentiated). Off a GPU, ``pallas`` runs its kernels in interpret mode: slow, exact,
-for tests.
+where it is differentiated).
 
 Positions, not lengths, say what a query may see: the key in cache slot s has position
 ``kv_positions[b, s]`` (default: s), and a query at position p sees the keys with position <= p.
@@ -18,6 +22,7 @@ heads of MLA (1 = shared as in DeepSeek-V2, or one per former KV head), r latent
 """
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import jax
@@ -116,10 +121,37 @@ def mla_absorbed_pallas(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k
     return mla_decode.mla_decode(*args, scale=scale, interpret=backend != "gpu")[:, None]
 
 
-_XLA = SimpleNamespace(gqa=gqa_attention, mla=mla_attention, mla_absorbed=mla_absorbed_attention)
+def _prefill_kernel(name: str):
+    """The tokamax version of ``name`` (gqa | mla) where it runs, else None after one log line."""
+    from research.kernels import prefill
+
+    reason = prefill.unavailable_reason()
+    if reason is None:
+        return getattr(prefill, f"{name}_attention")
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        logging.getLogger(__name__).warning("attention_impl=pallas: prefill attention falls back to xla: %s", reason)
+    return None
+
+
+_LOGGED: set[str] = set()
+
+
+def gqa_attention_pallas(q, k, v, q_positions, kv_positions=None, *, scale: float):
+    """``gqa_attention`` through tokamax's kernels where they run, the reference otherwise."""
+    kernel = _prefill_kernel("gqa") or gqa_attention
+    return kernel(q, k, v, q_positions, kv_positions, scale=scale)
+
+
+def mla_attention_pallas(q_nope, q_pe, k_nope, k_pe, v, q_positions, kv_positions=None, *, scale: float):
+    """``mla_attention`` (d_v != d_qk) through tokamax's kernels where they run, the reference otherwise."""
+    kernel = _prefill_kernel("mla") or mla_attention
+    return kernel(q_nope, q_pe, k_nope, k_pe, v, q_positions, kv_positions, scale=scale)
+
+
 _IMPLS = {
-    "xla": _XLA,
-    "pallas": SimpleNamespace(gqa=gqa_attention, mla=mla_attention, mla_absorbed=mla_absorbed_pallas),
+    "xla": SimpleNamespace(gqa=gqa_attention, mla=mla_attention, mla_absorbed=mla_absorbed_attention),
+    "pallas": SimpleNamespace(gqa=gqa_attention_pallas, mla=mla_attention_pallas, mla_absorbed=mla_absorbed_pallas),
 }
 ATTENTION_IMPLS = (*_IMPLS, "auto")
 

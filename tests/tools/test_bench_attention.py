@@ -11,3 +11,9 @@ def test_decode_row_times_both_paths_and_counts_the_cache_bytes_once():
     for name in ("xla", "pallas"):
         assert abs(row[f"{name}_gb_per_s"] * row[f"{name}_ms"] / 1e3 - gigabytes) < 1e-12
     assert row["speedup"] == row["xla_ms"] / row["pallas_ms"]
+
+
+def test_prefill_row_reports_xla_and_says_when_there_is_no_kernel():
+    row = attention.prefill_row(length=32, heads=2, repeats=1)
+    assert row["xla_forward_tflops"] > 0 and row["xla_backward_tflops"] > 0
+    assert row["kernel"].startswith("none (") and "tokamax_forward_tflops" not in row  # CPU

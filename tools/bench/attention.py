@@ -1,14 +1,19 @@
-"""Absorbed MLA decode: the Pallas kernel against the XLA reference, in achieved bandwidth.
+"""MLA attention kernels against the XLA reference: decode in achieved bandwidth, prefill in TFLOP/s.
 
     python -m tools.bench.attention [--batches 1,8,32,128] [--contexts 1024,4096,16384,65536]
                                     [--heads 16] [--kv-rank 512] [--rope-dim 64] [--repeats 10]
-                                    [--out FILE.json]
+                                    [--prefill-lengths 2048,4096,8192] [--out FILE.json]
 
 One decode step (one query per sequence, every sequence at the full context) of DeepSeek-shaped
 MLA in bfloat16: H query heads, a latent cache of r_kv + d_r numbers per token. Each row times
 (median of ``--repeats`` after compilation) ``research.attention.ops.mla_absorbed_attention``
 (xla) and the Pallas kernel (``research.kernels``: Triton on a GPU, Mosaic on a TPU) in the same
 run, and reports GB/s = bytes of c_kv + k_pe read once / time, and the kernel's speed-up.
+
+Prefill rows time MLA's naive path (d_qk = 192, d_v = 128, H heads, causal, batch 1) forward and
+forward + backward: ``research.attention.ops.mla_attention`` (xla) against tokamax's kernel
+(``research.kernels.prefill``), in TFLOP/s of the causal half (4 T^2 H (d_qk + d_v) / 2 forward,
+2.5x that for the backward).
 
 On a CPU there is no kernel to time: the kernel runs in interpret mode (its grid emulated by XLA:CPU
 loops), at small default sizes, and the table says so. Those figures check that the benchmark runs
@@ -71,6 +76,43 @@ def decode_row(batch: int, context: int, heads: int, kv_rank: int, rope_dim: int
     return row
 
 
+def prefill_row(length: int, heads: int, repeats: int, qk_dim: int = 192, v_dim: int = 128, rope_dim: int = 64,
+                dtype=jnp.bfloat16) -> dict:
+    from research.attention.ops import mla_attention
+    from research.kernels import prefill
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    nope = qk_dim - rope_dim
+    shapes = [(1, length, heads, nope), (1, length, heads, rope_dim), (1, length, heads, nope),
+              (1, length, 1, rope_dim), (1, length, heads, v_dim)]
+    args = [jax.random.normal(k, s, dtype) for k, s in zip(keys, shapes)]
+    positions = jnp.arange(length)[None]
+    reason = prefill.unavailable_reason()
+    impls = {"xla": mla_attention}
+    if reason is None:
+        impls["tokamax"] = prefill.mla_attention
+    forward_flops = 4 * length * length * heads * (qk_dim + v_dim) / 2
+    row = {"length": length, "heads": heads, "qk_dim": qk_dim, "v_dim": v_dim, "kernel": "tokamax" if reason is None
+           else f"none ({reason})"}
+    for name, fn in impls.items():
+        forward = jax.jit(lambda *a, fn=fn: fn(*a, positions, scale=qk_dim ** -0.5))
+        grad = jax.jit(jax.grad(lambda *a, fn=fn: fn(*a, positions, scale=qk_dim ** -0.5).astype(jnp.float32).sum(),
+                                argnums=range(5)))
+        row[f"{name}_forward_tflops"] = forward_flops / median_seconds(lambda: forward(*args), repeats) / 1e12
+        row[f"{name}_backward_tflops"] = 3.5 * forward_flops / median_seconds(lambda: grad(*args), repeats) / 1e12
+    return row
+
+
+def format_prefill_row(row: dict) -> str:
+    text = (f"prefill T={row['length']:6d} H={row['heads']}: xla forward {row['xla_forward_tflops']:.3f} TFLOP/s, "
+            f"forward+backward {row['xla_backward_tflops']:.3f} TFLOP/s")
+    if "tokamax_forward_tflops" in row:
+        text += (f" | tokamax {row['tokamax_forward_tflops']:.3f} / {row['tokamax_backward_tflops']:.3f} TFLOP/s "
+                 f"({row['tokamax_forward_tflops'] / row['xla_forward_tflops']:.2f}x / "
+                 f"{row['tokamax_backward_tflops'] / row['xla_backward_tflops']:.2f}x)")
+    return text + f" | kernel: {row['kernel']}"
+
+
 def format_row(row: dict) -> str:
     return (f"B={row['batch']:4d} S={row['context']:6d} H={row['heads']}: xla {row['xla_ms']:9.3f} ms "
             f"{row['xla_gb_per_s']:8.1f} GB/s | {row['kernel']} {row['pallas_ms']:9.3f} ms "
@@ -86,6 +128,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kv-rank", type=int, default=512)
     parser.add_argument("--rope-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3 if on_cpu else 10)
+    parser.add_argument("--prefill-lengths", default="256" if on_cpu else "2048,4096,8192", help="'' to skip")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     device = jax.devices()[0].device_kind
@@ -99,6 +142,11 @@ def main(argv=None) -> list[dict]:
             row["device"] = device
             rows.append(row)
             print(format_row(row), flush=True)
+    for length in (int(n) for n in args.prefill_lengths.split(",") if n):
+        row = prefill_row(length, args.heads, args.repeats)
+        row["device"] = device
+        rows.append(row)
+        print(format_prefill_row(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

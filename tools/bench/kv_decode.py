@@ -1,7 +1,8 @@
 """Decode latency and KV-cache size: GQA against MLA (naive and absorbed) on the same model.
 
     python -m tools.bench.kv_decode [--contexts 512,1024,2048,4096,8192] [--batch 8] [--repeats 5]
-                                    [--kv-rank 56] [--rope-dim 4] [--layers 30] [--pallas] [--out FILE.json]
+                                    [--kv-rank 56] [--rope-dim 4] [--layers 30] [--pallas] [--tiny]
+                                    [--out FILE.json]
 
 The GQA model has SmolLM2-135M's shape (random weights: latency does not depend on them); the MLA
 model is its X-EcoMLA upcycling at the given rank (by default the 6.4x preset of configs/x_ecomla.py: r_kv 56 + a shared RoPE key of 4 dims, 15.6% of the KV cache). For each
@@ -165,9 +166,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--rope-dim", type=int, default=4)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--pallas", action="store_true", help="also time the absorbed path through the Pallas kernel")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (dim 64, vocab 256): checks that the bench runs")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    teacher, student = build_models(args.layers, args.kv_rank, args.rope_dim)
+    tiny = dataclasses.replace(LlamaConfig(), vocab_size=256, dim=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                               mlp_dim=64) if args.tiny else None
+    teacher, student = build_models(args.layers, args.kv_rank, args.rope_dim, tiny)
     print(f"{jax.devices()[0].device_kind}: {args.layers}-layer SmolLM2-shaped model, MLA r_kv={args.kv_rank}, "
           f"d_r={args.rope_dim}: KV {student.kv_values_per_token()} vs {teacher.kv_values_per_token()} values per token "
           f"({100 * student.kv_values_per_token() / teacher.kv_values_per_token():.1f}%)", flush=True)

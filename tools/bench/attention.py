@@ -23,25 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from research.attention.ops import mla_absorbed_attention
 from research.kernels.mla_decode import mla_decode
 from research.kernels.mla_decode_tpu import mla_decode_tpu
-
-
-def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from tools.bench.kv_decode import median_seconds
 
 
 def kernel_for_backend(backend: str):

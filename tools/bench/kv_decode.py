@@ -36,7 +36,8 @@ from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.models.llama import Llama, LlamaConfig
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after one call that compiles."""
     jax.block_until_ready(fn())  # compile
     times = []
     for _ in range(repeats):
@@ -126,7 +127,7 @@ def measure(teacher: Llama, student: Llama, contexts, batch: int, repeats: int, 
             cache = random_cache(model, batch, context)
             attention = attention_step(model, name, impl)
             step = model_step(model)
-            row[f"{name}_attention_ms"] = 1e3 * _median_seconds(lambda: attention(cache[0], positions, x), repeats)
+            row[f"{name}_attention_ms"] = 1e3 * median_seconds(lambda: attention(cache[0], positions, x), repeats)
             row[f"{name}_model_ms"] = 1e3 * time_model_steps(step, tokens, positions, cache, repeats)
             row[f"{name}_kv_bytes_per_token"] = 4 * model.kv_values_per_token()
         for part in ("attention", "model"):

@@ -16,8 +16,8 @@ Steps, each a subprocess with its own time limit, so that one failure or hang co
   proxies        ``tools.bench.proxies``: vmapped masked NB201 scoring vs one cell at a time (target
                  5x), and the wall time of all 15,625 cells.
 ``--dry-run`` runs the same steps at tiny sizes on the CPU, so that CI keeps the script working.
-What the device machine lacks (flax, optax, ml_collections, ...) travels as wheels; the script
-itself needs nothing beyond the project.
+What the GPU machine lacks (ml_collections; tokamax and its import-time dependencies) travels as
+wheels: ``tools/bench/gpu_wheels.sh`` downloads them and says how to install them there.
 """
 from __future__ import annotations
 

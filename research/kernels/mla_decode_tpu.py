@@ -104,3 +104,61 @@ def mla_decode_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax
         name="mla_decode_tpu",
     )(lengths.astype(jnp.int32), q_lat, q_pe, c_kv, k_pe)
     return combine_splits(o_parts, lse[..., 0])[:, :h, :r].astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "pages_per_split", "interpret"))
+def mla_decode_paged_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv_pages: jax.Array, k_pe_pages: jax.Array,
+                         block_table: jax.Array, lengths: jax.Array, *, scale: float, pages_per_split: int = 0,
+                         interpret: bool = False) -> jax.Array:
+    """``research.kernels.mla_decode.mla_decode_paged`` on TPU: pools (P, page, r) and (P, page, R, d_r),
+    block_table (B, max_pages), lengths (B,) -> o_lat (B, H, r). The block table is scalar-prefetched
+    with the lengths; the page index map clamps to the sequence's last valid page, so pages past
+    the length are not fetched. The page size (the tile) must be a multiple of 8."""
+    b, h, r = q_lat.shape
+    num_pages, page, rope_heads, d_r = k_pe_pages.shape
+    if c_kv_pages.shape[:2] != (num_pages, page) or block_table.shape[0] != b:
+        raise ValueError(f"mla_decode_paged_tpu: pools {c_kv_pages.shape} / {k_pe_pages.shape} and block table "
+                         f"{block_table.shape} disagree")
+    _check(q_lat, q_pe, c_kv_pages.shape[2], rope_heads, d_r, "mla_decode_paged_tpu")
+    if page % 8:
+        raise ValueError(f"mla_decode_paged_tpu: the page size must be a multiple of 8, got {page}")
+    dtype = c_kv_pages.dtype
+    q_lat, q_pe, _ = _queries(q_lat, q_pe, rope_heads, dtype, block_h=h)
+    h_pad, r_pad, p_pad = q_lat.shape[1], q_lat.shape[2], q_pe.shape[2]
+    c_pool = _pad_to(c_kv_pages, num_pages, page, r_pad)
+    k_pool = _pad_to(k_pe_pages.reshape(num_pages, page, rope_heads * d_r).astype(dtype), num_pages, page, p_pad)
+    max_pages = block_table.shape[1]
+    per_split = pages_per_split or max_pages // choose_splits(b, max_pages, target_cells=2 * b)
+    splits = -(-max_pages // per_split)
+    table = block_table.astype(jnp.int32).reshape(-1)
+
+    def page_block(i, j, t, lengths_ref, table_ref):  # past the length: the last valid page again (not re-fetched)
+        last = jnp.maximum(pl.cdiv(lengths_ref[i], page) - 1, 0)
+        return table_ref[i * max_pages + jnp.minimum(j * per_split + t, last)], 0, 0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(b, splits, per_split),
+        in_specs=[pl.BlockSpec((None, h_pad, r_pad), lambda i, j, t, n, tb: (i, 0, 0)),
+                  pl.BlockSpec((None, h_pad, p_pad), lambda i, j, t, n, tb: (i, 0, 0)),
+                  pl.BlockSpec((None, page, r_pad), page_block),
+                  pl.BlockSpec((None, page, p_pad), page_block)],
+        out_specs=[pl.BlockSpec((None, None, h_pad, r_pad), lambda i, j, t, n, tb: (i, j, 0, 0)),
+                   pl.BlockSpec((None, None, h_pad, LANES), lambda i, j, t, n, tb: (i, j, 0, 0))],
+        scratch_shapes=[pltpu.VMEM((h_pad, r_pad), jnp.float32), pltpu.VMEM((h_pad, 1), jnp.float32),
+                        pltpu.VMEM((h_pad, 1), jnp.float32)],
+    )
+
+    def kernel(lengths_ref, table_ref, *refs):  # the table only steers the index maps
+        _tpu_kernel(lengths_ref, *refs, scale=scale, block_t=page, tiles_per_split=per_split)
+
+    o_parts, lse = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((b, splits, h_pad, r_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, h_pad, LANES), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name="mla_decode_paged_tpu",
+    )(lengths.astype(jnp.int32), table, q_lat, q_pe, c_pool, k_pool)
+    return combine_splits(o_parts, lse[..., 0])[:, :h, :r].astype(dtype)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from research.attention.ops import attention_ops, mla_absorbed_attention
 from research.kernels.mla_decode import choose_splits, combine_splits, gather_pages, mla_decode, mla_decode_paged
-from research.kernels.mla_decode_tpu import mla_decode_tpu
+from research.kernels.mla_decode_tpu import mla_decode_paged_tpu, mla_decode_tpu
 
 
 def reference(q_lat, q_pe, c_kv, k_pe, lengths, scale):
@@ -57,8 +57,15 @@ def test_kernel_equals_the_xla_reference(kernel, case, dtype, atol):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=atol, rtol=0)
 
 
+PAGED_KERNELS = {
+    "triton": functools.partial(mla_decode_paged, block_h=16, interpret=not ON_GPU),
+    "tpu": functools.partial(mla_decode_paged_tpu, interpret=BACKEND != "tpu"),
+}
+
+
+@pytest.mark.parametrize("kernel", list(PAGED_KERNELS))
 @pytest.mark.parametrize("rope_heads", [1, 3])
-def test_paged_kernel_with_a_shuffled_block_table_equals_the_dense_reference(rope_heads):
+def test_paged_kernel_with_a_shuffled_block_table_equals_the_dense_reference(rope_heads, kernel):
     b, h, r, d_r, page, max_pages = 3, 12, 40, 8, 16, 6
     q_lat, q_pe, _, _ = inputs(b, h, r, d_r, rope_heads, 1, jnp.float32)
     num_pages = b * max_pages + 5                      # a pool with pages no sequence uses
@@ -66,8 +73,7 @@ def test_paged_kernel_with_a_shuffled_block_table_equals_the_dense_reference(rop
     c_pool, k_pool = c_pool.reshape(num_pages, page, r), k_pool.reshape(num_pages, page, rope_heads, d_r)
     table = jnp.asarray(np.random.default_rng(0).permutation(num_pages)[:b * max_pages].reshape(b, max_pages))
     lengths = jnp.asarray([1, 37, 96])                 # one slot, a partial page, every page
-    got = mla_decode_paged(q_lat, q_pe, c_pool, k_pool, table, lengths, scale=0.2, pages_per_split=2,
-                           block_h=16, interpret=not ON_GPU)
+    got = PAGED_KERNELS[kernel](q_lat, q_pe, c_pool, k_pool, table, lengths, scale=0.2, pages_per_split=4)
     want = reference(q_lat, q_pe, gather_pages(c_pool, table), gather_pages(k_pool, table), lengths, 0.2)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
@@ -138,7 +144,7 @@ LOWERING_SHAPES = {
 
 
 @pytest.mark.filterwarnings("ignore")  # jax 0.11 warns that the Triton backend is deprecated
-@pytest.mark.parametrize("kernel", ["triton", "triton_paged", "tpu"])
+@pytest.mark.parametrize("kernel", ["triton", "triton_paged", "tpu", "tpu_paged"])
 @pytest.mark.parametrize("shape", list(LOWERING_SHAPES), ids=list(LOWERING_SHAPES))
 def test_kernel_lowers_for_a_gpu_and_a_tpu_without_one(shape, kernel):
     """The Pallas lowerings (Triton for CUDA, Mosaic for TPU) run on CPU and reject the blocks
@@ -147,14 +153,14 @@ def test_kernel_lowers_for_a_gpu_and_a_tpu_without_one(shape, kernel):
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     queries, scale = (spec(b, h, r), spec(b, h, d_r)), (128 + d_r) ** -0.5
     dense_cache = spec(b, s, r), spec(b, s, rope_heads, d_r)
-    if kernel == "triton_paged":  # pages of 64 slots (FlashMLA's block), a pool larger than the batch needs
+    if kernel.endswith("paged"):  # pages of 64 slots (FlashMLA's block), a pool larger than the batch needs
         pages = b * s // 64 + 7
-        f = functools.partial(mla_decode_paged, scale=scale)
+        f = functools.partial(mla_decode_paged if kernel == "triton_paged" else mla_decode_paged_tpu, scale=scale)
         args = (*queries, spec(pages, 64, r), spec(pages, 64, rope_heads, d_r), spec(b, s // 64, dtype=jnp.int32))
     else:
         f = functools.partial(mla_decode if kernel == "triton" else mla_decode_tpu, scale=scale)
         args = (*queries, *dense_cache)
-    platform, call = ("tpu", "tpu_custom_call") if kernel == "tpu" else ("cuda", "__gpu$xla.gpu.triton")
+    platform, call = ("tpu", "tpu_custom_call") if kernel.startswith("tpu") else ("cuda", "__gpu$xla.gpu.triton")
     lowered = jax.jit(f).trace(*args, spec(b, dtype=jnp.int32)).lower(lowering_platforms=(platform,))
     assert call in lowered.as_text()
 

@@ -146,6 +146,16 @@ def _check(q_lat, q_pe, cache_rank, rope_heads, d_r, where):
         raise ValueError(f"{where}: {h} query heads do not group over {rope_heads} RoPE keys")
 
 
+def _check_pages(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table, where):
+    """Checks a page pool against the queries -> (num_pages, page, R, d_r)."""
+    num_pages, page, rope_heads, d_r = k_pe_pages.shape
+    if c_kv_pages.shape[:2] != (num_pages, page) or block_table.shape[0] != q_lat.shape[0]:
+        raise ValueError(f"{where}: pools {c_kv_pages.shape} / {k_pe_pages.shape} and block table "
+                         f"{block_table.shape} disagree")
+    _check(q_lat, q_pe, c_kv_pages.shape[2], rope_heads, d_r, where)
+    return num_pages, page, rope_heads, d_r
+
+
 def _queries(q_lat, q_pe, rope_heads, dtype, block_h):
     """Padded queries and the head block: q_lat (B, H_pad, r_pad), widened q_pe (B, H_pad, p_pad), bh."""
     b, h, r = q_lat.shape
@@ -230,11 +240,8 @@ def mla_decode_paged(q_lat: jax.Array, q_pe: jax.Array, c_kv_pages: jax.Array, k
     >= 16 (it is the tile). A split covers ``pages_per_split`` pages (0: from ``choose_splits``).
     """
     b, h, r = q_lat.shape
-    num_pages, page, rope_heads, d_r = k_pe_pages.shape
-    if c_kv_pages.shape[:2] != (num_pages, page) or block_table.shape[0] != b:
-        raise ValueError(f"mla_decode_paged: pools {c_kv_pages.shape} / {k_pe_pages.shape} and block table "
-                         f"{block_table.shape} disagree")
-    _check(q_lat, q_pe, c_kv_pages.shape[2], rope_heads, d_r, "mla_decode_paged")
+    num_pages, page, rope_heads, d_r = _check_pages(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table,
+                                                    "mla_decode_paged")
     if page & (page - 1) or page < 16:
         raise ValueError(f"mla_decode_paged: the page size must be a power of 2 >= 16, got {page}")
     dtype = c_kv_pages.dtype

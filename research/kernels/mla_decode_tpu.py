@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from research.kernels.mla_decode import (MASKED, _attend_tile, _check, _pad_to, _queries, choose_splits,
-                                         combine_splits)
+from research.kernels.mla_decode import (MASKED, _attend_tile, _check, _check_pages, _pad_to, _queries,
+                                         choose_splits, combine_splits)
 
 LANES = 128
 
@@ -53,6 +53,35 @@ def _tpu_kernel(lengths_ref, q_lat_ref, q_pe_ref, c_kv_ref, k_pe_ref, o_ref, lse
         lse_ref[...] = jnp.broadcast_to(jnp.where(nonempty, m + jnp.log(safe_l), MASKED), lse_ref.shape)
 
 
+def _tpu_call(kernel, prefetch, q_lat, q_pe, caches, cache_block, rows, splits, per_split, name, interpret):
+    """pallas_call over the grid (B, splits, tiles per split) with ``prefetch`` scalar-prefetched;
+    ``caches`` are read in blocks of ``rows`` slots at ``cache_block``'s index -> (B, H_pad, r_pad) f32."""
+    b, h_pad, r_pad = q_lat.shape
+    p_pad = q_pe.shape[-1]
+    per_sequence = lambda i, j, t, *prefetched: (i, 0, 0)
+    per_split_out = lambda i, j, t, *prefetched: (i, j, 0, 0)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(prefetch),
+        grid=(b, splits, per_split),
+        in_specs=[pl.BlockSpec((None, h_pad, r_pad), per_sequence), pl.BlockSpec((None, h_pad, p_pad), per_sequence),
+                  pl.BlockSpec((None, rows, r_pad), cache_block), pl.BlockSpec((None, rows, p_pad), cache_block)],
+        out_specs=[pl.BlockSpec((None, None, h_pad, r_pad), per_split_out),
+                   pl.BlockSpec((None, None, h_pad, LANES), per_split_out)],
+        scratch_shapes=[pltpu.VMEM((h_pad, r_pad), jnp.float32), pltpu.VMEM((h_pad, 1), jnp.float32),
+                        pltpu.VMEM((h_pad, 1), jnp.float32)],
+    )
+    o_parts, lse = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((b, splits, h_pad, r_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, h_pad, LANES), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name=name,
+    )(*prefetch, q_lat, q_pe, *caches)
+    return combine_splits(o_parts, lse[..., 0])
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "block_t", "num_splits", "interpret"))
 def mla_decode_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Array, lengths: jax.Array,
                    *, scale: float, block_t: int = 128, num_splits: int = 0, interpret: bool = False) -> jax.Array:
@@ -67,7 +96,7 @@ def mla_decode_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax
         raise ValueError(f"mla_decode_tpu: block_t must be a multiple of 8, got {block_t}")
     dtype = c_kv.dtype
     q_lat, q_pe, _ = _queries(q_lat, q_pe, rope_heads, dtype, block_h=h)  # all heads in one block
-    h_pad, r_pad, p_pad = q_lat.shape[1], q_lat.shape[2], q_pe.shape[2]
+    r_pad, p_pad = q_lat.shape[2], q_pe.shape[2]
     s_pad = -(-s // block_t) * block_t
     c_kv = _pad_to(c_kv, b, s_pad, r_pad)
     k_pe = _pad_to(k_pe.reshape(b, s, rope_heads * d_r).astype(dtype), b, s_pad, p_pad)
@@ -81,29 +110,10 @@ def mla_decode_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax
         last = jnp.maximum(pl.cdiv(lengths_ref[i], block_t) - 1, 0)
         return i, jnp.minimum(j * per_split + t, last), 0
 
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
-        grid=(b, splits, per_split),
-        in_specs=[pl.BlockSpec((None, h_pad, r_pad), lambda i, j, t, n: (i, 0, 0)),
-                  pl.BlockSpec((None, h_pad, p_pad), lambda i, j, t, n: (i, 0, 0)),
-                  pl.BlockSpec((None, block_t, r_pad), cache_block),
-                  pl.BlockSpec((None, block_t, p_pad), cache_block)],
-        out_specs=[pl.BlockSpec((None, None, h_pad, r_pad), lambda i, j, t, n: (i, j, 0, 0)),
-                   pl.BlockSpec((None, None, h_pad, LANES), lambda i, j, t, n: (i, j, 0, 0))],
-        scratch_shapes=[pltpu.VMEM((h_pad, r_pad), jnp.float32), pltpu.VMEM((h_pad, 1), jnp.float32),
-                        pltpu.VMEM((h_pad, 1), jnp.float32)],
-    )
     kernel = functools.partial(_tpu_kernel, scale=scale, block_t=block_t, tiles_per_split=per_split)
-    o_parts, lse = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, splits, h_pad, r_pad), jnp.float32),
-                   jax.ShapeDtypeStruct((b, splits, h_pad, LANES), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-        name="mla_decode_tpu",
-    )(lengths.astype(jnp.int32), q_lat, q_pe, c_kv, k_pe)
-    return combine_splits(o_parts, lse[..., 0])[:, :h, :r].astype(dtype)
+    out = _tpu_call(kernel, (lengths.astype(jnp.int32),), q_lat, q_pe, (c_kv, k_pe), cache_block, block_t,
+                    splits, per_split, "mla_decode_tpu", interpret)
+    return out[:, :h, :r].astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_split", "interpret"))
@@ -115,16 +125,13 @@ def mla_decode_paged_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv_pages: jax.Arra
     with the lengths; the page index map clamps to the sequence's last valid page, so pages past
     the length are not fetched. The page size (the tile) must be a multiple of 8."""
     b, h, r = q_lat.shape
-    num_pages, page, rope_heads, d_r = k_pe_pages.shape
-    if c_kv_pages.shape[:2] != (num_pages, page) or block_table.shape[0] != b:
-        raise ValueError(f"mla_decode_paged_tpu: pools {c_kv_pages.shape} / {k_pe_pages.shape} and block table "
-                         f"{block_table.shape} disagree")
-    _check(q_lat, q_pe, c_kv_pages.shape[2], rope_heads, d_r, "mla_decode_paged_tpu")
+    num_pages, page, rope_heads, d_r = _check_pages(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table,
+                                                    "mla_decode_paged_tpu")
     if page % 8:
         raise ValueError(f"mla_decode_paged_tpu: the page size must be a multiple of 8, got {page}")
     dtype = c_kv_pages.dtype
     q_lat, q_pe, _ = _queries(q_lat, q_pe, rope_heads, dtype, block_h=h)
-    h_pad, r_pad, p_pad = q_lat.shape[1], q_lat.shape[2], q_pe.shape[2]
+    r_pad, p_pad = q_lat.shape[2], q_pe.shape[2]
     c_pool = _pad_to(c_kv_pages, num_pages, page, r_pad)
     k_pool = _pad_to(k_pe_pages.reshape(num_pages, page, rope_heads * d_r).astype(dtype), num_pages, page, p_pad)
     max_pages = block_table.shape[1]
@@ -136,29 +143,9 @@ def mla_decode_paged_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv_pages: jax.Arra
         last = jnp.maximum(pl.cdiv(lengths_ref[i], page) - 1, 0)
         return table_ref[i * max_pages + jnp.minimum(j * per_split + t, last)], 0, 0
 
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
-        grid=(b, splits, per_split),
-        in_specs=[pl.BlockSpec((None, h_pad, r_pad), lambda i, j, t, n, tb: (i, 0, 0)),
-                  pl.BlockSpec((None, h_pad, p_pad), lambda i, j, t, n, tb: (i, 0, 0)),
-                  pl.BlockSpec((None, page, r_pad), page_block),
-                  pl.BlockSpec((None, page, p_pad), page_block)],
-        out_specs=[pl.BlockSpec((None, None, h_pad, r_pad), lambda i, j, t, n, tb: (i, j, 0, 0)),
-                   pl.BlockSpec((None, None, h_pad, LANES), lambda i, j, t, n, tb: (i, j, 0, 0))],
-        scratch_shapes=[pltpu.VMEM((h_pad, r_pad), jnp.float32), pltpu.VMEM((h_pad, 1), jnp.float32),
-                        pltpu.VMEM((h_pad, 1), jnp.float32)],
-    )
-
     def kernel(lengths_ref, table_ref, *refs):  # the table only steers the index maps
         _tpu_kernel(lengths_ref, *refs, scale=scale, block_t=page, tiles_per_split=per_split)
 
-    o_parts, lse = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, splits, h_pad, r_pad), jnp.float32),
-                   jax.ShapeDtypeStruct((b, splits, h_pad, LANES), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-        name="mla_decode_paged_tpu",
-    )(lengths.astype(jnp.int32), table, q_lat, q_pe, c_pool, k_pool)
-    return combine_splits(o_parts, lse[..., 0])[:, :h, :r].astype(dtype)
+    out = _tpu_call(kernel, (lengths.astype(jnp.int32), table), q_lat, q_pe, (c_pool, k_pool), page_block, page,
+                    splits, per_split, "mla_decode_paged_tpu", interpret)
+    return out[:, :h, :r].astype(dtype)

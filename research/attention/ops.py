@@ -31,7 +31,7 @@ import jax.numpy as jnp
 _MASKED = -1e30  # finite, so that a fully masked row (a padded query) gives no NaN
 
 
-def _visible(q_positions: jax.Array, kv_positions: jax.Array | None, num_keys: int) -> jax.Array:
+def visible_keys(q_positions: jax.Array, kv_positions: jax.Array | None, num_keys: int) -> jax.Array:
     """(B, 1, T, S) boolean: key s is visible from query t."""
     if kv_positions is None:
         kv_positions = jnp.arange(num_keys, dtype=q_positions.dtype)[None]
@@ -61,7 +61,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Arr
     Used for prefill (S = T) and for decode against a cache (S = cache length).
     """
     b, t, h, _ = q.shape
-    weights = _softmax(_grouped_logits(q, k) * scale, _visible(q_positions, kv_positions, k.shape[1]))
+    weights = _softmax(_grouped_logits(q, k) * scale, visible_keys(q_positions, kv_positions, k.shape[1]))
     g = k.shape[2]
     w = weights.reshape(b, g, h // g, t, -1).astype(v.dtype)
     out = jnp.einsum("bgjts,bsgd->btgjd", w, v)
@@ -81,7 +81,7 @@ def mla_attention(q_nope: jax.Array, q_pe: jax.Array, k_nope: jax.Array, k_pe: j
     b, t, h, _ = q_nope.shape
     logits = jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
     logits = logits + _grouped_logits(q_pe, k_pe)
-    weights = _softmax(logits * scale, _visible(q_positions, kv_positions, k_nope.shape[1]))
+    weights = _softmax(logits * scale, visible_keys(q_positions, kv_positions, k_nope.shape[1]))
     return jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)
 
 
@@ -99,7 +99,7 @@ def mla_absorbed_attention(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array
     """
     logits = jnp.einsum("bthr,bsr->bhts", q_latent, c_kv, preferred_element_type=jnp.float32)
     logits = logits + _grouped_logits(q_pe, k_pe)
-    weights = _softmax(logits * scale, _visible(q_positions, kv_positions, c_kv.shape[1]))
+    weights = _softmax(logits * scale, visible_keys(q_positions, kv_positions, c_kv.shape[1]))
     return jnp.einsum("bhts,bsr->bthr", weights.astype(c_kv.dtype), c_kv)
 
 

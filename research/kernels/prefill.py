@@ -15,12 +15,11 @@ are repeated to the H query heads (head h uses key h // (H / R)).
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 
-log = logging.getLogger(__name__)
+from research.attention.ops import visible_keys
 
 
 @functools.cache
@@ -46,16 +45,9 @@ def _tokamax():
     return tokamax
 
 
-def visible_mask(q_positions: jax.Array, kv_positions: jax.Array | None, num_keys: int) -> jax.Array:
-    """(B, 1, T, S) boolean: key s is visible from query t."""
-    if kv_positions is None:
-        kv_positions = jnp.arange(num_keys, dtype=q_positions.dtype)[None]
-    return kv_positions[:, None, None, :] <= q_positions[:, None, :, None]
-
-
 def gqa_attention(q, k, v, q_positions, kv_positions=None, *, scale: float, implementation=None):
     """``research.attention.ops.gqa_attention`` through tokamax: (B, T, H, Dv) in v's dtype."""
-    mask = visible_mask(q_positions, kv_positions, k.shape[1])
+    mask = visible_keys(q_positions, kv_positions, k.shape[1])
     out = _tokamax().dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
     return out.astype(v.dtype)
 

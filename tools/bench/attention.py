@@ -22,7 +22,6 @@ and agrees with the reference; they say nothing about the kernel's speed on a GP
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 from research.attention.ops import mla_absorbed_attention
 from research.kernels.mla_decode import mla_decode
 from research.kernels.mla_decode_tpu import mla_decode_tpu
-from tools.bench.kv_decode import median_seconds
+from tools.bench.kv_decode import median_seconds, write_rows
 
 
 def kernel_for_backend(backend: str):
@@ -136,10 +135,7 @@ def main(argv=None) -> list[dict]:
         row["device"] = device
         rows.append(row)
         print(format_prefill_row(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
-    return rows
+    return write_rows(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def run_step(name: str, argv: list[str], limit: int, tmp: str, env: dict) -> dic
         done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=limit, env=env)
         status, output = ("ok" if done.returncode == 0 else f"exit {done.returncode}"), done.stdout + done.stderr
     except subprocess.TimeoutExpired as e:
-        status, output = f"timeout after {limit} s", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        partial = e.stdout or b""  # bytes even with text=True (a subprocess quirk)
+        status, output = f"timeout after {limit} s", partial.decode(errors="replace") if isinstance(partial, bytes) else partial
     result = {"status": status, "seconds": round(time.perf_counter() - start, 1),
               "output_tail": "\n".join(output.strip().splitlines()[-25:])}
     written = os.path.join(tmp, f"{name}.json")

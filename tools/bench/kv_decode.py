@@ -177,8 +177,13 @@ def main(argv=None) -> list[dict]:
           f"d_r={args.rope_dim}: KV {student.kv_values_per_token()} vs {teacher.kv_values_per_token()} values per token "
           f"({100 * student.kv_values_per_token() / teacher.kv_values_per_token():.1f}%)", flush=True)
     rows = measure(teacher, student, [int(c) for c in args.contexts.split(",")], args.batch, args.repeats, args.pallas)
-    if args.out:
-        with open(args.out, "w") as f:
+    return write_rows(rows, args.out)
+
+
+def write_rows(rows: list[dict], out: str) -> list[dict]:
+    """Writes a benchmark's rows as JSON to ``out`` (if given) and returns them."""
+    if out:
+        with open(out, "w") as f:
             json.dump(rows, f, indent=2)
     return rows
 

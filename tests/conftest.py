@@ -6,6 +6,10 @@ import os
 
 if os.environ.get("RESEARCH_TEST_PLATFORM") != "device":  # tools/bench/gpu_check runs the kernel tests on the device
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # Most of the suite's time is XLA:CPU compiling small programs that then run a few times: with
+    # LLVM at -O0 compilation takes about half as long. Notebooks and subprocesses inherit it.
+    if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 
@@ -65,3 +69,15 @@ def smollm2(smollm2_reader):
 def smollm2_tokenizer(smollm2_reader):
     from research.models.tokenizer import tokenizer_from_gguf
     return tokenizer_from_gguf(smollm2_reader)
+
+
+# The longest tests (notebooks, experiment runs, the GPU script's dry run) go first, so that two
+# workers end together instead of one finishing a long test alone at the end.
+LONG_FIRST = ("tests/notebooks/", "tests/experiments/", "tests/tools/test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.replace("\\", "/")
+        return next((i for i, prefix in enumerate(LONG_FIRST) if path.startswith(prefix)), len(LONG_FIRST))
+    items.sort(key=rank)  # stable: the order within each group is unchanged

@@ -4,7 +4,14 @@ whole class and a random 10% of the training set.
     python -m experiments.unlearning --config configs/unlearning.py --workdir runs/unlearning_ntk
     python -m experiments.unlearning --config configs/unlearning.py:fast_ntk --workdir runs/unlearning_fast_ntk
     python -m experiments.unlearning --config configs/unlearning.py:vit_prompts --workdir runs/unlearning_vpt
+    python -m experiments.unlearning --config configs/unlearning.py:fast_ntk_effnet,five_classes \
+        --config.seeds=0,1,2 --workdir runs/unlearning_effnet
     python -m experiments.unlearning --config configs/unlearning.py:smoke --workdir /tmp/smoke
+
+Every setting trains w(D) and the retrain baseline with the reference recipe (recipe.py): mean CE +
+(0.1/2)|w - w_init|^2, SGD lr 0.01, momentum 0.9, constant, batches of 128, 25 epochs, BatchNorm in
+eval mode; 0.1 is also the scrub's ridge (N * 0.1). ``seeds`` repeats a run per seed and reports
+mean and standard deviation.
 
 Presets (comma-separated; ``smoke`` shrinks any of them to seconds):
   (none)       the original NTK setting (Golatkar et al. 2020): D = 5 CIFAR-10 classes x 100 images;
@@ -16,12 +23,16 @@ Presets (comma-separated; ``smoke`` shrinks any of them to seconds):
                over those parameters alone.
   fast_ntk_effnet  Fast-NTK on an ImageNet-pretrained CNN: EfficientNet-Lite0 with the ImageNet weights
                of DATA.md (``backbone.source=imagenet``; no pre-training stage), its BatchNorm affine
-               parameters and a fresh head trained on 2,000 CIFAR-10 images at 32 px. The kernel is over
-               54,826 parameters, so it is solved in sample space (N C x N C); 2,000 images keep that
-               within a 2-core, 24 GiB machine. ``--config.data.train_total=5000`` is the paper's scale
-               (a 50,000 x 50,000 kernel: an accelerator's job).
+               parameters and a fresh head trained on 5,000 CIFAR-10 images at 32 px (the paper's
+               scale). The kernel is over 54,826 parameters and 50,000 outputs: the Jacobian alone is
+               11 GB in float32, so on a small machine use ``five_classes``.
   vit_prompts  Fast-NTK on a ViT: a ViT pre-trained on MNIST, then visual prompts (+ head) tuned
                on 5,000 Fashion-MNIST images; the kernel is over prompts and head.
+  five_classes D = classes 0-4 x 100 images (of CIFAR-10, or Fashion-MNIST for vit_prompts): the
+               original setting's size, for any of the above.
+  exact_theory the setting in which the linear theory is exact for a linear model: MSE to one-hot
+               targets + the proximal L2, trained to convergence (full-batch L-BFGS, 300 iterations),
+               scrubbed with s = 1 (``ntk.scale=none``) linearised at w_init.
 Scenarios (``scenarios``): ``class`` forgets every training image of class ``forget_class``;
 ``random`` forgets a seeded ``forget_fraction`` of the training images.
 """
@@ -36,7 +47,7 @@ from research.unlearning import baselines
 from research.unlearning.ntk_scrub import NTKScrubConfig
 from research.unlearning.train import TrainRecipe
 
-PRESETS = ("smoke", "fast_ntk", "fast_ntk_effnet", "vit_prompts")
+PRESETS = ("smoke", "fast_ntk", "fast_ntk_effnet", "vit_prompts", "five_classes", "exact_theory")
 METHODS = ("retrain", "ntk", *[m for m in baselines.BASELINES if m != "retrain"])
 SCENARIOS = ("class", "random")
 
@@ -44,7 +55,7 @@ SCENARIOS = ("class", "random")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/unlearning.py")
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seeds = (0,)                    # one run per seed; the tables give mean and sd
     c.methods = METHODS               # "ntk" is Fast-NTK when unlearn.subset is not "all"
     c.scenarios = SCENARIOS
     c.forget_class = 0                # index among the classes of D
@@ -77,8 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.train = config_lib.section(ClassifierTrainConfig, eval_batch_size=500, eval_every_epochs=10)
 
     # Training on D (the model to unlearn) and the retrain baseline on D_r: the same recipe.
-    c.unlearn = config_lib.section(TrainRecipe, epochs=30)
-    c.ntk = config_lib.section(NTKScrubConfig)  # weight_decay None: the ridge uses unlearn.weight_decay
+    c.unlearn = config_lib.section(TrainRecipe)  # the reference recipe; the scrub reads its loss and ridge
+    c.ntk = config_lib.section(NTKScrubConfig)
 
     # Every baseline's hyperparameters (defaults and their sources: research/unlearning/baselines.py).
     # Their learning rates are for a model trained at unlearn.lr = 0.01; the experiment multiplies them by
@@ -97,7 +108,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.pretrain.update(data="cifar100_sample", classes=(), label="coarse_label")
         c.pretrain.train.update(epochs=60, eval_every_epochs=20)
     if "fast_ntk_effnet" in presets:
-        c.data.train_total = 2000
         c.backbone.source = "imagenet"
         c.model.name = "efficientnet_lite0"
         c.ntk.chunk_size = 32
@@ -108,14 +118,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.pretrain.optim.update(name="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=100, grad_clip_norm=1.0)
         c.pretrain.train.update(epochs=2, eval_every_epochs=1)
         c.unlearn.subset = "prompts_and_head"
-    if any(p in presets for p in ("fast_ntk", "fast_ntk_effnet", "vit_prompts")):
-        # A few thousand parameters from a fresh head: a larger lr, fewer epochs, larger batches.
-        c.unlearn.update(lr=0.05, epochs=10, batch_size=128)
+    if "five_classes" in presets:
+        c.data.update(classes=(0, 1, 2, 3, 4), train_per_class=100, train_total=0)
+    if "exact_theory" in presets:
+        c.unlearn.update(loss="mse", optimizer="lbfgs", epochs=300)
+        c.ntk.update(scale="none", linearize_at="init")
     if "smoke" in presets:
         c.data.update(train_per_class=8, train_total=0)
         c.pretrain.train.update(batch_size=32, eval_batch_size=64, epochs=0, steps=3, log_every=1,
                                 checkpoint_every=3, progress=False)
-        c.unlearn.update(epochs=2, batch_size=16)
+        c.unlearn.update(epochs=2 if c.unlearn.optimizer == "sgd" else 5, batch_size=16)
         c.ntk.chunk_size = 8
         c.eval_batch_size = 64
         c.progress = False

@@ -10,8 +10,11 @@
 3. For each scenario (a class, a random 10%) and each method: unlearn, then measure retain / forget /
    test accuracy, MIA efficacy and seconds. ``gap_to_retrain`` is the mean absolute gap to the
    ``retrain`` row over those four (percentage points).
-WORKDIR receives results.json, results.md (the tables), unlearning.png and one JSON per finished
-(scenario, method), reused when the run is repeated with the same config.
+Steps 2-3 run once per seed of ``seeds`` (D's draw, the forget draw, the fresh head, the batch
+order); the pre-trained backbone is shared. WORKDIR receives results.json and results.md (mean and
+standard deviation over the seeds), unlearning.png (gaps with error bars), and per seed a folder
+seed_<s> with its own results, w(D) and one JSON per finished (scenario, method), reused when the
+run is repeated with the same config.
 """
 from __future__ import annotations
 
@@ -57,15 +60,15 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], T
     scenarios = cfg.check_names(config, "scenarios", SCENARIOS)
     model = cfg.build(ModelConfig, config, "model")
     recipe = cfg.build(TrainRecipe, config, "unlearn")
-    ntk_config = cfg.build(NTKScrubConfig, config, "ntk")
-    if ntk_config.weight_decay is None:  # the ridge is the training run's L2 (|S| wd)
-        ntk_config = dataclasses.replace(ntk_config, weight_decay=recipe.weight_decay)
+    ntk_config = cfg.build(NTKScrubConfig, config, "ntk")  # its loss and ridge are the recipe's
     cfg.build(OptimConfig, config, "pretrain.optim")
     cfg.build(ClassifierTrainConfig, config, "pretrain.train")
     cfg.check_choice(config, "backbone.source", BACKBONE_SOURCES)
     cfg.check(config, "data.image_size", lambda v: v >= 0, "0 (as stored) or a side in pixels")
     cfg.check(config, "forget_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
     cfg.check(config, "eval_batch_size", lambda v: v > 0, "a positive int")
+    cfg.check(config, "seeds", lambda v: len(v) > 0 and len(set(v)) == len(v) and all(isinstance(s, int) for s in v),
+              "distinct ints, e.g. 0,1,2")
     if config.data.image_size and config.backbone.source != "imagenet":
         raise cfg.ConfigError(f"data.image_size: {config.data.image_size} resizes for the ImageNet backbone only "
                               f"(backbone.source=imagenet); the pre-training stage uses the stored size, so use 0")
@@ -92,17 +95,17 @@ def load_arrays(name: str, config, classes: tuple[int, ...], label: str = "label
     return train, test
 
 
-def data_of_d(config) -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
-    """D (train) and its test split."""
+def data_of_d(config, seed: int) -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
+    """D (train, a seeded draw) and its test split."""
     train, test = load_arrays(config.data.name, config, config.data.classes)
-    train = pipeline.per_class(train, config.data.train_per_class, config.seed)
+    train = pipeline.per_class(train, config.data.train_per_class, seed)
     if config.data.train_total and config.data.train_total < len(train):
-        rows = np.random.default_rng(config.seed).permutation(len(train))[:config.data.train_total]
+        rows = np.random.default_rng(seed).permutation(len(train))[:config.data.train_total]
         train = train.subset(np.sort(rows))
     return train, test
 
 
-def scenario_split(name: str, train, test, config):
+def scenario_split(name: str, train, test, config, seed: int):
     """(retain, forget, test) of one scenario. For a class, the test split drops that class (the
     test accuracy of what should be kept)."""
     if name == "class":
@@ -112,7 +115,7 @@ def scenario_split(name: str, train, test, config):
         test = test.subset(np.flatnonzero(test.labels != config.forget_class))
     else:
         n_forget = max(1, round(config.forget_fraction * len(train)))
-        forget_rows = np.sort(np.random.default_rng([config.seed, 1]).permutation(len(train))[:n_forget])
+        forget_rows = np.sort(np.random.default_rng([seed, 1]).permutation(len(train))[:n_forget])
     keep = np.ones(len(train), bool)
     keep[forget_rows] = False
     return train.subset(np.flatnonzero(keep)), train.subset(forget_rows), test
@@ -129,7 +132,7 @@ def model_input_shape(config, stored_shape) -> tuple[int, int, int]:
 def imagenet_backbone(config, input_shape):
     """EfficientNet-Lite0's ImageNet weights (DATA.md): (state without the head, preprocess, info)."""
     # Any class count: the head is dropped, the model at w_init gets a fresh one for D's classes.
-    model = build_from_config(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(config.seed))
+    model = build_from_config(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(config.seeds[0]))
     t0 = time.perf_counter()
     effnet.load_pretrained(model, config.backbone.weights, include_head=False)
     state = nnx.state(model).filter(nnx.Not(nnx.PathContains("head")))
@@ -142,7 +145,8 @@ def imagenet_backbone(config, input_shape):
 
 
 def pretrained_backbone(config, mesh, workdir: str, input_shape):
-    """(state of the pre-trained model without its head, preprocess, info)."""
+    """(state of the pre-trained model without its head, preprocess, info); one for all the seeds,
+    pre-trained with the first."""
     if config.backbone.source == "imagenet":
         return imagenet_backbone(config, input_shape)
     pre_train, pre_test = load_arrays(config.pretrain.data, config, config.pretrain.classes, config.pretrain.label)
@@ -151,11 +155,11 @@ def pretrained_backbone(config, mesh, workdir: str, input_shape):
                               f"D's are {tuple(input_shape)}; pre-train on images of the same shape")
     mean, std = pipeline.channel_stats(pre_train.images)
     model = build_from_config(config.model, num_classes=pre_train.num_classes, input_shape=input_shape,
-                              rngs=nnx.Rngs(config.seed))
+                              rngs=nnx.Rngs(config.seeds[0]))
     t0 = time.perf_counter()
     run = fit_classifier(model, pre_train, pre_test, config.pretrain,
                          preprocess=make_preprocess(mean, std, config.pretrain.crop_padding, config.pretrain.flip),
-                         mesh=mesh, workdir=config.pretrain.workdir or os.path.join(workdir, "pretrain"), seed=config.seed,
+                         mesh=mesh, workdir=config.pretrain.workdir or os.path.join(workdir, "pretrain"), seed=config.seeds[0],
                          rules=experiment.mesh_config(config).logical)
     state = nnx.state(run.model()).filter(nnx.Not(nnx.PathContains("head")))
     info = {"data": config.pretrain.data, "classes": pre_train.num_classes, "images": len(pre_train),
@@ -166,13 +170,13 @@ def pretrained_backbone(config, mesh, workdir: str, input_shape):
 
 
 def model_at_init(config, recipe: TrainRecipe, backbone_state, num_classes: int,
-                  input_shape) -> tuple[nnx.Module, object]:
+                  input_shape, seed: int) -> tuple[nnx.Module, object]:
     """The model at w_init (pre-trained backbone, fresh head / prompts) and the filter of its subset."""
     model = build_from_config(config.model, num_classes=num_classes, input_shape=input_shape,
-                              rngs=nnx.Rngs(config.seed + 1))
+                              rngs=nnx.Rngs(seed + 1))
     nnx.update(model, backbone_state)
     if recipe.subset.startswith("prompts"):
-        model = PromptedViT(model, recipe.num_prompts, deep=recipe.deep_prompts, rngs=nnx.Rngs(config.seed + 2))
+        model = PromptedViT(model, recipe.num_prompts, deep=recipe.deep_prompts, rngs=nnx.Rngs(seed + 2))
         return model, prompt_and_head_filter() if recipe.subset == "prompts_and_head" else prompt_filter()
     return model, filters.param_filter(model, recipe.subset)
 
@@ -200,52 +204,50 @@ def trained_params(init: Unlearnable, train, recipe: TrainRecipe, path: str, see
 
 # --------------------------------------------------------------------------------------- methods
 
-def unlearn(method: str, problem: ForgetProblem, config, recipe: TrainRecipe, ntk_config: NTKScrubConfig, mesh):
+def unlearn(method: str, problem: ForgetProblem, config, ntk_config: NTKScrubConfig, mesh, seed: int):
     """(params, info) of one method."""
     if method == "ntk":
         chunk_mesh = mesh if mesh.shape["data"] > 1 and ntk_config.chunk_size % mesh.shape["data"] == 0 else None
         direction = scrub_direction(problem, ntk_config, mesh=chunk_mesh, progress=config.progress)
-        params, info = apply_scrub(problem, direction, ntk_config, seed=config.seed)
+        params, info = apply_scrub(problem, direction, ntk_config, seed=seed)
         return params, {**info, "direction": direction.dw}  # main takes dw out for the scale sweep
-    if method == "retrain":
-        kwargs = {"recipe": recipe}
-    else:  # baseline lrs are set for a model trained at lr 0.01 and follow the training lr
-        kwargs = config.baselines[method].to_dict()
-        if "lr" in kwargs:
-            kwargs["lr"] *= recipe.lr / BASELINE_REFERENCE_LR
-    return baselines.BASELINES[method](problem, seed=config.seed, progress=config.progress, **kwargs), {}
+    kwargs = config.baselines[method].to_dict() if method != "retrain" else {}
+    if "lr" in kwargs:  # baseline lrs are set for a model trained at lr 0.01 and follow the training lr
+        kwargs["lr"] *= problem.recipe.lr / BASELINE_REFERENCE_LR
+    return baselines.BASELINES[method](problem, seed=seed, progress=config.progress, **kwargs), {}
 
 
-def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    methods, scenarios, recipe, ntk_config = validate(config)
+def run_seed(config, seed: int, workdir: str, methods, scenarios, recipe: TrainRecipe, ntk_config: NTKScrubConfig,
+             mesh, backbone) -> dict:
+    """One seed: D drawn, w(D) trained (or reused), every (scenario, method) run (or reused). The
+    seed's summary, also written to WORKDIR/seed_<seed>/results.json."""
     start = time.perf_counter()
-    mesh = experiment.start(config, workdir, subdirs=("methods",))
-
-    train, test = data_of_d(config)
-    input_shape = model_input_shape(config, train.images.shape[1:])
-    backbone_state, preprocess, pretrain_info = pretrained_backbone(config, mesh, workdir, input_shape)
-    model, subset = model_at_init(config, recipe, backbone_state, train.num_classes, input_shape)
+    os.makedirs(os.path.join(workdir, "methods"), exist_ok=True)
+    backbone_state, preprocess, pretrain_info = backbone
+    train, test = data_of_d(config, seed)
+    model, subset = model_at_init(config, recipe, backbone_state, train.num_classes,
+                                  model_input_shape(config, train.images.shape[1:]), seed)
     init = Unlearnable.from_model(model, subset, preprocess)
-    what_shapes_w_d = json.dumps({k: config.to_dict()[k] for k in ("seed", "data", "backbone", "model", "pretrain",
-                                                                   "unlearn")},
+    what_shapes_w_d = json.dumps({"seed": seed, **{k: config.to_dict()[k] for k in ("data", "backbone", "model",
+                                                                                    "pretrain", "unlearn")}},
                                  sort_keys=True)
-    params, train_seconds = trained_params(init, train, recipe, os.path.join(workdir, "trained.npz"), config.seed,
+    params, train_seconds = trained_params(init, train, recipe, os.path.join(workdir, "trained.npz"), seed,
                                            config.progress, what_shapes_w_d)
     trained = init.with_params(params)
     pretrain_acc = "" if np.isnan(pretrain_info["test_acc"]) else f" (test acc {pretrain_info['test_acc']:.1f}%)"
-    print(f"D: {len(train)} {config.data.name} images, {train.num_classes} classes; subset {recipe.subset}: "
-          f"{init.num_params:,} parameters; pre-trained on {pretrain_info['data']}{pretrain_acc}; "
+    print(f"seed {seed}. D: {len(train)} {config.data.name} images, {train.num_classes} classes; subset "
+          f"{recipe.subset}: {init.num_params:,} parameters; pre-trained on {pretrain_info['data']}{pretrain_acc}; "
           f"trained on D: test acc {metrics.accuracy(trained, test):.1f}%")
 
     # A finished (scenario, method) is reused only if everything that shaped it is unchanged: the
     # run's settings and that method's own hyperparameters (not the other methods'; ntk.* are ntk's).
-    shared = {k: v for k, v in config.to_dict().items()
-              if k not in ("methods", "scenarios", "progress", "baselines", "ntk")}
+    shared = {"seed": seed, **{k: v for k, v in config.to_dict().items()
+                               if k not in ("seeds", "methods", "scenarios", "progress", "baselines", "ntk")}}
     own = {**config.baselines.to_dict(), "ntk": config.ntk.to_dict()}
     results = {}
     for scenario in scenarios:
-        retain, forget, scenario_test = scenario_split(scenario, train, test, config)
-        problem = ForgetProblem(trained, init.params, retain, forget, scenario_test)
+        retain, forget, scenario_test = scenario_split(scenario, train, test, config, seed)
+        problem = ForgetProblem(trained, init.params, retain, forget, scenario_test, recipe)
         rows = {"original": {**metrics.unlearning_metrics(trained, trained.params, problem), "seconds": 0.0}}
         for method in methods:
             path = os.path.join(workdir, "methods", f"{scenario}_{method}.json")
@@ -258,7 +260,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 rows[method] = saved["result"]
                 continue
             t0 = time.perf_counter()
-            new_params, info = unlearn(method, problem, config, recipe, ntk_config, mesh)
+            new_params, info = unlearn(method, problem, config, ntk_config, mesh, seed)
             jax.block_until_ready(new_params)
             seconds = time.perf_counter() - t0
             dw = info.pop("direction", None)
@@ -278,10 +280,53 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 point["gap_to_retrain"] = metrics.gap_to_retrain(point, rows["retrain"])
         results[scenario] = {"n_retain": len(retain), "n_forget": len(forget), "n_test": len(scenario_test),
                              "methods": rows}
+    summary = {"seed": seed, "scenarios": results, "num_params": init.num_params, "n_train": len(train),
+               "train_seconds": train_seconds, "wall_time_s": time.perf_counter() - start}
+    if experiment.main_process():
+        experiment.write_results(workdir, summary, results_table(summary))
+    return summary
 
-    summary = {"scenarios": results, "model": config.model.name, "subset": recipe.subset,
-               "num_params": init.num_params, "data": config.data.name, "n_train": len(train),
-               "pretrain": pretrain_info, "train_seconds": train_seconds,
+
+AVERAGED = (*REPORTED, "gap_to_retrain", "seconds")
+
+
+def mean_over_seeds(per_seed: list[dict]) -> dict:
+    """Scenario blocks as one seed's, every metric of AVERAGED the mean over the seeds, beside it
+    ``<metric>_sd`` (sample standard deviation; 0 for one seed) and ``<metric>_values``; a method's
+    other entries (info_*) come from the first seed."""
+    out = {}
+    for scenario, first in per_seed[0]["scenarios"].items():
+        methods = {}
+        for method, row in first["methods"].items():
+            merged = dict(row)
+            for key in AVERAGED:
+                values = [run["scenarios"][scenario]["methods"][method][key] for run in per_seed]
+                merged.update({key: float(np.mean(values)), f"{key}_sd": float(np.std(values, ddof=1)) if len(values) > 1
+                               else 0.0, f"{key}_values": values})
+            methods[method] = merged
+        out[scenario] = {**{k: v for k, v in first.items() if k != "methods"}, "methods": methods}
+    return out
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    methods, scenarios, recipe, ntk_config = validate(config)
+    start = time.perf_counter()
+    mesh = experiment.start(config, workdir)
+    train, _ = data_of_d(config, config.seeds[0])
+    backbone = pretrained_backbone(config, mesh, workdir, model_input_shape(config, train.images.shape[1:]))
+    per_seed = [run_seed(config, seed, os.path.join(workdir, f"seed_{seed}"), methods, scenarios, recipe, ntk_config,
+                         mesh, backbone) for seed in config.seeds]
+    scenarios_mean = mean_over_seeds(per_seed)
+    speed = {}
+    for scenario, block in scenarios_mean.items():
+        rows = block["methods"]
+        if "ntk" in rows and rows["retrain"]["seconds"] > 0:
+            speed[scenario] = rows["ntk"]["seconds"] / rows["retrain"]["seconds"]
+    summary = {"scenarios": scenarios_mean, "seeds": list(config.seeds), "model": config.model.name,
+               "subset": recipe.subset, "recipe": dataclasses.asdict(recipe), "num_params": per_seed[0]["num_params"],
+               "data": config.data.name, "n_train": per_seed[0]["n_train"], "pretrain": backbone[2],
+               "train_seconds": float(np.mean([run["train_seconds"] for run in per_seed])),
+               "ntk_seconds_over_retrain_seconds": speed,
                "wall_time_s": time.perf_counter() - start, "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
     table = results_table(summary)
     if experiment.main_process():
@@ -293,16 +338,26 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
+def _cell(row: dict, key: str, digits: int = 2) -> str:
+    sd = row.get(f"{key}_sd")
+    return f"{row[key]:.{digits}f}" if not sd else f"{row[key]:.{digits}f} ± {sd:.{digits}f}"
+
+
 def results_table(summary: dict) -> str:
+    """Markdown: one table per scenario (mean ± sd over the seeds when there are several)."""
+    seeds = summary.get("seeds", [summary.get("seed")])
     lines = []
     for scenario, block in summary["scenarios"].items():
         lines += [f"\n**{scenario}** ({block['n_retain']} retain, {block['n_forget']} forget, {block['n_test']} test; "
-                  f"{summary['num_params']:,} parameters in the subset)\n",
+                  f"{summary['num_params']:,} parameters in the subset; seeds {', '.join(map(str, seeds))})\n",
                   "| method | retain acc | forget acc | test acc | MIA | gap to retrain | seconds |",
                   "|---|---|---|---|---|---|---|"]
         for method, r in block["methods"].items():
-            lines.append(f"| {method} | {r['retain_acc']:.2f} | {r['forget_acc']:.2f} | {r['test_acc']:.2f} | "
-                         f"{r['mia']:.2f} | {r['gap_to_retrain']:.2f} | {r['seconds']:.1f} |")
+            lines.append(f"| {method} | " + " | ".join(_cell(r, k) for k in (*REPORTED, "gap_to_retrain"))
+                         + f" | {_cell(r, 'seconds', 1)} |")
+        ratio = summary.get("ntk_seconds_over_retrain_seconds", {}).get(scenario)
+        if ratio is not None:
+            lines += ["", f"NTK scrub seconds / retrain seconds (same recipe): {ratio:.2f}"]
         ntk_row = block["methods"].get("ntk", {})
         if ntk_row.get("info_sweep"):
             lines += ["", f"NTK scrub along its direction, w(D) + s dw (the scrub took s = {ntk_row['info_scale']:.2f}):", "",
@@ -313,18 +368,24 @@ def results_table(summary: dict) -> str:
 
 
 def plot_results(summary: dict, path: str) -> None:
-    """Gap to retrain (bars) per method and scenario: the figure a reader looks at first."""
+    """Gap to retrain per method and scenario, bars at the mean with the seeds' sd as error bars and
+    each seed as a dot: the figure a reader looks at first."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     scenarios = list(summary["scenarios"])
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 3.8), squeeze=False)
     for ax, scenario in zip(axes[0], scenarios):
         rows = summary["scenarios"][scenario]["methods"]
         names = [m for m in rows if m != "retrain"]
-        ax.bar(names, [rows[m]["gap_to_retrain"] for m in names], color="tab:blue")
-        ax.set_title(f"forget {scenario}: mean |gap| to retrain (points)")
-        ax.tick_params(axis="x", rotation=60)
+        x = np.arange(len(names))
+        ax.bar(x, [rows[m]["gap_to_retrain"] for m in names], yerr=[rows[m].get("gap_to_retrain_sd", 0) for m in names],
+               color=["tab:orange" if m == "ntk" else "tab:blue" for m in names], capsize=3)
+        for i, m in enumerate(names):
+            values = rows[m].get("gap_to_retrain_values", [])
+            ax.plot([i] * len(values), values, "k.", ms=4)
+        ax.set_xticks(x, names, rotation=60)
+        ax.set_title(f"forget {scenario}: mean |gap| to retrain (points), {len(summary.get('seeds', [0]))} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

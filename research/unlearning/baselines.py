@@ -7,10 +7,12 @@ Every method has one signature,
 and returns new values of the parameter subset (the tree of ``problem.trained.params``). They start
 from w(D) (``problem.trained.params``), except ``retrain``, which starts from w_init. ``BASELINES``
 maps names to the functions. Hyperparameters are keyword arguments whose defaults are documented in
-each docstring; they are sized for a small network on a few thousand images trained with the default
-``TrainRecipe`` (SGD, peak lr 0.01, cosine): each method costs a few epochs over D_r at most, fewer
-over D_f. Every SGD-based method takes lr, momentum, weight_decay and ``schedule`` ("constant", the
-benchmarks' choice, or "cosine" to 0 over the run).
+each docstring; they are sized for a small network on a few thousand images trained at lr 0.01:
+each method costs a few epochs over D_r at most, fewer over D_f. Every SGD-based method takes lr,
+momentum, weight_decay and ``schedule`` ("constant", the benchmarks' choice, or "cosine" to 0 over
+the run). Their weight decay is the recipe's (``problem.recipe``): its value unless
+``weight_decay`` is given, and its form, (wd/2)|w - w_init|^2 for the proximal recipe, so a
+baseline optimises the objective w(D) was trained on.
 
 Where a default says "on the sanity run" it refers to a one-off check (not part of the tests): a
 512-unit MLP trained 30 epochs on the 5,170-image CIFAR-10 sample until it memorised D (train
@@ -40,8 +42,8 @@ from jax.flatten_util import ravel_pytree
 
 from research.data.pipeline import ImageArrays
 from research.unlearning.model import ForgetProblem, Unlearnable
-from research.unlearning.train import (TrainRecipe, cross_entropy, cross_entropy_loss, fit, image_batches,
-                                       minimize, sgd)
+from research.unlearning.train import (cross_entropy, cross_entropy_loss, fit, image_batches, minimize,
+                                       recipe_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,38 +106,47 @@ def _masked_updates(mask: nnx.State) -> optax.GradientTransformation:
 # Retrain, fine-tune, gradient ascent, random labels
 
 
-def retrain(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, recipe: TrainRecipe) -> nnx.State:
+def _sgd(problem: ForgetProblem, steps: int, lr: float, momentum: float, weight_decay: float | None,
+         schedule: str) -> optax.GradientTransformation:
+    """A baseline's SGD: its own lr, momentum and schedule; the weight decay of the problem's recipe
+    (its value unless ``weight_decay`` is given, and always its form: toward w_init or toward 0)."""
+    wd = problem.recipe.weight_decay if weight_decay is None else weight_decay
+    return recipe_optimizer(problem.recipe, steps, anchor=problem.init_params, lr=lr, momentum=momentum,
+                            weight_decay=wd, schedule=schedule)
+
+
+def retrain(problem: ForgetProblem, *, seed: int = 0, progress: bool = False) -> nnx.State:
     """Retrain from w_init on D_r alone: the gold standard every other method is compared with.
 
-    min_w  (1/|D_r|) sum_{(x,y) in D_r} CE(f(x; w), y)   from w_init, with ``train.fit``.
-
-    ``recipe`` (required) must be the ``TrainRecipe`` that produced w(D), so that the only
-    difference between w(D) and the retrained weights is the data."""
-    return fit(problem.trained, problem.retain, recipe, params=problem.init_params, seed=seed,
+    min_w  (1/|D_r|) sum_{(x,y) in D_r} loss(f(x; w), y) + (wd/2)|w - w_init|^2   from w_init, with
+    ``train.fit`` and ``problem.recipe``, the recipe that produced w(D): the only difference
+    between w(D) and the retrained weights is the data."""
+    return fit(problem.trained, problem.retain, problem.recipe, params=problem.init_params, seed=seed,
                progress=progress, desc="retrain")
 
 
 def finetune(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, epochs: float = 2,
-             lr: float = 0.01, batch_size: int = 64, momentum: float = 0.9, weight_decay: float = 5e-4,
+             lr: float = 0.01, batch_size: int = 64, momentum: float = 0.9, weight_decay: float | None = None,
              schedule: str = "constant") -> nnx.State:
     """Fine-tune w(D) on D_r ("FT"; Warnecke et al. 2021, Golatkar et al. 2020): catastrophic
     forgetting of D_f is the hoped-for side effect.
 
-    w <- w - lr * grad_w [ CE(D_r batch) + (weight_decay/2) |w|^2 ]   (SGD with momentum)
+    w <- w - lr * grad_w [ CE(D_r batch) + (weight_decay/2) |w - w_init|^2 ]   (SGD with momentum; the
+    recipe's decay, toward w_init or toward 0)
 
     Defaults: lr 0.01 as the benchmark's FT (Jia et al. 2023); 2 epochs (the benchmark runs 10 of a
-    182-epoch training, we keep ~20% of a 10-epoch ``TrainRecipe``); momentum 0.9, weight decay 5e-4,
+    182-epoch training, we keep ~20% of a 10-epoch ``TrainRecipe``); momentum 0.9, the recipe's weight decay,
     constant lr. On the sanity run: forget accuracy 100 -> 84%, retain 100 -> 88%; lr 5e-3 (or a
     cosine schedule) left the model unchanged."""
     model, data = problem.trained, problem.retain
     steps = epoch_steps(len(data), batch_size, epochs)
     return minimize(model, cross_entropy_loss(model), image_batches(data, batch_size, seed), steps,
-                    sgd(lr, momentum, weight_decay, steps, schedule), seed=seed, progress=progress, desc="finetune")
+                    _sgd(problem, steps, lr, momentum, weight_decay, schedule), seed=seed, progress=progress, desc="finetune")
 
 
 def gradient_ascent(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, epochs: float = 2,
                     lr: float = 5e-3, batch_size: int = 64, momentum: float = 0.9,
-                    weight_decay: float = 5e-4, schedule: str = "constant") -> nnx.State:
+                    weight_decay: float | None = None, schedule: str = "constant") -> nnx.State:
     """Gradient ascent on D_f ("GA", "NegGrad"; Thudi et al. 2022, Graves et al. 2021): push the
     loss of the forget samples up.
 
@@ -152,7 +163,7 @@ def gradient_ascent(problem: ForgetProblem, *, seed: int = 0, progress: bool = F
     def loss(params, batch, rng):
         return -ce(params, batch, rng)
     return minimize(model, loss, image_batches(data, batch_size, seed), steps,
-                    sgd(lr, momentum, weight_decay, steps, schedule), seed=seed, progress=progress,
+                    _sgd(problem, steps, lr, momentum, weight_decay, schedule), seed=seed, progress=progress,
                     desc="gradient_ascent")
 
 
@@ -179,7 +190,7 @@ def _random_label_training(problem: ForgetProblem, tx: optax.GradientTransformat
 
 
 def random_labels(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, epochs: float = 5,
-                  lr: float = 3e-3, batch_size: int = 64, momentum: float = 0.9, weight_decay: float = 5e-4,
+                  lr: float = 3e-3, batch_size: int = 64, momentum: float = 0.9, weight_decay: float | None = None,
                   schedule: str = "constant", exclude_true_label: bool = True) -> nnx.State:
     """Random labels on D_f while training on D_r ("RL"; Golatkar et al. 2020, Graves et al. 2021
     "amnesiac" unlearning): relabelled forget samples lose what the model knew about them.
@@ -190,11 +201,11 @@ def random_labels(problem: ForgetProblem, *, seed: int = 0, progress: bool = Fal
 
     ``epochs`` counts passes over D_f (each step also takes a retain batch, so 5 epochs over a D_f
     of 10% of D see about half of D_r). Defaults: lr 3e-3, 5 epochs over D_f, batch 64 for each
-    split, momentum 0.9, weight decay 5e-4. The benchmark's RL uses 0.013 for 10 epochs over D; here
+    split, momentum 0.9, the recipe's weight decay. The benchmark's RL uses 0.013 for 10 epochs over D; here
     the forget loss has the same weight as the retain loss in every step, and on the sanity run lr
     0.01 took retain accuracy to 54%, while 3e-3 gave forget 38%, retain 84%, test 43 -> 29%."""
     steps = epoch_steps(len(problem.forget), batch_size, epochs)
-    return _random_label_training(problem, sgd(lr, momentum, weight_decay, steps, schedule), steps, seed=seed,
+    return _random_label_training(problem, _sgd(problem, steps, lr, momentum, weight_decay, schedule), steps, seed=seed,
                                   progress=progress, batch_size=batch_size, exclude_true_label=exclude_true_label,
                                   desc="random_labels")
 
@@ -302,7 +313,7 @@ def fisher_forgetting(problem: ForgetProblem, *, seed: int = 0, progress: bool =
 
 def l1_sparse(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, alpha: float = 5e-4,
               epochs: float = 2, lr: float = 0.01, batch_size: int = 64, momentum: float = 0.9,
-              weight_decay: float = 5e-4, schedule: str = "constant") -> nnx.State:
+              weight_decay: float | None = None, schedule: str = "constant") -> nnx.State:
     """Sparsity-aware fine-tuning on D_r ("l1-sparse"; Jia et al., NeurIPS 2023, "Model sparsity can
     simplify machine unlearning").
 
@@ -310,7 +321,7 @@ def l1_sparse(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, 
     the T steps; the reference decays it per epoch), ||w||_1 summed over the whole subset.
 
     Defaults: alpha 5e-4 (the paper's CIFAR-10 setting; 1e-4 in some of its scripts), lr 0.01 and
-    2 epochs as ``finetune`` so the two differ only by the penalty; momentum 0.9, weight decay 5e-4.
+    2 epochs as ``finetune`` so the two differ only by the penalty; momentum 0.9, the recipe's weight decay.
     On the sanity run: forget accuracy 100 -> 78%, retain 86% (fine-tuning alone: 84%, 88%)."""
     model, data = problem.trained, problem.retain
     steps = epoch_steps(len(data), batch_size, epochs)
@@ -322,7 +333,7 @@ def l1_sparse(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, 
 
     def loss(params, batch, rng):
         return ce(params, batch, rng) + batch["l1_weight"] * l1_norm(params)
-    return minimize(model, loss, next_batch, steps, sgd(lr, momentum, weight_decay, steps, schedule), seed=seed,
+    return minimize(model, loss, next_batch, steps, _sgd(problem, steps, lr, momentum, weight_decay, schedule), seed=seed,
                     progress=progress, desc="l1_sparse")
 
 
@@ -362,7 +373,7 @@ def saliency_mask(unlearnable: Unlearnable, forget: ImageArrays, sparsity: float
 
 def salun(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, sparsity: float = 0.5,
           epochs: float = 5, lr: float = 3e-3, batch_size: int = 64, momentum: float = 0.9,
-          weight_decay: float = 5e-4, schedule: str = "constant", exclude_true_label: bool = True) -> nnx.State:
+          weight_decay: float | None = None, schedule: str = "constant", exclude_true_label: bool = True) -> nnx.State:
     """SalUn (Fan et al., ICLR 2024, "Weight saliency-based machine unlearning"): random-label
     unlearning restricted to the weights most salient for D_f.
 
@@ -376,7 +387,7 @@ def salun(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, spar
     50%, retain 83%, test 27% (lr 0.01 with a cosine schedule: 45%, 83%, 31%)."""
     mask = saliency_mask(problem.trained, problem.forget, sparsity)
     steps = epoch_steps(len(problem.forget), batch_size, epochs)
-    tx = optax.chain(sgd(lr, momentum, weight_decay, steps, schedule), _masked_updates(mask))
+    tx = optax.chain(_sgd(problem, steps, lr, momentum, weight_decay, schedule), _masked_updates(mask))
     return _random_label_training(problem, tx, steps, seed=seed, progress=progress, batch_size=batch_size,
                                   exclude_true_label=exclude_true_label, desc="salun")
 
@@ -409,7 +420,7 @@ def scrub_plan(forget_batches: int, retain_batches: int, max_epochs: int, min_ep
 def scrub(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, max_epochs: int = 2,
           min_epochs: int = 3, lr: float = 1e-3, alpha: float = 0.001, gamma: float = 0.99,
           temperature: float = 4.0, batch_size: int = 64, forget_batch_size: int = 16,
-          momentum: float = 0.9, weight_decay: float = 5e-4, schedule: str = "constant") -> nnx.State:
+          momentum: float = 0.9, weight_decay: float | None = None, schedule: str = "constant") -> nnx.State:
     """SCRUB (Kurmanji, Triantafillou, Hayes, Triantafillou; NeurIPS 2023, "Towards unbounded machine
     unlearning"): a student, initialised at w(D), moves away from the frozen teacher w(D) on D_f
     while staying close to it (and accurate) on D_r.
@@ -419,8 +430,8 @@ def scrub(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, max_
     KL_T = T^2 KL(softmax(t/T) || softmax(s/T)). Epoch e runs a max pass over D_f when e < max_epochs,
     then a min pass over D_r when e < min_epochs (``scrub_plan``), all with one SGD optimizer.
 
-    Defaults: the paper's CIFAR settings (alpha 0.001, gamma 0.99, T 4, momentum 0.9, weight decay
-    5e-4, forget batches 4x smaller than retain batches: 32 / 128 there, 16 / 64 here), 2 max epochs
+    Defaults: the paper's CIFAR settings (alpha 0.001, gamma 0.99, T 4, momentum 0.9; weight decay
+    5e-4 there, the recipe's here; forget batches 4x smaller than retain batches: 32 / 128 there, 16 / 64 here), 2 max epochs
     and 3 min epochs (the paper: 2-3 and 3-5), and lr 1e-3 (the paper: 5e-4). The model stays in
     eval mode, so the student starts exactly at the teacher, where the KL's gradient is zero: the
     first max pass moves the weights only through weight decay, and later ones push away once min
@@ -444,7 +455,7 @@ def scrub(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, max_
         kl = distill_kl(logits, jax.lax.stop_gradient(model.logits(teacher, batch["images"])), temperature)
         min_loss = alpha * kl + gamma * cross_entropy(logits, batch["labels"])
         return batch["is_max"] * -kl + (1.0 - batch["is_max"]) * min_loss
-    return minimize(model, loss, next_batch, len(plan), sgd(lr, momentum, weight_decay, len(plan), schedule),
+    return minimize(model, loss, next_batch, len(plan), _sgd(problem, len(plan), lr, momentum, weight_decay, schedule),
                     seed=seed, progress=progress, desc="scrub")
 
 
@@ -464,6 +475,6 @@ def hyperparameters(name: str) -> dict:
     """The keyword defaults of baseline ``name`` (what a config may override), e.g. {"lr": 0.01, ...}."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose one of: {', '.join(BASELINES)}")
-    skip = ("seed", "progress", "recipe")
+    skip = ("seed", "progress")
     return {k: p.default for k, p in inspect.signature(BASELINES[name]).parameters.items()
             if p.default is not inspect.Parameter.empty and k not in skip}

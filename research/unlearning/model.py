@@ -24,6 +24,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from research.data.pipeline import ImageArrays
+from research.unlearning.recipe import TrainRecipe
 
 # preprocess(uint8 images (N, H, W, C)) -> model inputs; runs inside jit.
 Preprocess = Callable[[jax.Array], jax.Array]
@@ -93,14 +94,17 @@ class ForgetProblem:
 
     trained      the model trained on D = retain + forget, w(D) (its subset ``params``);
     init_params  the subset's values before that training, w_init (pre-trained weights, fresh head):
-                 where retraining on D_r starts, and where NTK scrubbing linearises;
-    retain, forget, test  the three splits (uint8 images, int labels of ``trained``'s classes).
+                 where retraining on D_r starts, and the anchor of the recipe's proximal decay;
+    retain, forget, test  the three splits (uint8 images, int labels of ``trained``'s classes);
+    recipe       how w(D) was trained: retraining repeats it on D_r, the baselines keep its weight
+                 decay, the NTK scrub linearises its objective (loss, ridge N * weight_decay).
     """
     trained: Unlearnable
     init_params: nnx.State
     retain: ImageArrays
     forget: ImageArrays
     test: ImageArrays
+    recipe: TrainRecipe = TrainRecipe()
 
     @property
     def num_classes(self) -> int:

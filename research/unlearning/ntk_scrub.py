@@ -2,25 +2,31 @@
 (Li, Hsu, Chen, Marculescu, CVPRW 2024): the same scrub with the Jacobian taken only over a
 parameter-efficient subset (BatchNorm affine parameters, visual prompts, with or without the head).
 
-Training from w_init on data D is linearised around w_init (the NTK regime of fine-tuning):
-f_w(x) ~ f_0(x) + J (w - w_init). The weight change that training on a set S learns is then the
-kernel ridge solution
+Training is linearised around a point w_lin: f_w(x) ~ f_lin(x) + J (w - w_lin). For the recipe's
+objective, mean loss + (wd/2)|w - w_init|^2 (``problem.recipe``, recipe.py), the weight change that
+training on a set S learns is then the kernel ridge solution
 
-    w_S = -J_S^T (Theta_SS + |S| wd I)^{-1} r_S,     r = softmax(f_0(x)) - onehot(y)   (CE)
-                                                       r = f_0(x) - onehot(y)            (MSE)
+    w_S = -J_S^T (Theta_SS + |S| wd I)^{-1} r_S,     r = softmax(f_lin(x)) - onehot(y)   (CE)
+                                                       r = f_lin(x) - onehot(y)            (MSE)
 
-(J_S, f_0 and r at w_init; wd the L2 weight of a mean loss). With w_complete = w_D and
-w_retain = w_{D_r}, the scrub direction is dw = w_retain - w_complete (the spec's block form
-P G_f^T M V is the same vector) and
+(J_S, f_lin and r at w_lin; the loss and wd are the recipe's: one field each, shared with training).
+With w_complete = w_D and w_retain = w_{D_r}, the scrub direction is dw = w_retain - w_complete
+(the spec's block form P G_f^T M V is the same vector) and
 
     w_scrub = w(D) + s dw.
 
-``scale="none"`` takes s = 1. ``scale="trapezium"`` is the paper's correction for the linearisation
-error: e = (w(D) - w_init) - w_retain, cos = <dw, e> / (|dw| |e|);
+``linearize_at`` names the point: ``"trained"`` (default) takes J and r at w(D), as the reference
+notebook does (its scrub is given the trained model); ``"init"`` takes them at w_init, the NTK
+regime of the paper's derivation, in which the solution above is exact for a model linear in its
+parameters trained to convergence.
+
+``scale="none"`` takes s = 1. ``scale="trapezium"`` is the reference's correction for the
+linearisation error: e = (w(D) - w_init) - w_retain, cos = <dw, e> / (|dw| |e|);
     cos < 0:  a = arccos(cos) - pi/2,  predicted = |dw| + 2 sin(a) |e|
     cos >= 0: a = arccos(cos),         predicted = |dw| + 2 cos(a) |e|
 and s = predicted / |dw|. (When the model is exactly linear, w(D) - w_init = w_complete, so
-e = -dw and the rule gives s = 3, not 1: the trapezium is a heuristic for networks that are not.)
+e = -dw and the rule gives s = 3, not 1: the trapezium suits CE training of a network that is
+not linear; with MSE to convergence use ``scale="none"``.)
 
 Optional Fisher noise (``fisher_alpha`` > 0; 1e-9 with NTK in the paper's code): w += sqrt(var) eps,
 var = alpha * min(1 / (F + 1e-8), 1e3), F the diagonal Fisher (expected over the model's
@@ -28,9 +34,6 @@ predictions) on D_r at the scrubbed weights, as Fisher forgetting in baselines.p
 
 Exactness we test: for a model linear in its parameters, trained to convergence on D with the mean
 MSE + (wd/2)|w - w_init|^2, ``scale="none"`` returns exactly the weights retrained on D_r.
-
-``linearize_at="init"`` is the paper and its reference notebook (Jacobian and residual at the
-pre-trained weights); ``"trained"`` takes both at w(D) instead, for comparison.
 """
 from __future__ import annotations
 
@@ -52,30 +55,21 @@ from research.unlearning.model import ForgetProblem
 @dataclasses.dataclass(frozen=True)
 class NTKScrubConfig:
     """Settings of the scrub; the ``ntk`` section of configs/unlearning.py is made from them."""
-    loss: Literal["ce", "mse"] = "ce"           # the training loss whose linearisation is scrubbed
-    weight_decay: float | None = None           # wd of the training run, the ridge is |S| * wd; None: the recipe's
     scale: Literal["trapezium", "none"] = "trapezium"
     fisher_alpha: float = 0.0                   # 1e-9 adds the paper's Fisher noise; 0 = none
     mode: Literal[ntk.NTK_MODES] = "jacobian"  # how the kernel is formed (see ntk.py)
     space: Literal["auto", "samples", "parameters"] = "auto"  # where the ridge is solved (jacobian mode)
-    linearize_at: Literal["init", "trained"] = "init"  # init: the paper; trained: Jacobian and residual at w(D)
+    linearize_at: Literal["trained", "init"] = "trained"  # J and r at w(D) (the reference notebook) or w_init
     chunk_size: int = 64                        # samples per Jacobian chunk
     scale_sweep: tuple[float, ...] = ()         # a diagnostic: also measure w(D) + s dw at each s
 
     def __post_init__(self):
         config_lib.check_fields(self)
-        config_lib.require(self, "weight_decay", self.weight_decay is None or self.weight_decay >= 0, "None or >= 0")
         config_lib.require(self, "fisher_alpha", self.fisher_alpha >= 0, ">= 0")
         config_lib.require(self, "chunk_size", self.chunk_size > 0, "a positive int")
         config_lib.require(self, "scale_sweep", all(map(math.isfinite, self.scale_sweep)), "finite numbers")
         config_lib.require(self, "space", not (self.mode == "vector_products" and self.space == "parameters"),
                            "auto or samples with mode=vector_products (parameter space needs the Jacobian)")
-
-    @property
-    def ridge_weight_decay(self) -> float:
-        if self.weight_decay is None:
-            raise ValueError("NTKScrubConfig.weight_decay is None: set it to the training run's weight decay")
-        return self.weight_decay
 
 
 def residuals(logits: jax.Array, labels: np.ndarray, loss: str) -> np.ndarray:
@@ -126,21 +120,22 @@ def scrub_direction(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubCon
     labels = np.concatenate([problem.retain.labels, problem.forget.labels])
     n, n_r = len(labels), len(problem.retain)
     logits = problem.trained.predict(images, params=unravel(at))
-    r = residuals(jnp.asarray(logits), labels, config.loss)
+    r = residuals(jnp.asarray(logits), labels, problem.recipe.loss)
+    wd = problem.recipe.weight_decay
     info = {"num_params": int(w_trained.size), "num_outputs": int(r.size)}
 
     if config.mode == "jacobian":
         jac = ntk.jacobian(fn, at, images, chunk_size=config.chunk_size, mesh=mesh, progress=progress)
         info["jacobian_seconds"] = time.perf_counter() - t0
         space = config.space if config.space != "auto" else ntk.solve_space(r.size, int(at.size))
-        w_complete, w_retain = ntk.nested_ridge_solves(jac, r, n_r, n * config.ridge_weight_decay,
-                                                       n_r * config.ridge_weight_decay, space=space)
+        w_complete, w_retain = ntk.nested_ridge_solves(jac, r, n_r, n * wd,
+                                                       n_r * wd, space=space)
         w_complete, w_retain = -w_complete, -w_retain
         del jac
     else:
         space = "samples"
-        w_complete = _solution_by_products(fn, at, images, r, n * config.ridge_weight_decay, config.chunk_size)
-        w_retain = _solution_by_products(fn, at, images[:n_r], r[:n_r], n_r * config.ridge_weight_decay,
+        w_complete = _solution_by_products(fn, at, images, r, n * wd, config.chunk_size)
+        w_retain = _solution_by_products(fn, at, images[:n_r], r[:n_r], n_r * wd,
                                          config.chunk_size)
     info["space"] = space
     dw = np.asarray(w_retain - w_complete, np.float64)

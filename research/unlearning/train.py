@@ -4,12 +4,12 @@
 ``loss_fn(params, batch, rng) -> scalar`` and returns the new params. Batches come from
 ``next_batch(step) -> dict of numpy arrays`` so the order is a pure function of the step.
 ``cross_entropy_loss`` and ``image_batches`` cover the common case (CE on (images, labels) pairs).
+``fit`` trains with a ``TrainRecipe`` (recipe.py); ``recipe_optimizer`` is its SGD, which the
+baselines share so that they keep the recipe's weight decay and its anchor w_init.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +18,10 @@ import optax
 import tqdm
 from flax import nnx
 
-from research.core import config as config_lib
 from research.core import optim
 from research.data.pipeline import ImageArrays
 from research.unlearning.model import Unlearnable
+from research.unlearning.recipe import TrainRecipe
 
 LossFn = Callable[[nnx.State, dict, jax.Array], jax.Array]
 
@@ -72,50 +72,67 @@ def image_batches(data: ImageArrays, batch_size: int, seed: int = 0) -> Callable
     return next_batch
 
 
-def sgd(lr: float, momentum: float = 0.9, weight_decay: float = 0.0, steps: int = 0,
-        schedule: str = "constant") -> optax.GradientTransformation:
-    """research.core's SGD with momentum as the unlearning references' torch code sets it up:
-    ``weight_decay`` adds wd * w to the gradient of every parameter of the subset (vectors too);
-    ``schedule="cosine"`` decays lr to 0 over ``steps``."""
-    return optim.make_optimizer(optim.OptimConfig(name="sgd", lr=lr, momentum=momentum, nesterov=False,
-                                                  weight_decay=weight_decay, schedule=schedule, decay_vectors=True),
-                                steps)
+def mse(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean over samples of (1/2) |f(x) - onehot(y)|^2: logits (N, C), integer labels (N,)."""
+    return 0.5 * jnp.mean(jnp.sum((logits - jax.nn.one_hot(labels, logits.shape[-1])) ** 2, -1))
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainRecipe:
-    """How a model was trained on D (and so how the retrain baseline trains on D_r): the parameter
-    ``subset`` trained (the rest frozen, BatchNorm in eval mode), SGD with momentum, L2
-    ``weight_decay`` on the subset, ``epochs`` over the data in batches of ``batch_size``."""
-    subset: Literal["all", "bn_and_head", "bn", "head", "prompts_and_head", "prompts"] = "all"
-    num_prompts: int = 10          # prompts*: prompt tokens (a ViT)
-    deep_prompts: bool = False     # prompts*: one set per block (deep VPT) instead of one at the input
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    epochs: int = 10
-    batch_size: int = 64
-    schedule: Literal["constant", "cosine"] = "cosine"
+LOSSES = {"ce": cross_entropy, "mse": mse}
 
-    def __post_init__(self):
-        config_lib.check_fields(self)
-        config_lib.require(self, "lr", self.lr > 0, "a positive float")
-        config_lib.require(self, "weight_decay", self.weight_decay >= 0, "a float >= 0")
-        config_lib.require(self, "epochs", self.epochs > 0, "a positive int")
-        config_lib.require(self, "batch_size", self.batch_size > 0, "a positive int")
-        config_lib.require(self, "num_prompts", self.num_prompts > 0, "a positive int")
 
-    def steps(self, n: int) -> int:
-        return self.epochs * max(n // min(self.batch_size, n), 1)
+def recipe_loss(unlearnable: Unlearnable, recipe: TrainRecipe) -> LossFn:
+    """loss(params, {"images", "labels"}, rng): the recipe's data term (its weight decay is the optimiser's)."""
+    data_term = LOSSES[recipe.loss]
 
-    def optimizer(self, n: int) -> optax.GradientTransformation:
-        return sgd(self.lr, self.momentum, self.weight_decay, self.steps(n), self.schedule)
+    def loss(params, batch, rng):
+        return data_term(unlearnable.logits(params, batch["images"]), batch["labels"])
+    return loss
+
+
+def recipe_optimizer(recipe: TrainRecipe, steps: int, anchor: nnx.State | None = None,
+                     **overrides) -> optax.GradientTransformation:
+    """The recipe's SGD through the core optimiser; ``anchor`` is w_0 of its proximal decay (None:
+    where the run starts). ``overrides``: OptimConfig fields a baseline sets itself (lr, ...)."""
+    cfg = recipe.optim_config(**overrides)
+    return optim.make_optimizer(cfg, steps, anchor=anchor if cfg.decay_toward == "init" else None)
+
+
+def _penalty(recipe: TrainRecipe, params, anchor):
+    diff = jax.tree.map(lambda p, a: p - a, params, anchor) if recipe.decay_toward == "init" else params
+    return 0.5 * recipe.weight_decay * sum(jnp.sum(d ** 2) for d in jax.tree.leaves(diff))
+
+
+def fit_lbfgs(unlearnable: Unlearnable, data: ImageArrays, recipe: TrainRecipe, *, params: nnx.State | None = None,
+              progress: bool = False, desc: str = "train") -> nnx.State:
+    """Full-batch L-BFGS on loss(D) + (wd/2)|w - w_0|^2 (w_0 = the start) for ``recipe.epochs``
+    iterations: training to convergence, where the linearised solution is exact for a linear model."""
+    start = unlearnable.params if params is None else params
+    data_term = recipe_loss(unlearnable, recipe)
+    batch = {"images": jnp.asarray(data.images), "labels": jnp.asarray(data.labels)}
+
+    def objective(p):
+        return data_term(p, batch, None) + _penalty(recipe, p, start)
+    tx = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(objective)
+
+    @jax.jit
+    def step(p, state):
+        value, grad = value_and_grad(p, state=state)
+        updates, state = tx.update(grad, state, p, value=value, grad=grad, value_fn=objective)
+        return optax.apply_updates(p, updates), state
+
+    p, state = start, tx.init(start)
+    for _ in tqdm.trange(recipe.epochs, disable=not progress, desc=desc, leave=False):
+        p, state = step(p, state)
+    return p
 
 
 def fit(unlearnable: Unlearnable, data: ImageArrays, recipe: TrainRecipe, *, params: nnx.State | None = None,
         seed: int = 0, progress: bool = False, desc: str = "train") -> nnx.State:
-    """Cross-entropy training of the subset on ``data`` with ``recipe``, from ``params`` (default: the
-    unlearnable's own). Returns the trained params."""
+    """Train the subset on ``data`` with ``recipe`` from ``params`` (default: the unlearnable's own),
+    the proximal decay anchored there. Returns the trained params."""
+    if recipe.optimizer == "lbfgs":
+        return fit_lbfgs(unlearnable, data, recipe, params=params, progress=progress, desc=desc)
     steps = recipe.steps(len(data))
-    return minimize(unlearnable, cross_entropy_loss(unlearnable), image_batches(data, recipe.batch_size, seed),
-                    steps, recipe.optimizer(len(data)), seed=seed, params=params, progress=progress, desc=desc)
+    return minimize(unlearnable, recipe_loss(unlearnable, recipe), image_batches(data, recipe.batch_size, seed),
+                    steps, recipe_optimizer(recipe, steps), seed=seed, params=params, progress=progress, desc=desc)

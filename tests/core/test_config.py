@@ -157,7 +157,7 @@ def test_every_config_section_made_from_a_dataclass_builds_back():
     from research.core.classify import ClassifierTrainConfig
     from research.core.optim import OptimConfig
     from research.models import ModelConfig
-    from research.unlearning.train import TrainRecipe
+    from research.unlearning.recipe import TrainRecipe
     for spec, sections in [("configs/train_classifier.py", {"model": ModelConfig, "optim": OptimConfig,
                                                             "train": ClassifierTrainConfig}),
                            ("configs/unlearning.py:vit_prompts", {"ntk": NTKScrubConfig, "unlearn": TrainRecipe,

@@ -13,7 +13,7 @@ from research.core.config import ConfigError, load_config
 from research.data.pipeline import ImageArrays
 from research.models import build_model
 from research.unlearning.model import Unlearnable
-from research.unlearning.train import TrainRecipe
+from research.unlearning.recipe import TrainRecipe
 
 KEYS = ("retain_acc", "forget_acc", "test_acc", "mia", "gap_to_retrain", "seconds")
 DIGITS = {"data.name": "digits", "pretrain.data": "digits", "model.patch_size": 0}
@@ -34,7 +34,8 @@ def test_every_method_and_scenario_is_recorded_and_a_rerun_reuses_them(tmp_path,
     assert cls["n_forget"] == 8 and cls["n_retain"] == 32  # 5 classes x 8 images, one class forgotten
     assert results["scenarios"]["random"]["n_forget"] == 4
     assert results["num_params"] == 64 * 16 + 16 + 16 * 5 + 5  # every parameter of the MLP
-    assert {"results.json", "results.md", "unlearning.png", "trained.npz", "pretrain"} <= set(os.listdir(tmp_path))
+    assert {"results.json", "results.md", "unlearning.png", "seed_0", "pretrain"} <= set(os.listdir(tmp_path))
+    assert {"results.json", "results.md", "trained.npz", "methods"} <= set(os.listdir(tmp_path / "seed_0"))
     capsys.readouterr()
     again = unlearning.main(config, str(tmp_path))
     assert not [line for line in capsys.readouterr().out.splitlines() if line.endswith(" s")]  # nothing recomputed
@@ -62,6 +63,33 @@ def test_scale_sweep_walks_the_scrub_direction_and_reruns_only_ntk(tmp_path, cap
     assert at_one["gap_to_retrain"] == pytest.approx(rows["ntk"]["gap_to_retrain"])
     assert "ntk_scale_sweep.png" in os.listdir(tmp_path)
     assert "| 0 |" in (tmp_path / "results.md").read_text()
+
+
+def test_seeds_report_the_mean_and_sd_of_their_runs_and_share_the_backbone(tmp_path):
+    base = {**SMALL_MLP, "methods": ("retrain", "ntk", "finetune"), "scenarios": ("random",)}
+    results = unlearning.main(load_config("configs/unlearning.py:smoke", {**base, "seeds": (0, 1)}), str(tmp_path))
+    assert results["seeds"] == [0, 1] and {"seed_0", "seed_1", "pretrain"} <= set(os.listdir(tmp_path))
+    per_seed = [json.loads((tmp_path / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
+    for method, row in results["scenarios"]["random"]["methods"].items():
+        for key in ("forget_acc", "gap_to_retrain"):
+            values = [run["scenarios"]["random"]["methods"][method][key] for run in per_seed]
+            assert row[f"{key}_values"] == values
+            assert row[key] == pytest.approx(np.mean(values)) and row[f"{key}_sd"] == pytest.approx(np.std(values, ddof=1))
+    assert per_seed[0]["scenarios"]["random"]["methods"]["ntk"]["forget_acc"] is not None
+    assert results["ntk_seconds_over_retrain_seconds"]["random"] > 0
+    assert " ± " in (tmp_path / "results.md").read_text()
+    # One seed alone is the same run as that seed inside the pair (its records are reused).
+    alone = unlearning.main(load_config("configs/unlearning.py:smoke", {**base, "seeds": (1,)}), str(tmp_path))
+    assert alone["scenarios"]["random"]["methods"]["ntk"]["forget_acc"] == \
+        per_seed[1]["scenarios"]["random"]["methods"]["ntk"]["forget_acc"]
+
+
+def test_exact_theory_preset_trains_to_convergence_and_scrubs_with_scale_one(tmp_path):
+    config = load_config("configs/unlearning.py:exact_theory,smoke", {**SMALL_MLP, "methods": ("retrain", "ntk"),
+                                                                       "scenarios": ("random",)})
+    assert (config.unlearn.loss, config.unlearn.optimizer, config.ntk.scale) == ("mse", "lbfgs", "none")
+    results = unlearning.main(config, str(tmp_path))
+    assert results["scenarios"]["random"]["methods"]["ntk"]["info_scale"] == 1.0
 
 
 def test_trained_model_is_reused_only_for_the_same_settings(tmp_path):
@@ -115,6 +143,8 @@ def test_fast_ntk_on_the_imagenet_efficientnet_runs(tmp_path, skip_without_image
     ({"ntk.scale": "double"}, "ntk.scale"),
     ({"ntk.scale_sweep": (1, "two")}, "ntk.scale_sweep"),
     ({"ntk.linearize_at": "final"}, "ntk.linearize_at"),
+    ({"seeds": (0, 0)}, "seeds"),
+    ({"unlearn.decay_toward": "one"}, "unlearn.decay_toward"),
     ({"backbone.source": "hub"}, "backbone.source"),
     ({"backbone.source": "imagenet"}, "efficientnet_lite0 only"),
     ({"data.image_size": 64}, "data.image_size"),

@@ -12,10 +12,12 @@ from research.unlearning.baselines import (BASELINES, distill_kl, finetune, fish
                                            fisher_noise_std, gradient_ascent, l1_norm, l1_sparse, random_labels,
                                            random_wrong_labels, retrain, saliency_mask, salun, scrub, scrub_plan)
 from research.unlearning.model import ForgetProblem, Unlearnable
-from research.unlearning.train import TrainRecipe, cross_entropy, fit
+from research.unlearning.recipe import TrainRecipe
+from research.unlearning.train import cross_entropy, fit
 
 NUM_CLASSES = 3
-RECIPE = TrainRecipe(lr=0.05, epochs=15, batch_size=16)
+# The baselines' defaults were sized against this recipe (decay toward 0, cosine).
+RECIPE = TrainRecipe(lr=0.05, epochs=15, batch_size=16, weight_decay=5e-4, decay_toward="zero", schedule="cosine")
 
 
 class TinyMLP(nnx.Module):
@@ -49,7 +51,7 @@ def make_problem(module_cls, seed=0) -> ForgetProblem:
     model = Unlearnable.from_model(module_cls(nnx.Rngs(seed)))
     trained = fit(model, ImageArrays(np.concatenate([retain.images, forget.images]),
                                      np.concatenate([retain.labels, forget.labels]), retain.label_names), RECIPE)
-    return ForgetProblem(model.with_params(trained), model.params, retain, forget, test)
+    return ForgetProblem(model.with_params(trained), model.params, retain, forget, test, RECIPE)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +71,7 @@ def forget_ce(problem, params) -> float:
 def test_every_baseline_returns_the_subset_tree(problem):
     reference = problem.trained.params
     for name, method in BASELINES.items():
-        kwargs = {"recipe": RECIPE} if name == "retrain" else {}
-        out = method(problem, seed=1, **kwargs)
+        out = method(problem, seed=1)
         assert jax.tree.structure(out) == jax.tree.structure(reference), name
         for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(reference)):
             assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -79,8 +80,17 @@ def test_every_baseline_returns_the_subset_tree(problem):
 
 def test_retrain_is_fit_from_init_on_the_retain_set(problem):
     expected = fit(problem.trained, problem.retain, RECIPE, params=problem.init_params, seed=2)
-    np.testing.assert_array_equal(flat(retrain(problem, seed=2, recipe=RECIPE)), flat(expected))
+    np.testing.assert_array_equal(flat(retrain(problem, seed=2)), flat(expected))
     assert not np.allclose(flat(expected), flat(problem.trained.params))
+
+
+def test_a_baseline_keeps_the_recipes_proximal_decay_anchored_at_w_init(problem):
+    from research.unlearning.baselines import _sgd
+    proximal = dataclasses.replace(problem, recipe=dataclasses.replace(RECIPE, weight_decay=0.1, decay_toward="init"))
+    tx = _sgd(proximal, 10, lr=0.01, momentum=0.0, weight_decay=None, schedule="constant")
+    w_d = problem.trained.params
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, w_d), tx.init(w_d), w_d)  # the run starts at w(D)
+    np.testing.assert_allclose(flat(updates), -0.01 * 0.1 * (flat(w_d) - flat(problem.init_params)), rtol=1e-5, atol=1e-9)
 
 
 def test_gradient_ascent_raises_the_forget_loss(problem):

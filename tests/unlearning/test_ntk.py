@@ -14,6 +14,8 @@ from research.models.filters import bn_and_head, head
 from research.unlearning import ntk
 from research.unlearning.model import ForgetProblem, Unlearnable
 from research.unlearning.ntk_scrub import NTKScrubConfig, ntk_scrub, trapezium_scale
+from research.unlearning.recipe import TrainRecipe
+from research.unlearning.train import fit
 
 
 class TinyCNN(nnx.Module):
@@ -173,47 +175,56 @@ def linear_problem(n_retain=30, n_forget=10, classes=3):
     return u, split(0, n_retain), split(n_retain, n_retain + n_forget), split(n_retain + n_forget, len(x))
 
 
+# The exact-theory recipe: mean MSE to one-hot targets + (WD/2)|w - w_init|^2, full-batch L-BFGS.
+EXACT = TrainRecipe(subset="head", loss="mse", optimizer="lbfgs", epochs=100, weight_decay=WD, decay_toward="init")
+
+
 def train_to_convergence(u, data, init):
-    """Mean MSE to one-hot targets + (WD/2)|w - w_init|^2, by L-BFGS until the gradient vanishes."""
+    """``fit`` with the exact-theory recipe, checked to have converged (the gradient vanishes)."""
+    trained = fit(u, data, EXACT, params=init)
     init_flat, fn, unravel = u.with_params(init).flat()
     x, targets = jnp.asarray(data.images), jax.nn.one_hot(data.labels, 3)
 
-    def loss(theta):
+    def objective(theta):
         return 0.5 * jnp.mean(jnp.sum((fn(theta, x) - targets) ** 2, -1)) + 0.5 * WD * jnp.sum((theta - init_flat) ** 2)
-    tx = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss)
-
-    @jax.jit
-    def run(theta):
-        def step(carry, _):
-            theta, state = carry
-            value, grad = value_and_grad(theta, state=state)
-            updates, state = tx.update(grad, state, theta, value=value, grad=grad, value_fn=loss)
-            return (optax.apply_updates(theta, updates), state), None
-        return jax.lax.scan(step, (theta, tx.init(theta)), None, length=100)[0][0]
-    theta = run(init_flat)
-    assert float(jnp.linalg.norm(jax.grad(loss)(theta))) < 1e-6
-    return unravel(theta)
+    theta = jax.flatten_util.ravel_pytree(trained)[0]
+    assert float(jnp.linalg.norm(jax.grad(objective)(theta))) < 1e-6
+    return trained
 
 
-def test_ntk_scrub_of_a_linear_model_equals_retraining_on_the_retain_set():
+@pytest.fixture(scope="module")
+def linear_forget_problem():
+    """(problem, weights retrained on D_r) for the linear model, both trained to convergence."""
     u, retain, forget, test = linear_problem()
     init = u.params
     both = ImageArrays(np.concatenate([retain.images, forget.images]), np.concatenate([retain.labels, forget.labels]),
                        retain.label_names)
     trained = u.with_params(train_to_convergence(u, both, init))
     retrained = train_to_convergence(u, retain, init)
-    problem = ForgetProblem(trained, init, retain, forget, test)
+    return ForgetProblem(trained, init, retain, forget, test, EXACT), retrained
+
+
+def test_ntk_scrub_of_a_linear_model_equals_retraining_on_the_retain_set(linear_forget_problem):
+    problem, retrained = linear_forget_problem
     want = jax.flatten_util.ravel_pytree(retrained)[0]
-    before = float(jnp.abs(jax.flatten_util.ravel_pytree(trained.params)[0] - want).max())
+    before = float(jnp.abs(jax.flatten_util.ravel_pytree(problem.trained.params)[0] - want).max())
     assert before > 1e-2  # forgetting must move the weights
     for space in ("samples", "parameters"):
         for mode in ntk.NTK_MODES if space == "samples" else ("jacobian",):
-            config = NTKScrubConfig(loss="mse", weight_decay=WD, scale="none", mode=mode, space=space, chunk_size=16)
+            config = NTKScrubConfig(scale="none", linearize_at="init", mode=mode, space=space, chunk_size=16)
             scrubbed, info = ntk_scrub(problem, config)
             got = jax.flatten_util.ravel_pytree(scrubbed)[0]
             assert float(jnp.abs(got - want).max()) <= 1e-5, (space, mode)
             assert info["space"] == space
+
+
+def test_the_trapezium_scale_of_an_exactly_linear_model_is_three(linear_forget_problem):
+    # w(D) - w_init = w_complete exactly, so e = -dw and the notebook's rule predicts 3 |dw|:
+    # the trapezium overshoots where the theory is exact, hence scale="none" for MSE to convergence.
+    problem, _ = linear_forget_problem
+    _, info = ntk_scrub(problem, NTKScrubConfig(scale="trapezium", linearize_at="init", chunk_size=16))
+    assert info["cos"] == pytest.approx(-1.0, abs=1e-6)
+    assert info["scale"] == pytest.approx(3.0, rel=1e-5)
 
 
 def test_trapezium_scale_values():
@@ -226,9 +237,9 @@ def test_trapezium_scale_values():
 
 def test_fisher_noise_on_top_of_the_scrub_has_the_fisher_std():
     u, retain, forget, test = linear_problem()
-    problem = ForgetProblem(u, u.params, retain, forget, test)
-    plain, _ = ntk_scrub(problem, NTKScrubConfig(scale="none", weight_decay=WD))
-    noisy, _ = ntk_scrub(problem, NTKScrubConfig(scale="none", weight_decay=WD, fisher_alpha=1e-4), seed=3)
+    problem = ForgetProblem(u, u.params, retain, forget, test, EXACT)
+    plain, _ = ntk_scrub(problem, NTKScrubConfig(scale="none"))
+    noisy, _ = ntk_scrub(problem, NTKScrubConfig(scale="none", fisher_alpha=1e-4), seed=3)
     from research.unlearning.baselines import fisher_diagonal, fisher_noise_std
     std = jax.flatten_util.ravel_pytree(fisher_noise_std(fisher_diagonal(u, retain, params=plain), 1e-4))[0]
     z = (jax.flatten_util.ravel_pytree(noisy)[0] - jax.flatten_util.ravel_pytree(plain)[0]) / std

@@ -15,10 +15,12 @@ With w_complete = w_D and w_retain = w_{D_r}, the scrub direction is dw = w_reta
 
     w_scrub = w(D) + s dw.
 
-``linearize_at`` names the point: ``"trained"`` (default) takes J and r at w(D), as the reference
-notebook does (its scrub is given the trained model); ``"init"`` takes them at w_init, the NTK
-regime of the paper's derivation, in which the solution above is exact for a model linear in its
-parameters trained to convergence.
+``linearize_at`` names the point: ``"init"`` (default) takes J and r at w_init, the NTK regime of
+the paper's derivation, in which the solution above is exact for a model linear in its parameters
+trained to convergence; ``"trained"`` takes them at w(D), as the reference notebook does (its
+scrub is given the trained model). Measured on EfficientNet-Lite0 BN + head, CIFAR-10 classes 0-4
+x 100, forget class 0, the reference recipe (README): gap to retraining 2.3 points at w_init,
+about 20 at w(D).
 
 ``scale="none"`` takes s = 1. ``scale="trapezium"`` is the reference's correction for the
 linearisation error: e = (w(D) - w_init) - w_retain, cos = <dw, e> / (|dw| |e|);
@@ -59,7 +61,7 @@ class NTKScrubConfig:
     fisher_alpha: float = 0.0                   # 1e-9 adds the paper's Fisher noise; 0 = none
     mode: Literal[ntk.NTK_MODES] = "jacobian"  # how the kernel is formed (see ntk.py)
     space: Literal["auto", "samples", "parameters"] = "auto"  # where the ridge is solved (jacobian mode)
-    linearize_at: Literal["trained", "init"] = "trained"  # J and r at w(D) (the reference notebook) or w_init
+    linearize_at: Literal["init", "trained"] = "init"  # J and r at w_init (the derivation) or w(D) (the notebook)
     chunk_size: int = 64                        # samples per Jacobian chunk
     scale_sweep: tuple[float, ...] = ()         # a diagnostic: also measure w(D) + s dw at each s
 

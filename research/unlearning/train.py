@@ -109,21 +109,19 @@ def fit_lbfgs(unlearnable: Unlearnable, data: ImageArrays, recipe: TrainRecipe, 
     start = unlearnable.params if params is None else params
     data_term = recipe_loss(unlearnable, recipe)
     batch = {"images": jnp.asarray(data.images), "labels": jnp.asarray(data.labels)}
-
-    def objective(p):
-        return data_term(p, batch, None) + _penalty(recipe, p, start)
     tx = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(objective)
 
-    @jax.jit
-    def step(p, state):
-        value, grad = value_and_grad(p, state=state)
+    @jax.jit  # data and anchor are arguments: as closed-over constants XLA would try to fold the network
+    def step(p, state, batch, anchor):
+        def objective(w):
+            return data_term(w, batch, None) + _penalty(recipe, w, anchor)
+        value, grad = optax.value_and_grad_from_state(objective)(p, state=state)
         updates, state = tx.update(grad, state, p, value=value, grad=grad, value_fn=objective)
         return optax.apply_updates(p, updates), state
 
     p, state = start, tx.init(start)
     for _ in tqdm.trange(recipe.epochs, disable=not progress, desc=desc, leave=False):
-        p, state = step(p, state)
+        p, state = step(p, state, batch, start)
     return p
 
 

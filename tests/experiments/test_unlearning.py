@@ -66,7 +66,7 @@ def test_scale_sweep_walks_the_scrub_direction_and_reruns_only_ntk(tmp_path, cap
 
 
 def test_seeds_report_the_mean_and_sd_of_their_runs_and_share_the_backbone(tmp_path):
-    base = {**SMALL_MLP, "methods": ("retrain", "ntk", "finetune"), "scenarios": ("random",)}
+    base = {**SMALL_MLP, "methods": ("retrain", "ntk"), "scenarios": ("random",)}
     results = unlearning.main(load_config("configs/unlearning.py:smoke", {**base, "seeds": (0, 1)}), str(tmp_path))
     assert results["seeds"] == [0, 1] and {"seed_0", "seed_1", "pretrain"} <= set(os.listdir(tmp_path))
     per_seed = [json.loads((tmp_path / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]

@@ -51,13 +51,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def cross_entropy_loss(unlearnable: Unlearnable) -> LossFn:
-    """loss(params, {"images", "labels"}, rng) = mean CE of the model's logits."""
-    def loss(params, batch, rng):
-        return cross_entropy(unlearnable.logits(params, batch["images"]), batch["labels"])
-    return loss
-
-
 def image_batches(data: ImageArrays, batch_size: int, seed: int = 0) -> Callable[[int], dict]:
     """next_batch(step): seeded epochs of ``data``, reshuffled each epoch; a batch larger than the
     data is the whole (shuffled) data."""
@@ -80,13 +73,19 @@ def mse(logits: jax.Array, labels: jax.Array) -> jax.Array:
 LOSSES = {"ce": cross_entropy, "mse": mse}
 
 
-def recipe_loss(unlearnable: Unlearnable, recipe: TrainRecipe) -> LossFn:
-    """loss(params, {"images", "labels"}, rng): the recipe's data term (its weight decay is the optimiser's)."""
-    data_term = LOSSES[recipe.loss]
+def data_loss(unlearnable: Unlearnable, name: str = "ce") -> LossFn:
+    """loss(params, {"images", "labels"}, rng) = the mean ``name`` loss (ce | mse) of the model's logits:
+    a recipe's data term (its weight decay is the optimiser's)."""
+    per_batch = LOSSES[name]
 
     def loss(params, batch, rng):
-        return data_term(unlearnable.logits(params, batch["images"]), batch["labels"])
+        return per_batch(unlearnable.logits(params, batch["images"]), batch["labels"])
     return loss
+
+
+def cross_entropy_loss(unlearnable: Unlearnable) -> LossFn:
+    """loss(params, {"images", "labels"}, rng) = mean CE of the model's logits."""
+    return data_loss(unlearnable, "ce")
 
 
 def recipe_optimizer(recipe: TrainRecipe, steps: int, anchor: nnx.State | None = None,
@@ -107,7 +106,7 @@ def fit_lbfgs(unlearnable: Unlearnable, data: ImageArrays, recipe: TrainRecipe, 
     """Full-batch L-BFGS on loss(D) + (wd/2)|w - w_0|^2 (w_0 = the start) for ``recipe.epochs``
     iterations: training to convergence, where the linearised solution is exact for a linear model."""
     start = unlearnable.params if params is None else params
-    data_term = recipe_loss(unlearnable, recipe)
+    data_term = data_loss(unlearnable, recipe.loss)
     batch = {"images": jnp.asarray(data.images), "labels": jnp.asarray(data.labels)}
     tx = optax.lbfgs()
 
@@ -132,5 +131,5 @@ def fit(unlearnable: Unlearnable, data: ImageArrays, recipe: TrainRecipe, *, par
     if recipe.optimizer == "lbfgs":
         return fit_lbfgs(unlearnable, data, recipe, params=params, progress=progress, desc=desc)
     steps = recipe.steps(len(data))
-    return minimize(unlearnable, recipe_loss(unlearnable, recipe), image_batches(data, recipe.batch_size, seed),
+    return minimize(unlearnable, data_loss(unlearnable, recipe.loss), image_batches(data, recipe.batch_size, seed),
                     steps, recipe_optimizer(recipe, steps), seed=seed, params=params, progress=progress, desc=desc)

@@ -26,6 +26,7 @@ from flax import nnx
 
 from research.backprop.gradient_filter import FilteredConv, make_geometry
 from research.backprop.lbp_wht import LbpWhtDotGeneral
+from research.models.filters import conv_and_linear_layers
 
 LAYER_KINDS = ("conv", "linear")
 _ATTRIBUTE = {"conv": "conv_general_dilated", "linear": "dot_general"}
@@ -52,11 +53,8 @@ def _path_str(path) -> str:
 
 
 def _layers(model: nnx.Module):
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Conv):
-            yield _path_str(path), "conv", node
-        elif isinstance(node, nnx.Linear):
-            yield _path_str(path), "linear", node
+    for path, kind, node in conv_and_linear_layers(model):
+        yield _path_str(path), kind, node
 
 
 def trace_layers(model: nnx.Module, input_shape: Sequence[int]) -> list[LayerCall]:

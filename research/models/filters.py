@@ -75,3 +75,13 @@ def param_filter(model: nnx.Module, name: str):
         choices = ", ".join(PARAM_SUBSETS)
         raise ValueError(f"unknown parameter subset {name!r}; choose one of: {choices}")
     return PARAM_SUBSETS[name](model)
+
+
+def conv_and_linear_layers(model: nnx.Module):
+    """Yields (path, kind, layer) for every ``nnx.Conv`` ("conv") and ``nnx.Linear`` ("linear")
+    of ``model``, in graph order; ``path`` is a tuple of attribute names / list indices."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Conv):
+            yield tuple(path), "conv", node
+        elif isinstance(node, nnx.Linear):
+            yield tuple(path), "linear", node

@@ -1,0 +1,1 @@
+"""Predictive multiplicity: dropout-based Rashomon set exploration, its metrics and baselines."""

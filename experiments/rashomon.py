@@ -131,7 +131,7 @@ def plot(results: dict, exploration: rashomon.Exploration, retrain_losses, workd
     fig, ax = plt.subplots(figsize=(6, 3.6))
     bins = np.linspace(min(exploration.losses.min(), exploration.reference_loss),
                        np.quantile(exploration.losses, 0.98), 40)
-    for rate in np.unique(exploration.rates)[1:]:
+    for rate in np.unique(exploration.rates):
         ax.hist(exploration.losses[exploration.rates == rate], bins, alpha=0.5, label=f"dropout p={rate:.3g}")
     ax.axvline(exploration.reference_loss, color="k", label="reference")
     for i, loss in enumerate(retrain_losses):

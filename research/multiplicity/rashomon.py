@@ -5,8 +5,9 @@ For a trained model with loss L_0 on the evaluation set, the empirical Rashomon 
     R(eps) = {m : L(m) <= L_0 + eps},
 
 over models m sampled by inference-time dropout (dropout.py): for each rate p on a grid
-(``RashomonConfig.rates``), ``models_per_rate`` masks. R(eps) pools the models of every rate and
-always holds the reference model itself (it is within any eps >= 0).
+(``RashomonConfig.rates``: ``num_rates`` rates evenly spaced in (0, p_max]), ``models_per_rate``
+masks. p = 0 is not sampled: every mask at p = 0 is the reference model itself, which R(eps) always
+holds once (it is within any eps >= 0); copies of it would only weigh the set toward it.
 
 Mitigation: a **dropout ensemble** averages the softmax outputs of k models of R(eps); R such
 ensembles are compared as a set. **Model selection** draws k models of R(eps) and keeps the one
@@ -34,7 +35,7 @@ from research.multiplicity.dropout import DROPOUT_KINDS, DropoutEnsemble
 class RashomonConfig:
     """The ``rashomon`` section: the dropout grid, the eps grid and how models are batched."""
     kind: Literal[DROPOUT_KINDS] = "bernoulli"
-    max_rate: float = 0.1                  # p_max; rates are linspace(0, p_max, num_rates)
+    max_rate: float = 0.1                  # p_max; the rates are linspace(0, p_max, num_rates + 1)[1:]
     num_rates: int = 5
     models_per_rate: int = 50
     epsilons: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05)
@@ -47,8 +48,8 @@ class RashomonConfig:
     def __post_init__(self):
         config_lib.check_fields(self)
         upper = 1.0 if self.kind == "bernoulli" else math.inf
-        config_lib.require(self, "max_rate", 0.0 <= self.max_rate < upper,
-                           "in [0, 1) for bernoulli, >= 0 for gaussian")
+        config_lib.require(self, "max_rate", 0.0 < self.max_rate < upper,
+                           "in (0, 1) for bernoulli, > 0 for gaussian")
         for name in ("num_rates", "models_per_rate", "models_per_chunk", "batch_size", "ensemble_size",
                      "num_ensembles"):
             config_lib.require(self, name, getattr(self, name) >= 1, "an int >= 1")
@@ -57,7 +58,7 @@ class RashomonConfig:
 
     @property
     def rates(self) -> np.ndarray:
-        return np.linspace(0.0, self.max_rate, self.num_rates)
+        return np.linspace(0.0, self.max_rate, self.num_rates + 1)[1:]
 
 
 @dataclasses.dataclass

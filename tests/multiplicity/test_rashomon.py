@@ -27,7 +27,7 @@ def explored():
 
 def test_every_model_of_a_dropout_set_is_within_eps_and_the_reference_is_first(explored):
     model, x, y, config, e = explored
-    assert e.probs.shape == (30, 30, 3) and list(np.unique(e.rates)) == pytest.approx([0.0, 0.15, 0.3])
+    assert e.probs.shape == (30, 30, 3) and list(np.unique(e.rates)) == pytest.approx([0.1, 0.2, 0.3])
     for eps in EPSILONS:
         members = e.set_probs(eps)
         np.testing.assert_array_equal(members[0], e.reference_probs)
@@ -83,7 +83,7 @@ def test_mitigation_reports_single_models_ensembles_and_selections_per_eps(explo
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("max_rate", 1.0, "max_rate"), ("epsilons", (-0.1,), "epsilons"), ("num_rates", 0, "num_rates")])
+    ("max_rate", 1.0, "max_rate"), ("max_rate", 0.0, "max_rate"), ("epsilons", (-0.1,), "epsilons"), ("num_rates", 0, "num_rates")])
 def test_bad_rashomon_settings_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         RashomonConfig(**{field: value})

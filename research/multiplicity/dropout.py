@@ -163,11 +163,11 @@ class DropoutEnsemble:
             raise ValueError(f"bernoulli dropout rate must be in [0, 1), got {rate}")
         if rate < 0.0:
             raise ValueError(f"dropout rate must be >= 0, got {rate}")
+        batches = list(self._batches(inputs))  # placed on the mesh once, read by every chunk of models
         outs = []
         for first in range(0, len(keys), self.models_per_chunk):
             chunk_keys = keys[first:first + self.models_per_chunk]
-            rows = [np.asarray(self._forward(self.state, x, chunk_keys, rate))[:, :valid]
-                    for x, valid in self._batches(inputs)]
+            rows = [np.asarray(self._forward(self.state, x, chunk_keys, rate))[:, :valid] for x, valid in batches]
             outs.append(np.concatenate(rows, 1))
         probs = np.concatenate(outs, 0)
         picked = np.take_along_axis(probs, np.asarray(labels)[None, :, None].astype(np.int64), -1)[..., 0]

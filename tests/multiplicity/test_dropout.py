@@ -8,7 +8,7 @@ from flax import nnx
 from research.core.mesh import make_mesh
 from research.models import build_model
 from research.models.mlp import MLP
-from research.multiplicity.dropout import DropoutEnsemble, output_dropout, with_output_dropout
+from research.multiplicity.dropout import DropoutEnsemble, output_dropout, perturb, with_output_dropout
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,6 @@ def test_gaussian_noise_has_the_rate_as_its_standard_deviation():
 
 
 def _perturb(y, key, kind, rate):
-    from research.multiplicity.dropout import perturb
     return perturb(y, key, kind, jnp.float32(rate))
 
 

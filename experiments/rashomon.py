@@ -170,7 +170,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         awp_config = cfg.build(AWPConfig, config, "awp")
         points = np.arange(awp_config.points or len(test))
         awp = baselines.awp_set(reference, test.images, test.labels, points, exploration.reference_probs,
-                                exploration.reference_loss, rc.epsilons, awp_config, preprocess=eval_preprocess)
+                                exploration.reference_loss, rc.epsilons, awp_config, preprocess=eval_preprocess,
+                                progress=config.progress)
         blocks["awp"] = method_block(awp, rc.epsilons, labels, reference_pred)
 
     dropout_per_model = blocks["dropout"]["seconds_per_model"]

@@ -10,6 +10,9 @@ if os.environ.get("RESEARCH_TEST_PLATFORM") != "device":  # tools/bench/gpu_chec
     # LLVM at -O0 compilation takes about half as long. Notebooks and subprocesses inherit it.
     if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    # numpy's OpenBLAS threads and XLA's thread pool fight over two cores: in a notebook kernel the
+    # four SVDs of upcycling SmolLM2 took 16 s with OpenBLAS's default threads and 0.4 s with one.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 

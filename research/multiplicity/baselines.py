@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 
 from research.core import config as config_lib
@@ -87,7 +88,7 @@ def retrained_set(train: Callable[[int], tuple[nnx.Module, float]], seeds: Seque
 
 def awp_set(model: nnx.Module, inputs: np.ndarray, labels: np.ndarray, points: Sequence[int],
             reference_probs: np.ndarray, reference_loss: float, epsilons: Sequence[float],
-            config: AWPConfig = AWPConfig(), *, preprocess=lambda x: x) -> ModelSet:
+            config: AWPConfig = AWPConfig(), *, preprocess=lambda x: x, progress: bool = False) -> ModelSet:
     """AWP around ``model`` (eval mode) for the targets (i, c), i in ``points``, c every class.
     All N points are evaluated together at every step (N x targets_per_chunk rows per call)."""
     steps, step_size = config.steps, config.step_size
@@ -126,7 +127,8 @@ def awp_set(model: nnx.Module, inputs: np.ndarray, labels: np.ndarray, points: S
     run = jax.jit(jax.vmap(one_target))
     targets = np.array([(i, c) for i in points for c in range(num_classes)], np.int32)
     kept, losses = [], []
-    for first in range(0, len(targets), config.targets_per_chunk):
+    for first in tqdm.trange(0, len(targets), config.targets_per_chunk, desc="AWP targets", unit="chunk",
+                             disable=not progress):
         chunk = targets[first:first + config.targets_per_chunk]
         k, loss = run(jnp.asarray(chunk[:, 0]), jnp.asarray(chunk[:, 1]))
         kept.append(np.asarray(k))

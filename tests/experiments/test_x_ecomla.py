@@ -45,6 +45,7 @@ def test_rerun_resumes_from_the_final_checkpoint(smoke_run):
     ({"distill.trainable": "mlp"}, "distill.trainable"),
     ({"data.heldout_every": 1}, "data.heldout_every"),
     ({"model.source": "onnx"}, "model.source"),
+    ({"model.num_layers": -1}, "model.num_layers"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, key):
     config = load_config("configs/x_ecomla.py:smoke", override)

@@ -88,3 +88,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.awp.update(points=2, steps=2)
         c.progress = False
     return c
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """Five reference seeds, each with its own re-training seeds, for the spread of every figure:
+
+    python -m tools.sweep --experiment rashomon --config configs/rashomon.py[:PRESET] --workdir runs/rashomon_seeds
+    python -m tools.sweep_stats runs/rashomon_seeds 'methods.*.by_eps.-1.ambiguity' 'speedup_per_model.*'
+    """
+    n = len(get_config(arg).retrain_seeds)
+    return [{"seed": s, "retrain_seeds": tuple(100 * (s + 1) + i for i in range(n))} for s in range(5)]

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from experiments import rashomon
-from research.core.config import ConfigError, load_config
+from research.core.config import ConfigError, load_config, load_sweep
 from research.multiplicity.metrics import METRICS
 
 
@@ -44,3 +44,16 @@ def test_bad_settings_fail_before_anything_runs(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         rashomon.main(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("preset", ["", ":fashion_mnist", ":cifar10"])
+def test_the_seed_sweep_gives_each_reference_seed_its_own_retraining_seeds(preset):
+    points = load_sweep("configs/rashomon.py" + preset)
+    seeds = [p["seed"] for p in points]
+    assert len(set(seeds)) == len(seeds) == 5
+    retrain = [s for p in points for s in p["retrain_seeds"]]
+    assert len(set(retrain)) == len(retrain) and not set(retrain) & set(seeds)
+    for point in points:
+        config = load_config("configs/rashomon.py" + preset, point)
+        assert len(config.retrain_seeds) == len(load_config("configs/rashomon.py" + preset).retrain_seeds)
+        rashomon.validate(config)

@@ -1,0 +1,1 @@
+"""Anytime networks and TIPS path importance: the graph scores (``graph``)."""

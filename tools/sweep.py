@@ -6,6 +6,7 @@
 Each point runs as `python -m experiments.NAME --config ... --config.key=value --workdir DIR/NNN`;
 points are checked against the config before anything runs, and a point whose results.json
 exists is skipped, so an interrupted sweep is resumed by running the same command again.
+``python -m tools.sweep_stats DIR KEY...`` then gives the mean and spread of any result.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def main() -> None:
     with open(os.path.join(args.workdir, "sweep.json"), "w") as f:
         json.dump(summary, f, indent=2)
     for row in summary:
-        print(f"{row['workdir']}: test_accuracy={row.get('test_accuracy')} {' '.join(row['overrides'])}")
+        accuracy = f"test_accuracy={row['test_accuracy']} " if "test_accuracy" in row else ""
+        print(f"{row['workdir']}: {accuracy}{' '.join(row['overrides'])}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """The sandwich step's loss and EMA, the anytime curve's choice per budget, and (slow) that BatchNorm
 recalibration restores a narrow subnetwork trained by the sandwich rule."""
-import tempfile
-
 import jax
 import jax.numpy as jnp
 import ml_collections

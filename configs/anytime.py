@@ -60,7 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.train.epochs = 5
     if "smoke" in presets:
         c.data.train_limit, c.data.val_size, c.data.eval_limit = 192, 64, 64
-        c.train.update(epochs=0, steps=4, batch_size=32, log_every=2, checkpoint_every=2, progress=False)
+        c.train.update(epochs=0, steps=3, batch_size=32, log_every=1, checkpoint_every=0, progress=False)
+        c.sandwich.num_sampled = 1
         c.eval.update(calibration_batches=2, batch_size=64)
         c.progress = False
     return c

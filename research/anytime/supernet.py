@@ -19,6 +19,7 @@ of its batch statistics over a few training batches) before it is evaluated.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -92,23 +93,25 @@ def flops(model: ResNet, input_hw: tuple[int, int], width: float, gates) -> int:
     return total + active(model.head.in_features) * model.head.out_features
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_statistics(graphdef, params, stats, rest, x, width, gates):
+    """Each BatchNorm's statistics of one batch under subnetwork (width, gates)."""
+    m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, stats), rest)  # a copy: merge may alias
+    m.train()
+    forward(m, x, width, gates)
+    new = nnx.state(m, nnx.BatchStat)
+    # One EMA step new = momentum * old + (1 - momentum) * batch, solved for batch.
+    return jax.tree.map(lambda n, o: (n - BN_MOMENTUM * o) / (1.0 - BN_MOMENTUM), new, stats)
+
+
 def recalibrate(model: ResNet, batches: Iterable[jax.Array], width, gates) -> None:
     """Sets every BatchNorm's running statistics to the mean of subnetwork (width, gates)'s batch
-    statistics over ``batches`` (each (N, H, W, C), already preprocessed). Leaves the model in eval mode."""
+    statistics over ``batches`` (each (N, H, W, C), already preprocessed). Leaves the model in eval
+    mode. One compiled program serves every subnetwork of models of the same structure."""
     graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-
-    @jax.jit
-    def batch_stats(stats, x, width, gates):
-        m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, stats), rest)  # a copy: merge may alias
-        m.train()
-        forward(m, x, width, gates)
-        new = nnx.state(m, nnx.BatchStat)
-        # One EMA step new = momentum * old + (1 - momentum) * batch, solved for batch.
-        return jax.tree.map(lambda n, o: (n - BN_MOMENTUM * o) / (1.0 - BN_MOMENTUM), new, stats)
-
     total, count = None, 0
     for x in batches:
-        s = batch_stats(stats, x, jnp.float32(width), jnp.asarray(gates, jnp.int32))
+        s = _batch_statistics(graphdef, params, stats, rest, x, jnp.float32(width), jnp.asarray(gates, jnp.int32))
         total = s if total is None else jax.tree.map(jnp.add, total, s)
         count += 1
     if not count:

@@ -115,7 +115,10 @@ def evaluate_subnets(model: nnx.Module, candidates: Iterable[int], table: Subnet
                      preprocess, batch_size: int = 500) -> list[dict]:
     """Per candidate subnetwork: recalibrate BatchNorm on ``calibration`` (preprocessed batches), then
     the accuracy on each split {name: (images, labels)}; rows hold index, width, gates, flops and
-    ``{name}_accuracy``. The model's running statistics are restored afterwards."""
+    ``{name}_accuracy``. The model's running statistics are restored afterwards; its arrays are
+    moved to the first local device."""
+    # A few small programs per candidate: one device runs them faster than a mesh of replicas.
+    nnx.update(model, jax.device_put(nnx.state(model), jax.local_devices()[0]))
     saved = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
     graphdef, state = nnx.split(model)
 

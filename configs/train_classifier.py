@@ -76,5 +76,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
-    """Learning rate x model, e.g. `python tools/sweep.py --config configs/train_classifier.py:smoke`."""
-    return [{"optim.lr": lr, "model.name": model} for model in ("resnet20", "mlp") for lr in (0.05, 0.1)]
+    """Learning rate x model (6 points), e.g. `python -m tools.sweep --experiment train_classifier --config configs/train_classifier.py:smoke --workdir runs/sweep`."""
+    return [{"optim.lr": lr, "model.name": model} for model in ("resnet20", "mlp") for lr in (0.02, 0.05, 0.1)]

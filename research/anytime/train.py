@@ -33,7 +33,7 @@ from research.core import optim
 from research.core.checkpoint import Checkpointer
 from research.core.classify import ClassifierTrainConfig, total_steps
 from research.core.loop import fit
-from research.core.mesh import LogicalRules, batch_sharding, replicated
+from research.core.mesh import LogicalRules, batch_sharding, replicated, to_local_device
 from research.core.records import MetricWriter
 from research.core.train import ModelDefs, TrainState, create_train_state, make_train_step, place_on_mesh
 from research.data import pipeline
@@ -118,7 +118,7 @@ def evaluate_subnets(model: nnx.Module, candidates: Iterable[int], table: Subnet
     ``{name}_accuracy``. The model's running statistics are restored afterwards; its arrays are
     moved to the first local device."""
     # A few small programs per candidate: one device runs them faster than a mesh of replicas.
-    nnx.update(model, jax.device_put(nnx.state(model), jax.local_devices()[0]))
+    nnx.update(model, to_local_device(nnx.state(model)))
     saved = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
     graphdef, state = nnx.split(model)
 

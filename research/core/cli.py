@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from research.core.config import ConfigError, PathNotFoundError, apply_overrides, split_override_args
+from research.core.mesh import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file: configs/NAME.py[:ARG].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, logs, checkpoints and results.")
@@ -60,6 +61,8 @@ def run(main: Callable, default_workdir: str = "runs/latest") -> None:
             _fail("--config is required, e.g. --config configs/train_classifier.py:smoke")
         try:
             config = apply_overrides(_CONFIG.value, overrides, from_strings=True)
+            # Before the experiment touches JAX (many load and check their data before start()).
+            initialize_distributed()
             main(config, _WORKDIR.value or default_workdir)
         except user_errors() as e:
             _fail(str(e))

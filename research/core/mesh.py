@@ -187,18 +187,43 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 1, process_id: int = -1) -> bool:
     """Calls `jax.distributed.initialize` when launched as several processes.
 
-    Explicit arguments win; otherwise JAX's own detection (SLURM, Cloud TPU, Open MPI, or the
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment) is used when the
-    environment names a coordinator. Returns whether the process joined a multi-process run.
+    Explicit arguments win; then ``JAX_COORDINATOR_ADDRESS`` with ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` (how ``tools/sweep.py --processes N`` starts a point); then JAX's own
+    detection (SLURM, Open MPI, or a Cloud TPU slice, which sets no variable: opt in with
+    ``RESEARCH_DISTRIBUTED=1``). Returns whether the process joined a multi-process run. It must
+    run before anything touches a JAX backend (``cli.run`` calls it first); a second call is a no-op.
     """
+    env = os.environ
+    if jax.distributed.is_initialized():
+        return True
     if num_processes > 1:
         jax.distributed.initialize(coordinator_address or None, num_processes, process_id if process_id >= 0 else None)
         return True
-    launched = ("JAX_COORDINATOR_ADDRESS" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-                or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env:
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                                   int(env.get("JAX_PROCESS_ID", "0")))
+        return True
+    launched = ("JAX_COORDINATOR_ADDRESS" in env or env.get("RESEARCH_DISTRIBUTED") == "1"
+                or int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
     if launched:
         jax.distributed.initialize()
     return launched
+
+
+def to_local_device(tree):
+    """A copy of a pytree of arrays on this process's first device, for work one device does best
+    (many small programs). A replicated array takes this process's replica (no communication, also
+    in a multi-process run, where the whole array is not addressable); a sharded one is gathered."""
+    from jax.experimental import multihost_utils
+
+    device = jax.local_devices()[0]
+
+    def local(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = x.addressable_data(0) if x.is_fully_replicated else multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_put(x, device)
+
+    return jax.tree.map(local, tree)
 
 
 def shard_module(module: nnx.Module, mesh: Mesh, rules: LogicalRules = LogicalRules()):

@@ -17,7 +17,7 @@ def one_step(mesh, local_batch):
     import optax
     from flax import nnx
 
-    from research.core.mesh import shard_batch
+    from research.core.mesh import shard_batch, to_local_device
     from research.core.train import classification_loss, create_train_state, jit_train_step, make_train_step, place_on_mesh
     from research.data.augment import make_preprocess
     from research.models import build_model
@@ -29,7 +29,9 @@ def one_step(mesh, local_batch):
     loss_fn, _ = classification_loss(make_preprocess([0.5] * 3, [0.25] * 3, 1, True))
     new_state, sums = jit_train_step(make_train_step(defs, tx, loss_fn), shardings, mesh)(state, shard_batch(local_batch, mesh))
     checksum = sum(float(np.asarray(jax.jit(lambda x: x.sum())(x))) for x in jax.tree.leaves(new_state.params))
-    return float(sums["loss"] / sums["count"]), checksum
+    # The same parameters copied to this process's first device (its replica, no collective).
+    local = sum(float(np.asarray(x).sum()) for x in jax.tree.leaves(to_local_device(new_state.params)))
+    return float(sums["loss"] / sums["count"]), checksum, local
 
 
 if __name__ == "__main__":
@@ -40,5 +42,5 @@ if __name__ == "__main__":
     initialize_distributed(f"localhost:{port}", 2, process_id)
     full = batch()
     local = {k: process_slice(v) for k, v in full.items()}
-    loss, checksum = one_step(make_mesh({"data": -1, "model": 1}), local)
-    print(json.dumps({"loss": loss, "checksum": checksum}))
+    loss, checksum, local_checksum = one_step(make_mesh({"data": -1, "model": 1}), local)
+    print(json.dumps({"loss": loss, "checksum": checksum, "local_checksum": local_checksum}))

@@ -1,4 +1,5 @@
-"""Two processes joined by jax.distributed compute the same train step as one process."""
+"""Two processes joined by jax.distributed compute the same train step as one process, and each
+holds a full replica of the parameters it can copy to one local device."""
 import json
 import os
 import socket
@@ -36,3 +37,4 @@ def test_two_processes_equal_one_process():
     for r in results:
         np.testing.assert_allclose(r["loss"], single[0], rtol=1e-5)
         np.testing.assert_allclose(r["checksum"], single[1], rtol=1e-5)
+        np.testing.assert_allclose(r["local_checksum"], single[2], rtol=1e-5)

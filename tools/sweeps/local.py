@@ -1,0 +1,105 @@
+"""Runs points as subprocesses of this machine, ``parallel`` at a time.
+
+Each point's stdout and stderr go to ``WORKDIR/sweep.log`` (appended per attempt, so a rerun keeps
+the failed attempt's log). A failed point is reported and the others go on. With ``processes``
+> 1 a point is itself a multi-process JAX run: its processes meet through
+``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (read by
+``research.core.mesh.initialize_distributed``); process 0 logs to ``sweep.log``, process i to
+``sweep.p{i}.log``, and when one process fails the others are stopped rather than left waiting
+on a collective.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+from tools.sweeps.points import Point
+from tools.sweeps.progress import Outcome, Progress
+
+_PR_SET_PDEATHSIG = 1
+RUN_HEADER = "=== run "  # starts the log lines that open each attempt
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when the process that started it dies
+    (Linux): a point never outlives the sweep or Ray worker running it, so a retried point is never
+    written by two runs at once. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: the child only calls it
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def distributed_env(process_id: int, num_processes: int, port: int) -> dict[str, str]:
+    return {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(num_processes),
+            "JAX_PROCESS_ID": str(process_id)}
+
+
+def run_point(point: Point, processes: int = 1, python: str = sys.executable, env: dict | None = None,
+              cwd: str | None = None, command: Sequence[str] | None = None) -> Outcome:
+    """Runs one point to its end (blocking) and returns how it ended. ``command`` replaces the
+    point's own (``python *point.args``), e.g. a launcher that runs it elsewhere."""
+    point.record()
+    command = list(command) if command is not None else [python, *point.args]
+    env = dict(os.environ if env is None else env)
+    preexec = _die_with_parent()
+    start = time.monotonic()
+    logs = [point.log] + [os.path.join(point.workdir, f"sweep.p{i}.log") for i in range(1, processes)]
+    files = [open(path, "a") for path in logs]
+    try:
+        for f in files:
+            f.write(f"{RUN_HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+            f.flush()
+        port = free_port() if processes > 1 else 0
+        procs = [subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
+                                  env={**env, **(distributed_env(i, processes, port) if processes > 1 else {})},
+                                  preexec_fn=preexec)
+                 for i, f in enumerate(files)]
+        returncode = _wait_all(procs)
+    finally:
+        for f in files:
+            f.close()
+    return Outcome(point.name, point.workdir, returncode, time.monotonic() - start, point.log)
+
+
+def _wait_all(procs: Sequence[subprocess.Popen]) -> int:
+    """Waits for every process; the first failure stops the rest. Returns 0 or the first failure's code."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                p.wait()
+            return failed[0]
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.2)
+
+
+def run(points: Sequence[Point], parallel: int = 1, processes: int = 1, progress: Progress | None = None,
+        **kwargs) -> list[Outcome]:
+    """Runs the points that are not done, ``parallel`` at a time; returns their outcomes."""
+    pending = [p for p in points if not p.done]
+    progress = progress or Progress(len(pending), parallel)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = [pool.submit(run_point, p, processes, **kwargs) for p in pending]
+        for future in concurrent.futures.as_completed(futures):
+            progress.finished(future.result())
+    return progress.outcomes

@@ -32,7 +32,9 @@ def mesh_config(config: ml_collections.ConfigDict) -> MeshConfig:
 
 def start(config: ml_collections.ConfigDict, workdir: str, *, subdirs: tuple[str, ...] = ()) -> Mesh:
     """Distributed set-up, the mesh, ``workdir`` (and ``subdirs`` in it) and ``config.json``."""
-    initialize_distributed()
+    if initialize_distributed():
+        print(f"process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} local devices "
+              f"of {jax.device_count()}", flush=True)
     mesh = make_mesh(mesh_config(config))
     for folder in (workdir, *(os.path.join(workdir, d) for d in subdirs)):
         os.makedirs(folder, exist_ok=True)

@@ -210,6 +210,16 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 1
     return launched
 
 
+def to_host(x) -> np.ndarray:
+    """A device array as numpy on every process: the whole array also when, in a multi-process run,
+    its shards live on other processes' devices (gathered then)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def to_local_device(tree):
     """A copy of a pytree of arrays on this process's first device, for work one device does best
     (many small programs). A replicated array takes this process's replica (no communication, also

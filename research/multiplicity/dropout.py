@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from research.core.mesh import to_host
 from research.models.filters import conv_and_linear_layers
 
 DROPOUT_KINDS = ("bernoulli", "gaussian")
@@ -167,7 +168,7 @@ class DropoutEnsemble:
         outs = []
         for first in range(0, len(keys), self.models_per_chunk):
             chunk_keys = keys[first:first + self.models_per_chunk]
-            rows = [np.asarray(self._forward(self.state, x, chunk_keys, rate))[:, :valid] for x, valid in batches]
+            rows = [to_host(self._forward(self.state, x, chunk_keys, rate))[:, :valid] for x, valid in batches]
             outs.append(np.concatenate(rows, 1))
         probs = np.concatenate(outs, 0)
         picked = np.take_along_axis(probs, np.asarray(labels)[None, :, None].astype(np.int64), -1)[..., 0]

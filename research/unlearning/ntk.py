@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from research.core.mesh import batch_sharding, replicated
+from research.core.mesh import batch_sharding, replicated, to_host
 
 # fn(theta (P,), images (n, ...)) -> logits (n, C)
 FlatFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -102,7 +102,7 @@ def jacobian(fn: FlatFn, theta: jax.Array, images: np.ndarray, *, chunk_size: in
     for start, stop in tqdm.tqdm(_chunks(len(images), chunk_size), desc="NTK Jacobian", unit="chunk",
                                  disable=not progress, leave=False):
         chunk, n = _place(images[start:stop], chunk_size, mesh)
-        part = jax.device_get(jac(theta, chunk))[:n]
+        part = to_host(jac(theta, chunk))[:n]  # every process gets the whole chunk
         if out is None:
             out = np.empty((len(images), *part.shape[1:]), part.dtype)
         out[start:stop] = part
@@ -157,7 +157,7 @@ def empirical_ntk(fn: FlatFn, theta: jax.Array, images_a: np.ndarray, images_b: 
         cols = []
         for sb, eb in _chunks(len(images_b), chunk_size):
             xb, nb = _place(images_b[sb:eb], chunk_size, mesh)
-            k = np.asarray(block(theta, xa, xb))
+            k = to_host(block(theta, xa, xb))
             c = k.shape[0] // chunk_size
             cols.append(k[:na * c, :nb * c])
         rows.append(np.concatenate(cols, axis=1))

@@ -66,7 +66,7 @@ def test_split_override_args():
 
 def test_sweep_points_are_valid_overrides():
     points = load_sweep(f"{CONFIG}:smoke")
-    assert len(points) == 4
+    assert len(points) == 6
     for point in points:
         apply_overrides(load_config(f"{CONFIG}:smoke"), point)
 

@@ -11,31 +11,34 @@ on a collective.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 from tools.sweeps.points import Point
 from tools.sweeps.progress import Outcome, Progress
 
-_PR_SET_PDEATHSIG = 1
 RUN_HEADER = "=== run "  # starts the log lines that open each attempt
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child receive SIGTERM when the process that started it dies
-    (Linux): a point never outlives the sweep or Ray worker running it, so a retried point is never
-    written by two runs at once. None elsewhere."""
+# Sets PR_SET_PDEATHSIG (1) to SIGTERM, gives up if the launcher is already gone, then becomes the
+# point's command (same pid). A wrapper rather than a preexec_fn: no Python runs between fork and
+# exec in this multi-threaded (JAX) process.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0); "
+                    "os.getppid() == int(sys.argv[1]) or sys.exit(143); os.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def dies_with_parent(command: Sequence[str]) -> list[str]:
+    """``command`` made to receive SIGTERM when the process that starts it dies (Linux; unchanged
+    elsewhere): a point never outlives the sweep or Ray worker running it, so a retried or re-run
+    point is never written by two runs at once."""
     if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: the child only calls it
-    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        return list(command)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
 
 
 def free_port() -> int:
@@ -56,7 +59,6 @@ def run_point(point: Point, processes: int = 1, python: str = sys.executable, en
     point.record()
     command = list(command) if command is not None else [python, *point.args]
     env = dict(os.environ if env is None else env)
-    preexec = _die_with_parent()
     start = time.monotonic()
     logs = [point.log] + [os.path.join(point.workdir, f"sweep.p{i}.log") for i in range(1, processes)]
     files = [open(path, "a") for path in logs]
@@ -65,9 +67,8 @@ def run_point(point: Point, processes: int = 1, python: str = sys.executable, en
             f.write(f"{RUN_HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
             f.flush()
         port = free_port() if processes > 1 else 0
-        procs = [subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
-                                  env={**env, **(distributed_env(i, processes, port) if processes > 1 else {})},
-                                  preexec_fn=preexec)
+        procs = [subprocess.Popen(dies_with_parent(command), stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
+                                  env={**env, **(distributed_env(i, processes, port) if processes > 1 else {})})
                  for i, f in enumerate(files)]
         returncode = _wait_all(procs)
     finally:

@@ -8,7 +8,7 @@ workdir ``DIR/NNN``, on this machine, on a Ray cluster or on a TPU pod slice.
     python -m tools.collect DIR --x optim.lr --y test_accuracy --group model.name
 
 Every point is checked against the config before anything runs (``--set KEY=VALUE`` adds an
-override to every point). A point whose ``results.json`` exists is skipped on every backend, so
+override to every point; ``--only 0,3`` picks points by index). A point whose ``results.json`` exists is skipped on every backend, so
 running the same command again resumes a sweep: finished points stay, failed ones run again, and
 one that was cut off resumes from its checkpoint. A failed point is reported with the end of its
 log (``DIR/NNN/sweep.log``) and does not stop the others; the exit code is the number of points
@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="a config file with get_sweep, e.g. configs/train_classifier.py:smoke")
     p.add_argument("--workdir", required=True, help="the sweep's folder: one NNN/ per point")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every point")
+    p.add_argument("--only", default="", metavar="I,J,...", help="run only these point indices (e.g. 0,1)")
     p.add_argument("--backend", choices=BACKENDS, default="local")
     p.add_argument("--processes", type=int, default=1, help="JAX processes per point (local and ray)")
     p.add_argument("--dry-run", "--print_commands", dest="dry_run", action="store_true",
@@ -86,7 +87,17 @@ def make_points(args: argparse.Namespace) -> list[points_lib.Point]:
     if not os.path.exists(os.path.join("experiments", f"{args.experiment}.py")):
         known = sorted(f[:-3] for f in os.listdir("experiments") if f.endswith(".py") and not f.startswith("_"))
         raise ConfigError(f"--experiment {args.experiment!r}: no experiments/{args.experiment}.py; one of {', '.join(known)}")
-    return points_lib.make_points(args.experiment, args.config, args.workdir, key_values(args.set, "--set"))
+    points = points_lib.make_points(args.experiment, args.config, args.workdir, key_values(args.set, "--set"))
+    if not args.only:
+        return points
+    try:
+        chosen = [int(i) for i in args.only.split(",")]
+    except ValueError:
+        raise ConfigError(f"--only {args.only!r}: expected point indices such as 0,1") from None
+    bad = [i for i in chosen if not 0 <= i < len(points)]
+    if bad:
+        raise ConfigError(f"--only: no point {bad[0]}; the sweep has points 0..{len(points) - 1}")
+    return [points[i] for i in chosen]
 
 
 def pod_target(args: argparse.Namespace) -> tpu_pod.PodTarget:

@@ -113,3 +113,13 @@ def test_the_dry_run_prints_one_launch_line_per_point_of_the_real_config(tmp_pat
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6 and all(line.startswith("gcloud compute tpus tpu-vm ssh pod --zone=z --worker=all") for line in lines)
     assert "/tmp/gcs/bucket/sweep/005" in lines[5]
+
+
+def test_only_picks_points_by_index_and_names_a_missing_one(capsys):
+    argv = ["--experiment", "train_classifier", "--config", "configs/train_classifier.py:smoke", "--workdir", "/mnt/s",
+            "--backend", "tpu-pod", "--tpu_name", "pod", "--zone", "z", "--dry-run"]
+    sweep.main(argv + ["--only", "1,4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "/mnt/s/001/results.json" in lines[0] and "/mnt/s/004/results.json" in lines[1]
+    with pytest.raises(SystemExit, match="no point 6; the sweep has points 0..5"):
+        sweep.main(argv + ["--only", "6"])

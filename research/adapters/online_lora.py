@@ -10,10 +10,15 @@ part; the classifier head is trained throughout:
 
 Every step minimises (one Adam step on theta and the head)
 
-    L(theta) = mean_{(x, y) in batch} CE(x, y) + mean_{(x, y) in hard buffer} CE(x, y)
-               + (lambda / 2) sum_i Omega_i theta_i^2
+    L(theta) = mean_{(x, y) in batch} CE(x, y) + sum_{e in hard buffer} mean_{(x, y) in e} CE(x, y)
+               + (lambda / 2) sum_i Omega_i (theta_i - theta*_i)^2
 
-where the hard buffer holds the few highest-loss samples seen recently. A loss-plateau detector
+where the hard buffer holds the entries of highest loss seen recently: ``buffer="samples"`` (the
+paper's 4 samples: one entry, their mean loss) or ``"batches"`` (the official code's 4 whole
+batches: each batch's mean loss, summed). theta* is the adapter right after the last consolidation
+(``penalty="anchored"``): the penalty measures the adapter's change since then, so a fresh adapter
+starts at zero penalty; ``penalty="theta"`` is the reference's Omega theta^2, which pulls a freshly
+re-initialised A toward zero at once (fix 2 below). A loss-plateau detector
 (``PlateauDetector``) watches the batch loss; at a plateau (``OnlineLoRA.consolidate``):
 
     G       = sum_{x in buffer} (d NLL(yhat(x) | x) / d theta)^2,  yhat(x) = argmax_c f(x)_c   (empirical Fisher)
@@ -29,6 +34,9 @@ Fixes of the public reference code (the paper's intent; ``OnlineLoraConfig`` kee
   3. buffer entries are individual samples, not whole batches;
   4. pseudo-labels are the argmax of each sample's logits, not of the flattened B x C logits;
   5. the model trains in train mode after a consolidation (the importance pass runs in eval mode).
+Both hard buffers are offered (``buffer``). The official Si-Blurry code orders the buffer's losses
+[current, h_1..h_4] but its inputs [h_1..h_4, current], so its buffer is chosen by losses shifted by
+one entry; here losses and inputs are concatenated in the same order.
 
 Layout. Our Linear kernels are (in, out), so B A reads ``A @ B`` here: A (in, r), B (r, out), and
 ``LoraLayer.delta`` gives (alpha/r) A @ B in the kernel's shape (any Linear / Conv / Einsum target).
@@ -44,6 +52,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +67,7 @@ from research.models import filters
 ADAPTER = "current"  # name of the trainable adapter on each target layer
 
 __all__ = ["ADAPTER", "HardBuffer", "OnlineLoRA", "OnlineLoraConfig", "PlateauDetector", "as_batch",
-           "evaluate_accuracy", "ewc_penalty", "fisher_importance", "masked_mean", "pseudo_labels", "train_mode"]
+           "entry_means_sum", "evaluate_accuracy", "ewc_penalty", "fisher_importance", "masked_mean", "pseudo_labels", "train_mode"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,10 @@ class OnlineLoraConfig:
     lora_dropout    dropout on the adapter input (0 in the paper).
     lr              Adam learning rate for the adapter and the head (reference scripts also use 2e-4, 3e-4).
     reg_lambda      lambda of the (lambda/2) sum Omega theta^2 penalty.
-    buffer_size     samples in the hard buffer (paper: 4).
+    buffer, buffer_size   the hard buffer's entries: "samples" (paper: 4 samples) or "batches" (the
+                    official code: 4 whole batches, their mean losses summed); buffer_size entries.
+    penalty         "anchored": Omega (theta - theta*)^2 with theta* the adapter after the last
+                    consolidation; "theta": the reference's Omega theta^2.
     window, mean_threshold, var_threshold   the plateau detector (thresholds are per data set).
     first_plateau_needs_peak   False: the start of the stream counts as a peak (see PlateauDetector).
     train_head      train the classifier head (not regularised) alongside the adapter.
@@ -89,7 +101,9 @@ class OnlineLoraConfig:
     lora_dropout: float = 0.0
     lr: float = 1e-4
     reg_lambda: float = 2000.0
+    buffer: Literal["samples", "batches"] = "samples"
     buffer_size: int = 4
+    penalty: Literal["anchored", "theta"] = "anchored"
     window: int = 5
     mean_threshold: float = 6.0
     var_threshold: float = 0.1
@@ -160,57 +174,83 @@ class PlateauDetector:
 # Hard buffer: the highest-loss individual samples.
 
 @jax.jit
-def _keep_hardest(buf_images, buf_labels, buf_losses, buf_valid, images, labels, losses, batch_valid):
-    """The K = len(buf_losses) highest-loss valid samples of buffer + batch, highest first."""
-    valid = jnp.concatenate([buf_valid, batch_valid])
-    all_losses = jnp.where(valid, jnp.concatenate([buf_losses, losses.astype(buf_losses.dtype)]), -jnp.inf)
-    _, keep = jax.lax.top_k(all_losses, buf_losses.shape[0])  # invalid slots (-inf) only fill what is left
-
-    def take(a, b):
-        return jnp.concatenate([a, b.astype(a.dtype)])[keep]
-
-    return (take(buf_images, images), take(buf_labels, labels), take(buf_losses, losses),
-            valid[keep])
+def _keep_hardest(kept, kept_losses, kept_valid, new, new_losses, new_valid):
+    """The K = len(kept_losses) highest-loss valid entries of kept + new, highest first. ``kept`` and
+    ``new`` are tuples of arrays with the entries on axis 0."""
+    valid = jnp.concatenate([kept_valid, new_valid])
+    losses = jnp.concatenate([kept_losses, new_losses.astype(kept_losses.dtype)])
+    _, keep = jax.lax.top_k(jnp.where(valid, losses, -jnp.inf), kept_losses.shape[0])  # invalid fill what is left
+    arrays = tuple(jnp.concatenate([a, b.astype(a.dtype)])[keep] for a, b in zip(kept, new, strict=True))
+    return arrays, losses[keep], valid[keep]
 
 
 class HardBuffer:
-    """The ``size`` individual samples (image (H, W, C), label, loss) with the highest loss among the
-    buffer and the latest batch (bug 3 of the reference: entries were whole batches).
+    """The ``size`` entries of highest loss among the buffer and the latest batch: individual
+    samples (``unit="samples"``, bug 3 of the reference) or whole batches (``"batches"``, the
+    official code; a batch's loss is its mean over its unpadded rows).
 
-    Arrays have a fixed shape (``size`` rows, ``valid`` marks the filled ones) so a jitted step that
-    takes the buffer compiles once; they are allocated like the first batch. The stored losses are
-    those of the last ``update``: the train step refreshes the buffer's losses with the same forward
-    pass as the batch's, so old and new samples compete under the same parameters.
+    Arrays have a fixed shape (``size`` entries, ``valid`` marks the filled ones) so a jitted step
+    that takes the buffer compiles once; they are allocated like the first batch: samples hold
+    images (size, H, W, C) and labels (size,), batches images (size, N, H, W, C), labels and row
+    masks (size, N). The stored losses are those of the last ``update``: the train step refreshes
+    them with the same forward pass as the batch's, so old and new entries compete under the same
+    parameters.
     """
 
-    def __init__(self, size: int):
-        self.size = size
-        self.images = self.labels = self.losses = self.valid = None
+    def __init__(self, size: int, unit: Literal["samples", "batches"] = "samples"):
+        if unit not in ("samples", "batches"):
+            raise ValueError(f"hard buffer unit must be 'samples' or 'batches', got {unit!r}")
+        self.size, self.unit = size, unit
+        self.images = self.labels = self.losses = self.valid = self.masks = None
 
     def __len__(self) -> int:
+        """Filled entries (samples or batches)."""
         return 0 if self.valid is None else int(jnp.sum(self.valid))
 
     def allocate_like(self, images: jax.Array, labels: jax.Array) -> None:
         if self.images is None:
-            self.images = jnp.zeros((self.size,) + images.shape[1:], images.dtype)
-            self.labels = jnp.zeros((self.size,), labels.dtype)
+            entry = images.shape[1:] if self.unit == "samples" else images.shape
+            rows = () if self.unit == "samples" else labels.shape
+            self.images = jnp.zeros((self.size,) + entry, images.dtype)
+            self.labels = jnp.zeros((self.size,) + rows, labels.dtype)
+            self.masks = jnp.zeros((self.size,) + rows, jnp.float32)
             self.losses = jnp.zeros((self.size,), jnp.float32)
             self.valid = jnp.zeros((self.size,), bool)
 
     def update(self, images, labels, losses, buffer_losses=None, mask=None) -> None:
-        """images (N, H, W, C), labels (N,), losses (N,); ``buffer_losses`` (size,) replaces the
-        stored losses of the current entries first (e.g. recomputed with the current parameters);
-        rows with ``mask`` (N,) == 0 (padding of a last batch) never enter."""
+        """images (N, H, W, C), labels (N,), per-row losses (N,); ``buffer_losses`` (rows of
+        ``arrays()``) replaces the stored losses of the current entries first (e.g. recomputed with
+        the current parameters); rows with ``mask`` (N,) == 0 (padding of a last batch) never count."""
         images, labels, losses = jnp.asarray(images), jnp.asarray(labels), jnp.asarray(losses, jnp.float32)
         self.allocate_like(images, labels)
-        stored = self.losses if buffer_losses is None else jnp.asarray(buffer_losses, jnp.float32)
-        batch_valid = jnp.ones(losses.shape, bool) if mask is None else jnp.asarray(mask) > 0
-        self.images, self.labels, self.losses, self.valid = _keep_hardest(
-            self.images, self.labels, stored, self.valid, images, labels, losses, batch_valid)
+        mask = jnp.ones(losses.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+        if self.unit == "samples":
+            stored = self.losses if buffer_losses is None else jnp.asarray(buffer_losses, jnp.float32)
+            (self.images, self.labels, self.masks), self.losses, self.valid = _keep_hardest(
+                (self.images, self.labels, self.masks), stored, self.valid, (images, labels, mask), losses, mask > 0)
+            return
+        stored = self.losses
+        if buffer_losses is not None:  # each batch's mean over its own rows
+            rows = jnp.asarray(buffer_losses, jnp.float32).reshape(self.masks.shape)
+            stored = jnp.sum(rows * self.masks, 1) / jnp.maximum(jnp.sum(self.masks, 1), 1.0)
+        mean = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        (self.images, self.labels, self.masks), self.losses, self.valid = _keep_hardest(
+            (self.images, self.labels, self.masks), stored, self.valid,
+            (images[None], labels[None], mask[None]), mean[None], jnp.any(mask > 0)[None])
 
     def arrays(self) -> dict[str, jax.Array]:
-        """{"images" (size, H, W, C), "labels" (size,), "valid" (size,)} for a jitted function."""
-        return {"images": self.images, "labels": self.labels, "valid": self.valid}
+        """Rows for a jitted function: "images" (M, H, W, C), "labels" (M,), "valid" (M,) and
+        "weights" (M, E), row m's weight in entry e's mean loss (0 or 1). M = size samples, or
+        size x N rows of size batches."""
+        if self.unit == "samples":
+            return {"images": self.images, "labels": self.labels, "valid": self.valid,
+                    "weights": self.valid.astype(jnp.float32)[:, None]}
+        k, n = self.labels.shape
+        row_valid = (self.masks > 0) & self.valid[:, None]
+        entry = jnp.repeat(jnp.arange(k), n)
+        return {"images": self.images.reshape((k * n,) + self.images.shape[2:]), "labels": self.labels.reshape(-1),
+                "valid": row_valid.reshape(-1),
+                "weights": jax.nn.one_hot(entry, k, dtype=jnp.float32) * row_valid.reshape(-1, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,10 +267,19 @@ def pseudo_labels(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1)
 
 
-def ewc_penalty(adapter, omega, reg_lambda) -> jax.Array:
-    """(lambda / 2) sum_i Omega_i theta_i^2 over matching trees; its gradient is lambda Omega theta."""
+def ewc_penalty(adapter, omega, reg_lambda, anchor=None) -> jax.Array:
+    """(lambda / 2) sum_i Omega_i (theta_i - anchor_i)^2 over matching trees (anchor None: 0); its
+    gradient is lambda Omega (theta - anchor)."""
+    if anchor is not None:
+        adapter = jax.tree.map(jnp.subtract, adapter, anchor)
     terms = jax.tree.leaves(jax.tree.map(lambda o, t: jnp.sum(o * jnp.square(t)), omega, adapter))
     return 0.5 * reg_lambda * sum(terms, jnp.zeros((), jnp.float32))
+
+
+def entry_means_sum(losses: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum_e (sum_m weights[m, e] losses[m]) / max(sum_m weights[m, e], 1): each hard-buffer entry's
+    mean loss, summed (one entry of samples: their mean; batches: the sum of the batch means)."""
+    return jnp.sum((losses @ weights) / jnp.maximum(jnp.sum(weights, 0), 1.0))
 
 
 def fisher_importance(logits_fn: Callable, theta, images: jax.Array, valid: jax.Array):
@@ -262,7 +311,7 @@ def default_preprocess(images: jax.Array) -> jax.Array:
 # The jitted functions take the graph definitions and ``preprocess`` as static arguments, so every
 # OnlineLoRA over the same architecture shares one compilation; lr and lambda are traced scalars.
 
-def _loss(graphdef, preprocess, trainable, frozen, rest, omega, batch, buffer, reg_lambda):
+def _loss(graphdef, preprocess, trainable, frozen, rest, omega, anchor, batch, buffer, reg_lambda):
     """Total loss and its parts; per-sample CE of batch + buffer rows from one forward pass."""
     images = jnp.concatenate([batch["images"], buffer["images"].astype(batch["images"].dtype)])
     labels = jnp.concatenate([batch["labels"], buffer["labels"].astype(batch["labels"].dtype)])
@@ -271,26 +320,26 @@ def _loss(graphdef, preprocess, trainable, frozen, rest, omega, batch, buffer, r
     losses = optax.softmax_cross_entropy_with_integer_labels(model(preprocess(images)).astype(jnp.float32), labels)
     n = batch["labels"].shape[0]
     batch_loss = masked_mean(losses[:n], batch["mask"])
-    valid = buffer["valid"].astype(jnp.float32)
-    buffer_loss = masked_mean(losses[n:], valid)  # 0 while empty
-    reg = ewc_penalty(trainable["adapter"], omega, reg_lambda)
+    buffer_loss = entry_means_sum(losses[n:], buffer["weights"])  # 0 while empty
+    reg = ewc_penalty(trainable["adapter"], omega, reg_lambda, anchor)
     parts = {"loss": batch_loss + buffer_loss + reg, "batch_loss": batch_loss, "buffer_loss": buffer_loss,
              "reg": reg}
     return parts["loss"], (parts, losses, nnx.state(model, nnx.Not(nnx.Param)))
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _gradients(graphdef, preprocess, trainable, frozen, rest, omega, batch, buffer, reg_lambda):
-    return jax.grad(lambda t: _loss(graphdef, preprocess, t, frozen, rest, omega, batch, buffer,
+def _gradients(graphdef, preprocess, trainable, frozen, rest, omega, anchor, batch, buffer, reg_lambda):
+    return jax.grad(lambda t: _loss(graphdef, preprocess, t, frozen, rest, omega, anchor, batch, buffer,
                                     reg_lambda)[0])(trainable)
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _train_step(graphdef, preprocess, trainable, frozen, rest, opt_state, omega, batch, buffer, lr, reg_lambda):
+def _train_step(graphdef, preprocess, trainable, frozen, rest, opt_state, omega, anchor, batch, buffer, lr,
+                reg_lambda):
     """One Adam step on {"adapter", "head"} (separate Adam states, so the adapter's can be reset)."""
     grad_fn = jax.value_and_grad(_loss, argnums=2, has_aux=True)
-    (_, (parts, losses, rest)), grads = grad_fn(graphdef, preprocess, trainable, frozen, rest, omega, batch,
-                                                buffer, reg_lambda)
+    (_, (parts, losses, rest)), grads = grad_fn(graphdef, preprocess, trainable, frozen, rest, omega, anchor,
+                                                batch, buffer, reg_lambda)
     tx = optax.adam(lr)
     new_trainable, new_opt_state = {}, {}
     for key in ("adapter", "head"):
@@ -325,7 +374,8 @@ class OnlineLoRA:
     ``adapter`` (trainable A, B), ``head`` (trainable head; empty when ``train_head=False``),
     ``frozen`` (every other param: base kernels with the merged adapters), ``rest`` (non-params),
     ``opt_state`` ({"adapter", "head"} Adam states), ``omega`` (importance, the tree of ``adapter``,
-    zeros at start), ``n_plateaus``, ``buffer`` (HardBuffer) and ``detector`` (PlateauDetector).
+    zeros at start), ``anchor`` (theta*: the adapter after the last consolidation; None with
+    ``penalty="theta"``), ``n_plateaus``, ``buffer`` (HardBuffer) and ``detector`` (PlateauDetector).
     ``model`` gives a module (train mode) built from the current states.
 
     ``preprocess(images) -> float inputs`` runs on the device (default: integer images / 255). Batches
@@ -348,13 +398,17 @@ class OnlineLoRA:
         self._tx = optax.adam(config.lr)  # states only: the step rebuilds adam with a traced lr
         self.opt_state = {"adapter": self._tx.init(self.adapter), "head": self._tx.init(self.head)}
         self.omega = jax.tree.map(jnp.zeros_like, self.adapter)
+        self.anchor = self._anchor()
         self.n_plateaus = 0
-        self.buffer = HardBuffer(config.buffer_size)
+        self.buffer = HardBuffer(config.buffer_size, config.buffer)
         self.detector = PlateauDetector(config.window, config.mean_threshold, config.var_threshold,
                                         start_with_peak=not config.first_plateau_needs_peak)
         if config.merge_factors_separately:  # reference behaviour: W = W_0 + (sum A)(sum B)
             self._w0 = {p: layer.base.kernel.get_value() for p, layer in _target_layers(model)}
             self._factor_sums: dict[tuple, tuple[jax.Array, jax.Array]] = {}
+
+    def _anchor(self):
+        return jax.tree.map(jnp.copy, self.adapter) if self.config.penalty == "anchored" else None
 
     @property
     def model(self) -> nnx.Module:
@@ -374,7 +428,7 @@ class OnlineLoRA:
         trainable = {"adapter": self.adapter, "head": self.head}
         trainable, self.rest, self.opt_state, parts, losses, buffer_losses = _train_step(
             self._train_def, self.preprocess, trainable, self.frozen, self.rest, self.opt_state, self.omega,
-            batch, self.buffer.arrays(), jnp.float32(self.config.lr), jnp.float32(self.config.reg_lambda))
+            self.anchor, batch, self.buffer.arrays(), jnp.float32(self.config.lr), jnp.float32(self.config.reg_lambda))
         self.adapter, self.head = trainable["adapter"], trainable["head"]
         self.buffer.update(batch["images"], batch["labels"], losses, buffer_losses, batch["mask"])
         metrics = {k: float(v) for k, v in parts.items()}
@@ -390,24 +444,27 @@ class OnlineLoRA:
         """d loss / d {"adapter", "head"} for ``batch`` with the current buffer and Omega (no update)."""
         batch = self._batch(batch)
         return _gradients(self._train_def, self.preprocess, {"adapter": self.adapter, "head": self.head},
-                          self.frozen, self.rest, self.omega, batch, self.buffer.arrays(),
+                          self.frozen, self.rest, self.omega, self.anchor, batch, self.buffer.arrays(),
                           jnp.float32(self.config.reg_lambda))
 
     def importance(self):
-        """Empirical Fisher G of the current adapter over the hard buffer (eval mode), tree of ``adapter``."""
+        """Empirical Fisher G of the current adapter over the hard buffer's rows (eval mode), tree of ``adapter``."""
         if not len(self.buffer):
             return jax.tree.map(jnp.zeros_like, self.adapter)
+        rows = self.buffer.arrays()
         return _importance(self._eval_def, self.preprocess, self.adapter, self.head, self.frozen, self.rest,
-                           self.buffer.images, self.buffer.valid)
+                           rows["images"], rows["valid"])
 
     def consolidate(self) -> None:
         """At a plateau: Omega <- G/n + (1 - 1/n) Omega, merge (alpha/r) B A into the frozen kernels,
-        start a new adapter (A random, B zero) with a fresh Adam state. The model's outputs do not change."""
+        start a new adapter (A random, B zero) with a fresh Adam state, and anchor the penalty there.
+        The model's outputs do not change."""
         g = self.importance()
         self.n_plateaus += 1
         n = self.n_plateaus
         self.omega = jax.tree.map(lambda o, gi: gi / n + (1.0 - 1.0 / n) * o, self.omega, g)
         self._merge_adapter()
+        self.anchor = self._anchor()
         if self.config.reset_adam:
             self.opt_state = dict(self.opt_state, adapter=self._tx.init(self.adapter))
 

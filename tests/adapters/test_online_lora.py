@@ -9,7 +9,7 @@ from flax import nnx
 
 from research.adapters.lora import lora_filter
 from research.adapters.online_lora import (ADAPTER, HardBuffer, OnlineLoRA, OnlineLoraConfig, PlateauDetector,
-                                           fisher_importance, pseudo_labels)
+                                           entry_means_sum, fisher_importance, pseudo_labels)
 from research.models import build_model
 
 SHAPE, CLASSES = (8, 8, 1), 4
@@ -129,6 +129,40 @@ def test_hard_buffer_keeps_the_highest_loss_individual_samples():
     small = HardBuffer(4)  # fewer samples than slots: the rest stays invalid
     small.update(images[:2], np.arange(2), np.array([1.0, 2.0]))
     assert len(small) == 2 and small.valid.tolist() == [True, True, False, False]
+
+
+def test_hard_buffer_of_batches_keeps_the_whole_batches_of_highest_mean_loss():
+    buffer = HardBuffer(2, unit="batches")
+    images = np.arange(6 * 2 * 8 * 8, dtype=np.float32).reshape(6, 2, *SHAPE)
+    # Batch 0: mean 1.0; batch 1: 3.0 over its one unpadded row (the padded row's 100 never counts).
+    buffer.update(images[0], np.array([0, 1]), np.array([0.5, 1.5]))
+    buffer.update(images[1], np.array([2, 3]), np.array([3.0, 100.0]), mask=np.array([1.0, 0.0]))
+    np.testing.assert_allclose(buffer.losses, [3.0, 1.0])
+    np.testing.assert_array_equal(buffer.images, images[[1, 0]])
+    buffer.update(images[2], np.array([4, 5]), np.array([2.0, 2.0]))  # mean 2.0 displaces batch 0
+    np.testing.assert_array_equal(buffer.labels, [[2, 3], [4, 5]])
+    # Refreshed row losses become per-batch means over unpadded rows: batch 1 -> 0.5, batch 2 -> 2.5.
+    buffer.update(images[3], np.array([6, 7]), np.array([1.0, 1.0]),
+                  buffer_losses=np.array([0.5, 999.0, 2.0, 3.0]))
+    np.testing.assert_allclose(buffer.losses, [2.5, 1.0])
+    rows = buffer.arrays()
+    assert rows["images"].shape == (4, *SHAPE) and rows["weights"].shape == (4, 2)
+    np.testing.assert_array_equal(rows["weights"], [[1, 0], [1, 0], [0, 1], [0, 1]])
+    # The buffer term: each batch's mean, summed (not one mean over all rows).
+    assert float(entry_means_sum(jnp.array([1.0, 3.0, 10.0, 20.0]), rows["weights"])) == pytest.approx(2.0 + 15.0)
+
+
+def test_a_step_adds_the_sum_of_the_buffer_batches_mean_losses():
+    ol = learner(buffer="batches", buffer_size=2)
+    first = batch(8, seed=3)
+    ol.step(first)
+    assert len(ol.buffer) == 1 and ol.buffer.images.shape == (2, 8, *SHAPE)
+    logits = np.asarray(ol.predict(first["images"]), np.float64)  # the parameters the next step sees
+    expected = -float(np.mean(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), first["labels"][:, None], -1)))
+    assert ol.step(batch(8, seed=4))["buffer_loss"] == pytest.approx(expected, rel=1e-4)
+    assert len(ol.buffer) == 2
+    ol.consolidate()  # the importance runs over every row of the buffered batches
+    assert any(np.abs(o).max() > 0 for o in flat(ol.omega).values())
 
 
 def test_step_fills_the_buffer_with_the_batch_samples_of_highest_loss():
@@ -274,8 +308,8 @@ def test_omega_is_the_running_average_of_the_importances():
     assert any(np.abs(g).max() > 0 for g in flat(importances[0]).values())
 
 
-def test_regulariser_gradient_is_lambda_omega_theta():
-    ol = learner()
+def test_reference_regulariser_gradient_is_lambda_omega_theta():
+    ol = learner(penalty="theta")
     train(ol, steps=2)
     data = batch(seed=7)
     plain = flat(ol.gradients(data)["adapter"])
@@ -287,6 +321,47 @@ def test_regulariser_gradient_is_lambda_omega_theta():
         expected = ol.config.reg_lambda * omega[path] * theta[path]
         np.testing.assert_allclose(g - plain[path], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max(),
                                    err_msg=path)
+
+
+def test_anchored_regulariser_gradient_is_lambda_omega_times_the_change_since_consolidation():
+    ol = learner()
+    train(ol, steps=2)
+    ol.consolidate()
+    train(ol, steps=2, seed=20)
+    data = batch(seed=7)
+    omega, theta, anchor = flat(ol.omega), flat(ol.adapter), flat(ol.anchor)
+    plain = flat(learner_gradients_without_penalty(ol, data))
+    for path, g in flat(ol.gradients(data)["adapter"]).items():
+        expected = ol.config.reg_lambda * omega[path] * (theta[path] - anchor[path])
+        np.testing.assert_allclose(g - plain[path], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max() + 1e-9,
+                                   err_msg=path)
+
+
+def learner_gradients_without_penalty(ol, data):
+    omega = ol.omega
+    ol.omega = jax.tree.map(jnp.zeros_like, omega)
+    try:
+        return ol.gradients(data)["adapter"]
+    finally:
+        ol.omega = omega
+
+
+def test_a_freshly_consolidated_adapter_has_zero_penalty_and_still_learns():
+    ol = learner()
+    train(ol, steps=3)
+    ol.consolidate()
+    assert any(np.abs(o).max() > 0 for o in flat(ol.omega).values())
+    for path, a in flat(ol.anchor).items():
+        np.testing.assert_array_equal(a, flat(ol.adapter)[path])  # theta* = the fresh adapter
+    data = batch(seed=9)
+    assert ol.step(data)["reg"] == 0.0  # the penalty before this step's update
+    grads = flat(ol.gradients(data)["adapter"])
+    assert all(np.abs(g).max() > 1e-6 for p, g in grads.items() if p.endswith("/b"))
+
+    reference = learner(penalty="theta")  # Omega theta^2 acts on the fresh random A at once
+    train(reference, steps=3)
+    reference.consolidate()
+    assert reference.step(data)["reg"] > 0.0
 
 
 def test_step_lowers_the_loss_on_a_repeated_batch():

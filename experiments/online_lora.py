@@ -11,6 +11,11 @@ a_{e,j} (evaluation e, task j) at the T task ends:
     avg_acc    = (1/T) sum_j a_{T,j}                                        (final average accuracy)
     forgetting = (1/(T-1)) sum_{j<T} max_{l<T} a_{l,j} - a_{T,j}            (Chaudhry et al., ECCV 2018)
 
+a_{e,j} is class-incremental (the argmax over every class); the same figures are also given
+task-incremental (``*_task_il``: task j's test images scored over task j's classes only), which
+separates forgetting of the features from a head biased toward the newest classes. Batches end at
+every task boundary, so a task-end evaluation has seen no image of the next task.
+
 Writes to DIR: config.json, pretrain/ (the backbone's training, when it is trained here), METHOD/tb
 (TensorBoard: losses, plateaus, accuracies), methods/METHOD.json (a finished method; a rerun with the
 same config skips it), results.json (per method: avg_acc, forgetting, n_plateaus, seconds, the
@@ -37,7 +42,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from research.adapters.online_baselines import OnlineBaselineConfig, OnlineFinetune  # noqa: E402
-from research.adapters.online_lora import OnlineLoRA, OnlineLoraConfig  # noqa: E402
+from research.adapters.online_lora import OnlineLoRA, OnlineLoraConfig, evaluate_task  # noqa: E402
 from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
 from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
@@ -189,9 +194,10 @@ def run_method(method: str, learner, train, stream, tests, config, workdir: str)
     writer = MetricWriter(logdir)
     pending = sorted(eval_positions(stream, config.eval.points_per_task).items())
     batch_size = config.stream.batch_size
-    curve, task_end_accs, train_seconds, compile_seconds, plateaus = [], [], 0.0, 0.0, []
-    batches = streams.stream_batches(train, stream, batch_size)
-    bar = tqdm(batches, total=-(-len(stream) // batch_size), desc=method, disable=not config.progress, leave=False)
+    curve, task_end_accs, task_end_til, train_seconds, compile_seconds, plateaus = [], [], [], 0.0, 0.0, []
+    # Batches end at every task boundary, so a task-end evaluation has seen nothing of the next task.
+    batches = list(streams.stream_batches(train, stream, batch_size, cuts=stream.boundaries[1:]))
+    bar = tqdm(batches, desc=method, disable=not config.progress, leave=False)
     for step, batch in enumerate(bar):
         t0 = time.perf_counter()
         metrics = learner.step(batch)
@@ -200,26 +206,33 @@ def run_method(method: str, learner, train, stream, tests, config, workdir: str)
         else:
             train_seconds += time.perf_counter() - t0
         if metrics.get("plateau"):
-            plateaus.append(batch["position"] + batch_size)
+            plateaus.append(batch["end"])
         if step % config.log_every == 0:
             writer.scalars(step, {f"train/{k}": float(v) for k, v in metrics.items()})
             bar.set_postfix(loss=f"{metrics['batch_loss']:.3f}", plateaus=metrics["n_plateaus"])
-        seen = min(batch["position"] + batch_size, len(stream))
+        seen = batch["end"]
         while pending and pending[0][0] <= seen:
             _, is_task_end = pending.pop(0)
-            accs = [learner.evaluate(t.images, t.labels, config.eval.batch_size) for t in tests]
+            both = [evaluate_task(learner.predict, t.images, t.labels, classes, config.eval.batch_size)
+                    for t, classes in zip(tests, stream.tasks, strict=True)]
+            accs, task_accs = [b[0] for b in both], [b[1] for b in both]
             started = int(np.searchsorted(stream.boundaries, seen - 1, side="right"))
-            curve.append({"position": seen, "task_accs": accs, "avg_seen": float(np.mean(accs[:started]))})
+            curve.append({"position": seen, "task_accs": accs, "task_il_accs": task_accs,
+                          "avg_seen": float(np.mean(accs[:started]))})
             writer.scalars(step, {"eval/avg_acc_seen_tasks": curve[-1]["avg_seen"],
                                   **{f"eval/task_{j}": a for j, a in enumerate(accs)}})
             if is_task_end:
                 task_end_accs.append(accs)
+                task_end_til.append(task_accs)
     writer.close()
     avg_acc, forgetting = continual_metrics(task_end_accs)
-    return {"avg_acc": avg_acc, "forgetting": forgetting, "n_plateaus": int(learner.n_plateaus),
+    avg_til, forgetting_til = continual_metrics(task_end_til)
+    return {"avg_acc": avg_acc, "forgetting": forgetting, "avg_acc_task_il": avg_til,
+            "forgetting_task_il": forgetting_til, "n_plateaus": int(learner.n_plateaus),
             "seconds": train_seconds, "first_step_seconds": compile_seconds, "steps": step + 1,
             "seconds_per_step": train_seconds / max(step, 1),
-            "plateau_positions": plateaus, "task_end_accs": task_end_accs, "curve": curve}
+            "plateau_positions": plateaus, "task_end_accs": task_end_accs, "task_end_accs_task_il": task_end_til,
+            "curve": curve}
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -276,9 +289,11 @@ def results_table(results: dict) -> str:
     s = results["stream"]
     lines = [f"{results['model']} on {results['data']}: {len(s['tasks'])} {s['kind']} tasks, {s['length']} images "
              f"seen once in batches of {s['batch_size']}", "",
-             "| method | avg acc (%) | forgetting (%) | plateaus | seconds |", "|---|---|---|---|---|"]
+             "| method | avg acc (%) | forgetting (%) | task-IL acc (%) | task-IL forgetting (%) | plateaus | seconds |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results["methods"].items():
         lines.append(f"| {LABELS[name]} | {100 * r['avg_acc']:.2f} | {100 * r['forgetting']:.2f} | "
+                     f"{100 * r['avg_acc_task_il']:.2f} | {100 * r['forgetting_task_il']:.2f} | "
                      f"{r['n_plateaus']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 

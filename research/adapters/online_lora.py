@@ -67,7 +67,7 @@ from research.models import filters
 ADAPTER = "current"  # name of the trainable adapter on each target layer
 
 __all__ = ["ADAPTER", "HardBuffer", "OnlineLoRA", "OnlineLoraConfig", "PlateauDetector", "as_batch",
-           "entry_means_sum", "evaluate_accuracy", "ewc_penalty", "fisher_importance", "masked_mean", "pseudo_labels", "train_mode"]
+           "entry_means_sum", "evaluate_accuracy", "evaluate_task", "ewc_penalty", "fisher_importance", "masked_mean", "pseudo_labels", "train_mode"]
 
 
 @dataclass(frozen=True)
@@ -511,19 +511,37 @@ def as_batch(batch) -> dict[str, jax.Array]:
     return {"images": images, "labels": labels, "mask": mask}
 
 
-def evaluate_accuracy(predict: Callable[[np.ndarray], jax.Array], images, labels, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``predict(images) -> logits`` over array-likes (N, H, W, C) and (N,); the last
-    batch is padded to ``batch_size`` so that one compilation serves every batch."""
-    labels = np.asarray(labels)
-    correct = 0
-    for start in range(0, len(labels), batch_size):
+def _logits(predict: Callable[[np.ndarray], jax.Array], images, batch_size: int):
+    """Yields (start, logits (m, C) numpy) over array-like images (N, H, W, C); the last batch is
+    padded to ``batch_size`` so that one compilation serves every batch."""
+    for start in range(0, len(images), batch_size):
         x = np.asarray(images[start:start + batch_size])
         m = len(x)
         if m < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], x.dtype)])
-        predicted = np.asarray(jnp.argmax(predict(x), -1))[:m]
-        correct += int(np.sum(predicted == labels[start:start + m]))
-    return correct / max(len(labels), 1)
+        yield start, np.asarray(predict(x))[:m]
+
+
+def evaluate_accuracy(predict: Callable[[np.ndarray], jax.Array], images, labels, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``predict(images) -> logits`` over array-likes (N, H, W, C) and (N,)."""
+    return evaluate_task(predict, images, labels, None, batch_size)[0]
+
+
+def evaluate_task(predict: Callable[[np.ndarray], jax.Array], images, labels, classes, batch_size: int = 256
+                  ) -> tuple[float, float]:
+    """(class-incremental, task-incremental) top-1 accuracy from one pass of ``predict``: the argmax
+    over every class, and over ``classes`` only (the task's own; the task is given at test time).
+    ``classes`` None gives the first figure twice."""
+    labels = np.asarray(labels)
+    allowed = None if classes is None else np.asarray(sorted(int(c) for c in classes))
+    correct = correct_task = 0
+    for start, logits in _logits(predict, images, batch_size):
+        truth = labels[start:start + len(logits)]
+        correct += int(np.sum(np.argmax(logits, -1) == truth))
+        if allowed is not None:
+            correct_task += int(np.sum(allowed[np.argmax(logits[:, allowed], -1)] == truth))
+    n = max(len(labels), 1)
+    return correct / n, (correct if allowed is None else correct_task) / n
 
 
 def train_mode(model: nnx.Module, freeze_batch_stats: bool) -> None:

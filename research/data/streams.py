@@ -188,26 +188,30 @@ def _scatter(home: np.ndarray, movable: np.ndarray, ratio: float, num_tasks: int
     return dest
 
 
-def stream_batches(train: ImageArrays, stream: Stream, batch_size: int) -> Iterator[dict]:
+def stream_batches(train: ImageArrays, stream: Stream, batch_size: int, cuts: Sequence[int] = ()) -> Iterator[dict]:
     """Consecutive batches in stream order, each example once.
 
-    Yields {"images": (B, H, W, C) uint8, "labels": (B,) int32, "mask": (B,) float32, "position": int},
-    where position is the stream position of the global batch's first example. The last batch is
-    padded to `batch_size` with mask 0 (as `pipeline.eval_batches`) so every batch has one shape;
-    like there, each process gets its contiguous slice of the global batch.
+    Yields {"images": (B, H, W, C) uint8, "labels": (B,) int32, "mask": (B,) float32, "position": int,
+    "end": int}: position is the stream position of the global batch's first example, end that after
+    its last. A batch never crosses a position in ``cuts`` (e.g. the task boundaries, so a learner
+    evaluated there has seen no example of the next task): the batch before a cut, like the last
+    one, is padded to `batch_size` with mask 0 (as `pipeline.eval_batches`) so every batch has one
+    shape; like there, each process gets its contiguous slice of the global batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if len(stream) != len(train):
         raise ValueError(f"the stream has {len(stream)} positions but the training split {len(train)} examples; "
                          "was it made from another split?")
-    for start in range(0, len(stream), batch_size):
-        positions = np.arange(start, start + batch_size)
-        valid = positions < len(stream)
-        rows = stream.order[np.where(valid, positions, 0)]
-        rows, valid = process_slice(rows), process_slice(valid)
-        yield {"images": train.images[rows], "labels": train.labels[rows], "mask": valid.astype(np.float32),
-               "position": start}
+    edges = sorted({0, len(stream), *(int(c) for c in cuts if 0 < int(c) < len(stream))})
+    for first, last in zip(edges[:-1], edges[1:]):
+        for start in range(first, last, batch_size):
+            positions = np.arange(start, start + batch_size)
+            valid = positions < last
+            rows = stream.order[np.where(valid, positions, 0)]
+            rows, valid = process_slice(rows), process_slice(valid)
+            yield {"images": train.images[rows], "labels": train.labels[rows], "mask": valid.astype(np.float32),
+                   "position": start, "end": min(start + batch_size, last)}
 
 
 def task_test_sets(test: ImageArrays, tasks: Sequence[Sequence[int]]) -> list[ImageArrays]:

@@ -9,7 +9,7 @@ from flax import nnx
 
 from research.adapters.lora import lora_filter
 from research.adapters.online_lora import (ADAPTER, HardBuffer, OnlineLoRA, OnlineLoraConfig, PlateauDetector,
-                                           entry_means_sum, fisher_importance, pseudo_labels)
+                                           entry_means_sum, evaluate_task, fisher_importance, pseudo_labels)
 from research.models import build_model
 
 SHAPE, CLASSES = (8, 8, 1), 4
@@ -392,3 +392,15 @@ def test_evaluate_is_the_accuracy_of_predict():
     predicted = np.asarray(jnp.argmax(ol.predict(data["images"]), -1))
     assert ol.evaluate(data["images"], data["labels"], batch_size=4) == pytest.approx(
         np.mean(predicted == data["labels"]))
+
+
+def test_task_incremental_accuracy_takes_the_argmax_over_the_tasks_own_classes():
+    logits = np.array([[0.0, 9.0, 3.0, 2.0],    # label 2: wrong over all classes, right over {2, 3}
+                       [0.0, 0.0, 1.0, 5.0],    # label 3: right both ways
+                       [7.0, 0.0, 1.0, 2.0]],   # label 3: wrong over all, right over {2, 3}
+                      np.float32)
+    predict = lambda x: jnp.asarray(logits[x[:, 0, 0, 0].astype(int)])  # noqa: E731
+    images = np.arange(3).reshape(3, 1, 1, 1)  # batch 2: the last batch is padded
+    cil, til = evaluate_task(predict, images, np.array([2, 3, 3]), (3, 2), batch_size=2)
+    assert cil == pytest.approx(1 / 3) and til == pytest.approx(1.0)
+    assert evaluate_task(predict, images, np.array([2, 3, 3]), None, batch_size=2) == (cil, cil)

@@ -193,8 +193,15 @@ def test_stream_batches_cover_the_stream_once_with_fixed_shapes_and_masks(kind):
     np.testing.assert_array_equal(rows, stream.order)  # stream order, each example once
     labels = np.concatenate([b["labels"] for b in batches])[mask > 0]
     np.testing.assert_array_equal(labels, stream.labels)
+    assert [b["end"] for b in batches] == list(range(64, 600, 64)) + [600]
     # An exact multiple needs no padding.
     assert all(b["mask"].all() for b in stream_batches(train, stream, 100))
+    # No batch crosses a cut: the one before it ends there, padded.
+    cut = list(stream_batches(train, stream, 64, cuts=(100, 600, 0)))
+    assert [(b["position"], b["end"]) for b in cut][:3] == [(0, 64), (64, 100), (100, 164)]
+    assert cut[1]["mask"].sum() == 36 and len(cut) == 2 + 8  # 500 after the cut: 8 batches
+    rows = np.concatenate([row_of(b["images"])[b["mask"] > 0] for b in cut])
+    np.testing.assert_array_equal(rows, stream.order)
     with pytest.raises(ValueError, match="batch_size"):
         next(stream_batches(train, stream, 0))
     with pytest.raises(ValueError, match="another split"):

@@ -25,6 +25,11 @@ def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
         # the final task-end row is the last point of the curve, and avg_acc its mean
         assert r["curve"][-1]["task_accs"] == r["task_end_accs"][-1]
         assert r["avg_acc"] == pytest.approx(np.mean(r["task_end_accs"][-1]))
+        # Scoring a task's images over its own classes can only help; the task ends are the boundaries.
+        assert all(til >= cil for p in r["curve"] for til, cil in zip(p["task_il_accs"], p["task_accs"], strict=True))
+        assert r["avg_acc_task_il"] == pytest.approx(np.mean(r["task_end_accs_task_il"][-1]))
+        ends = [p["position"] for p in r["curve"] if p["task_accs"] in r["task_end_accs"]]
+        assert set(results["stream"]["boundaries"][1:]) <= set(ends)
     assert results["methods"]["sequential_ft"]["n_plateaus"] == 0
     assert results["stream"]["length"] == 200 and sum(results["test_examples"]) > 300
     assert {"results.json", "results.md", "accuracy.png", "pretrain", "methods", "online_lora"} <= set(

@@ -13,7 +13,9 @@ a_{e,j} (evaluation e, task j) at the T task ends:
 
 a_{e,j} is class-incremental (the argmax over every class); the same figures are also given
 task-incremental (``*_task_il``: task j's test images scored over task j's classes only), which
-separates forgetting of the features from a head biased toward the newest classes. Batches end at
+separates forgetting of the features from a head biased toward the newest classes, and ``ncm_acc``
+is the final features' nearest-class-mean accuracy (cosine, class means of every training image):
+a bound on what a head calibrated across tasks could read from them. Batches end at
 every task boundary, so a task-end evaluation has seen no image of the next task.
 
 Writes to DIR: config.json, pretrain/ (the backbone's training, when it is trained here), METHOD/tb
@@ -42,7 +44,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from research.adapters.online_baselines import OnlineBaselineConfig, OnlineFinetune  # noqa: E402
-from research.adapters.online_lora import OnlineLoRA, OnlineLoraConfig, evaluate_task  # noqa: E402
+from research.adapters.online_lora import (OnlineLoRA, OnlineLoraConfig, batched, evaluate_task,  # noqa: E402
+                                           ncm_accuracy)
 from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
 from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
@@ -227,8 +230,13 @@ def run_method(method: str, learner, train, stream, tests, config, workdir: str)
     writer.close()
     avg_acc, forgetting = continual_metrics(task_end_accs)
     avg_til, forgetting_til = continual_metrics(task_end_til)
+    # What the final features can still tell apart: NCM with every class's training images.
+    train_features = batched(learner.embed, train.images, config.eval.batch_size)
+    ncm = [ncm_accuracy(train_features, train.labels, batched(learner.embed, t.images, config.eval.batch_size),
+                        t.labels) for t in tests]
     return {"avg_acc": avg_acc, "forgetting": forgetting, "avg_acc_task_il": avg_til,
-            "forgetting_task_il": forgetting_til, "n_plateaus": int(learner.n_plateaus),
+            "forgetting_task_il": forgetting_til, "ncm_acc": float(np.mean(ncm)), "ncm_task_accs": ncm,
+            "n_plateaus": int(learner.n_plateaus),
             "seconds": train_seconds, "first_step_seconds": compile_seconds, "steps": step + 1,
             "seconds_per_step": train_seconds / max(step, 1),
             "plateau_positions": plateaus, "task_end_accs": task_end_accs, "task_end_accs_task_il": task_end_til,
@@ -289,12 +297,12 @@ def results_table(results: dict) -> str:
     s = results["stream"]
     lines = [f"{results['model']} on {results['data']}: {len(s['tasks'])} {s['kind']} tasks, {s['length']} images "
              f"seen once in batches of {s['batch_size']}", "",
-             "| method | avg acc (%) | forgetting (%) | task-IL acc (%) | task-IL forgetting (%) | plateaus | seconds |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | avg acc (%) | forgetting (%) | task-IL acc (%) | task-IL forgetting (%) | NCM acc (%) "
+             "| plateaus | seconds |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results["methods"].items():
         lines.append(f"| {LABELS[name]} | {100 * r['avg_acc']:.2f} | {100 * r['forgetting']:.2f} | "
                      f"{100 * r['avg_acc_task_il']:.2f} | {100 * r['forgetting_task_il']:.2f} | "
-                     f"{r['n_plateaus']} | {r['seconds']:.0f} |")
+                     f"{100 * r['ncm_acc']:.2f} | {r['n_plateaus']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -173,9 +173,14 @@ def _predict(graphdef, preprocess, params, frozen, rest, images):
     return nnx.merge(graphdef, params, frozen, rest, copy=True)(preprocess(images)).astype(jnp.float32)
 
 
+@partial(jax.jit, static_argnums=(0, 1))
+def _embed(graphdef, preprocess, params, frozen, rest, images):
+    return nnx.merge(graphdef, params, frozen, rest, copy=True).embedding(preprocess(images)).astype(jnp.float32)
+
+
 class OnlineFinetune:
     """A baseline learner over an NNX classifier (see the module docstring); same interface as
-    ``OnlineLoRA``: ``step(batch) -> metrics``, ``predict``, ``evaluate``, ``model``, ``n_plateaus`` (always 0:
+    ``OnlineLoRA``: ``step(batch) -> metrics``, ``predict``, ``embed``, ``evaluate``, ``model``, ``n_plateaus`` (always 0:
     no plateau detection) and ``n_importance_updates`` (EWC updates so far).
 
     State: ``params`` (trainable), ``frozen`` (other params), ``rest`` (non-params), ``opt_state``,
@@ -245,6 +250,10 @@ class OnlineFinetune:
     def predict(self, images) -> jax.Array:
         """Logits (N, C) of the eval-mode model."""
         return _predict(self._eval_def, self.preprocess, self.params, self.frozen, self.rest, jnp.asarray(images))
+
+    def embed(self, images) -> jax.Array:
+        """The head's input (N, D) of the eval-mode model (the model's ``embedding``)."""
+        return _embed(self._eval_def, self.preprocess, self.params, self.frozen, self.rest, jnp.asarray(images))
 
     def evaluate(self, images, labels, batch_size: int = 256) -> float:
         return evaluate_accuracy(self.predict, images, labels, batch_size)

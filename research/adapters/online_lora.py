@@ -66,8 +66,9 @@ from research.models import filters
 
 ADAPTER = "current"  # name of the trainable adapter on each target layer
 
-__all__ = ["ADAPTER", "HardBuffer", "OnlineLoRA", "OnlineLoraConfig", "PlateauDetector", "as_batch",
-           "entry_means_sum", "evaluate_accuracy", "evaluate_task", "ewc_penalty", "fisher_importance", "masked_mean", "pseudo_labels", "train_mode"]
+__all__ = ["ADAPTER", "HardBuffer", "OnlineLoRA", "OnlineLoraConfig", "PlateauDetector", "as_batch", "batched",
+           "entry_means_sum", "evaluate_accuracy", "evaluate_task", "ewc_penalty", "fisher_importance", "masked_mean",
+           "ncm_accuracy", "pseudo_labels", "train_mode"]
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,12 @@ def _predict(graphdef, preprocess, adapter, head, frozen, rest, images):
 
 
 @partial(jax.jit, static_argnums=(0, 1))
+def _embed(graphdef, preprocess, adapter, head, frozen, rest, images):
+    model = nnx.merge(graphdef, adapter, head, frozen, rest, copy=True)
+    return model.embedding(preprocess(images)).astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
 def _importance(graphdef, preprocess, adapter, head, frozen, rest, images, valid):
     def logits_fn(theta, x):
         return nnx.merge(graphdef, theta, head, frozen, rest, copy=True)(preprocess(x))
@@ -497,6 +504,11 @@ class OnlineLoRA:
         return _predict(self._eval_def, self.preprocess, self.adapter, self.head, self.frozen, self.rest,
                         jnp.asarray(images))
 
+    def embed(self, images) -> jax.Array:
+        """The head's input (N, D) of the eval-mode model (the model's ``embedding``)."""
+        return _embed(self._eval_def, self.preprocess, self.adapter, self.head, self.frozen, self.rest,
+                      jnp.asarray(images))
+
     def evaluate(self, images, labels, batch_size: int = 256) -> float:
         """Top-1 accuracy of the eval-mode model over (N, H, W, C) images and (N,) labels."""
         return evaluate_accuracy(self.predict, images, labels, batch_size)
@@ -525,6 +537,27 @@ def _logits(predict: Callable[[np.ndarray], jax.Array], images, batch_size: int)
 def evaluate_accuracy(predict: Callable[[np.ndarray], jax.Array], images, labels, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``predict(images) -> logits`` over array-likes (N, H, W, C) and (N,)."""
     return evaluate_task(predict, images, labels, None, batch_size)[0]
+
+
+def batched(fn: Callable[[np.ndarray], jax.Array], images, batch_size: int = 256) -> np.ndarray:
+    """``fn`` over array-like images in batches (the last padded, one compilation), concatenated."""
+    return np.concatenate([out for _, out in _logits(fn, images, batch_size)])
+
+
+def ncm_accuracy(train_features, train_labels, test_features, test_labels) -> float:
+    """Nearest-class-mean accuracy with cosine similarity: each test feature (M, D) takes the class
+    whose mean of L2-normalised training features (N, D) is closest in angle. On a continual
+    learner's final features, with every class's training images, it bounds what a head calibrated
+    across tasks could read from those features."""
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    train_labels = np.asarray(train_labels)
+    classes = np.unique(train_labels)
+    means = unit(np.stack([unit(train_features)[train_labels == c].mean(0) for c in classes]))
+    predicted = classes[np.argmax(unit(test_features) @ means.T, -1)]
+    return float(np.mean(predicted == np.asarray(test_labels)))
 
 
 def evaluate_task(predict: Callable[[np.ndarray], jax.Array], images, labels, classes, batch_size: int = 256

@@ -151,6 +151,10 @@ class EfficientNetLite(nnx.Module):
             x = block(x)
         return jnp.mean(self.last_conv(x), axis=(1, 2))
 
+    def embedding(self, x: jax.Array) -> jax.Array:
+        """The head's input (before dropout): pooled features (N, 1280)."""
+        return self.features(x)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.dropout(self.features(x))).astype(jnp.float32)
 

@@ -38,11 +38,15 @@ class MLP(nnx.Module):
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def embedding(self, x: jax.Array) -> jax.Array:
+        """The head's input: the last hidden layer (N, hidden_sizes[-1]), or the flat input."""
         x = x.reshape(x.shape[0], -1).astype(self.dtype)
         for layer in self.layers:
             x = taps.relu(layer(x))
-        return self.head(x).astype(jnp.float32)
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.embedding(x)).astype(jnp.float32)
 
 
 def mlp(*, num_classes: int, input_shape: tuple[int, int, int], rngs: nnx.Rngs,

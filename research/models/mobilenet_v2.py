@@ -134,9 +134,12 @@ class MobileNetV2(nnx.Module):
             x = block(x)
         return self.last_conv(x)
 
+    def embedding(self, x: jax.Array) -> jax.Array:
+        """The head's input (before dropout): pooled features (N, last_ch)."""
+        return jnp.mean(self.features(x), axis=(1, 2))
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.mean(self.features(x), axis=(1, 2))  # (N, last_ch)
-        return self.head(self.dropout(x)).astype(jnp.float32)
+        return self.head(self.dropout(self.embedding(x))).astype(jnp.float32)
 
 
 def mobilenet_v2(*, num_classes: int, input_shape: tuple[int, int, int], rngs: nnx.Rngs,

@@ -136,9 +136,12 @@ class ResNet(nnx.Module):
             x = block(x)
         return x
 
+    def embedding(self, x: jax.Array) -> jax.Array:
+        """The head's input: pooled features (N, C_last)."""
+        return jnp.mean(self.features(x), axis=(1, 2))
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.mean(self.features(x), axis=(1, 2))  # (N, C)
-        return self.head(x).astype(jnp.float32)
+        return self.head(self.embedding(x)).astype(jnp.float32)
 
 
 def resnet20(*, num_classes: int, input_shape: tuple[int, int, int], rngs: nnx.Rngs,

@@ -129,8 +129,12 @@ class ViT(nnx.Module):
             x = block(x)
         return self.norm(x)
 
+    def embedding(self, x: jax.Array) -> jax.Array:
+        """The head's input: the class token's features (N, D)."""
+        return self.features(x)[:, 0]
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.head(self.features(x)[:, 0]).astype(jnp.float32)
+        return self.head(self.embedding(x)).astype(jnp.float32)
 
 
 _CONFIGS = {

@@ -9,7 +9,8 @@ from flax import nnx
 
 from research.adapters.lora import lora_filter
 from research.adapters.online_lora import (ADAPTER, HardBuffer, OnlineLoRA, OnlineLoraConfig, PlateauDetector,
-                                           entry_means_sum, evaluate_task, fisher_importance, pseudo_labels)
+                                           entry_means_sum, evaluate_task, fisher_importance, ncm_accuracy,
+                                           pseudo_labels)
 from research.models import build_model
 
 SHAPE, CLASSES = (8, 8, 1), 4
@@ -404,3 +405,22 @@ def test_task_incremental_accuracy_takes_the_argmax_over_the_tasks_own_classes()
     cil, til = evaluate_task(predict, images, np.array([2, 3, 3]), (3, 2), batch_size=2)
     assert cil == pytest.approx(1 / 3) and til == pytest.approx(1.0)
     assert evaluate_task(predict, images, np.array([2, 3, 3]), None, batch_size=2) == (cil, cil)
+
+
+def test_nearest_class_mean_uses_the_angle_to_each_class_mean():
+    train = np.array([[1.0, 0.0], [3.0, 0.2], [0.0, 1.0], [0.1, 5.0]])
+    labels = np.array([7, 7, 9, 9])
+    # (10, 9) is nearer class 9's mean (0.05, 3) than class 7's (2, 0.1) in distance, but at a
+    # smaller angle to class 7's mean of unit vectors: the cosine rule says 7.
+    test = np.array([[10.0, 9.0], [1.0, 2.0], [-1.0, 0.1]])
+    assert ncm_accuracy(train, labels, test, np.array([7, 9, 9])) == 1.0
+    assert ncm_accuracy(train, labels, test, np.array([9, 9, 9])) == pytest.approx(2 / 3)
+    assert ncm_accuracy(train, labels, train, labels) == 1.0
+
+
+def test_learners_embed_the_heads_input():
+    ol = learner()
+    train(ol, steps=1)
+    x = batch(seed=4)["images"]
+    head = ol.model.head
+    np.testing.assert_allclose(np.asarray(head(ol.embed(x))), np.asarray(ol.predict(x)), rtol=1e-4, atol=1e-5)

@@ -28,6 +28,7 @@ def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
         # Scoring a task's images over its own classes can only help; the task ends are the boundaries.
         assert all(til >= cil for p in r["curve"] for til, cil in zip(p["task_il_accs"], p["task_accs"], strict=True))
         assert r["avg_acc_task_il"] == pytest.approx(np.mean(r["task_end_accs_task_il"][-1]))
+        assert 0 <= r["ncm_acc"] <= 1 and len(r["ncm_task_accs"]) == 5
         ends = [p["position"] for p in r["curve"] if p["task_accs"] in r["task_end_accs"]]
         assert set(results["stream"]["boundaries"][1:]) <= set(ends)
     assert results["methods"]["sequential_ft"]["n_plateaus"] == 0

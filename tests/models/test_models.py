@@ -59,7 +59,10 @@ def test_logits_shape_and_dtype(name, dtype, kwargs):
     model.eval()
     stats = lambda: nnx.state(model, nnx.BatchStat)  # noqa: E731
     before = jax.tree.map(jnp.copy, stats())  # a copy: nnx.state returns the live Variables
-    logits = forward(model, jax.random.normal(jax.random.key(0), (2, *shape)))
+    # One program: the logits, and the head applied to the model's embedding (the head's input).
+    logits, via_embedding = nnx.jit(lambda m, x: (m(x), m.head(m.embedding(x))))(
+        model, jax.random.normal(jax.random.key(0), (2, *shape)))
+    np.testing.assert_allclose(np.asarray(via_embedding, np.float32), np.asarray(logits), rtol=1e-5, atol=1e-5)
     assert logits.shape == (2, 10)
     assert logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))

@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.points_per_task = 2       # evaluations inside each task segment, besides its end (for the plot)
+    c.eval.auc_every = 0             # > 0: seen-class accuracy every N images -> A_auc, A_last (Si-Blurry: 1000)
     c.eval.batch_size = 500
     c.log_every = 10
     c.progress = True

@@ -15,7 +15,9 @@ a_{e,j} is class-incremental (the argmax over every class); the same figures are
 task-incremental (``*_task_il``: task j's test images scored over task j's classes only), which
 separates forgetting of the features from a head biased toward the newest classes, and ``ncm_acc``
 is the final features' nearest-class-mean accuracy (cosine, class means of every training image):
-a bound on what a head calibrated across tasks could read from them. Batches end at
+a bound on what a head calibrated across tasks could read from them. With ``eval.auc_every`` N > 0
+(the Si-Blurry protocol uses 1,000) the accuracy on the classes seen so far, logits restricted to
+them, every N images and at the end gives A_auc (the mean) and A_last (the last). Batches end at
 every task boundary, so a task-end evaluation has seen no image of the next task.
 
 Writes to DIR: config.json, pretrain/ (the backbone's training, when it is trained here), METHOD/tb
@@ -69,7 +71,8 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
     cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
     cfg.check_choice(config, "stream.kind", streams.KINDS)
     cfg.check_choice(config, "backbone.source", BACKBONES)
-    for key in ("data.train_per_class", "data.test_per_class", "data.image_size", "eval.points_per_task"):
+    for key in ("data.train_per_class", "data.test_per_class", "data.image_size", "eval.points_per_task",
+                "eval.auc_every"):
         cfg.check(config, key, lambda v: v >= 0, "an int >= 0")
     for key in ("stream.num_tasks", "stream.batch_size", "eval.batch_size", "log_every"):
         cfg.check(config, key, lambda v: v > 0, "a positive int")
@@ -189,13 +192,25 @@ def continual_metrics(task_end_accs) -> tuple[float, float]:
     return float(acc[-1].mean()), forgetting
 
 
-def run_method(method: str, learner, train, stream, tests, config, workdir: str) -> dict:
-    """One pass; accuracies at the evaluation positions (a batch ends at or after each)."""
+def seen_class_accuracy(learner, test, classes, batch_size: int) -> float:
+    """Accuracy on the test images of ``classes`` with the logits restricted to them (the Si-Blurry
+    protocol's seen-class mask)."""
+    rows = np.flatnonzero(np.isin(test.labels, classes))
+    return evaluate_task(learner.predict, test.images[rows], test.labels[rows], classes, batch_size)[1]
+
+
+def run_method(method: str, learner, train, stream, tests, config, workdir: str, test=None) -> dict:
+    """One pass; accuracies at the evaluation positions (a batch ends at or after each). With
+    ``eval.auc_every`` > 0 and the whole ``test`` split, also the seen-class accuracy every that many
+    images and at the end: A_auc (their mean) and A_last (the last)."""
     logdir = os.path.join(workdir, method, "tb")
     if experiment.main_process() and os.path.isdir(logdir):
         shutil.rmtree(logdir)  # a rerun (changed config, or an interrupted pass) starts a clean log
     writer = MetricWriter(logdir)
     pending = sorted(eval_positions(stream, config.eval.points_per_task).items())
+    every = config.eval.auc_every if test is not None else 0
+    auc_pending = sorted({*range(every, len(stream), every), len(stream)}) if every else []
+    auc_curve = []
     batch_size = config.stream.batch_size
     curve, task_end_accs, task_end_til, train_seconds, compile_seconds, plateaus = [], [], [], 0.0, 0.0, []
     # Batches end at every task boundary, so a task-end evaluation has seen nothing of the next task.
@@ -227,6 +242,12 @@ def run_method(method: str, learner, train, stream, tests, config, workdir: str)
             if is_task_end:
                 task_end_accs.append(accs)
                 task_end_til.append(task_accs)
+        while auc_pending and auc_pending[0] <= seen:
+            auc_pending.pop(0)
+            classes = streams.seen_classes(stream, seen)
+            auc_curve.append({"position": seen, "seen_classes": len(classes),
+                              "accuracy": seen_class_accuracy(learner, test, classes, config.eval.batch_size)})
+            writer.scalars(step, {"eval/seen_class_accuracy": auc_curve[-1]["accuracy"]})
     writer.close()
     avg_acc, forgetting = continual_metrics(task_end_accs)
     avg_til, forgetting_til = continual_metrics(task_end_til)
@@ -240,7 +261,9 @@ def run_method(method: str, learner, train, stream, tests, config, workdir: str)
             "seconds": train_seconds, "first_step_seconds": compile_seconds, "steps": step + 1,
             "seconds_per_step": train_seconds / max(step, 1),
             "plateau_positions": plateaus, "task_end_accs": task_end_accs, "task_end_accs_task_il": task_end_til,
-            "curve": curve}
+            "curve": curve,
+            **({"a_auc": float(np.mean([p["accuracy"] for p in auc_curve])), "a_last": auc_curve[-1]["accuracy"],
+                "auc_curve": auc_curve} if auc_curve else {})}
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -272,7 +295,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 print(f"{method}: reusing {path}")
                 continue
         learner = make_learner(method, new_model(), config, preprocess)
-        result = run_method(method, learner, train, stream, tests, config, workdir)
+        result = run_method(method, learner, train, stream, tests, config, workdir, test)
         method_results[method] = result
         if experiment.main_process():
             write_json_atomic(path, {"signature": signature, "result": result})
@@ -303,6 +326,10 @@ def results_table(results: dict) -> str:
         lines.append(f"| {LABELS[name]} | {100 * r['avg_acc']:.2f} | {100 * r['forgetting']:.2f} | "
                      f"{100 * r['avg_acc_task_il']:.2f} | {100 * r['forgetting_task_il']:.2f} | "
                      f"{100 * r['ncm_acc']:.2f} | {r['n_plateaus']} | {r['seconds']:.0f} |")
+    if all("a_auc" in r for r in results["methods"].values()):
+        lines += ["", "| method | A_auc (%) | A_last (%) |", "|---|---|---|"]
+        lines += [f"| {LABELS[name]} | {100 * r['a_auc']:.2f} | {100 * r['a_last']:.2f} |"
+                  for name, r in results["methods"].items()]
     return "\n".join(lines)
 
 

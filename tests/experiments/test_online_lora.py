@@ -53,6 +53,20 @@ def test_efficientnet_lite_stream_trains_lora_on_pointwise_convolutions(tmp_path
     assert 0 <= results["methods"]["online_lora"]["avg_acc"] <= 1
 
 
+def test_si_blurry_reports_a_auc_and_a_last_over_the_classes_seen_so_far(tmp_path):
+    config = load_config("configs/online_lora.py:smoke", {**DIGITS, "stream.kind": "si_blurry", "eval.auc_every": 50,
+                                                           "methods": ("online_lora",)})
+    results = online_lora.main(config, str(tmp_path))
+    r = results["methods"]["online_lora"]
+    positions = [p["position"] for p in r["auc_curve"]]
+    assert positions[0] >= 50 and positions[-1] == results["stream"]["length"] == 200 and len(positions) == 4
+    seen = [p["seen_classes"] for p in r["auc_curve"]]
+    assert seen == sorted(seen) and seen[-1] == 10
+    assert r["a_auc"] == pytest.approx(np.mean([p["accuracy"] for p in r["auc_curve"]]))
+    assert r["a_last"] == r["auc_curve"][-1]["accuracy"]
+    assert "| method | A_auc (%) | A_last (%) |" in (tmp_path / "results.md").read_text()
+
+
 def test_metrics_on_a_known_matrix():
     acc = [[0.9, 0.0, 0.0],
            [0.7, 0.8, 0.0],

@@ -27,6 +27,7 @@ def features(model, images: np.ndarray, size: int, batch_size: int) -> tuple[np.
     import jax.numpy as jnp
     from flax import nnx
 
+    from research.adapters.online_lora import batched
     from research.data.augment import resize
     from research.models import efficientnet_lite as effnet
 
@@ -37,19 +38,10 @@ def features(model, images: np.ndarray, size: int, batch_size: int) -> tuple[np.
         x = (resize(x, (size, size, 3)) - effnet.PIXEL_MEAN) / effnet.PIXEL_STD
         return nnx.merge(graphdef, state).embedding(x).astype(jnp.float32)
 
-    def batches():
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size]
-            m = len(x)
-            if m < batch_size:
-                x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], x.dtype)])
-            yield m, x
-
-    jax.block_until_ready(embed(state, images[:batch_size]))  # compile outside the timing
-    start, out = time.perf_counter(), []
-    for m, x in batches():
-        out.append(np.asarray(embed(state, x))[:m])
-    return np.concatenate(out), (time.perf_counter() - start) / len(images)
+    batched(lambda x: embed(state, x), images[:1], batch_size)  # compile (padded batch shape) outside the timing
+    start = time.perf_counter()
+    out = batched(lambda x: embed(state, x), images, batch_size)
+    return out, (time.perf_counter() - start) / len(images)
 
 
 def probe(train_x, train_y, test_x, test_y) -> float:

@@ -51,6 +51,12 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def write_png(path: str, image: np.ndarray) -> None:
+    """An (H, W), (H, W, 1) or (H, W, 3) image as a PNG file; floats are rescaled to 0-255."""
+    with open(path, "wb") as f:
+        f.write(_png(image))
+
+
 class MetricWriter:
     """Scalars and images to TensorBoard under `logdir`, and a history kept for plots/results."""
 

@@ -1,0 +1,254 @@
+"""Unlearning for an image-to-image generator: make it fail on the forget classes, keep it on the rest.
+
+    python -m experiments.generative_unlearning --config configs/generative_unlearning.py[:PRESETS] --workdir DIR
+
+1. The masked-autoencoder generator: restored from ``generator.workdir`` or DIR/generator, trained
+   there first when it has no finished checkpoint (research/models/mae_train.py).
+2. For each seed and row (ours at each alpha, ours with a proxy retain set, each baseline), a copy
+   of the encoder is unlearned on the training images of the retain and forget classes
+   (research/unlearning/generative.py); DIR/rows/ keeps each finished row, so a rerun resumes.
+3. Each row's generator inpaints ``eval.images_per_set`` test images of the retain and of the forget
+   classes; FID, IS and the embedding cosine against the originals (research/unlearning/image_metrics.py).
+
+Writes to DIR: config.json, results.json (per row and mask: mean and sd over seeds), results.md,
+samples_MASK.png (columns: retain then forget test images; rows: original, masked input, each
+method's output), tsne.png (2-D embedding of the generated images, original vs ours) and rows/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from research.core import cli, experiment
+from research.core import config as cfg
+from research.core.checkpoint import Checkpointer
+from research.core.classify import ClassifierTrainConfig, total_steps
+from research.core.optim import OptimConfig
+from research.core.records import image_grid, write_json_atomic, write_png
+from research.data import pipeline
+from research.models import mae
+from research.models.mae import MAEConfig, MaskConfig
+from research.models.mae_train import fit_generator, generate, load_images, pad_images
+from research.unlearning import generative, image_metrics
+from research.unlearning.generative import GenerativeUnlearnConfig
+
+METRICS = ("fid", "is", "cosine")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    for cls, key in ((MAEConfig, "generator.model"), (MaskConfig, "generator.masks"), (OptimConfig, "generator.optim"),
+                     (ClassifierTrainConfig, "generator.train"), (GenerativeUnlearnConfig, "unlearn")):
+        cfg.build(cls, config, key)
+    cfg.check_names(config, "baselines", [m for m in generative.METHODS if m != "ours"])
+    cfg.check(config, "alphas", lambda v: all(a >= 0 for a in v), "a tuple of floats >= 0")
+    cfg.check(config, "eval.masks", lambda v: len(v) > 0 and set(v) <= {"center", "outpaint"},
+              "a non-empty tuple of center, outpaint")
+    cfg.check(config, "eval.images_per_set", lambda v: v >= 2, "an int >= 2")
+    cfg.check(config, "forget_classes", lambda v: len(v) > 0 and not set(v) & set(config.retain_classes),
+              "a non-empty tuple of classes disjoint from retain_classes")
+
+
+def class_images(data: pipeline.ImageArrays, classes, limit: int = 0) -> np.ndarray:
+    """uint8 images of ``classes``; with ``limit``, the first limit / len(classes) of each class."""
+    if limit:
+        per = max(limit // len(classes), 1)
+        return np.concatenate([data.images[data.labels == c][:per] for c in classes])
+    return data.images[np.isin(data.labels, classes)]
+
+
+def trained_generator(config, train, test, mesh, workdir: str) -> mae.MaskedAutoencoder:
+    """The generator of ``generator.workdir`` (or WORKDIR/generator), trained there when unfinished."""
+    gen = config.generator
+    folder = gen.workdir or os.path.join(workdir, "generator")
+    if gen.workdir:
+        cfg.require_path(gen.workdir, "generator.workdir")
+    model = mae.build(train.images.shape[1:], cfg.build(MAEConfig, config, "generator.model"), gen.seed)
+    steps = total_steps(cfg.build(ClassifierTrainConfig, config, "generator.train"), len(train))
+    ckpt = os.path.join(folder, "checkpoints")
+    if os.path.isdir(ckpt) and Checkpointer(ckpt, steps).latest_step() == steps:
+        print(f"generator: restoring {folder} (step {steps})")
+    return fit_generator(model, train, test, gen, mesh=mesh, workdir=folder, seed=gen.seed, flip=gen.data.flip,
+                         rules=experiment.mesh_config(config).logical).model
+
+
+def proxy_images(config, shape) -> np.ndarray | None:
+    """Training images of ``proxy.name`` at the generator's (H, W, C), or None without a proxy."""
+    if not config.proxy.name:
+        return None
+    data = config.generator.data
+    section = ml_collections.ConfigDict(dict(data.to_dict(), name=config.proxy.name, train_limit=0, test_limit=1))
+    images = load_images(section, "proxy")[0].images
+    if images.shape[1:3] != shape[:2]:
+        images = pad_images(images, shape[0])
+    if images.shape[1:] != tuple(shape):
+        raise cfg.ConfigError(f"config key 'proxy.name' = {config.proxy.name!r} has images of shape "
+                              f"{images.shape[1:]}, the generator takes {tuple(shape)}; choose a data set like it")
+    return images
+
+
+def method_rows(config) -> list[tuple[str, GenerativeUnlearnConfig | None, str]]:
+    """(row name, unlearning config or None for the original, retain source: classes | proxy)."""
+    base = cfg.build(GenerativeUnlearnConfig, config, "unlearn")
+    rows = [("original", None, "classes")]
+    rows += [(f"ours (alpha {a:g})", dataclasses.replace(base, method="ours", alpha=a), "classes") for a in config.alphas]
+    if config.proxy.name:
+        rows.append((f"ours, proxy retain {config.proxy.name} (alpha {config.proxy.alpha:g})",
+                     dataclasses.replace(base, method="ours", alpha=config.proxy.alpha), "proxy"))
+    rows += [(name, dataclasses.replace(base, method=name), "classes") for name in config.baselines]
+    return rows
+
+
+def evaluate_row(model, sets, originals, extractor, config, mask_config) -> tuple[dict, dict]:
+    """{mask: {set: {fid, is, cosine}}} and what the figures show of this row: {"images/MASK/SET":
+    the first 4 outputs, "features/SET": the features of the first ``eval.tsne_points`` outputs under
+    the first mask}."""
+    metrics, shown = {}, {}
+    for kind in config.eval.masks:
+        metrics[kind] = {}
+        for name, data in sets.items():
+            out = generate(model, data, kind, mask_config)
+            feats = extractor.features_and_logits(out)
+            metrics[kind][name] = image_metrics.quality(feats, originals[name])
+            shown[f"images/{kind}/{name}"] = out[:4]
+            if kind == config.eval.masks[0]:
+                shown[f"features/{name}"] = feats[0][:config.eval.tsne_points]
+    return metrics, shown
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """{mask: {set: {metric: {"mean", "sd"}}}} over the seeds' metric dicts."""
+    first = per_seed[0]
+    return {kind: {name: {m: {"mean": float(np.mean([s[kind][name][m] for s in per_seed])),
+                              "sd": float(np.std([s[kind][name][m] for s in per_seed]))} for m in METRICS}
+                   for name in first[kind]} for kind in first}
+
+
+def table_md(results: dict) -> str:
+    lines = []
+    for kind in results["masks"]:
+        lines += [f"### {kind} mask", "",
+                  "| method | retain FID | retain IS | retain cos | forget FID | forget IS | forget cos | forget FID / original | retain FID / original | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        orig = results["rows"]["original"]["metrics"][kind]
+        for name, row in results["rows"].items():
+            m = row["metrics"][kind]
+            cell = lambda s, k: f"{m[s][k]['mean']:.2f} ± {m[s][k]['sd']:.2f}" if k == "fid" else \
+                f"{m[s][k]['mean']:.3f} ± {m[s][k]['sd']:.3f}"
+            ratio = lambda s: m[s]["fid"]["mean"] / max(orig[s]["fid"]["mean"], 1e-12)
+            lines.append(f"| {name} | {cell('retain', 'fid')} | {cell('retain', 'is')} | {cell('retain', 'cosine')} | "
+                         f"{cell('forget', 'fid')} | {cell('forget', 'is')} | {cell('forget', 'cosine')} | "
+                         f"{ratio('forget'):.2f} | {ratio('retain'):.2f} | {row['seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def sample_png(path: str, sets, shown: dict, kind: str, grid, mask_config) -> None:
+    """Columns: 4 retain then 4 forget test images; rows: original, masked input, then each row's
+    output (in the order of ``shown``)."""
+    originals = np.concatenate([sets["retain"][:4], sets["forget"][:4]]).astype(np.float32) / 255.0
+    patch = originals.shape[1] // grid[0]
+    hidden = np.asarray(mae.pixel_mask(mae.fixed_mask(kind, len(originals), grid, mask_config), patch,
+                                       originals.shape[1:]))
+    rows = [originals, hidden * 0.5 + (1 - hidden) * originals]
+    rows += [np.concatenate([row[f"images/{kind}/retain"], row[f"images/{kind}/forget"]]) for row in shown.values()]
+    write_png(path, image_grid(np.concatenate(rows), columns=len(originals)))
+
+
+def tsne_plot(path: str, features: dict[str, dict[str, np.ndarray]], seed: int) -> None:
+    """2-D t-SNE of the generated images' features, one colour per (row, set)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    labels, chunks = [], []
+    for row, sets in features.items():
+        for name, f in sets.items():
+            chunks.append(f)
+            labels += [f"{row}: {name}"] * len(f)
+    stacked = np.concatenate(chunks)
+    xy = TSNE(2, perplexity=min(30, len(stacked) - 1), random_state=seed, init="pca").fit_transform(stacked)
+    labels = np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name in dict.fromkeys(labels):
+        sel = labels == name
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=8, alpha=0.6, label=name)
+    ax.set(title="t-SNE of EfficientNet-Lite0 features of generated images", xticks=[], yticks=[])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    validate(config)
+    train, test = load_images(config.generator.data, "generator.data")
+    classes = sorted((*config.forget_classes, *config.retain_classes))
+    if classes[0] < 0 or classes[-1] >= train.num_classes:
+        raise cfg.ConfigError(f"config keys 'forget_classes' / 'retain_classes': classes must lie in "
+                              f"0..{train.num_classes - 1} for {config.generator.data.name}")
+    proxy = proxy_images(config, train.images.shape[1:])
+    mesh = experiment.start(config, workdir, subdirs=("rows",))
+    generator = trained_generator(config, train, test, mesh, workdir)
+    mask_config = cfg.build(MaskConfig, config, "generator.masks")
+    extractor = image_metrics.FeatureExtractor(config.eval.image_size, config.eval.weights)
+
+    sets = {"retain": class_images(test, config.retain_classes, config.eval.images_per_set),
+            "forget": class_images(test, config.forget_classes, config.eval.images_per_set)}
+    originals = {name: extractor.features_and_logits(data.astype(np.float32) / 255.0) for name, data in sets.items()}
+    retain_train = class_images(train, config.retain_classes)
+    forget_train = class_images(train, config.forget_classes)
+
+    rows, shown = {}, {}
+    for name, unlearn_config, retain_source in method_rows(config):
+        per_seed, seconds = [], []
+        for seed in config.seeds:
+            record = os.path.join(workdir, "rows", f"seed{seed}_" + "".join(c if c.isalnum() else "_" for c in name))
+            if os.path.exists(record + ".json"):  # finished before: resume
+                with open(record + ".json") as f:
+                    saved = json.load(f)
+                with np.load(record + ".npz") as npz:
+                    figures = dict(npz)
+            else:
+                if unlearn_config is None:
+                    model, took = generator, 0.0
+                else:
+                    retain = proxy if retain_source == "proxy" else retain_train
+                    result = generative.unlearn(generator, retain, forget_train, unlearn_config, mask_config,
+                                                seed=seed, progress=config.progress, desc=name)
+                    model, took = result.model, result.seconds
+                metrics, figures = evaluate_row(model, sets, originals, extractor, config, mask_config)
+                saved = {"metrics": metrics, "seconds": took}
+                if experiment.main_process():
+                    np.savez(record + ".npz", **figures)
+                    write_json_atomic(record + ".json", saved)
+            if seed == config.seeds[0]:
+                shown[name] = figures
+            per_seed.append(saved["metrics"])
+            seconds.append(saved["seconds"])
+        rows[name] = {"metrics": summarize(per_seed), "seconds": float(np.mean(seconds)), "per_seed": per_seed}
+        first = rows[name]["metrics"][config.eval.masks[0]]
+        print(f"{name}: retain FID {first['retain']['fid']['mean']:.2f}, forget FID {first['forget']['fid']['mean']:.2f}",
+              flush=True)
+
+    results = {"data": config.generator.data.name, "seeds": list(config.seeds), "masks": list(config.eval.masks),
+               "images_per_set": {k: len(v) for k, v in sets.items()}, "rows": rows,
+               "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+    if experiment.main_process():
+        experiment.write_results(workdir, results, table_md(results))
+        for kind in config.eval.masks:
+            sample_png(os.path.join(workdir, f"samples_{kind}.png"), sets, shown, kind, generator.grid, mask_config)
+        ours = [n for n in shown if n.startswith("ours (")]
+        if config.eval.tsne_points and ours:
+            picked = {n: {s: shown[n][f"features/{s}"] for s in sets} for n in ("original", ours[len(ours) // 2])}
+            tsne_plot(os.path.join(workdir, "tsne.png"), picked, config.seeds[0])
+    return results
+
+
+if __name__ == "__main__":
+    cli.run(main)

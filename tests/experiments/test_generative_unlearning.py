@@ -1,0 +1,66 @@
+"""The generative-unlearning experiment end to end (smoke config on the digits): every row, the
+figures, resuming from finished rows, and its config errors."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments import generative_unlearning
+from research.core.config import ConfigError, load_config
+from research.unlearning import generative
+
+DIGITS = {"generator.data.name": "digits", "generator.data.pad_to": 16, "proxy.name": "digits",
+          "eval.image_size": 32}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    pytest.importorskip("torch", reason="the ImageNet weights are read with torch (the `ref` extra)")
+    from research.models import efficientnet_lite as effnet
+    try:
+        effnet.pretrained_state_dict_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    workdir = tmp_path_factory.mktemp("gen_unlearn")
+    config = load_config("configs/generative_unlearning.py:smoke", DIGITS)
+    return workdir, generative_unlearning.main(config, str(workdir))
+
+
+def test_smoke_run_reports_every_row_with_finite_metrics(finished):
+    workdir, results = finished
+    names = list(results["rows"])
+    assert names[0] == "original" and names[1] == "ours (alpha 0.2)" and "ours, proxy retain digits (alpha 0.2)" in names
+    assert set(names[-4:]) == {"max_loss", "noisy_label", "retain_label", "random_encoder"}
+    for row in results["rows"].values():
+        for group in ("retain", "forget"):
+            cells = row["metrics"]["center"][group]
+            assert all(np.isfinite(cells[m]["mean"]) for m in ("fid", "is", "cosine"))
+            assert -1 <= cells["cosine"]["mean"] <= 1 and cells["is"]["mean"] >= 1 - 1e-9
+    assert {"results.json", "results.md", "samples_center.png", "tsne.png", "generator"} <= {p.name for p in workdir.iterdir()}
+    assert json.loads((workdir / "results.json").read_text())["masks"] == ["center"]
+
+
+def test_a_rerun_reads_finished_rows_instead_of_unlearning_again(finished, monkeypatch):
+    workdir, results = finished
+
+    def fail(*args, **kwargs):
+        raise AssertionError("unlearn() called for a finished row")
+    monkeypatch.setattr(generative, "unlearn", fail)
+    again = generative_unlearning.main(load_config("configs/generative_unlearning.py:smoke", DIGITS), str(workdir))
+    assert again["rows"].keys() == results["rows"].keys()
+    assert again["rows"]["max_loss"]["metrics"] == results["rows"]["max_loss"]["metrics"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"baselines": ("max_loss", "amnesia")}, "baselines"),
+    ({"unlearn.batch_size": 7}, "unlearn.batch_size"),
+    ({"eval.masks": ("random",)}, "eval.masks"),
+    ({"forget_classes": (0, 5)}, "forget_classes"),
+    ({"generator.model.patch_size": 0}, "generator.model.patch_size"),
+    ({"proxy.name": "imagenet"}, "proxy.name"),
+])
+def test_bad_values_name_the_key(tmp_path, override, key):
+    config = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, **override})
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        generative_unlearning.main(config, str(tmp_path))
+    assert not (tmp_path / "results.json").exists()

@@ -26,14 +26,13 @@ import numpy as np
 
 from research.core import cli, experiment
 from research.core import config as cfg
-from research.core.checkpoint import Checkpointer
-from research.core.classify import ClassifierTrainConfig, total_steps
+from research.core.classify import ClassifierTrainConfig
 from research.core.optim import OptimConfig
 from research.core.records import image_grid, write_json_atomic, write_png
 from research.data import pipeline
 from research.models import mae
 from research.models.mae import MAEConfig, MaskConfig
-from research.models.mae_train import fit_generator, generate, load_images, pad_images
+from research.models.mae_train import fit_generator, generate, load_images
 from research.unlearning import generative, image_metrics
 from research.unlearning.generative import GenerativeUnlearnConfig
 
@@ -68,10 +67,7 @@ def trained_generator(config, train, test, mesh, workdir: str) -> mae.MaskedAuto
     if gen.workdir:
         cfg.require_path(gen.workdir, "generator.workdir")
     model = mae.build(train.images.shape[1:], cfg.build(MAEConfig, config, "generator.model"), gen.seed)
-    steps = total_steps(cfg.build(ClassifierTrainConfig, config, "generator.train"), len(train))
-    ckpt = os.path.join(folder, "checkpoints")
-    if os.path.isdir(ckpt) and Checkpointer(ckpt, steps).latest_step() == steps:
-        print(f"generator: restoring {folder} (step {steps})")
+    # A finished run is only restored: the core loop resumes from its last checkpoint.
     return fit_generator(model, train, test, gen, mesh=mesh, workdir=folder, seed=gen.seed, flip=gen.data.flip,
                          rules=experiment.mesh_config(config).logical).model
 
@@ -82,9 +78,7 @@ def proxy_images(config, shape) -> np.ndarray | None:
         return None
     data = config.generator.data
     section = ml_collections.ConfigDict(dict(data.to_dict(), name=config.proxy.name, train_limit=0, test_limit=1))
-    images = load_images(section, "proxy")[0].images
-    if images.shape[1:3] != shape[:2]:
-        images = pad_images(images, shape[0])
+    images = load_images(section, "proxy")[0].images  # padded to the generator's data.pad_to
     if images.shape[1:] != tuple(shape):
         raise cfg.ConfigError(f"config key 'proxy.name' = {config.proxy.name!r} has images of shape "
                               f"{images.shape[1:]}, the generator takes {tuple(shape)}; choose a data set like it")
@@ -154,7 +148,7 @@ def sample_png(path: str, sets, shown: dict, kind: str, grid, mask_config) -> No
     patch = originals.shape[1] // grid[0]
     hidden = np.asarray(mae.pixel_mask(mae.fixed_mask(kind, len(originals), grid, mask_config), patch,
                                        originals.shape[1:]))
-    rows = [originals, hidden * 0.5 + (1 - hidden) * originals]
+    rows = [originals, mae.masked_view(originals, hidden)]
     rows += [np.concatenate([row[f"images/{kind}/retain"], row[f"images/{kind}/forget"]]) for row in shown.values()]
     write_png(path, image_grid(np.concatenate(rows), columns=len(originals)))
 

@@ -144,6 +144,12 @@ def pixel_mask(mask: jax.Array, patch_size: int, image_shape: tuple[int, int, in
     return unpatchify(jnp.repeat(mask[..., None].astype(jnp.float32), p * p, axis=-1), p, tuple(image_shape[:2]) + (1,))
 
 
+def masked_view(images, pixel_mask):
+    """What the generator is shown, for figures: hidden pixels grey (0.5). images (N, H, W, C) in
+    [0, 1], pixel_mask (N, H, W, 1); numpy or jax arrays."""
+    return pixel_mask * 0.5 + (1 - pixel_mask) * images
+
+
 class Transformer(nnx.Module):
     """Position embedding, pre-LN blocks, final LayerNorm: (N, T, D) -> (N, T, D)."""
 

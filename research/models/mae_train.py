@@ -101,7 +101,7 @@ def sample_grid(model: mae.MaskedAutoencoder, images: jax.Array, mask_config: Ma
     for kind in ("center", "outpaint"):
         mask = mae.fixed_mask(kind, n, model.grid, mask_config)
         hidden = model.pixel_mask(mask)
-        rows += [hidden * 0.5 + (1 - hidden) * images, jnp.clip(model(images, mask), 0, 1)]
+        rows += [mae.masked_view(images, hidden), jnp.clip(model(images, mask), 0, 1)]
     stacked = np.asarray(jnp.concatenate(rows))
     return image_grid(stacked, columns=n)
 

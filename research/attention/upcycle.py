@@ -10,7 +10,8 @@ For each layer, with W_q (H d_h, D), W_k, W_v (K d_h, D) in (out, in) form and g
    MHA2MLA (Ji et al. 2025) does: "high" / "low" frequencies, "uniform" (evenly spaced) or "2norm"
    (largest calibration mean of |q_pair| |k_pair|). Keeping all pairs then changes nothing.
    ``rope_key="shared"`` makes one RoPE key, the mean over KV heads of W_k's RoPE rows (the
-   reference, DeepSeek's layout); "per_kv_head" keeps one per KV head (exact, R = K more cache).
+   reference, DeepSeek's layout); "shared_fit" fits that one key to the calibration RoPE scores
+   (``fit_shared_rope_key``); "per_kv_head" keeps one per KV head (exact, R = K more cache).
 2. Query: the per-head rows reordered to [non-RoPE ; RoPE]; with r_q > 0, W_q ~ U_r (U_r^T W_q):
    W_qa = U_r^T W_q = S_r V_r^T and W_qb = U_r.
 3. Keys and values: W_k and W_v repeat-interleaved g times to H heads and stacked per head as
@@ -59,7 +60,7 @@ class UpcycleConfig:
     q_rank: int = 0                       # r_q; 0 = W_q kept whole (no query compression)
     rope_dim: int = 32                    # d_r per head, even, <= head_dim
     rope_mode: Literal["split", "high", "low", "uniform", "2norm"] = "2norm"
-    rope_key: Literal["shared", "per_kv_head"] = "shared"
+    rope_key: Literal["shared", "shared_fit", "per_kv_head"] = "shared"  # shared_fit: see fit_shared_rope_key
     rank_energy: float = 0.0              # > 0: per-layer ranks keeping this fraction of sigma^2
     fixed_rank_layers: tuple[int, ...] = ()  # kept at kv_rank under rank_energy
     activation_aware: bool = False        # factor W L (L L^T = calibration input covariance) instead of W
@@ -138,6 +139,63 @@ def head_layouts(cfg: UpcycleConfig, head_dim: int, num_groups: int, inv_freq: n
     return np.stack(orders), np.stack(freqs)
 
 
+# ----------------------------------------------------------------------------- shared RoPE key
+def _complex_pairs(rows: np.ndarray) -> np.ndarray:
+    """RoPE rows (..., d_r, D) in rotate-half layout -> complex rows (..., d_r / 2, D): pair p is
+    rows p + i (p + d_r / 2), which RoPE at position m multiplies by e^{i theta_p m}."""
+    n = rows.shape[-2] // 2
+    return rows[..., :n, :] + 1j * rows[..., n:, :]
+
+
+def _real_rows(pairs: np.ndarray) -> np.ndarray:
+    return np.concatenate([pairs.real, pairs.imag], axis=-2)
+
+
+def fit_shared_rope_key(q_rope: np.ndarray, k_rope: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One RoPE key for all heads, fitted to the grouped RoPE scores on calibration inputs.
+
+    q_rope (H, d_r, D) and k_rope (K, d_r, D) are the RoPE rows of each query and KV head (query
+    head h reads KV head j(h) = h // (H / K)); x (N, D) calibration inputs. Returns the shared
+    key's rows (d_r, D) and the query RoPE rows (H, d_r, D) rescaled to read it.
+
+    In complex form (``_complex_pairs``) pair p of head h scores Re(q_h(m) conj(k_j(n)) e^{i theta (m-n)}).
+    With the shared key k_s = sum_j alpha_j k_j and each query group rescaled by a complex d_j,
+    the error averaged over the phase and over independent query and key tokens is, per pair,
+
+        sum_j w_j E|conj(d_j) k_s - k_j|^2 / 2,   w_j = sum_{h: j(h) = j} E|q_h|^2.
+
+    d_j = E[k_s conj(k_j)] / E|k_s|^2 is optimal for any k_s, and then alpha maximises
+    alpha^H G W G alpha / alpha^H G alpha with G_jk = E[conj(k_j) k_k], W = diag(w): the top
+    generalised eigenvector (a rank-one fit of the query-weighted keys). alpha is rescaled so that
+    k_s is the w-weighted least-squares key without query rescaling, so equal keys give k_s = the
+    mean and d = 1. The mean (alpha = 1/K, d = 1) is one candidate, so the fitted error is never larger.
+    """
+    h, k = len(q_rope), len(k_rope)
+    group = np.arange(h) // (h // k)
+    qz, kz = _complex_pairs(q_rope), _complex_pairs(k_rope)              # (H, n, D), (K, n, D)
+    keys = np.einsum("td,kpd->ptk", x, kz)                               # (n, N, K)
+    gram = np.einsum("ptj,ptk->pjk", keys.conj(), keys) / len(x)         # (n, K, K) Hermitian
+    q_power = (np.abs(np.einsum("td,hpd->pth", x, qz)) ** 2).mean(axis=1)  # (n, H)
+    weights = np.stack([q_power[:, group == j].sum(axis=1) for j in range(k)], axis=1)  # (n, K)
+    alphas, scales = [], []
+    for g, w in zip(gram, weights):
+        lam, vec = np.linalg.eigh(g)
+        keep = lam > 1e-10 * max(lam.max(), 1e-300)
+        if not keep.any():                                               # no signal: keep the mean
+            alphas.append(np.full(k, 1 / k, complex)), scales.append(np.ones(k, complex))
+            continue
+        root = vec[:, keep] * np.sqrt(lam[keep])                         # G = root root^H
+        _, beta = np.linalg.eigh(root.conj().T @ np.diag(w) @ root)
+        alpha = vec[:, keep] @ (beta[:, -1] / np.sqrt(lam[keep]))        # top eigenvector, in G's range
+        alpha = alpha * (w @ (alpha.conj() @ g)) / (w.sum() * np.real(alpha.conj() @ g @ alpha))
+        alphas.append(alpha)
+        scales.append(g @ alpha / np.real(alpha.conj() @ g @ alpha))
+    alphas, scales = np.stack(alphas), np.stack(scales)                  # (n, K)
+    shared = np.einsum("pk,kpd->pd", alphas, kz)
+    queries = qz * scales.T[group][:, :, None]
+    return _real_rows(shared), _real_rows(queries)
+
+
 # ----------------------------------------------------------------------------- factorisation
 def energy_rank(singular_values: np.ndarray, energy: float, multiple: int = 8) -> int:
     """Smallest r with sum_{i<=r} s_i^2 >= energy * sum s_i^2, rounded up to ``multiple``."""
@@ -197,7 +255,7 @@ def upcycle_layer(weights: dict[str, np.ndarray], cfg: UpcycleConfig, config, x:
 
     weights: "q" (H d_h, D), "k" and "v" (K d_h, D) in (out, in) form; x: calibration inputs or None."""
     h, k, dh = config.num_heads, config.num_kv_heads, config.head_dim
-    groups = 1 if cfg.rope_key == "shared" else k
+    groups = k if cfg.rope_key == "per_kv_head" else 1
     g = h // k
     dr = cfg.rope_dim
     dn = dh - dr
@@ -217,6 +275,10 @@ def upcycle_layer(weights: dict[str, np.ndarray], cfg: UpcycleConfig, config, x:
     kv_group = np.arange(k) // (k // groups)
     wq = np.stack([wq[i, orders[q_group[i]]] for i in range(h)])   # (H, d_h, D) as [nope ; rope]
     wk = np.stack([wk[j, orders[kv_group[j]]] for j in range(k)])
+    if cfg.rope_key == "shared_fit":
+        if x is None:
+            raise ValueError("rope_key 'shared_fit' needs calibration tokens")
+        shared_key, wq[:, dn:] = fit_shared_rope_key(wq[:, dn:], wk[:, dn:], x)
     weight = _whitening(x) if cfg.activation_aware else None
 
     out = {}
@@ -236,7 +298,10 @@ def upcycle_layer(weights: dict[str, np.ndarray], cfg: UpcycleConfig, config, x:
     if cfg.kv_svd_rows == "all":
         a = np.concatenate([a[:, :dn], a[:, dn + dr:]], axis=1)      # drop the RoPE rows
     rope_rows = wk[:, dn:]                                           # (K, d_r, D)
-    rope_rows = rope_rows.mean(axis=0) if groups == 1 else rope_rows.reshape(k * dr, -1)
+    if cfg.rope_key == "shared_fit":
+        rope_rows = shared_key
+    else:
+        rope_rows = rope_rows.mean(axis=0) if groups == 1 else rope_rows.reshape(k * dr, -1)
     out["kv_a"] = np.concatenate([b, rope_rows.reshape(-1, b.shape[1])]).T
     out["kv_b"] = a.reshape(h * (dn + dh), -1).T
     return out, freqs, err
@@ -276,12 +341,13 @@ def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.
     if len(model.segments) != 1 or set(model.layer_kinds) != {"gqa"}:
         raise ValueError("upcycle_gqa_to_mla expects an all-GQA model")
     cfg.validate(config.head_dim, config.num_layers)
-    needs_x = cfg.rope_mode == "2norm" or cfg.activation_aware or cfg.auto_gqa_layers
+    needs_x = cfg.rope_mode == "2norm" or cfg.activation_aware or cfg.auto_gqa_layers or cfg.rope_key == "shared_fit"
     if needs_x and calibration_tokens is None:
-        raise ValueError("upcycle: rope_mode='2norm', activation_aware and auto_gqa_layers need calibration tokens")
+        raise ValueError("upcycle: rope_mode='2norm', rope_key='shared_fit', activation_aware and auto_gqa_layers "
+                         "need calibration tokens")
     xs = attention_inputs(model, np.asarray(calibration_tokens)).astype(np.float64) if needs_x else None
 
-    rope_heads = 1 if cfg.rope_key == "shared" else config.num_kv_heads
+    rope_heads = config.num_kv_heads if cfg.rope_key == "per_kv_head" else 1
     layers = []
     for i in range(config.num_layers):
         fixed = i in cfg.fixed_rank_layers

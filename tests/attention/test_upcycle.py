@@ -4,8 +4,8 @@ import pytest
 
 import jax.numpy as jnp
 
-from research.attention.upcycle import (UpcycleConfig, energy_rank, low_rank, select_rope_pairs,
-                                        upcycle_gqa_to_mla)
+from research.attention.upcycle import (UpcycleConfig, energy_rank, fit_shared_rope_key, low_rank,
+                                        select_rope_pairs, upcycle_gqa_to_mla)
 from tests.models.tiny_llama import TINY, random_llama
 
 TOKENS = np.random.RandomState(0).randint(0, TINY.vocab_size, (2, 12))
@@ -65,6 +65,43 @@ def test_energy_rank_and_pair_selection():
     assert list(select_rope_pairs("low", 3, 8)) == [5, 6, 7]
     assert list(select_rope_pairs("uniform", 4, 8)) == [0, 2, 4, 6]
     assert list(select_rope_pairs("2norm", 2, 4, np.array([0.1, 3.0, 0.2, 2.0]))) == [1, 3]
+
+
+def rope_score_error(q_rope, k_rope, q_new, k_shared, x, seed=0):
+    """Mean squared error of every head's RoPE score q_pe(m) . k_pe(n) over random token pairs at
+    random positions (up to 4096 apart): the shared key (and rescaled queries) against the original
+    per-KV-head keys. Rotation in complex form: pair p times e^{i theta_p m}."""
+    rng = np.random.RandomState(seed)
+    h, k, n = len(q_rope), len(k_rope), q_rope.shape[1] // 2
+    theta = 10000.0 ** (-np.arange(n) / n)
+    m, t = rng.randint(0, len(x), 4000), rng.randint(0, len(x), 4000)
+    phase = np.exp(1j * np.outer(rng.randint(0, 4096, 4000), theta))          # (P, n)
+    z = lambda rows, idx: np.einsum("td,...pd->...tp", x[idx], rows[..., :n, :] + 1j * rows[..., n:, :])  # noqa: E731
+    group = np.arange(h) // (h // k)
+    exact = np.real(z(q_rope, m) * z(k_rope, t)[group].conj() * phase).sum(-1)    # (H, P)
+    shared = np.real(z(q_new, m) * z(k_shared, t).conj() * phase).sum(-1)
+    return float(((shared - exact) ** 2).mean())
+
+
+def test_fitted_shared_key_is_the_mean_when_every_kv_head_has_the_same_rope_rows():
+    rng = np.random.RandomState(1)
+    x = rng.randn(300, 16)
+    q_rope, k_row = rng.randn(6, 4, 16), rng.randn(4, 16)
+    shared, queries = fit_shared_rope_key(q_rope, np.stack([k_row] * 3), x)
+    np.testing.assert_allclose(shared, k_row, atol=1e-9)
+    np.testing.assert_allclose(queries, q_rope, atol=1e-9)
+
+
+def test_fitted_shared_key_reproduces_the_grouped_rope_scores_better_than_the_mean():
+    rng = np.random.RandomState(2)
+    x = rng.randn(2000, 16) @ np.diag(np.linspace(2, 0.1, 16))
+    k_base = rng.randn(4, 16)
+    k_rope = np.stack([k_base + 0.8 * rng.randn(4, 16) for _ in range(3)])    # KV heads that differ
+    q_rope = rng.randn(6, 4, 16) * np.array([3, 3, 1, 1, 0.3, 0.3])[:, None, None]  # unequal groups
+    shared, queries = fit_shared_rope_key(q_rope, k_rope, x)
+    fitted = rope_score_error(q_rope, k_rope, queries, shared, x)
+    mean = rope_score_error(q_rope, k_rope, q_rope, k_rope.mean(0), x)
+    assert fitted < 0.7 * mean
 
 
 def test_hybrid_keeps_the_worst_factorised_layers_as_gqa(teacher):

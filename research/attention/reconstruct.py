@@ -1,0 +1,157 @@
+"""Layer-wise reconstruction of upcycled attention layers, before end-to-end distillation.
+
+Each MLA layer l of the student is fitted, alone, to the attention output of the teacher's layer
+l on the teacher's own inputs (calibration windows):
+
+    min_theta  sum ||MLA_theta(X_l) - GQA_l(X_l)||^2 / sum ||GQA_l(X_l)||^2,    X_l = RMSNorm(h_l)
+
+where h_l is the teacher's residual stream entering layer l. Only one layer's parameters are
+trained at a time and every layer sees exact teacher inputs, so the cost is a few hundred small
+steps per layer (no vocabulary projection, no model-depth backward pass) and the layers are
+independent. Adam runs ``steps`` local steps on minibatches of the fitting windows; the error is
+measured on held-out calibration windows before training and every ``eval_every`` steps, and the
+parameters with the lowest held-out error are kept: the layer's held-out error never increases.
+(The same local objective as GPTQ-style layer-wise compression, here with gradient steps because
+the attention output is nonlinear in the MLA weights.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from research.attention.ops import attention_ops
+from research.core import config as config_lib
+
+if TYPE_CHECKING:
+    from research.models.llama import Llama
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructConfig:
+    """Local fitting of each MLA layer (the ``reconstruct`` section of configs/x_ecomla.py)."""
+    steps: int = 0                 # Adam steps per MLA layer; 0 = no reconstruction
+    lr: float = 3e-4               # peak learning rate (cosine decay over ``steps``)
+    windows: int = 64              # calibration windows (training windows, seq_len tokens each)
+    heldout_windows: int = 8       # of those, kept out of fitting to measure the error
+    batch_windows: int = 8         # windows per step
+    trainable: Literal["kv", "attention"] = "attention"   # kv: W_kva and W_kvb only
+    eval_every: int = 50
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+        config_lib.require(self, "steps", self.steps >= 0, "an int >= 0 (0 = none)")
+        config_lib.require(self, "lr", self.lr > 0, "> 0")
+        config_lib.require(self, "heldout_windows", 1 <= self.heldout_windows < self.windows,
+                           f"an int in [1, windows={self.windows})")
+        config_lib.require(self, "batch_windows", self.batch_windows >= 1, "a positive int")
+        config_lib.require(self, "eval_every", self.eval_every >= 1, "a positive int")
+
+
+def layer_io(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every layer's attention input (after its RMSNorm) and attention output on ``tokens``
+    (B, T): two (L, B, T, D) float32 arrays. ``model`` must be all-GQA with one segment."""
+    if len(model.segments) != 1:
+        raise ValueError("layer_io expects the original all-GQA model (one segment)")
+    graphdef, stacked = nnx.split(model.segments[0])
+    ops = attention_ops(model.config.attention_impl)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+    @jax.jit
+    def one_layer(state, x):
+        layer = nnx.merge(graphdef, state)
+        normed = layer.attn_norm(x)
+        attn, _ = layer.attn(normed, positions, None, ops)
+        h, _ = layer(x, positions, None, ops)
+        return h, normed, attn
+
+    x = model.embed(jnp.asarray(tokens))
+    inputs, outputs = [], []
+    for i in range(model.config.num_layers):
+        x, normed, attn = one_layer(jax.tree.map(lambda v: v[i], stacked), x)
+        inputs.append(np.asarray(normed, np.float32))
+        outputs.append(np.asarray(attn, np.float32))
+    return np.stack(inputs), np.stack(outputs)
+
+
+def _trainable(cfg: ReconstructConfig):
+    if cfg.trainable == "kv":
+        return lambda path, value: isinstance(value, nnx.Param) and path[0] in ("kv_a", "kv_b")
+    return nnx.Param
+
+
+def _fit_layer(graphdef, params, rest, x, y, cfg: ReconstructConfig, ops, rng: np.random.Generator):
+    """Fits one attention layer: params (trained) and rest (fixed) of its state; x, y (N, T, D).
+    Returns (best params, held-out error before, after)."""
+    fit_x, fit_y = x[:-cfg.heldout_windows], y[:-cfg.heldout_windows]
+    val_x, val_y = jnp.asarray(x[-cfg.heldout_windows:]), jnp.asarray(y[-cfg.heldout_windows:])
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    tx = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.steps))
+
+    def error(p, xb, yb):
+        out, _ = nnx.merge(graphdef, p, rest)(xb, positions[:len(xb)], None, ops)
+        return jnp.sum((out.astype(jnp.float32) - yb) ** 2) / jnp.sum(yb ** 2)
+
+    @jax.jit
+    def step(p, opt_state, xb, yb):
+        loss, grads = jax.value_and_grad(error)(p, xb, yb)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    heldout = jax.jit(error)
+    best, best_error = params, float(heldout(params, val_x, val_y))
+    before = best_error
+    opt_state = tx.init(params)
+    n = len(fit_x)
+    for i in range(cfg.steps):
+        rows = rng.choice(n, min(cfg.batch_windows, n), replace=False)
+        params, opt_state, _ = step(params, opt_state, jnp.asarray(fit_x[rows]), jnp.asarray(fit_y[rows]))
+        if (i + 1) % cfg.eval_every == 0 or i + 1 == cfg.steps:
+            e = float(heldout(params, val_x, val_y))
+            if e < best_error:  # keep the best: the held-out error never increases
+                best, best_error = params, e
+    return best, before, best_error
+
+
+def reconstruct_layers(teacher: Llama, student: Llama, tokens: np.ndarray, cfg: ReconstructConfig, *,
+                       seed: int = 0, progress: bool = True) -> dict:
+    """Fits every MLA layer of ``student`` (in place) to ``teacher``'s attention outputs.
+
+    tokens (cfg.windows, T) int: calibration windows (the last ``heldout_windows`` only measure).
+    GQA layers of a hybrid student are left as they are. Returns a report with per-layer held-out
+    relative errors before and after ("error_before", "error_after"; None for GQA layers) and the
+    seconds spent."""
+    if len(tokens) != cfg.windows:
+        raise ValueError(f"reconstruct: expected {cfg.windows} calibration windows, got {len(tokens)}")
+    start = time.perf_counter()
+    inputs, outputs = layer_io(teacher, np.asarray(tokens))
+    ops = attention_ops(student.config.attention_impl)
+    rng = np.random.default_rng(seed)
+    before, after = [None] * len(student.layer_kinds), [None] * len(student.layer_kinds)
+    first = 0
+    bar = tqdm(total=student.layer_kinds.count("mla"), desc="reconstruct", unit="layer", disable=not progress,
+               dynamic_ncols=True)
+    for segment, size in zip(student.segments, student.segment_sizes()):
+        if student.layer_kinds[first] != "mla":
+            first += size
+            continue
+        graphdef, params, rest = nnx.split(segment.attn, _trainable(cfg), ...)
+        fitted = []
+        for j in range(size):
+            layer = first + j
+            p, r = (jax.tree.map(lambda v: v[j], s) for s in (params, rest))
+            p, before[layer], after[layer] = _fit_layer(graphdef, p, r, inputs[layer], outputs[layer], cfg, ops, rng)
+            fitted.append(p)
+            bar.update(1)
+            bar.set_postfix(layer=layer, error=f"{before[layer]:.3f}->{after[layer]:.3f}", refresh=False)
+        nnx.update(segment.attn, jax.tree.map(lambda *leaves: jnp.stack(leaves), *fitted))
+        first += size
+    bar.close()
+    return {"error_before": before, "error_after": after, "seconds": time.perf_counter() - start}

@@ -1,0 +1,80 @@
+"""Held-out perplexity of X-EcoMLA students at initialisation (no distillation), one row per variant.
+
+    python -m tools.upcycle_init --variant "rope_key=shared" --variant "rope_key=shared_fit" \\
+        [--config configs/x_ecomla.py[:PRESET]] [--out runs/upcycle_init]
+
+Each ``--variant`` is a space-separated list of ``upcycle`` overrides applied to the config's
+``upcycle`` section (``kv_rank=1000000`` is a full-rank latent). The teacher, the calibration
+windows and the held-out windows are the experiment's; the teacher is loaded and evaluated once.
+Prints perplexity and top-1 agreement with the teacher per variant; writes OUT/upcycle_init.json
+and OUT/upcycle_init.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
+from research.core import config as config_lib
+from research.data.sources import default_cache_dir
+from research.data.text import KJVWindows, kjv_windows
+from research.distill.evaluate import lm_metrics, top1_predictions
+from research.models.pretrained import LlamaSource, load_llama
+
+
+def parse_variant(text: str) -> dict[str, str]:
+    pairs = [item.partition("=") for item in text.split()]
+    bad = [key for key, eq, _ in pairs if not eq]
+    if bad:
+        raise config_lib.ConfigError(f"--variant items must be key=value, got {bad} in {text!r}")
+    return {f"upcycle.{key}": value for key, _, value in pairs}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/x_ecomla.py")
+    parser.add_argument("--variant", action="append", default=[])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    base = config_lib.load_config(args.config)
+    configs = [config_lib.apply_overrides(base, parse_variant(v), from_strings=True) for v in args.variant or [""]]
+    upcycles = [config_lib.build(UpcycleConfig, c, "upcycle") for c in configs]  # every variant checked first
+
+    _, teacher, tokenizer = load_llama(config_lib.build(LlamaSource, base, "model"),
+                                       default_cache_root=default_cache_dir())
+    data = config_lib.build(KJVWindows, base, "data")
+    train, heldout = kjv_windows(data, tokenizer)
+    calibration = train[:data.calibration_windows, :-1]
+    teacher_top1 = top1_predictions(teacher, heldout, args.batch)
+    teacher_ppl = lm_metrics(teacher, heldout, args.batch)["ppl"]
+    print(f"teacher: held-out perplexity {teacher_ppl:.3f} ({heldout.shape[0]} windows of {data.seq_len} tokens)",
+          flush=True)
+    rows = []
+    for text, upcycle in zip(args.variant or ["(config)"], upcycles):
+        start = time.perf_counter()
+        student, report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
+        seconds = time.perf_counter() - start
+        metrics = lm_metrics(student, heldout, args.batch, teacher_top1)
+        rows.append({"variant": text, "kv_values_per_token": report["kv_values_per_token"],
+                     "kv_ratio": report["kv_values_per_token"] / teacher.kv_values_per_token(),
+                     "ppl": metrics["ppl"], "top1_agreement": metrics["top1_agreement"],
+                     "teacher_ppl": teacher_ppl, "upcycle_s": seconds})
+        print(f"{text:60s} KV {report['kv_values_per_token']:6d} ({100 * rows[-1]['kv_ratio']:5.1f}%)  "
+              f"ppl {metrics['ppl']:10.2f}  top-1 {metrics['top1_agreement']:.3f}  ({seconds:.0f} s)", flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "upcycle_init.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+        with open(os.path.join(args.out, "upcycle_init.md"), "w") as f:
+            f.write(f"| variant | KV values per token | perplexity at init (teacher {teacher_ppl:.2f}) | top-1 agreement |\n"
+                    "|---|---|---|---|\n")
+            f.writelines(f"| {r['variant']} | {r['kv_values_per_token']:,} ({100 * r['kv_ratio']:.1f}%) | "
+                         f"{r['ppl']:,.2f} | {r['top1_agreement']:.3f} |\n" for r in rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ Other choices: ``--config.upcycle.rope_mode=split`` (the reference), ``rank_ener
 """
 import ml_collections
 
+from research.attention.reconstruct import ReconstructConfig
 from research.attention.upcycle import UpcycleConfig
 from research.core import config as config_lib
 from research.core.mesh import MeshConfig
@@ -37,12 +38,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = config_lib.section(LlamaSource)
     c.data = config_lib.section(KJVWindows)
     c.upcycle = config_lib.section(UpcycleConfig, kv_rank=56, rope_dim=4, activation_aware=True)
+    c.reconstruct = config_lib.section(ReconstructConfig)   # steps > 0: layer-wise fitting before KD
     c.distill = config_lib.section(DistillConfig)
     c.optim = config_lib.section(OptimConfig, name="adamw", lr=2e-4, weight_decay=0.0, warmup_steps=10,
                                  grad_clip_norm=1.0)
 
+    # budget_minutes: held-out evaluation when the KD steps' own time reaches each mark; the run
+    # ends at the last one (one uninterrupted run: a resumed run's clock would restart).
     c.train = ml_collections.ConfigDict(dict(steps=120, batch_size=4, grad_accum_steps=1, log_every=10,
-                                             checkpoint_every=20, progress=True))
+                                             checkpoint_every=20, progress=True, budget_minutes=()))
 
     c.mesh = config_lib.section(MeshConfig)
 
@@ -55,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.source = "random"
         c.upcycle.kv_rank, c.upcycle.rope_dim = 8, 4
         c.data.update(seq_len=32, eval_windows=4, calibration_windows=2, max_train_windows=16)
+        c.reconstruct.update(windows=8, heldout_windows=2, batch_windows=2, eval_every=2)
         # batch 8: divisible by the 8 virtual devices of the tests
         c.train.update(steps=3, batch_size=8, log_every=1, checkpoint_every=2, progress=False)
     return c

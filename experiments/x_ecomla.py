@@ -2,10 +2,17 @@
 
     python -m experiments.x_ecomla --config configs/x_ecomla.py[:PRESETS] --workdir DIR
 
-Writes to DIR: config.json, upcycle.json (per-layer kinds, ranks, factorisation errors), TensorBoard
-events (tb/), checkpoints of the student (checkpoints/, resumed when present), curves.png and
-results.json (kv_values_per_token_teacher / _student, kv_ratio, ppl_teacher, ppl_student_init,
-ppl_student_kd, top1_agreement_init / _kd, train_tokens, wall_time_s, ...).
+Pipeline: SVD initialisation (research.attention.upcycle), optional layer-wise reconstruction of
+each MLA layer (research.attention.reconstruct, ``reconstruct.steps > 0``), then end-to-end KD.
+``train.budget_minutes`` evaluates the held-out set when the KD steps' own time reaches each mark
+(model load, evaluation and checkpoints do not count) and ends the run at the last one.
+
+Writes to DIR: config.json, upcycle.json (per-layer kinds, ranks, factorisation errors),
+reconstruct.json (per-layer held-out errors before / after), budgets.json (one row per time
+budget: minutes, step, tokens, ppl, top1_agreement), TensorBoard events (tb/), checkpoints of the
+student (checkpoints/, resumed when present), curves.png and results.json (kv_values_per_token_teacher
+/ _student, kv_ratio, ppl_teacher, ppl_student_init, ppl_student_reconstructed, ppl_student_kd,
+top1_agreement_init / _reconstructed / _kd, train_tokens, budgets, wall_time_s, ...).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from research.attention.reconstruct import ReconstructConfig, reconstruct_layers
 from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core import cli, experiment, optim
 from research.core import config as cfg
@@ -39,13 +47,15 @@ def validate(config: ml_collections.ConfigDict):
         cfg.check(config, key, lambda v: v > 0, "a positive int")
     cfg.check(config, "train.grad_accum_steps", lambda v: v > 0 and config.train.batch_size % v == 0,
               "a positive divisor of train.batch_size")
+    cfg.check(config, "train.budget_minutes", lambda v: all(b > 0 for b in v) and list(v) == sorted(v),
+              "positive minutes in increasing order")
     return (cfg.build(LlamaSource, config, "model"), cfg.build(KJVWindows, config, "data"),
-            cfg.build(UpcycleConfig, config, "upcycle"), cfg.build(DistillConfig, config, "distill"),
-            cfg.build(OptimConfig, config, "optim"))
+            cfg.build(UpcycleConfig, config, "upcycle"), cfg.build(ReconstructConfig, config, "reconstruct"),
+            cfg.build(DistillConfig, config, "distill"), cfg.build(OptimConfig, config, "optim"))
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    source, data, upcycle, distill, opt = validate(config)
+    source, data, upcycle, reconstruct, distill, opt = validate(config)
     start_time = time.perf_counter()
     mesh = experiment.start(config, workdir)
 
@@ -63,6 +73,17 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_eval = lm_metrics(teacher, heldout_windows, eval_batch)
     init_eval = lm_metrics(student, heldout_windows, eval_batch, teacher_top1)
     print(f"held-out perplexity: teacher {teacher_eval['ppl']:.3f}, student at initialisation {init_eval['ppl']:.3f}")
+    layerwise_eval, layerwise_report = init_eval, None
+    if reconstruct.steps:
+        if len(train_windows) < reconstruct.windows:
+            raise ValueError(f"reconstruct.windows={reconstruct.windows} but there are only {len(train_windows)} "
+                             "training windows")
+        layerwise_report = reconstruct_layers(teacher, student, train_windows[:reconstruct.windows, :-1], reconstruct,
+                                              seed=config.seed, progress=config.train.progress)
+        write_json_atomic(os.path.join(workdir, "reconstruct.json"), layerwise_report)
+        layerwise_eval = lm_metrics(student, heldout_windows, eval_batch, teacher_top1)
+        print(f"after layer-wise reconstruction ({layerwise_report['seconds'] / 60:.1f} min): held-out perplexity "
+              f"{layerwise_eval['ppl']:.3f}")
 
     steps = config.train.steps
     tx = optim.make_optimizer(opt, steps)
@@ -82,11 +103,30 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {"inputs": windows[:, :-1], "labels": windows[:, 1:], "mask": np.ones(windows[:, 1:].shape, np.float32)}
 
     writer = MetricWriter(os.path.join(workdir, "tb"))
+    budgets = []
+
+    def on_budget(state, step: int, seconds: float) -> None:
+        """Held-out figures of the student when the KD time reaches a budget."""
+        host = jax.device_get(state)
+        figures = lm_metrics(nnx.merge(defs.eval, host.params, host.frozen, host.rest), heldout_windows, eval_batch,
+                             teacher_top1)
+        budgets.append({"minutes": seconds / 60, "step": step, "tokens": step * config.train.batch_size * data.seq_len,
+                        "ppl": figures["ppl"], "top1_agreement": figures["top1_agreement"]})
+        writer.scalars(step, {"budget/ppl": figures["ppl"], "budget/top1_agreement": figures["top1_agreement"]})
+        if experiment.main_process():
+            write_json_atomic(os.path.join(workdir, "budgets.json"), budgets)
+        print(f"\nKD budget {seconds / 60:.1f} min (step {step}): held-out perplexity {figures['ppl']:.3f}, "
+              f"top-1 agreement {figures['top1_agreement']:.3f}", flush=True)
+
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every or steps)
+    if config.train.budget_minutes and checkpointer.latest_step():
+        raise ValueError(f"train.budget_minutes times one uninterrupted run, but {workdir} holds a checkpoint at step "
+                         f"{checkpointer.latest_step()}; use a new --workdir")
     state, train_metrics, _ = fit(
         state, lambda s, batch: kd_step(s, teacher_state, batch), next_batch, steps, mesh=mesh, writer=writer,
         checkpointer=checkpointer, learning_rate=optim.make_schedule(opt, steps),
-        log_every=config.train.log_every, progress=config.train.progress)
+        log_every=config.train.log_every, progress=config.train.progress,
+        time_budgets=[60 * m for m in config.train.budget_minutes], on_budget=on_budget)
     checkpointer.close()
 
     host = jax.device_get(state)
@@ -103,9 +143,13 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "kv_ratio": kv_student / kv_teacher,
         "ppl_teacher": teacher_eval["ppl"],
         "ppl_student_init": init_eval["ppl"],
+        "ppl_student_reconstructed": layerwise_eval["ppl"],
         "ppl_student_kd": kd_eval["ppl"],
         "top1_agreement_init": init_eval["top1_agreement"],
+        "top1_agreement_reconstructed": layerwise_eval["top1_agreement"],
         "top1_agreement_kd": kd_eval["top1_agreement"],
+        "reconstruct_s": layerwise_report["seconds"] if layerwise_report else 0.0,
+        "budgets": budgets,
         "train_loss": train_metrics.get("train/loss"),
         "train_tokens": int(jax.device_get(state.step)) * config.train.batch_size * data.seq_len,
         "heldout_tokens": int(heldout_windows.shape[0] * data.seq_len),

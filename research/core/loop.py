@@ -7,7 +7,7 @@ Metric sums stay on the device between log steps, so the loop does not wait on e
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +44,20 @@ def evaluate(eval_step: Callable, state, batches: Iterable[dict], mesh: Mesh, pr
 def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_steps: int, *, mesh: Mesh,
         writer: MetricWriter, evaluate: Callable[[object], dict[str, float]] | None = None,
         checkpointer: Checkpointer | None = None, learning_rate: Callable[[int], float] | None = None,
-        log_every: int = 50, eval_every: int = 0, progress: bool = True, stop_after: int | None = None):
+        log_every: int = 50, eval_every: int = 0, progress: bool = True, stop_after: int | None = None,
+        time_budgets: Sequence[float] = (), on_budget: Callable[[object, int, float], None] | None = None):
     """Trains from the latest checkpoint (or `state`) to `total_steps`.
 
     `stop_after` ends the loop early after that many steps in this call (to simulate or schedule
-    an interruption) after checkpointing. Returns (state, last train metrics, last eval metrics).
+    an interruption) after checkpointing. `time_budgets` (seconds, increasing) are marks on this
+    call's training time, which counts the steps alone (each step is waited for; evaluation,
+    checkpoints and callbacks do not count): at the first step that reaches each mark,
+    `on_budget(state, step, seconds)` is called, and the loop ends (after checkpointing) at the
+    last mark. Returns (state, last train metrics, last eval metrics).
     """
+    budgets = list(time_budgets)
+    if budgets != sorted(budgets) or any(b <= 0 for b in budgets):
+        raise ValueError(f"time_budgets must be positive and increasing, got {budgets}")
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)
     start = int(jax.device_get(state.step))
@@ -57,13 +65,27 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     window, window_start = None, time.perf_counter()
+    train_seconds = 0.0
     bar = tqdm(total=total_steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
     for step in range(start, end):
+        step_start = time.perf_counter()
         batch = shard_batch(next_batch(step), mesh)
         state, sums = train_step(state, batch)
+        if budgets:
+            jax.block_until_ready(sums)
+            train_seconds += time.perf_counter() - step_start
         window = sums if window is None else jax.tree.map(jnp.add, window, sums)
         done = step + 1
+        if budgets and train_seconds >= budgets[0]:
+            while budgets and train_seconds >= budgets[0]:
+                budgets.pop(0)
+            if on_budget is not None:
+                paused = time.perf_counter()
+                on_budget(state, done, train_seconds)
+                window_start += time.perf_counter() - paused  # the throughput figure counts steps only
+            if not budgets:
+                end = done  # the last budget ends the run
         if done % log_every == 0 or done == end:
             window = jax.device_get(window)
             train_metrics = mean_metrics(window, "train/")
@@ -81,6 +103,8 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
         if checkpointer is not None:
             checkpointer.save(done, state, force=done == end)
         bar.update(1)
+        if done == end:
+            break
     bar.close()
     if evaluate is not None and start >= total_steps:  # resumed a finished run: report it again
         eval_metrics = evaluate(state)

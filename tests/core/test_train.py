@@ -129,3 +129,33 @@ def test_checkpoint_of_another_model_fails_with_the_array_and_shapes(tmp_path):
                                            hidden_sizes=(32,)), optax.sgd(0.1, momentum=0.9))[1]
     with pytest.raises(CheckpointMismatchError, match=r"array 'params/\S+' has shape \(\d+, \d+\), this run's model expects \(\d+, \d+\)"):
         ckpt.restore(other)
+
+
+def test_time_budgets_call_back_at_each_mark_count_steps_only_and_end_the_run():
+    import time
+
+    import flax
+
+    @flax.struct.dataclass
+    class Counter:
+        step: jax.Array
+
+    def slow_step(state, batch):
+        time.sleep(0.02)
+        return Counter(state.step + 1), {"loss": jnp.float32(1.0), "count": jnp.float32(1.0)}
+
+    calls = []
+
+    def on_budget(state, step, seconds):
+        calls.append((step, seconds, int(state.step)))
+        time.sleep(0.2)  # an evaluation: must not count as training time
+
+    state, _, _ = fit(Counter(jnp.zeros((), jnp.int32)), slow_step, lambda s: {"x": np.zeros((8, 1), np.float32)},
+                      1000, mesh=mesh(), writer=MetricWriter(None), log_every=5, progress=False,
+                      time_budgets=(0.05, 0.15), on_budget=on_budget)
+    assert [c[0] for c in calls] == [c[2] for c in calls]                    # called with that step's state
+    assert calls[0][1] >= 0.05 and calls[1][1] >= 0.15
+    assert calls[1][0] - calls[0][0] >= 4                                    # 0.1 s more of 0.02 s steps
+    assert int(state.step) == calls[-1][0] < 1000                           # the last mark ends the run
+    with pytest.raises(ValueError, match="time_budgets"):
+        fit(state, slow_step, lambda s: {}, 10, mesh=mesh(), writer=MetricWriter(None), time_budgets=(2, 1))

@@ -15,7 +15,7 @@ REQUIRED = ("kv_values_per_token_teacher", "kv_values_per_token_student", "kv_ra
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("x_ecomla")
-    config = load_config("configs/x_ecomla.py:smoke")
+    config = load_config("configs/x_ecomla.py:smoke", {"reconstruct.steps": 4})
     return config, str(workdir), x_ecomla.main(config, str(workdir))
 
 
@@ -27,7 +27,10 @@ def test_smoke_run_writes_a_complete_record(smoke_run):
     assert results["kv_ratio"] == pytest.approx(12 / 64)
     assert results["train_tokens"] == config.train.steps * config.train.batch_size * config.data.seq_len
     assert 0 <= results["top1_agreement_kd"] <= 1 and results["ppl_teacher"] > 1
-    assert {"results.json", "upcycle.json", "config.json", "curves.png", "tb", "checkpoints"} <= set(os.listdir(workdir))
+    assert {"results.json", "upcycle.json", "reconstruct.json", "config.json", "curves.png", "tb",
+            "checkpoints"} <= set(os.listdir(workdir))
+    report = json.loads(open(os.path.join(workdir, "reconstruct.json")).read())
+    assert all(after <= before for before, after in zip(report["error_before"], report["error_after"]))
     assert json.loads(open(os.path.join(workdir, "results.json")).read())["kv_ratio"] == results["kv_ratio"]
 
 
@@ -38,7 +41,19 @@ def test_rerun_resumes_from_the_final_checkpoint(smoke_run):
     assert again["ppl_student_kd"] == pytest.approx(results["ppl_student_kd"], rel=1e-6)
 
 
+def test_time_budget_evaluates_and_ends_the_run(tmp_path):
+    config = load_config("configs/x_ecomla.py:smoke", {"train.budget_minutes": (1e-5, 2e-5)})
+    results = x_ecomla.main(config, str(tmp_path))
+    budgets = json.loads(open(tmp_path / "budgets.json").read())
+    assert budgets == results["budgets"] and budgets[-1]["minutes"] >= 2e-5
+    assert results["steps"] == budgets[-1]["step"] < config.train.steps  # the first step (compiling) passes both
+    with pytest.raises(ValueError, match="uninterrupted"):  # a resumed run's clock would restart
+        x_ecomla.main(config, str(tmp_path))
+
+
 @pytest.mark.parametrize("override,key", [
+    ({"train.budget_minutes": (30, 15)}, "train.budget_minutes"),
+    ({"reconstruct.trainable": "mlp"}, "reconstruct.trainable"),
     ({"upcycle.rope_mode": "middle"}, "upcycle.rope_mode"),
     ({"upcycle.rope_dim": 3}, "upcycle.rope_dim"),
     ({"upcycle.gqa_layers": (0, "x")}, "upcycle.gqa_layers"),

@@ -27,7 +27,7 @@ from research.data.text import KJVWindows
 from research.distill import DistillConfig
 from research.models.pretrained import LlamaSource
 
-PRESETS = ("smoke", "kv25", "kv50")
+PRESETS = ("smoke", "kv25", "kv50", "gpu")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -55,6 +55,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.upcycle.kv_rank, c.upcycle.rope_dim, c.upcycle.rope_key = 72, 8, "per_kv_head"
         elif preset == "kv50":
             c.upcycle.kv_rank, c.upcycle.rope_dim, c.upcycle.rope_key = 144, 16, "per_kv_head"
+        elif preset == "gpu":
+            # A larger Llama-family model from a local HF directory (--config.model.path=DIR), e.g.
+            # Llama-3.2-1B: 8 KV heads x 64 dims x 2 = 1,024 values per token and layer; r_kv 128 +
+            # a shared d_r 32 key = 160 (15.6%, 6.4x). bfloat16 compute, Pallas kernels where present.
+            c.model.update(source="hf", dtype="bfloat16", attention_impl="auto")
+            c.upcycle.update(kv_rank=128, rope_dim=32)
+            c.data.update(seq_len=512, calibration_windows=32)
+            c.reconstruct.update(windows=256, heldout_windows=32, batch_windows=16)
+            c.train.update(steps=20_000, batch_size=32, log_every=50, checkpoint_every=500)
+            c.optim.update(warmup_steps=200)
     if "smoke" in presets:
         c.model.source = "random"
         c.upcycle.kv_rank, c.upcycle.rope_dim = 8, 4

@@ -1,13 +1,15 @@
-"""Held-out perplexity of X-EcoMLA students at initialisation (no distillation), one row per variant.
+"""Held-out perplexity of X-EcoMLA students before distillation, one row per variant: at
+initialisation and, with ``reconstruct.steps > 0``, after layer-wise reconstruction.
 
     python -m tools.upcycle_init --variant "rope_key=shared" --variant "rope_key=shared_fit" \\
+        --variant "rope_key=shared_fit reconstruct.steps=200" \\
         [--config configs/x_ecomla.py[:PRESET]] [--out runs/upcycle_init]
 
-Each ``--variant`` is a space-separated list of ``upcycle`` overrides applied to the config's
-``upcycle`` section (``kv_rank=1000000`` is a full-rank latent). The teacher, the calibration
-windows and the held-out windows are the experiment's; the teacher is loaded and evaluated once.
-Prints perplexity and top-1 agreement with the teacher per variant; writes OUT/upcycle_init.json
-and OUT/upcycle_init.md.
+Each ``--variant`` is a space-separated list of overrides: a bare key is in the config's
+``upcycle`` section (``kv_rank=1000000`` is a full-rank latent), ``reconstruct.KEY`` in its
+``reconstruct`` section. The teacher, the calibration windows and the held-out windows are the
+experiment's; the teacher is loaded and evaluated once. Prints perplexity and top-1 agreement with
+the teacher per variant; writes OUT/upcycle_init.json and OUT/upcycle_init.md.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import json
 import os
 import time
 
+from research.attention.reconstruct import ReconstructConfig, reconstruct_layers
 from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core import config as config_lib
 from research.data.sources import default_cache_dir
@@ -29,7 +32,7 @@ def parse_variant(text: str) -> dict[str, str]:
     bad = [key for key, eq, _ in pairs if not eq]
     if bad:
         raise config_lib.ConfigError(f"--variant items must be key=value, got {bad} in {text!r}")
-    return {f"upcycle.{key}": value for key, _, value in pairs}
+    return {key if "." in key else f"upcycle.{key}": value for key, _, value in pairs}
 
 
 def main(argv=None) -> list[dict]:
@@ -42,6 +45,7 @@ def main(argv=None) -> list[dict]:
     base = config_lib.load_config(args.config)
     configs = [config_lib.apply_overrides(base, parse_variant(v), from_strings=True) for v in args.variant or [""]]
     upcycles = [config_lib.build(UpcycleConfig, c, "upcycle") for c in configs]  # every variant checked first
+    layerwise = [config_lib.build(ReconstructConfig, c, "reconstruct") for c in configs]
 
     _, teacher, tokenizer = load_llama(config_lib.build(LlamaSource, base, "model"),
                                        default_cache_root=default_cache_dir())
@@ -53,9 +57,11 @@ def main(argv=None) -> list[dict]:
     print(f"teacher: held-out perplexity {teacher_ppl:.3f} ({heldout.shape[0]} windows of {data.seq_len} tokens)",
           flush=True)
     rows = []
-    for text, upcycle in zip(args.variant or ["(config)"], upcycles):
+    for text, upcycle, reconstruct in zip(args.variant or ["(config)"], upcycles, layerwise):
         start = time.perf_counter()
         student, report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
+        if reconstruct.steps:
+            reconstruct_layers(teacher, student, train[:reconstruct.windows, :-1], reconstruct, progress=False)
         seconds = time.perf_counter() - start
         metrics = lm_metrics(student, heldout, args.batch, teacher_top1)
         rows.append({"variant": text, "kv_values_per_token": report["kv_values_per_token"],

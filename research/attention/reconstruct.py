@@ -5,10 +5,16 @@ l on the teacher's own inputs (calibration windows):
 
     min_theta  sum ||MLA_theta(X_l) - GQA_l(X_l)||^2 / sum ||GQA_l(X_l)||^2,    X_l = RMSNorm(h_l)
 
-where h_l is the teacher's residual stream entering layer l. Only one layer's parameters are
-trained at a time and every layer sees exact teacher inputs, so the cost is a few hundred small
-steps per layer (no vocabulary projection, no model-depth backward pass) and the layers are
-independent. Adam runs ``steps`` local steps on minibatches of the fitting windows; the error is
+where h_l is the teacher's residual stream entering layer l (``inputs="teacher"``: the layers
+are independent). With ``inputs="student"`` the layers are fitted in order, each on the student's
+own residual stream h^S_l (through the layers already fitted before it), to the output that puts
+the student's residual back on the teacher's after attention:
+
+    min  sum ||MLA(RMSNorm(h^S_l)) - (h_l + GQA_l(X_l) - h^S_l)||^2 / sum ||...||^2
+
+so that each layer also absorbs what the layers before it got wrong (where it can). Only one
+layer's parameters are trained at a time, so the cost is a few hundred small steps per layer (no
+vocabulary projection, no model-depth backward pass). Adam runs ``steps`` local steps on minibatches of the fitting windows; the error is
 measured on held-out calibration windows before training and every ``eval_every`` steps, and the
 parameters with the lowest held-out error are kept: the layer's held-out error never increases.
 (The same local objective as GPTQ-style layer-wise compression, here with gradient steps because
@@ -43,6 +49,7 @@ class ReconstructConfig:
     heldout_windows: int = 8       # of those, kept out of fitting to measure the error
     batch_windows: int = 8         # windows per step
     trainable: Literal["kv", "attention"] = "attention"   # kv: W_kva and W_kvb only
+    inputs: Literal["teacher", "student"] = "teacher"     # student: in order, correcting earlier layers
     eval_every: int = 50
 
     def __post_init__(self):
@@ -55,9 +62,10 @@ class ReconstructConfig:
         config_lib.require(self, "eval_every", self.eval_every >= 1, "a positive int")
 
 
-def layer_io(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every layer's attention input (after its RMSNorm) and attention output on ``tokens``
-    (B, T): two (L, B, T, D) float32 arrays. ``model`` must be all-GQA with one segment."""
+def layer_io(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every layer's attention input (after its RMSNorm), attention output and the residual stream
+    entering the layer, on ``tokens`` (B, T): three (L, B, T, D) float32 arrays. ``model`` must be
+    all-GQA with one segment."""
     if len(model.segments) != 1:
         raise ValueError("layer_io expects the original all-GQA model (one segment)")
     graphdef, stacked = nnx.split(model.segments[0])
@@ -73,12 +81,25 @@ def layer_io(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return h, normed, attn
 
     x = model.embed(jnp.asarray(tokens))
-    inputs, outputs = [], []
+    inputs, outputs, residuals = [], [], []
     for i in range(model.config.num_layers):
+        residuals.append(np.asarray(x, np.float32))
         x, normed, attn = one_layer(jax.tree.map(lambda v: v[i], stacked), x)
         inputs.append(np.asarray(normed, np.float32))
         outputs.append(np.asarray(attn, np.float32))
-    return np.stack(inputs), np.stack(outputs)
+    return np.stack(inputs), np.stack(outputs), np.stack(residuals)
+
+
+def _layer_runner(segment, ops, positions):
+    """f(j, h) -> (layer j of the stacked ``segment`` applied to h, its normed attention input)."""
+    graphdef, state = nnx.split(segment)
+
+    @jax.jit
+    def run(layer_state, h):
+        layer = nnx.merge(graphdef, layer_state)
+        return layer(h, positions, None, ops)[0], layer.attn_norm(h)
+
+    return lambda j, h: run(jax.tree.map(lambda v: v[j], nnx.state(segment)), h)
 
 
 def _trainable(cfg: ReconstructConfig):
@@ -131,27 +152,34 @@ def reconstruct_layers(teacher: Llama, student: Llama, tokens: np.ndarray, cfg: 
     if len(tokens) != cfg.windows:
         raise ValueError(f"reconstruct: expected {cfg.windows} calibration windows, got {len(tokens)}")
     start = time.perf_counter()
-    inputs, outputs = layer_io(teacher, np.asarray(tokens))
+    inputs, outputs, residuals = layer_io(teacher, np.asarray(tokens))
     ops = attention_ops(student.config.attention_impl)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    sequential = cfg.inputs == "student"
+    h = student.embed(jnp.asarray(tokens)) if sequential else None   # the student's residual stream
     rng = np.random.default_rng(seed)
     before, after = [None] * len(student.layer_kinds), [None] * len(student.layer_kinds)
     first = 0
     bar = tqdm(total=student.layer_kinds.count("mla"), desc="reconstruct", unit="layer", disable=not progress,
                dynamic_ncols=True)
     for segment, size in zip(student.segments, student.segment_sizes()):
-        if student.layer_kinds[first] != "mla":
-            first += size
-            continue
-        graphdef, params, rest = nnx.split(segment.attn, _trainable(cfg), ...)
-        fitted = []
+        mla = student.layer_kinds[first] == "mla"
+        run = _layer_runner(segment, ops, positions) if sequential else None
         for j in range(size):
             layer = first + j
-            p, r = (jax.tree.map(lambda v: v[j], s) for s in (params, rest))
-            p, before[layer], after[layer] = _fit_layer(graphdef, p, r, inputs[layer], outputs[layer], cfg, ops, rng)
-            fitted.append(p)
-            bar.update(1)
-            bar.set_postfix(layer=layer, error=f"{before[layer]:.3f}->{after[layer]:.3f}", refresh=False)
-        nnx.update(segment.attn, jax.tree.map(lambda *leaves: jnp.stack(leaves), *fitted))
+            if mla:
+                x, y = inputs[layer], outputs[layer]
+                if sequential:
+                    x = np.asarray(run(j, h)[1], np.float32)
+                    y = residuals[layer] + outputs[layer] - np.asarray(h, np.float32)
+                graphdef, params, rest = nnx.split(segment.attn, _trainable(cfg), ...)
+                p, r = (jax.tree.map(lambda v: v[j], s) for s in (params, rest))
+                p, before[layer], after[layer] = _fit_layer(graphdef, p, r, x, y, cfg, ops, rng)
+                nnx.update(segment.attn, jax.tree.map(lambda stacked, leaf: stacked.at[j].set(leaf), params, p))
+                bar.update(1)
+                bar.set_postfix(layer=layer, error=f"{before[layer]:.3f}->{after[layer]:.3f}", refresh=False)
+            if sequential:
+                h = run(j, h)[0]
         first += size
     bar.close()
     return {"error_before": before, "error_after": after, "seconds": time.perf_counter() - start}

@@ -35,6 +35,8 @@ class LlamaSource:
     def __post_init__(self):
         config_lib.check_fields(self)
         config_lib.require(self, "num_layers", self.num_layers >= 0, "an int >= 0 (0 = every layer)")
+        config_lib.require(self, "path", bool(self.path) or self.source in ("gguf", "random"),
+                           f"a checkpoint path for source '{self.source}'")
 
 
 def load_llama(spec: LlamaSource, *, seed: int = 0, default_cache_root: str = "") -> tuple[LlamaConfig, Llama, Tokenizer]:

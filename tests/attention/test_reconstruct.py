@@ -22,12 +22,13 @@ def teacher():
 
 
 def test_layer_io_returns_each_layers_attention_input_and_output(teacher):
-    inputs, outputs = layer_io(teacher, WINDOWS)
-    assert inputs.shape == outputs.shape == (TINY.num_layers, *WINDOWS.shape, TINY.dim)
+    inputs, outputs, residuals = layer_io(teacher, WINDOWS)
+    assert inputs.shape == outputs.shape == residuals.shape == (TINY.num_layers, *WINDOWS.shape, TINY.dim)
     x = teacher.embed(WINDOWS)
     # Layer 0's input is the RMSNorm of the embeddings; its output is layer 0's attention on it.
     scale = np.asarray(teacher.segments[0].attn_norm.scale[...][0])
     rms = np.sqrt(np.mean(np.asarray(x, np.float64) ** 2, axis=-1, keepdims=True) + TINY.rms_eps)
+    np.testing.assert_allclose(residuals[0], np.asarray(x))
     np.testing.assert_allclose(inputs[0], np.asarray(x) / rms * scale, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(outputs[0], attention_of(teacher, 0, inputs[0]), rtol=1e-4, atol=1e-5)
 
@@ -40,20 +41,33 @@ def attention_of(model, layer, x):
     return np.asarray(attn(jnp.asarray(x), positions, None, attention_ops("xla"))[0])
 
 
-@pytest.mark.parametrize("trainable", ["attention", "kv"])
-def test_reconstruction_lowers_every_layers_heldout_error(teacher, trainable):
+@pytest.mark.parametrize("trainable,inputs", [("attention", "teacher"), ("kv", "teacher"), ("attention", "student")])
+def test_reconstruction_lowers_every_layers_heldout_error(teacher, trainable, inputs):
     student, _ = upcycle_gqa_to_mla(teacher, LOW_RANK)
     cfg = ReconstructConfig(steps=100, lr=1e-2, windows=40, heldout_windows=8, batch_windows=8, eval_every=10,
-                            trainable=trainable)
+                            trainable=trainable, inputs=inputs)
     report = reconstruct_layers(teacher, student, WINDOWS, cfg, progress=False)
     for before, after in zip(report["error_before"], report["error_after"]):
         assert after < 0.95 * before
+    if inputs == "student":
+        return  # the targets below are the teacher-input ones
     # The reported error is the student's own: recompute it from the updated model.
-    inputs, outputs = layer_io(teacher, WINDOWS[-8:])
+    inputs, outputs, _ = layer_io(teacher, WINDOWS[-8:])
     for layer in range(TINY.num_layers):
         got = attention_of(student, layer, inputs[layer])
         error = np.sum((got - outputs[layer]) ** 2) / np.sum(outputs[layer] ** 2)
         assert error == pytest.approx(report["error_after"][layer], rel=1e-3)
+
+
+@pytest.mark.parametrize("inputs", ["teacher", "student"])
+def test_an_exact_student_starts_at_zero_error_in_both_input_modes(teacher, inputs):
+    """Full rank, every RoPE pair, per-KV-head keys: the student is the teacher, so its residual
+    stream is the teacher's and every layer's target is already met."""
+    exact, _ = upcycle_gqa_to_mla(teacher, UpcycleConfig(kv_rank=10**6, rope_dim=TINY.head_dim, rope_mode="high",
+                                                         rope_key="per_kv_head"))
+    cfg = ReconstructConfig(steps=1, lr=1e-6, windows=40, heldout_windows=8, batch_windows=8, inputs=inputs)
+    report = reconstruct_layers(teacher, exact, WINDOWS, cfg, progress=False)
+    assert max(report["error_before"]) < 1e-9
 
 
 def test_a_divergent_learning_rate_never_increases_the_heldout_error(teacher):

@@ -51,6 +51,13 @@ def test_time_budget_evaluates_and_ends_the_run(tmp_path):
         x_ecomla.main(config, str(tmp_path))
 
 
+def test_gpu_preset_needs_a_model_directory_and_runs_smoke_sized(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.path"):
+        x_ecomla.main(load_config("configs/x_ecomla.py:gpu"), str(tmp_path / "gpu"))
+    results = x_ecomla.main(load_config("configs/x_ecomla.py:gpu,smoke"), str(tmp_path / "smoke"))
+    assert results["steps"] == 3 and results["ppl_student_kd"] > 1
+
+
 @pytest.mark.parametrize("override,key", [
     ({"train.budget_minutes": (30, 15)}, "train.budget_minutes"),
     ({"reconstruct.trainable": "mlp"}, "reconstruct.trainable"),

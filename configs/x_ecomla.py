@@ -6,15 +6,23 @@ the original model on the King James Bible, with every ~20th chapter held out fo
     python -m experiments.x_ecomla --config configs/x_ecomla.py:kv25 --workdir runs/x_ecomla_kv25
     python -m experiments.x_ecomla --config configs/x_ecomla.py:smoke --workdir /tmp/smoke
 
+Pipeline: activation-aware SVD initialisation with the shared RoPE key fitted to the RoPE scores
+(``rope_key=shared_fit``), 100 local Adam steps per MLA layer (layer-wise reconstruction), then KD.
+
 Presets (comma-separated; ``smoke`` shrinks any of them to seconds on a tiny random model). SmolLM2
-caches 384 values per token and layer (3 KV heads x 64 dims x 2); each preset is the RoPE layout
+caches 384 values per token and layer (3 KV heads x 64 dims x 2); each KV preset is the RoPE layout
 with the lowest held-out perplexity at initialisation that we measured for its budget:
   (none)  15.6% (6.4x): 60 values = r_kv 56 + one shared RoPE key of d_r 4 (2 frequency pairs)
   kv25    25%: 96 values = r_kv 72 + a RoPE key of d_r 8 per former KV head (3 x 8)
   kv50    50%: 192 values = r_kv 144 + a RoPE key of d_r 16 per former KV head (3 x 16)
-The initialisation is activation-aware (the reference's plain SVD: ``activation_aware=False``).
-Other choices: ``--config.upcycle.rope_mode=split`` (the reference), ``rank_energy=0.95``,
-``gqa_layers=0,29`` or ``auto_gqa_layers=2`` (hybrid), ``--config.distill.trainable=attention``.
+  hybrid  6.5x: the 2 layers with the largest KV factorisation error stay GQA, 28 MLA layers of 32 + 4
+  budget  760 KD steps (about an hour on 2 CPU cores), held-out figures at 15, 30 and 60 KD minutes
+  mean_key      the earlier pipeline: the mean of the KV heads' RoPE rows, no layer-wise step
+  no_layerwise  the fitted key without the layer-wise step
+  gpu     a larger Llama from a local HF directory (--config.model.path=DIR), bf16, 20k KD steps
+Other choices: ``--config.upcycle.rope_mode=split`` (the reference), ``activation_aware=False`` (the
+reference's plain SVD), ``rank_energy=0.95``, ``gqa_layers=0,29``, ``--config.reconstruct.inputs=student``,
+``--config.distill.trainable=attention``.
 """
 import ml_collections
 
@@ -27,7 +35,7 @@ from research.data.text import KJVWindows
 from research.distill import DistillConfig
 from research.models.pretrained import LlamaSource
 
-PRESETS = ("smoke", "kv25", "kv50", "gpu")
+PRESETS = ("smoke", "kv25", "kv50", "gpu", "budget", "mean_key", "no_layerwise", "hybrid")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,8 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = config_lib.section(LlamaSource)
     c.data = config_lib.section(KJVWindows)
-    c.upcycle = config_lib.section(UpcycleConfig, kv_rank=56, rope_dim=4, activation_aware=True)
-    c.reconstruct = config_lib.section(ReconstructConfig)   # steps > 0: layer-wise fitting before KD
+    c.upcycle = config_lib.section(UpcycleConfig, kv_rank=56, rope_dim=4, activation_aware=True, rope_key="shared_fit")
+    c.reconstruct = config_lib.section(ReconstructConfig, steps=100, lr=1e-3)  # layer-wise fitting before KD
     c.distill = config_lib.section(DistillConfig)
     c.optim = config_lib.section(OptimConfig, name="adamw", lr=2e-4, weight_decay=0.0, warmup_steps=10,
                                  grad_clip_norm=1.0)
@@ -55,6 +63,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.upcycle.kv_rank, c.upcycle.rope_dim, c.upcycle.rope_key = 72, 8, "per_kv_head"
         elif preset == "kv50":
             c.upcycle.kv_rank, c.upcycle.rope_dim, c.upcycle.rope_key = 144, 16, "per_kv_head"
+        elif preset == "budget":  # one hour of KD steps on the 2-core CPU, evaluated at 15, 30 and 60 min
+            c.train.update(steps=760, checkpoint_every=50, budget_minutes=(15.0, 30.0, 60.0))
+        elif preset == "mean_key":  # the earlier pipeline: the mean RoPE key, no layer-wise step
+            c.upcycle.rope_key, c.reconstruct.steps = "shared", 0
+        elif preset == "no_layerwise":
+            c.reconstruct.steps = 0
+        elif preset == "hybrid":  # 2 GQA layers (2 x 384) + 28 MLA layers of r_kv 32 + d_r 4: 1,776 (6.5x)
+            c.upcycle.update(kv_rank=32, auto_gqa_layers=2)
         elif preset == "gpu":
             # A larger Llama-family model from a local HF directory (--config.model.path=DIR), e.g.
             # Llama-3.2-1B: 8 KV heads x 64 dims x 2 = 1,024 values per token and layer; r_kv 128 +
@@ -69,7 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.source = "random"
         c.upcycle.kv_rank, c.upcycle.rope_dim = 8, 4
         c.data.update(seq_len=32, eval_windows=4, calibration_windows=2, max_train_windows=16)
-        c.reconstruct.update(windows=8, heldout_windows=2, batch_windows=2, eval_every=2)
+        c.reconstruct.update(steps=min(c.reconstruct.steps, 4), windows=8, heldout_windows=2, batch_windows=2,
+                             eval_every=2)
         # batch 8: divisible by the 8 virtual devices of the tests
         c.train.update(steps=3, batch_size=8, log_every=1, checkpoint_every=2, progress=False)
     return c

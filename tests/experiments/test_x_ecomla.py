@@ -15,7 +15,7 @@ REQUIRED = ("kv_values_per_token_teacher", "kv_values_per_token_student", "kv_ra
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("x_ecomla")
-    config = load_config("configs/x_ecomla.py:smoke", {"reconstruct.steps": 4})
+    config = load_config("configs/x_ecomla.py:smoke")
     return config, str(workdir), x_ecomla.main(config, str(workdir))
 
 

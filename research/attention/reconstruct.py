@@ -34,6 +34,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from research.attention.ops import attention_ops
+from research.attention.upcycle import layer_io
 from research.core import config as config_lib
 
 if TYPE_CHECKING:
@@ -62,34 +63,6 @@ class ReconstructConfig:
         config_lib.require(self, "eval_every", self.eval_every >= 1, "a positive int")
 
 
-def layer_io(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every layer's attention input (after its RMSNorm), attention output and the residual stream
-    entering the layer, on ``tokens`` (B, T): three (L, B, T, D) float32 arrays. ``model`` must be
-    all-GQA with one segment."""
-    if len(model.segments) != 1:
-        raise ValueError("layer_io expects the original all-GQA model (one segment)")
-    graphdef, stacked = nnx.split(model.segments[0])
-    ops = attention_ops(model.config.attention_impl)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-
-    @jax.jit
-    def one_layer(state, x):
-        layer = nnx.merge(graphdef, state)
-        normed = layer.attn_norm(x)
-        attn, _ = layer.attn(normed, positions, None, ops)
-        h, _ = layer(x, positions, None, ops)
-        return h, normed, attn
-
-    x = model.embed(jnp.asarray(tokens))
-    inputs, outputs, residuals = [], [], []
-    for i in range(model.config.num_layers):
-        residuals.append(np.asarray(x, np.float32))
-        x, normed, attn = one_layer(jax.tree.map(lambda v: v[i], stacked), x)
-        inputs.append(np.asarray(normed, np.float32))
-        outputs.append(np.asarray(attn, np.float32))
-    return np.stack(inputs), np.stack(outputs), np.stack(residuals)
-
-
 def _layer_runner(segment, ops, positions):
     """f(j, h) -> (layer j of the stacked ``segment`` applied to h, its normed attention input)."""
     graphdef, state = nnx.split(segment)
@@ -108,37 +81,43 @@ def _trainable(cfg: ReconstructConfig):
     return nnx.Param
 
 
-def _fit_layer(graphdef, params, rest, x, y, cfg: ReconstructConfig, ops, rng: np.random.Generator):
-    """Fits one attention layer: params (trained) and rest (fixed) of its state; x, y (N, T, D).
-    Returns (best params, held-out error before, after)."""
-    fit_x, fit_y = x[:-cfg.heldout_windows], y[:-cfg.heldout_windows]
-    val_x, val_y = jnp.asarray(x[-cfg.heldout_windows:]), jnp.asarray(y[-cfg.heldout_windows:])
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+def _layer_fitter(graphdef, cfg: ReconstructConfig, ops):
+    """fit(params, rest, x, y, rng) -> (best params, held-out error before, after) for the attention
+    layers of one segment: params (trained) and rest (fixed) of a layer's state, x, y (N, T, D).
+    The step and the error are jitted once here, with the layer's weights as arguments, so every
+    layer of the segment reuses one compiled program."""
     tx = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.steps))
 
-    def error(p, xb, yb):
-        out, _ = nnx.merge(graphdef, p, rest)(xb, positions[:len(xb)], None, ops)
+    def error(p, rest, xb, yb):
+        positions = jnp.broadcast_to(jnp.arange(xb.shape[1]), xb.shape[:2])
+        out, _ = nnx.merge(graphdef, p, rest)(xb, positions, None, ops)
         return jnp.sum((out.astype(jnp.float32) - yb) ** 2) / jnp.sum(yb ** 2)
 
     @jax.jit
-    def step(p, opt_state, xb, yb):
-        loss, grads = jax.value_and_grad(error)(p, xb, yb)
+    def step(p, rest, opt_state, xb, yb):
+        loss, grads = jax.value_and_grad(error)(p, rest, xb, yb)
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
     heldout = jax.jit(error)
-    best, best_error = params, float(heldout(params, val_x, val_y))
-    before = best_error
-    opt_state = tx.init(params)
-    n = len(fit_x)
-    for i in range(cfg.steps):
-        rows = rng.choice(n, min(cfg.batch_windows, n), replace=False)
-        params, opt_state, _ = step(params, opt_state, jnp.asarray(fit_x[rows]), jnp.asarray(fit_y[rows]))
-        if (i + 1) % cfg.eval_every == 0 or i + 1 == cfg.steps:
-            e = float(heldout(params, val_x, val_y))
-            if e < best_error:  # keep the best: the held-out error never increases
-                best, best_error = params, e
-    return best, before, best_error
+
+    def fit(params, rest, x, y, rng: np.random.Generator):
+        fit_x, fit_y = x[:-cfg.heldout_windows], y[:-cfg.heldout_windows]
+        val_x, val_y = jnp.asarray(x[-cfg.heldout_windows:]), jnp.asarray(y[-cfg.heldout_windows:])
+        best, best_error = params, float(heldout(params, rest, val_x, val_y))
+        before = best_error
+        opt_state = tx.init(params)
+        n = len(fit_x)
+        for i in range(cfg.steps):
+            rows = rng.choice(n, min(cfg.batch_windows, n), replace=False)
+            params, opt_state, _ = step(params, rest, opt_state, jnp.asarray(fit_x[rows]), jnp.asarray(fit_y[rows]))
+            if (i + 1) % cfg.eval_every == 0 or i + 1 == cfg.steps:
+                e = float(heldout(params, rest, val_x, val_y))
+                if e < best_error:  # keep the best: the held-out error never increases
+                    best, best_error = params, e
+        return best, before, best_error
+
+    return fit
 
 
 def reconstruct_layers(teacher: Llama, student: Llama, tokens: np.ndarray, cfg: ReconstructConfig, *,
@@ -165,6 +144,7 @@ def reconstruct_layers(teacher: Llama, student: Llama, tokens: np.ndarray, cfg: 
     for segment, size in zip(student.segments, student.segment_sizes()):
         mla = student.layer_kinds[first] == "mla"
         run = _layer_runner(segment, ops, positions) if sequential else None
+        fit = _layer_fitter(nnx.graphdef(segment.attn), cfg, ops) if mla else None
         for j in range(size):
             layer = first + j
             if mla:
@@ -172,9 +152,9 @@ def reconstruct_layers(teacher: Llama, student: Llama, tokens: np.ndarray, cfg: 
                 if sequential:
                     x = np.asarray(run(j, h)[1], np.float32)
                     y = residuals[layer] + outputs[layer] - np.asarray(h, np.float32)
-                graphdef, params, rest = nnx.split(segment.attn, _trainable(cfg), ...)
+                _, params, rest = nnx.split(segment.attn, _trainable(cfg), ...)
                 p, r = (jax.tree.map(lambda v: v[j], s) for s in (params, rest))
-                p, before[layer], after[layer] = _fit_layer(graphdef, p, r, x, y, cfg, ops, rng)
+                p, before[layer], after[layer] = fit(p, r, x, y, rng)
                 nnx.update(segment.attn, jax.tree.map(lambda stacked, leaf: stacked.at[j].set(leaf), params, p))
                 bar.update(1)
                 bar.set_postfix(layer=layer, error=f"{before[layer]:.3f}->{after[layer]:.3f}", refresh=False)

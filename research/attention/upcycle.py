@@ -224,11 +224,12 @@ def _whitening(x: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- calibration
-def attention_inputs(model: Llama, tokens: np.ndarray) -> np.ndarray:
-    """The input of every layer's attention (after its RMSNorm) on ``tokens`` (B, T):
-    (L, B*T, D) float32. ``model`` must be all-GQA with one segment."""
+def layer_io(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every layer's attention input (after its RMSNorm), attention output and the residual stream
+    entering the layer, on ``tokens`` (B, T): three (L, B, T, D) float32 arrays. ``model`` must be
+    all-GQA with one segment."""
     if len(model.segments) != 1:
-        raise ValueError("attention_inputs expects the original all-GQA model (one segment)")
+        raise ValueError("layer_io expects the original all-GQA model (one segment)")
     graphdef, stacked = nnx.split(model.segments[0])
     ops = attention_ops(model.config.attention_impl)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -236,15 +237,19 @@ def attention_inputs(model: Llama, tokens: np.ndarray) -> np.ndarray:
     @jax.jit
     def one_layer(state, x):
         layer = nnx.merge(graphdef, state)
+        normed = layer.attn_norm(x)
+        attn, _ = layer.attn(normed, positions, None, ops)
         h, _ = layer(x, positions, None, ops)
-        return h, layer.attn_norm(x)
+        return h, normed, attn
 
     x = model.embed(jnp.asarray(tokens))
-    out = []
+    inputs, outputs, residuals = [], [], []
     for i in range(model.config.num_layers):
-        x, a = one_layer(jax.tree.map(lambda v: v[i], stacked), x)
-        out.append(np.asarray(a, np.float32).reshape(-1, x.shape[-1]))
-    return np.stack(out)
+        residuals.append(np.asarray(x, np.float32))
+        x, normed, attn = one_layer(jax.tree.map(lambda v: v[i], stacked), x)
+        inputs.append(np.asarray(normed, np.float32))
+        outputs.append(np.asarray(attn, np.float32))
+    return np.stack(inputs), np.stack(outputs), np.stack(residuals)
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -345,7 +350,10 @@ def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.
     if needs_x and calibration_tokens is None:
         raise ValueError("upcycle: rope_mode='2norm', rope_key='shared_fit', activation_aware and auto_gqa_layers "
                          "need calibration tokens")
-    xs = attention_inputs(model, np.asarray(calibration_tokens)).astype(np.float64) if needs_x else None
+    xs = None
+    if needs_x:
+        inputs = layer_io(model, np.asarray(calibration_tokens))[0]            # (L, B, T, D)
+        xs = inputs.reshape(len(inputs), -1, inputs.shape[-1]).astype(np.float64)
 
     rope_heads = config.num_kv_heads if cfg.rope_key == "per_kv_head" else 1
     layers = []

@@ -148,14 +148,18 @@ def test_time_budgets_call_back_at_each_mark_count_steps_only_and_end_the_run():
 
     def on_budget(state, step, seconds):
         calls.append((step, seconds, int(state.step)))
-        time.sleep(0.2)  # an evaluation: must not count as training time
+        time.sleep(1.0)  # an evaluation: longer than the gap between the marks, so were it counted
+        #                  the second mark would fall on the very next step
 
+    # The marks are 0.7 s apart (35 steps of 0.02 s) so that a step slowed by a loaded machine
+    # cannot cross both at once.
     state, _, _ = fit(Counter(jnp.zeros((), jnp.int32)), slow_step, lambda s: {"x": np.zeros((8, 1), np.float32)},
                       1000, mesh=mesh(), writer=MetricWriter(None), log_every=5, progress=False,
-                      time_budgets=(0.05, 0.15), on_budget=on_budget)
+                      time_budgets=(0.3, 1.0), on_budget=on_budget)
+    assert len(calls) == 2, calls
     assert [c[0] for c in calls] == [c[2] for c in calls]                    # called with that step's state
-    assert calls[0][1] >= 0.05 and calls[1][1] >= 0.15
-    assert calls[1][0] - calls[0][0] >= 4                                    # 0.1 s more of 0.02 s steps
+    assert calls[0][1] >= 0.3 and calls[1][1] >= 1.0
+    assert calls[1][0] - calls[0][0] >= 3                                    # the evaluation's 1 s did not count
     assert int(state.step) == calls[-1][0] < 1000                           # the last mark ends the run
     with pytest.raises(ValueError, match="time_budgets"):
         fit(state, slow_step, lambda s: {}, 10, mesh=mesh(), writer=MetricWriter(None), time_budgets=(2, 1))

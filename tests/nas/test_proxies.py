@@ -76,7 +76,7 @@ def test_zico_drops_switched_off_layers():
     from research.nas.proxies.zico import layer_scores
     masked = nb201.NB201Network(None, C=2, N=1, rngs=nnx.Rngs(0))
     masked.set_cell((nb201.SKIP,) * 6)
-    scores = layer_scores(masked, _batch(), 2)
+    scores = nnx.jit(lambda m, b: layer_scores(m, b, 2))(masked, _batch())  # one program, not op by op
     for path, s in scores.items():
         if "edges" in path:
             assert float(s) == 0.0

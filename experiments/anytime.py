@@ -146,7 +146,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {"data": config.data.name, "model": config.model.name, "seed": config.seed,
                "budgets": list(config.eval.budgets),
                "samplers": {kind: run_sampler(kind, config, data, mesh, workdir) for kind in config.samplers},
-               "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+               "devices": experiment.device_summary(mesh)}
     if experiment.main_process():
         experiment.write_results(workdir, results, table_md(results))
         plot(results, workdir)

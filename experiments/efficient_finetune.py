@@ -15,7 +15,6 @@ import os
 import re
 import time
 
-import jax
 import matplotlib
 import ml_collections
 from flax import nnx
@@ -180,7 +179,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "test_examples": len(fine_test),
         "measure_batch_size": config.finetune.train.batch_size,
         "wall_time_s": time.perf_counter() - start_time,
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "devices": experiment.device_summary(mesh),
     })
     if experiment.main_process():
         table = results_table(results)

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -232,7 +231,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     results = {"data": config.generator.data.name, "seeds": list(config.seeds), "masks": list(config.eval.masks),
                "images_per_set": {k: len(v) for k, v in sets.items()}, "rows": rows,
-               "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+               "devices": experiment.device_summary(mesh)}
     if experiment.main_process():
         experiment.write_results(workdir, results, table_md(results))
         for kind in config.eval.masks:

@@ -35,7 +35,6 @@ import shutil
 import time
 from collections.abc import Callable
 
-import jax
 import matplotlib
 import ml_collections
 import numpy as np
@@ -307,7 +306,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {"methods": method_results, "backbone": backbone, "model": config.model.name,
                "data": config.data.name, "stream": stream_info,
                "test_examples": [len(t) for t in tests], "wall_time_s": time.perf_counter() - start_time,
-               "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+               "devices": experiment.device_summary(mesh)}
     if experiment.main_process():
         table = results_table(results)
         experiment.write_results(workdir, results, table)

@@ -20,7 +20,6 @@ import json
 import os
 import time
 
-import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -185,7 +184,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "methods": blocks,
         "speedup_per_model": {m: b["seconds_per_model"] / dropout_per_model for m, b in blocks.items() if m != "dropout"},
         "mitigation": rashomon.mitigation_by_eps(exploration, rc),
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "devices": experiment.device_summary(mesh),
     }
     if experiment.main_process():
         experiment.write_results(workdir, results, table(results))

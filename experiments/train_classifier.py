@@ -76,7 +76,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "data": ds["train"].info.description or config.data.name,
         "train_examples": len(train),
         "test_examples": len(test),
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "devices": experiment.device_summary(mesh),
         "mesh": dict(mesh.shape),
     }
     if experiment.main_process():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -45,7 +44,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "test_mse_center": run.eval_metrics.get("test/mse_center"),
                "test_mse_outpaint": run.eval_metrics.get("test/mse_outpaint"),
                "wall_time_s": time.perf_counter() - start,
-               "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+               "devices": experiment.device_summary(mesh)}
     if experiment.main_process():
         experiment.write_results(workdir, results)
         grid = sample_grid(run.model, to_unit(jnp.asarray(test.images[:8])), cfg.build(MaskConfig, config, "masks"))

@@ -327,7 +327,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "data": config.data.name, "n_train": per_seed[0]["n_train"], "pretrain": backbone[2],
                "train_seconds": float(np.mean([run["train_seconds"] for run in per_seed])),
                "ntk_seconds_over_retrain_seconds": speed,
-               "wall_time_s": time.perf_counter() - start, "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+               "wall_time_s": time.perf_counter() - start, "devices": experiment.device_summary(mesh)}
     table = results_table(summary)
     if experiment.main_process():
         experiment.write_results(workdir, summary, table)

@@ -158,7 +158,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "layer_kinds": report["layer_kinds"],
         "kv_rank": report["kv_rank"],
         "wall_time_s": time.perf_counter() - start_time,
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "devices": experiment.device_summary(mesh),
     }
     if experiment.main_process():
         write_json_atomic(os.path.join(workdir, "results.json"), results)

@@ -43,6 +43,11 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, subdirs: tuple[str
     return mesh
 
 
+def device_summary(mesh: Mesh) -> str:
+    """What the run's mesh spans, for its record: "8 x cpu", "1 x NVIDIA H200"."""
+    return f"{mesh.size} x {mesh.devices.flat[0].device_kind}"
+
+
 def write_results(workdir: str, results: dict, table: str = "") -> None:
     """``workdir/results.json`` (atomic) and, with a ``table``, ``workdir/results.md``."""
     write_json_atomic(os.path.join(workdir, "results.json"), results)

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import online_lora
 from research.core.config import ConfigError, load_config
@@ -45,6 +46,37 @@ def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
     assert "reusing" not in capsys.readouterr().out
 
 
+def test_imagenet_backbone_under_a_fresh_head_with_lora_on_every_pointwise_convolution(
+        tmp_path, skip_without_imagenet_weights_or_data):
+    """The `cifar10` preset's model, without its stream (that runs as the slow test below)."""
+    from research.adapters import lora
+    from research.core.mesh import make_mesh
+    from research.models import efficientnet_lite as effnet
+
+    config = load_config("configs/online_lora.py:cifar10,smoke", {"methods": ("online_lora",)})
+    skip_without_imagenet_weights_or_data(config)
+    new_model, preprocess, info = online_lora.make_backbone(config, make_mesh(), str(tmp_path), 10, (32, 32, 3))
+    assert info["source"] == "imagenet" and not os.listdir(tmp_path)  # no pre-training stage
+    model = new_model()
+    torch_state = effnet.pretrained_state_dict()
+    np.testing.assert_array_equal(model.stem.conv.kernel[...], torch_state["_conv_stem.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(model.blocks[3].project.bn.var[...], torch_state["_blocks.3._bn2.running_var"])
+    assert model.head.kernel.shape == (1280, 10)
+    np.testing.assert_array_equal(model.head.kernel[...], new_model().head.kernel[...])  # the same head for every method
+    inputs = preprocess(np.full((2, 32, 32, 3), 255, np.uint8))
+    np.testing.assert_allclose(inputs[0, 0, 0], (255 - effnet.PIXEL_MEAN) / effnet.PIXEL_STD, rtol=1e-6)
+
+    def layers(kind):
+        return {path: m for path, m in nnx.iter_graph(model) if isinstance(m, kind)}
+    pointwise = {path for path, conv in layers(nnx.Conv).items() if conv.kernel_size == (1, 1)}
+    online_lora.make_learner("online_lora", model, config, preprocess)
+    adapted = layers(lora.LoraLayer)
+    # every expand and project convolution of the 16 blocks (the first has no expand) and the last one
+    assert set(adapted) == pointwise and len(pointwise) == 2 * 16 - 1 + 1
+    assert all(layer.base.kernel.shape[:2] == (1, 1) for layer in adapted.values())
+
+
+@pytest.mark.slow
 def test_efficientnet_lite_stream_trains_lora_on_pointwise_convolutions(tmp_path, skip_without_imagenet_weights_or_data):
     config = load_config("configs/online_lora.py:cifar10,smoke", {"methods": ("online_lora",)})
     skip_without_imagenet_weights_or_data(config)

@@ -20,6 +20,7 @@ def test_smoke_run_writes_a_complete_record_and_resumes(tmp_path, overrides):
     for key in ("test_accuracy", "train_loss", "steps", "wall_time_s"):
         assert key in results
     assert results["steps"] == 6 and 0 <= results["test_accuracy"] <= 1
+    assert results["devices"] == "8 x cpu"  # the mesh the run spanned (tests/conftest.py: 8 CPU devices)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["steps"] == 6 and on_disk["test_accuracy"] == results["test_accuracy"]
     assert {"config.json", "curves.png", "tb", "checkpoints"} <= set(os.listdir(tmp_path))

@@ -120,6 +120,28 @@ def test_fast_ntk_on_visual_prompts_runs(tmp_path):
     assert results["num_params"] == 2 * 192 + 192 * 10 + 10
 
 
+def test_fast_ntk_effnet_unlearns_the_bn_affine_parameters_and_a_fresh_head_of_the_imagenet_weights(
+        tmp_path, skip_without_imagenet_weights_or_data):
+    """The `fast_ntk_effnet` preset's model at w_init, without training and scrubbing (the slow test below)."""
+    from research.models import efficientnet_lite as effnet
+
+    config = load_config("configs/unlearning.py:fast_ntk_effnet,smoke")
+    skip_without_imagenet_weights_or_data(config)
+    _, _, recipe, _ = unlearning.validate(config)
+    shape = unlearning.model_input_shape(config, (32, 32, 3))
+    state, preprocess, info = unlearning.pretrained_backbone(config, None, str(tmp_path), shape)
+    assert info["data"] == "imagenet" and not os.listdir(tmp_path)  # no pre-training stage
+    model, subset = unlearning.model_at_init(config, recipe, state, 10, shape, seed=0)
+    torch_state = effnet.pretrained_state_dict()
+    np.testing.assert_array_equal(model.blocks[5].depthwise.bn.scale[...], torch_state["_blocks.5._bn1.weight"])
+    np.testing.assert_array_equal(model.last_conv.bn.mean[...], torch_state["_bn1.running_mean"])
+    init = Unlearnable.from_model(model, subset, preprocess)
+    # BN affine parameters (2 x 21,008 channels) and a 10-class head on 1,280 features, nothing else
+    assert init.num_params == 2 * 21008 + 1280 * 10 + 10
+    assert {str(path[-1]) for path, _ in nnx.to_flat_state(init.params)} == {"scale", "bias", "kernel"}
+
+
+@pytest.mark.slow
 def test_fast_ntk_on_the_imagenet_efficientnet_runs(tmp_path, skip_without_imagenet_weights_or_data):
     config = load_config("configs/unlearning.py:fast_ntk_effnet,smoke",
                          {"methods": ("retrain", "ntk"), "scenarios": ("class",), "data.train_per_class": 3,

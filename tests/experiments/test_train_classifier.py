@@ -13,7 +13,8 @@ from research.core.config import load_config
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"model.name": "vit_tiny", "model.dtype": "bfloat16", "train.grad_accum_steps": 2}])
+@pytest.mark.parametrize("overrides", [{}, {"model.name": "vit_tiny", "model.depth": 2, "model.dtype": "bfloat16",
+                                        "train.grad_accum_steps": 2}])
 def test_smoke_run_writes_a_complete_record_and_resumes(tmp_path, overrides):
     config = load_config("configs/train_classifier.py:smoke", overrides)
     results = train_classifier.main(config, str(tmp_path))

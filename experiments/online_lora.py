@@ -29,12 +29,16 @@ step (compilation) and without the evaluations.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import matplotlib
 import ml_collections
 import numpy as np
@@ -80,6 +84,11 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
     if config.backbone.source == "imagenet" and model.name != "efficientnet_lite0":
         raise cfg.ConfigError(f"backbone.source: imagenet weights exist for efficientnet_lite0 only, "
                               f"got model.name={model.name}; use backbone.source=pretrain")
+    blocks = effnet.NUM_BLOCKS
+    cfg.check(config, "backbone.frozen_blocks", lambda v: 0 <= v <= blocks, f"an int in 0..{blocks}")
+    if config.backbone.frozen_blocks and config.backbone.source != "imagenet":
+        raise cfg.ConfigError("backbone.frozen_blocks: a frozen prefix is computed once per image from the ImageNet "
+                              "weights; use backbone.source=imagenet or frozen_blocks=0")
     if config.backbone.source == "pretrain":
         cfg.check_choice(config, "pretrain.data", sources.IMAGE_DATASETS)
         cfg.build(OptimConfig, config, "pretrain.optim")
@@ -105,9 +114,20 @@ def stream_data(config) -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
 
 # ------------------------------------------------------------------------------------------ backbone
 
-def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> tuple[Callable, Callable, dict]:
-    """(new_model() -> a model with the pre-trained backbone and a fresh head, preprocess(uint8 images) ->
-    inputs, info). Every call of new_model gives the same weights."""
+@dataclasses.dataclass
+class Backbone:
+    """new_model() -> a model with the pre-trained backbone and a fresh head (the same weights at every
+    call); preprocess(images) -> its inputs; info for the record; encode: None, or (uint8 images) ->
+    the frozen prefix's features, which then stand in for the images (``backbone.frozen_blocks``)."""
+    new_model: Callable[[], nnx.Module]
+    preprocess: Callable
+    info: dict
+    encode: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> Backbone:
+    """The backbone of ``config.backbone``: ImageNet EfficientNet-Lite0 (optionally with its first
+    ``frozen_blocks`` blocks frozen and computed once per image), or one pre-trained here."""
     dtype = COMPUTE_DTYPES[config.model.dtype]
     size = config.data.image_size
     shape = (size, size, input_shape[-1]) if size else tuple(input_shape)
@@ -115,6 +135,7 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
     def build(seed: int, classes: int, shape_=shape):
         return build_from_config(config.model, num_classes=classes, input_shape=shape_, rngs=nnx.Rngs(seed))
 
+    encode = None
     if config.backbone.source == "imagenet":
         reference = build(config.seed, num_classes)
         effnet.load_pretrained(reference, config.backbone.weights, include_head=False)
@@ -123,6 +144,10 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
         def preprocess(images):
             return ((resize(images, shape) - effnet.PIXEL_MEAN) / effnet.PIXEL_STD).astype(dtype)
         info = {"source": "imagenet", "weights": config.backbone.weights or effnet.PRETRAINED_PACKAGE}
+        if config.backbone.frozen_blocks:
+            encode = prefix_encoder(reference, config.backbone.frozen_blocks, preprocess, config)
+            preprocess = functools.partial(jnp.asarray, dtype=dtype)  # the inputs are the prefix's features
+            info["frozen_blocks"] = config.backbone.frozen_blocks
     else:
         ds = sources.load(config.pretrain.data, source=config.data.source, data_dir=config.data.data_dir or None)
         pre_train, pre_test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
@@ -145,8 +170,28 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
     def new_model() -> nnx.Module:
         model = build(config.seed + 1, num_classes)  # the same fresh head for every method
         nnx.update(model, pretrained)
-        return model
-    return new_model, preprocess, info
+        return effnet.EfficientNetTail(model, config.backbone.frozen_blocks) if encode else model
+    return Backbone(new_model, preprocess, info, encode)
+
+
+def prefix_encoder(model: nnx.Module, blocks: int, preprocess: Callable, config) -> Callable[[np.ndarray], np.ndarray]:
+    """(N, H, W, C) uint8 images -> the feature maps after the stem and the first ``blocks`` blocks of
+    ``model`` in eval mode (BatchNorm on its ImageNet statistics), float32, in batches of eval.batch_size."""
+    model = nnx.clone(model)
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def features(state, images):
+        return nnx.merge(graphdef, state).prefix(preprocess(images), blocks).astype(jnp.float32)
+
+    def encode(images: np.ndarray) -> np.ndarray:
+        size = config.eval.batch_size
+        chunks = [np.asarray(features(state, images[i:i + size]))
+                  for i in tqdm(range(0, len(images), size), desc=f"prefix ({blocks} blocks)", leave=False,
+                                disable=not config.progress)]
+        return np.concatenate(chunks)
+    return encode
 
 
 def baseline_config(method: str, config) -> OnlineBaselineConfig:
@@ -271,15 +316,19 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = experiment.start(config, workdir, subdirs=("methods",))
 
     train, test = stream_data(config)
+    backbone = make_backbone(config, mesh, workdir, train.num_classes, train.images.shape[1:])
+    if backbone.encode:  # the frozen prefix runs once per image; the stream carries its features
+        t0 = time.perf_counter()
+        train, test = (pipeline.ImageArrays(backbone.encode(d.images), d.labels, d.label_names) for d in (train, test))
+        backbone.info["encode_seconds"] = time.perf_counter() - t0
     tasks = streams.class_incremental_tasks(train.num_classes, config.stream.num_tasks, seed=config.seed,
                                             shuffle_classes=config.stream.shuffle_classes)
     stream = streams.make_stream(train, tasks, kind=config.stream.kind, seed=config.seed,
                                  blurry_ratio=config.stream.blurry_ratio,
                                  disjoint_class_ratio=config.stream.disjoint_class_ratio)
     tests = streams.task_test_sets(test, stream.tasks)
-    new_model, preprocess, backbone = make_backbone(config, mesh, workdir, train.num_classes, train.images.shape[1:])
     print(f"stream: {len(stream)} {config.data.name} images in {len(tasks)} {config.stream.kind} tasks "
-          f"{[list(t) for t in stream.tasks]}; backbone: {backbone}")
+          f"{[list(t) for t in stream.tasks]}; backbone: {backbone.info}")
 
     # A finished method is reused only if everything that shapes its pass is unchanged.
     signature = {k: v for k, v in config.to_dict().items() if k not in ("methods", "progress", "log_every")}
@@ -293,7 +342,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 method_results[method] = saved["result"]
                 print(f"{method}: reusing {path}")
                 continue
-        learner = make_learner(method, new_model(), config, preprocess)
+        learner = make_learner(method, backbone.new_model(), config, backbone.preprocess)
         result = run_method(method, learner, train, stream, tests, config, workdir, test)
         method_results[method] = result
         if experiment.main_process():
@@ -303,7 +352,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     stream_info = {"kind": config.stream.kind, "tasks": [list(t) for t in stream.tasks],
                    "boundaries": list(stream.boundaries), "length": len(stream), "batch_size": config.stream.batch_size}
-    results = {"methods": method_results, "backbone": backbone, "model": config.model.name,
+    results = {"methods": method_results, "backbone": backbone.info, "model": config.model.name,
                "data": config.data.name, "stream": stream_info,
                "test_examples": [len(t) for t in tests], "wall_time_s": time.perf_counter() - start_time,
                "devices": experiment.device_summary(mesh)}

@@ -70,6 +70,7 @@ BLOCK_SETTING = (
     (6, 192, 4, 2, 5),
     (6, 320, 1, 1, 3),
 )
+NUM_BLOCKS = sum(n for _, _, n, _, _ in BLOCK_SETTING)  # 16 MBConv blocks
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
 
@@ -144,12 +145,23 @@ class EfficientNetLite(nnx.Module):
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
 
-    def features(self, x: jax.Array) -> jax.Array:
-        """(N, H, W, C) -> pooled features (N, 1280), before dropout and ``head``."""
+    def prefix(self, x: jax.Array, end: int) -> jax.Array:
+        """(N, H, W, C) -> the feature map after the stem and ``blocks[:end]``."""
         x = self.stem(x.astype(self.dtype))
-        for block in self.blocks:
+        for block in self.blocks[:end]:
+            x = block(x)
+        return x
+
+    def from_block(self, x: jax.Array, start: int) -> jax.Array:
+        """The feature map ``prefix(images, start)`` -> pooled features (N, 1280): ``blocks[start:]``,
+        ``last_conv`` and global average pooling."""
+        for block in self.blocks[start:]:
             x = block(x)
         return jnp.mean(self.last_conv(x), axis=(1, 2))
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, C) -> pooled features (N, 1280), before dropout and ``head``."""
+        return self.from_block(self.prefix(x, len(self.blocks)), len(self.blocks))
 
     def embedding(self, x: jax.Array) -> jax.Array:
         """The head's input (before dropout): pooled features (N, 1280)."""
@@ -157,6 +169,33 @@ class EfficientNetLite(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.dropout(self.features(x))).astype(jnp.float32)
+
+
+class EfficientNetTail(nnx.Module):
+    """EfficientNet-Lite0 from block ``start`` on, for a frozen prefix whose output is computed once
+    per image: input the feature map ``net.prefix(images, start)``, output ``net``'s logits.
+
+    Holds only the parts that run (``blocks[i]`` here is ``net.blocks[start + i]``), so adapters
+    and trainable filters see the tail alone. ``tail(net.prefix(x, start)) == net(x)``.
+    """
+
+    def __init__(self, net: EfficientNetLite, start: int):
+        if not 0 <= start <= len(net.blocks):
+            raise ValueError(f"start block {start} is outside 0..{len(net.blocks)}")
+        self.start = start
+        self.dtype = net.dtype
+        self.blocks = nnx.List(list(net.blocks[start:]))
+        self.last_conv, self.dropout, self.head = net.last_conv, net.dropout, net.head
+
+    def embedding(self, x: jax.Array) -> jax.Array:
+        """(N, h, w, c) prefix features -> the head's input (N, 1280)."""
+        x = x.astype(self.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return jnp.mean(self.last_conv(x), axis=(1, 2))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.dropout(self.embedding(x))).astype(jnp.float32)
 
 
 def efficientnet_lite0(*, num_classes: int, input_shape: tuple[int, int, int], rngs: nnx.Rngs,

@@ -46,42 +46,49 @@ def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
     assert "reusing" not in capsys.readouterr().out
 
 
-def test_imagenet_backbone_under_a_fresh_head_with_lora_on_every_pointwise_convolution(
+def test_imagenet_backbone_with_a_frozen_prefix_a_fresh_head_and_lora_on_the_tails_pointwise_convolutions(
         tmp_path, skip_without_imagenet_weights_or_data):
-    """The `cifar10` preset's model, without its stream (that runs as the slow test below)."""
+    """The `cifar10_160` preset's model, without its stream (that runs as the slow test below)."""
     from research.adapters import lora
     from research.core.mesh import make_mesh
     from research.models import efficientnet_lite as effnet
 
-    config = load_config("configs/online_lora.py:cifar10,smoke", {"methods": ("online_lora",)})
+    config = load_config("configs/online_lora.py:cifar10_160,smoke", {"methods": ("online_lora",)})
     skip_without_imagenet_weights_or_data(config)
-    new_model, preprocess, info = online_lora.make_backbone(config, make_mesh(), str(tmp_path), 10, (32, 32, 3))
-    assert info["source"] == "imagenet" and not os.listdir(tmp_path)  # no pre-training stage
-    model = new_model()
+    backbone = online_lora.make_backbone(config, make_mesh(), str(tmp_path), 10, (32, 32, 3))
+    assert backbone.info["source"] == "imagenet" and not os.listdir(tmp_path)  # no pre-training stage
+    model = backbone.new_model()
+    assert isinstance(model, effnet.EfficientNetTail) and model.start == 11 and len(model.blocks) == 5
     torch_state = effnet.pretrained_state_dict()
-    np.testing.assert_array_equal(model.stem.conv.kernel[...], torch_state["_conv_stem.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(model.blocks[3].project.bn.var[...], torch_state["_blocks.3._bn2.running_var"])
+    np.testing.assert_array_equal(model.blocks[0].expand.conv.kernel[...],
+                                  torch_state["_blocks.11._expand_conv.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(model.blocks[4].project.bn.var[...], torch_state["_blocks.15._bn2.running_var"])
     assert model.head.kernel.shape == (1280, 10)
-    np.testing.assert_array_equal(model.head.kernel[...], new_model().head.kernel[...])  # the same head for every method
-    inputs = preprocess(np.full((2, 32, 32, 3), 255, np.uint8))
-    np.testing.assert_allclose(inputs[0, 0, 0], (255 - effnet.PIXEL_MEAN) / effnet.PIXEL_STD, rtol=1e-6)
+    np.testing.assert_array_equal(model.head.kernel[...], backbone.new_model().head.kernel[...])  # one head for all
+    # The prefix runs once per image: 32 px -> stride 16 after block 10, 112 channels
+    features = backbone.encode(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8))
+    assert features.shape == (3, 2, 2, 112) and features.dtype == np.float32
+    assert np.isfinite(model(backbone.preprocess(features))).all()
 
     def layers(kind):
         return {path: m for path, m in nnx.iter_graph(model) if isinstance(m, kind)}
     pointwise = {path for path, conv in layers(nnx.Conv).items() if conv.kernel_size == (1, 1)}
-    online_lora.make_learner("online_lora", model, config, preprocess)
+    online_lora.make_learner("online_lora", model, config, backbone.preprocess)
     adapted = layers(lora.LoraLayer)
-    # every expand and project convolution of the 16 blocks (the first has no expand) and the last one
-    assert set(adapted) == pointwise and len(pointwise) == 2 * 16 - 1 + 1
+    # the expand and project convolutions of blocks 11-15 and the last convolution
+    assert set(adapted) == pointwise and len(pointwise) == 2 * 5 + 1
     assert all(layer.base.kernel.shape[:2] == (1, 1) for layer in adapted.values())
 
 
 @pytest.mark.slow
-def test_efficientnet_lite_stream_trains_lora_on_pointwise_convolutions(tmp_path, skip_without_imagenet_weights_or_data):
-    config = load_config("configs/online_lora.py:cifar10,smoke", {"methods": ("online_lora",)})
+@pytest.mark.parametrize("preset", ["cifar10", "cifar10_160"])
+def test_efficientnet_lite_stream_trains_lora_on_pointwise_convolutions(tmp_path, skip_without_imagenet_weights_or_data,
+                                                                       preset):
+    config = load_config(f"configs/online_lora.py:{preset},smoke", {"methods": ("online_lora",)})
     skip_without_imagenet_weights_or_data(config)
     results = online_lora.main(config, str(tmp_path))
     assert results["backbone"]["source"] == "imagenet" and results["model"] == "efficientnet_lite0"
+    assert results["backbone"].get("frozen_blocks", 0) == (11 if preset == "cifar10_160" else 0)
     assert 0 <= results["methods"]["online_lora"]["avg_acc"] <= 1
 
 
@@ -125,6 +132,8 @@ def test_evaluation_positions_cover_every_task_end():
     ({"backbone.source": "imagenet"}, "backbone.source"),
     ({"baselines.ewc_alpha": 0.0}, "baselines.ewc_alpha"),
     ({"stream.num_tasks": 0}, "stream.num_tasks"),
+    ({"backbone.frozen_blocks": 3}, "backbone.frozen_blocks"),   # needs the ImageNet weights
+    ({"backbone.frozen_blocks": -1}, "backbone.frozen_blocks"),
 ])
 def test_bad_config_values_name_the_key(override, key, tmp_path):
     config = load_config("configs/online_lora.py:smoke", override)

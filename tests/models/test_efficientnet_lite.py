@@ -117,6 +117,27 @@ def test_output_shape(size):
     assert logits.shape == (2, 10) and logits.dtype == np.float32 and np.isfinite(logits).all()
 
 
+def test_the_tail_from_any_block_on_the_prefix_features_is_the_whole_network():
+    model = _build(10, (32, 32, 3))
+    model.eval()
+    # BatchNorm statistics away from their init, so that a block run twice or skipped would show
+    for i, (_, stat) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.BatchStat))):
+        stat.set_value(jax.random.uniform(jax.random.key(i), stat.shape, minval=0.5, maxval=1.5))
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    whole = nnx.jit(lambda m, x: (m(x), m.embedding(x)))(model, x)
+    for start in (0, 8, len(model.blocks)):
+        tail = effnet.EfficientNetTail(model, start)
+        assert len(tail.blocks) == len(model.blocks) - start
+        assert all(a is b for a, b in zip(tail.blocks, model.blocks[start:]))  # shared, not copied
+        parts = nnx.jit(lambda m, t, x: (t(m.prefix(x, start)), t.embedding(m.prefix(x, start))))(model, tail, x)
+        for a, b in zip(parts, whole):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        expected = sum(_count(b) for b in model.blocks[start:]) + _count(model.last_conv) + _count(model.head)
+        assert _count(tail) == expected
+    with pytest.raises(ValueError, match="start block 17 is outside 0..16"):
+        effnet.EfficientNetTail(model, 17)
+
+
 def test_dropout_option():
     model = nnx.eval_shape(lambda: _build(10, dropout=0.3))
     assert model.dropout.rate == 0.3

@@ -12,7 +12,8 @@
 
 Writes to DIR: config.json, results.json (per row and mask: mean and sd over seeds), results.md,
 samples_MASK.png (columns: retain then forget test images; rows: original, masked input, each
-method's output), tsne.png (2-D embedding of the generated images, original vs ours) and rows/.
+method's output), tradeoff_MASK.png (forget against retain FID over the original's, per method over
+its alphas), tsne.png (2-D embedding of the generated images, original vs ours) and rows/.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         cfg.build(cls, config, key)
     cfg.check_names(config, "baselines", [m for m in generative.METHODS if m != "ours"])
     cfg.check(config, "alphas", lambda v: all(a >= 0 for a in v), "a tuple of floats >= 0")
+    cfg.check(config, "baseline_alphas", lambda v: all(a >= 0 for a in v), "a tuple of floats >= 0")
     cfg.check(config, "eval.masks", lambda v: len(v) > 0 and set(v) <= {"center", "outpaint"},
               "a non-empty tuple of center, outpaint")
     cfg.check(config, "eval.images_per_set", lambda v: v >= 2, "an int >= 2")
@@ -92,7 +94,12 @@ def method_rows(config) -> list[tuple[str, GenerativeUnlearnConfig | None, str]]
     if config.proxy.name:
         rows.append((f"ours, proxy retain {config.proxy.name} (alpha {config.proxy.alpha:g})",
                      dataclasses.replace(base, method="ours", alpha=config.proxy.alpha), "proxy"))
-    rows += [(name, dataclasses.replace(base, method=name), "classes") for name in config.baselines]
+    for name in config.baselines:
+        if config.baseline_alphas:
+            rows += [(f"{name} (alpha {a:g})", dataclasses.replace(base, method=name, alpha=a), "classes")
+                     for a in config.baseline_alphas]
+        else:
+            rows.append((name, dataclasses.replace(base, method=name), "classes"))
     return rows
 
 
@@ -138,6 +145,47 @@ def table_md(results: dict) -> str:
                          f"{ratio('forget'):.2f} | {ratio('retain'):.2f} | {row['seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def fid_ratios(results: dict, kind: str) -> dict[str, dict[str, np.ndarray]]:
+    """{row: {"retain", "forget": FID / the original's FID, per seed}} under mask ``kind``."""
+    orig = results["rows"]["original"]["per_seed"]
+    return {name: {s: np.array([seed[kind][s]["fid"] / max(o[kind][s]["fid"], 1e-12)
+                                for seed, o in zip(row["per_seed"], orig, strict=True)]) for s in ("retain", "forget")}
+            for name, row in results["rows"].items() if name != "original"}
+
+
+def tradeoff_plot(path: str, results: dict, kind: str) -> None:
+    """Forget FID against retain FID, both over the original's (mean and sd over seeds): one curve per
+    method over its alphas, and the target region (forget >= 2x, retain within 10%) shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = fid_ratios(results, kind)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    families: dict[tuple, list[str]] = {}
+    for name, row in results["rows"].items():
+        if name != "original":
+            families.setdefault((row["method"], row["retain"]), []).append(name)
+    for (method, retain), names in families.items():
+        names = sorted(names, key=lambda n: results["rows"][n]["alpha"])
+        x = [ratios[n]["retain"].mean() for n in names]
+        y = [ratios[n]["forget"].mean() for n in names]
+        label = method + (", proxy retain" if retain == "proxy" else "")
+        ax.errorbar(x, y, xerr=[ratios[n]["retain"].std() for n in names],
+                    yerr=[ratios[n]["forget"].std() for n in names], marker="o", ms=4, capsize=2, label=label)
+        for n, xi, yi in zip(names, x, y):
+            ax.annotate(f"{results['rows'][n]['alpha']:g}", (xi, yi), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.fill_between([min(ax.get_xlim()[0], 1.0), 1.1], 2.0, max(ax.get_ylim()[1], 2.1), color="tab:green",
+                    alpha=0.12, label="target")
+    ax.set(xlabel="retain FID / original's (lower is better)", ylabel="forget FID / original's (higher is better)",
+           title=f"{results['data']}, {kind} mask: the trade-off of each method over alpha")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def sample_png(path: str, sets, shown: dict, kind: str, grid, mask_config) -> None:
@@ -224,7 +272,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 shown[name] = figures
             per_seed.append(saved["metrics"])
             seconds.append(saved["seconds"])
-        rows[name] = {"metrics": summarize(per_seed), "seconds": float(np.mean(seconds)), "per_seed": per_seed}
+        rows[name] = {"method": unlearn_config.method if unlearn_config else "original",
+                      "alpha": unlearn_config.alpha if unlearn_config else None, "retain": retain_source,
+                      "metrics": summarize(per_seed), "seconds": float(np.mean(seconds)), "per_seed": per_seed}
         first = rows[name]["metrics"][config.eval.masks[0]]
         print(f"{name}: retain FID {first['retain']['fid']['mean']:.2f}, forget FID {first['forget']['fid']['mean']:.2f}",
               flush=True)
@@ -236,6 +286,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         experiment.write_results(workdir, results, table_md(results))
         for kind in config.eval.masks:
             sample_png(os.path.join(workdir, f"samples_{kind}.png"), sets, shown, kind, generator.grid, mask_config)
+            tradeoff_plot(os.path.join(workdir, f"tradeoff_{kind}.png"), results, kind)
         ours = [n for n in shown if n.startswith("ours (")]
         if config.eval.tsne_points and ours:
             picked = {n: {s: shown[n][f"features/{s}"] for s in sets} for n in ("original", ours[len(ours) // 2])}

@@ -36,8 +36,39 @@ def test_smoke_run_reports_every_row_with_finite_metrics(finished):
             cells = row["metrics"]["center"][group]
             assert all(np.isfinite(cells[m]["mean"]) for m in ("fid", "is", "cosine"))
             assert -1 <= cells["cosine"]["mean"] <= 1 and cells["is"]["mean"] >= 1 - 1e-9
-    assert {"results.json", "results.md", "samples_center.png", "tsne.png", "generator"} <= {p.name for p in workdir.iterdir()}
+    assert {"results.json", "results.md", "samples_center.png", "tradeoff_center.png", "tsne.png",
+            "generator"} <= {p.name for p in workdir.iterdir()}
     assert json.loads((workdir / "results.json").read_text())["masks"] == ["center"]
+    assert results["rows"]["noisy_label"]["method"] == "noisy_label" and results["rows"]["noisy_label"]["alpha"] == 0.2
+    assert results["rows"]["original"]["method"] == "original"
+
+
+def test_baseline_alphas_give_each_baseline_a_row_per_alpha():
+    config = load_config("configs/generative_unlearning.py:smoke",
+                         {**DIGITS, "baselines": ("noisy_label", "max_loss"), "baseline_alphas": (0.1, 0.5)})
+    rows = {name: (c.method, c.alpha) if c else None for name, c, _ in generative_unlearning.method_rows(config)}
+    assert rows["noisy_label (alpha 0.1)"] == ("noisy_label", 0.1) and rows["max_loss (alpha 0.5)"] == ("max_loss", 0.5)
+    assert "noisy_label" not in rows and len(rows) == 1 + 1 + 1 + 2 * 2  # original, ours, proxy, 2 x 2 baselines
+
+
+def test_fid_ratios_are_per_seed_over_the_original_and_the_tradeoff_plot_is_written(tmp_path):
+    def seeds(*pairs):  # per seed (retain FID, forget FID)
+        return [{"center": {"retain": {"fid": r}, "forget": {"fid": f}}} for r, f in pairs]
+    rows = {"original": {"method": "original", "alpha": None, "retain": "classes", "per_seed": seeds((10, 20), (20, 40))},
+            "ours (alpha 0.2)": {"method": "ours", "alpha": 0.2, "retain": "classes",
+                                 "per_seed": seeds((11, 60), (22, 100))},
+            "noisy_label (alpha 0.1)": {"method": "noisy_label", "alpha": 0.1, "retain": "classes",
+                                        "per_seed": seeds((12, 30), (20, 40))},
+            "noisy_label (alpha 0.5)": {"method": "noisy_label", "alpha": 0.5, "retain": "classes",
+                                        "per_seed": seeds((15, 50), (30, 80))}}
+    results = {"data": "digits", "rows": rows}
+    ratios = generative_unlearning.fid_ratios(results, "center")
+    np.testing.assert_allclose(ratios["ours (alpha 0.2)"]["retain"], [1.1, 1.1])
+    np.testing.assert_allclose(ratios["ours (alpha 0.2)"]["forget"], [3.0, 2.5])
+    np.testing.assert_allclose(ratios["noisy_label (alpha 0.5)"]["forget"], [2.5, 2.0])
+    assert "original" not in ratios
+    generative_unlearning.tradeoff_plot(str(tmp_path / "t.png"), results, "center")
+    assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
 def test_a_rerun_reads_finished_rows_instead_of_unlearning_again(finished, monkeypatch):
@@ -58,6 +89,7 @@ def test_a_rerun_reads_finished_rows_instead_of_unlearning_again(finished, monke
     ({"forget_classes": (0, 5)}, "forget_classes"),
     ({"generator.model.patch_size": 0}, "generator.model.patch_size"),
     ({"proxy.name": "imagenet"}, "proxy.name"),
+    ({"baseline_alphas": (0.1, -1.0)}, "baseline_alphas"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, key):
     config = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, **override})

@@ -87,12 +87,23 @@ OTHERS = [("resnet20", {}), ("mobilenet_v2", {"width_multiplier": 0.25}),
           ("vit_tiny", {"patch_size": 4, "depth": 1})]
 
 
+@pytest.fixture(scope="module")
+def other_classifiers():
+    """One build of each of OTHERS, shared by the proxies (which leave a model unchanged, see above)."""
+    built = {}
+
+    def get(model_name, kwargs):
+        if model_name not in built:
+            built[model_name] = build_model(model_name, num_classes=10, input_shape=(8, 8, 3), rngs=nnx.Rngs(0),
+                                            **kwargs)
+        return built[model_name]
+    return get
+
+
 @pytest.mark.parametrize("model_name,kwargs", OTHERS)
 @pytest.mark.parametrize("name", ["naswot", "zen", "zico"])
-def test_proxies_run_on_other_classifiers(model_name, kwargs, name):
-    model = build_model(model_name, num_classes=10, input_shape=(8, 8, 3), rngs=nnx.Rngs(0),
-                        **kwargs)
-    assert np.isfinite(_run(name, model, _batch()))
+def test_proxies_run_on_other_classifiers(other_classifiers, model_name, kwargs, name):
+    assert np.isfinite(_run(name, other_classifiers(model_name, kwargs), _batch()))
 
 
 @pytest.mark.slow

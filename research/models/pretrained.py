@@ -49,7 +49,8 @@ def load_llama(spec: LlamaSource, *, seed: int = 0, default_cache_root: str = ""
 
     overrides = dict(dtype=spec.dtype, attention_impl=spec.attention_impl)
     if spec.source == "random":
-        tokenizer = tokenizer_from_gguf(spec.tokenizer_path or smollm2_gguf_path())
+        tokenizer = tokenizer_from_gguf(spec.tokenizer_path or smollm2_gguf_path(), cache_dir=os.path.join(
+            default_cache_root, "llama", "tokenizers") if default_cache_root else "")
         small = LlamaConfig(vocab_size=tokenizer.vocab_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                             head_dim=16, mlp_dim=128, **overrides)
         return small, Llama(small, rngs=nnx.Rngs(seed)), tokenizer
@@ -86,7 +87,11 @@ def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", t
     tokenizer_path = tokenizer_path or path
     if source == "converted" and tokenizer_path == path:
         raise ValueError("a converted model needs tokenizer_path (the GGUF file or HF directory it came from)")
-    tokenizer = tokenizer_from_gguf(tokenizer_path) if tokenizer_path.endswith(".gguf") else tokenizer_from_hf(tokenizer_path)
+    if tokenizer_path.endswith(".gguf"):  # kept beside the converted model's copy, when there is one
+        tokenizer_cache = os.path.join(os.path.dirname(os.path.normpath(cache_dir)), "tokenizers") if cache_dir else ""
+        tokenizer = tokenizer_from_gguf(tokenizer_path, cache_dir=tokenizer_cache)
+    else:
+        tokenizer = tokenizer_from_hf(tokenizer_path)
 
     if source == "converted":
         config, model = load_converted(path, **overrides)

@@ -1,6 +1,7 @@
 """Text <-> token ids for the language models, on the ``tokenizers`` library.
 
     tok = tokenizer_from_gguf(smollm2_gguf_path())       # or tokenizer_from_hf(directory)
+    tok = tokenizer_from_gguf(path, cache_dir=DIR)       # parsed once per file, then read from DIR
     ids = tok.encode("The capital of Germany is")       # list[int], no BOS unless add_bos=True
     tok.decode(ids)                                      # -> "The capital of Germany is"
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 
 # GPT-2's split, used by ByteLevel(use_regex=True):
@@ -73,9 +76,52 @@ def _pre_tokenizer(name: str | None, path: str):
     raise ValueError(f"{path}: tokenizer.ggml.pre {name!r} is unsupported; supported: {', '.join(SUPPORTED_PRE)}")
 
 
-def tokenizer_from_gguf(source) -> Tokenizer:
+def tokenizer_from_gguf(source, cache_dir: str = "") -> Tokenizer:
     """The byte-level BPE tokenizer described by a GGUF's ``tokenizer.ggml.*`` metadata; ``source``
-    is a path or an open ``gguf.GGUFReader``."""
+    is a path or an open ``gguf.GGUFReader``. With ``cache_dir`` and a path, the tokenizer is kept
+    there per GGUF file (by name, size and modification time) and later calls read it instead of
+    parsing the file's metadata, which takes 4-10 s for SmolLM2's 49,152 tokens and merges."""
+    cached = _cache_folder(source, cache_dir)
+    if cached and os.path.isdir(cached):
+        return _load_cached(cached)
+    tokenizer = _parse_gguf_tokenizer(source)
+    if cached:
+        _save_cached(tokenizer, cached)
+    return tokenizer
+
+
+def _cache_folder(source, cache_dir: str) -> str:
+    if not cache_dir or not isinstance(source, (str, os.PathLike)) or not os.path.exists(source):
+        return ""
+    stat = os.stat(source)
+    name = os.path.splitext(os.path.basename(os.fspath(source)))[0]
+    return os.path.join(cache_dir, f"{name}-{stat.st_size}-{stat.st_mtime_ns}")
+
+
+def _save_cached(tokenizer: Tokenizer, folder: str) -> None:
+    """Written whole or not at all: a temporary folder renamed into place (another process may win)."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp-tokenizer-")
+    tokenizer.backend.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "special_ids.json"), "w") as f:
+        json.dump({"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+                   "source": tokenizer.source}, f)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # the folder exists: another process cached the same file first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cached(folder: str) -> Tokenizer:
+    from tokenizers import Tokenizer as Backend
+
+    with open(os.path.join(folder, "special_ids.json")) as f:
+        ids = json.load(f)
+    return Tokenizer(Backend.from_file(os.path.join(folder, "tokenizer.json")), bos_id=ids["bos_id"],
+                     eos_id=ids["eos_id"], pad_id=ids["pad_id"], source=ids["source"])
+
+
+def _parse_gguf_tokenizer(source) -> Tokenizer:
     from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
 
     from research.models.llama_gguf import open_gguf

@@ -96,6 +96,28 @@ def test_tokenizer_round_trip_and_smollm_digits(tokenizer):
     assert [tokenizer.token(i) for i in tokenizer.encode("a  12")] == ["a", "ĠĠ", "1", "2"]
 
 
+def test_cached_tokenizer_equals_the_parsed_one_and_is_read_without_the_gguf(gguf_path, tokenizer, tmp_path,
+                                                                             monkeypatch):
+    from research.models import llama_gguf
+    from research.models.tokenizer import tokenizer_from_gguf
+
+    first = tokenizer_from_gguf(gguf_path, cache_dir=str(tmp_path))  # parses the file and writes the cache
+    (folder,) = os.listdir(tmp_path)  # one folder per file, no temporary folder left behind
+    assert folder.startswith(os.path.splitext(os.path.basename(gguf_path))[0] + "-")
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the GGUF was parsed again")
+    monkeypatch.setattr(llama_gguf, "open_gguf", no_parsing)
+    cached = tokenizer_from_gguf(gguf_path, cache_dir=str(tmp_path))
+    for tok in (first, cached):
+        for s in STRINGS + ["a  12", "<|im_start|>user\nhi<|im_end|>"]:
+            assert tok.encode(s) == tokenizer.encode(s), s
+            assert tok.decode(tok.encode(s)) == s
+        assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (tokenizer.bos_id, tokenizer.eos_id,
+                                                                         tokenizer.pad_id, tokenizer.vocab_size)
+        assert tok.source == gguf_path
+
+
 def test_greedy_continuation_berlin(smollm, tokenizer):
     prompt = tokenizer.encode("The capital of Germany is")
     steps = 4

@@ -47,7 +47,7 @@ def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
 
 
 def test_imagenet_backbone_with_a_frozen_prefix_a_fresh_head_and_lora_on_the_tails_pointwise_convolutions(
-        tmp_path, skip_without_imagenet_weights_or_data):
+        tmp_path, skip_without_imagenet_weights_or_data, monkeypatch):
     """The `cifar10_160` preset's model, without its stream (that runs as the slow test below)."""
     from research.adapters import lora
     from research.core.mesh import make_mesh
@@ -55,8 +55,11 @@ def test_imagenet_backbone_with_a_frozen_prefix_a_fresh_head_and_lora_on_the_tai
 
     config = load_config("configs/online_lora.py:cifar10_160,smoke", {"methods": ("online_lora",)})
     skip_without_imagenet_weights_or_data(config)
-    backbone = online_lora.make_backbone(config, make_mesh(), str(tmp_path), 10, (32, 32, 3))
-    assert backbone.info["source"] == "imagenet" and not os.listdir(tmp_path)  # no pre-training stage
+    monkeypatch.setenv("RESEARCH_CACHE_DIR", str(tmp_path / "cache"))  # where the prefix features are kept
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    backbone = online_lora.make_backbone(config, make_mesh(), str(workdir), 10, (32, 32, 3))
+    assert backbone.info["source"] == "imagenet" and not os.listdir(workdir)  # no pre-training stage
     model = backbone.new_model()
     assert isinstance(model, effnet.EfficientNetTail) and model.start == 11 and len(model.blocks) == 5
     torch_state = effnet.pretrained_state_dict()
@@ -66,9 +69,15 @@ def test_imagenet_backbone_with_a_frozen_prefix_a_fresh_head_and_lora_on_the_tai
     assert model.head.kernel.shape == (1280, 10)
     np.testing.assert_array_equal(model.head.kernel[...], backbone.new_model().head.kernel[...])  # one head for all
     # The prefix runs once per image: 32 px -> stride 16 after block 10, 112 channels
-    features = backbone.encode(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8))
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)
+    features = backbone.encode(images)
     assert features.shape == (3, 2, 2, 112) and features.dtype == np.float32
     assert np.isfinite(model(backbone.preprocess(features))).all()
+    # Kept per set of images: the same images are read back, other images are encoded anew
+    (cached,) = (tmp_path / "cache" / "online_lora_prefix").iterdir()
+    np.save(cached, features + 1.0)
+    np.testing.assert_array_equal(backbone.encode(images), features + 1.0)
+    np.testing.assert_allclose(backbone.encode(images[:2]), features[:2], rtol=1e-5, atol=1e-5)  # another program
 
     def layers(kind):
         return {path: m for path, m in nnx.iter_graph(model) if isinstance(m, kind)}

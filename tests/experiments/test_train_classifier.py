@@ -65,7 +65,7 @@ def test_a_data_dir_that_does_not_exist_never_falls_back_to_the_environment(tmp_
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {"RESEARCH_DATA_DIR": str(tmp_path / "env_data")}
-    common = ["--config.data.name=cifar10_sample", "--config.data.source=auto"]
+    common = ["--config.data.name=cifar10_sample", "--config.data.source=auto", "--config.model.name=mlp"]  # mlp: the data path is what is tested
     for data_dir, message in ((tmp_path / "nonexistent", f"error: data.data_dir '{tmp_path / 'nonexistent'}' does not exist"),
                               (empty, f"error: cifar10_sample: cifar/cifar10_subset.npz not found under {empty}")):
         proc = run_cli(*common, f"--config.data.data_dir={data_dir}", "--workdir", str(tmp_path / "run"), env=env)

@@ -133,12 +133,13 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
     size = config.data.image_size
     shape = (size, size, input_shape[-1]) if size else tuple(input_shape)
 
-    def build(seed: int, classes: int, shape_=shape):
-        return build_from_config(config.model, num_classes=classes, input_shape=shape_, rngs=nnx.Rngs(seed))
+    def build(seed: int, classes: int, shape_=shape, **builder_kwargs):
+        return build_from_config(config.model, num_classes=classes, input_shape=shape_, rngs=nnx.Rngs(seed),
+                                 **builder_kwargs)
 
     encode = None
     if config.backbone.source == "imagenet":
-        reference = build(config.seed, num_classes)
+        reference = build(config.seed, num_classes, conv_init=effnet.placeholder_init)  # the weights overwrite them
         effnet.load_pretrained(reference, config.backbone.weights, include_head=False)
         pretrained = nnx.state(reference)
 

@@ -132,7 +132,8 @@ def model_input_shape(config, stored_shape) -> tuple[int, int, int]:
 def imagenet_backbone(config, input_shape):
     """EfficientNet-Lite0's ImageNet weights (DATA.md): (state without the head, preprocess, info)."""
     # Any class count: the head is dropped, the model at w_init gets a fresh one for D's classes.
-    model = build_from_config(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(config.seeds[0]))
+    model = build_from_config(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(config.seeds[0]),
+                              conv_init=effnet.placeholder_init)
     t0 = time.perf_counter()
     effnet.load_pretrained(model, config.backbone.weights, include_head=False)
     state = nnx.state(model).filter(nnx.Not(nnx.PathContains("head")))

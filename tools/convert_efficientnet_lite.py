@@ -31,7 +31,7 @@ from research.models import efficientnet_lite as effnet
 
 def convert(out: str, *, state_dict_path: str | None = None, force: bool = False) -> nnx.State:
     """Load the torch state dict into a 1000-class model and save its Params + BatchStats at ``out``."""
-    model = effnet.imagenet_model()
+    model = effnet.imagenet_model(conv_init=effnet.placeholder_init)  # every tensor is loaded next
     effnet.load_torch_state_dict(model, effnet.pretrained_state_dict(state_dict_path))
     state = nnx.state(model, effnet.STORED)
     checkpointer = ocp.StandardCheckpointer()
@@ -56,7 +56,7 @@ def main() -> None:
           f"in {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
-    model = effnet.imagenet_model()
+    model = effnet.imagenet_model(conv_init=effnet.placeholder_init)  # every tensor is loaded next
     effnet.restore_converted(model, args.out)
     restored = nnx.state(model, effnet.STORED)
     equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state, restored)

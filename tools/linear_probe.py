@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in sizes:
         model = build_model("efficientnet_lite0", num_classes=train.num_classes, input_shape=(size, size, 3),
-                            rngs=nnx.Rngs(0))
+                            rngs=nnx.Rngs(0), conv_init=effnet.placeholder_init)
         try:
             effnet.load_pretrained(model, args.weights, include_head=False)
         except FileNotFoundError as e:

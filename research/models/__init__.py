@@ -85,14 +85,15 @@ _AUTOMATIC_WHEN_ZERO = ("patch_size", "depth")
 
 
 def build_from_config(model_config: ModelConfig | Mapping, *, num_classes: int, input_shape: tuple[int, int, int],
-                      rngs: nnx.Rngs) -> nnx.Module:
-    """Build the model a ``model`` section names (a `ModelConfig` or a config section made from one)."""
+                      rngs: nnx.Rngs, **builder_kwargs) -> nnx.Module:
+    """Build the model a ``model`` section names (a `ModelConfig` or a config section made from one);
+    ``builder_kwargs`` are the builder's own arguments that no config holds (e.g. ``conv_init``)."""
     if not isinstance(model_config, ModelConfig):
         model_config = config_lib.build(ModelConfig, model_config)
     kwargs = {k: getattr(model_config, k) for k in model_options(model_config.name) if hasattr(model_config, k)}
     kwargs.update({k: None for k in _AUTOMATIC_WHEN_ZERO if kwargs.get(k) == 0})
     return build_model(model_config.name, num_classes=num_classes, input_shape=input_shape, rngs=rngs,
-                       dtype=COMPUTE_DTYPES[model_config.dtype], **kwargs)
+                       dtype=COMPUTE_DTYPES[model_config.dtype], **kwargs, **builder_kwargs)
 
 
 __all__ = ["COMPUTE_DTYPES", "MODEL_NAMES", "ModelConfig", "build_from_config", "build_model", "model_options"]

@@ -50,19 +50,20 @@ class ConvBN(nnx.Module):
 
     (N, H, W, in) -> (N, H/s, W/s, out).
 
-    ``groups == in_ch`` makes it depthwise (kernel shape (k, k, 1, out)).
+    ``groups == in_ch`` makes it depthwise (kernel shape (k, k, 1, out)). ``kernel_init`` defaults
+    to He normal (fan out), as the reference.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, *, groups: int = 1,
                  activation: bool = True, padding=None, bn_momentum: float = BN_MOMENTUM,
-                 bn_epsilon: float = BN_EPSILON, dtype, rngs: nnx.Rngs):
+                 bn_epsilon: float = BN_EPSILON, kernel_init=None, dtype, rngs: nnx.Rngs):
         if padding is None:  # symmetric, PyTorch-style (see resnet.conv)
             padding = ((kernel // 2, kernel // 2),) * 2
         sharding = DEPTHWISE_SHARDING if groups > 1 else CONV_SHARDING
         self.conv = nnx.Conv(
             in_ch, out_ch, (kernel, kernel), strides=stride, padding=padding,
             feature_group_count=groups, use_bias=False,
-            kernel_init=logical(_conv_init, sharding),
+            kernel_init=logical(kernel_init or _conv_init, sharding),
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
         self.bn = nnx.BatchNorm(out_ch, momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype,

@@ -34,7 +34,7 @@ class FeatureExtractor:
     ``batch_size``: ((N, 1280) float64 features, (N, 1000) float64 logits)."""
 
     def __init__(self, image_size: int = 64, weights: str = "", batch_size: int = 250):
-        model = effnet.imagenet_model()
+        model = effnet.imagenet_model(conv_init=effnet.placeholder_init)
         effnet.load_pretrained(model, weights, include_head=True)
         model.eval()
         self.graphdef, self.state = nnx.split(model)

@@ -4,16 +4,21 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from research.models.generate import generate, sample_tokens
 from tests.models.tiny_llama import random_llama
 
 
-def greedy_without_cache(model, prompt, steps):
+def greedy_without_cache(model, prompt, steps, length=16):
+    """Greedy decoding that runs the whole sequence through the model at every step. The sequence is
+    right-padded to ``length`` (one compiled shape): causal attention keeps the padding invisible to
+    the last real position, whose logits pick the next token."""
+    forward = nnx.jit(lambda m, t: m(t)[0])
     tokens = list(prompt)
     for _ in range(steps):
-        logits, _ = model(jnp.asarray([tokens]))
-        tokens.append(int(jnp.argmax(logits[0, -1])))
+        logits = forward(model, jnp.asarray([tokens + [0] * (length - len(tokens))]))
+        tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
     return tokens[len(prompt):]
 
 

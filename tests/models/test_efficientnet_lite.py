@@ -159,7 +159,7 @@ def test_pretrained_logits_match_torch(imagenet_model, torch_state):
 
 
 def test_include_head_false_keeps_head(torch_state):
-    model = _build(10)
+    model = _build(10, conv_init=effnet.placeholder_init)
     head = jax.tree.map(np.asarray, nnx.state(model.head))
     effnet.load_torch_state_dict(model, torch_state, include_head=False)
     model.eval()
@@ -187,7 +187,7 @@ def test_converted_checkpoint_loads_the_same_weights_without_torch(tmp_path, tor
     keys = lambda m: jax.tree.map(jax.random.key_data, nnx.state(m, nnx.RngKey))
     jax.tree.map(np.testing.assert_array_equal, keys(from_orbax), keys(from_torch))
     with pytest.raises(ValueError, match="1000-class head"):
-        effnet.load_pretrained(_build(10), tmp_path / "lite0", include_head=True)
+        effnet.load_pretrained(_build(10, conv_init=effnet.placeholder_init), tmp_path / "lite0", include_head=True)
 
 
 def test_loader_errors_name_key_and_shapes(imagenet_model, torch_state):
@@ -235,7 +235,7 @@ def test_pretrained_features_separate_real_cifar10(torch_state):
 
     (x_train, y_train), (x_test, y_test) = (per_class(z["x_train"], z["y_train"]),
                                             per_class(z["x_test"], z["y_test"]))
-    model = _build(10, (96, 96, 3))
+    model = _build(10, (96, 96, 3), conv_init=effnet.placeholder_init)
     effnet.load_torch_state_dict(model, torch_state, include_head=False)
     model.eval()
 

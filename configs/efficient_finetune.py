@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.train_limit = 256
         for stage in (c.pretrain, c.finetune):
             stage.train.update(batch_size=32, eval_batch_size=64, epochs=0, steps=4, log_every=2,
-                               checkpoint_every=2, progress=False)
+                               checkpoint_every=0, progress=False)  # 0: only the final checkpoint
         c.measure.repeats = 1
         c.model.width_multiplier = 0.25 if c.model.name == "mobilenet_v2" else c.model.width_multiplier
         c.model.depth = 2 if c.model.name.startswith("vit") else c.model.depth

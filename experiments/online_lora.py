@@ -56,7 +56,7 @@ from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
 from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
 from research.core.optim import OptimConfig  # noqa: E402
-from research.core.records import MetricWriter, write_json_atomic  # noqa: E402
+from research.core.records import MetricWriter, write_json_atomic, write_npy_atomic  # noqa: E402
 from research.data import pipeline, sources, streams  # noqa: E402
 from research.data.augment import make_preprocess, normalize, resize  # noqa: E402
 from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config  # noqa: E402
@@ -209,11 +209,7 @@ def prefix_encoder(model: nnx.Module, blocks: int, preprocess: Callable, config,
         if os.path.exists(path):
             return np.load(path)
         out = compute(images)
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, out)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        write_npy_atomic(path, out)
         return out
     return encode
 

@@ -35,7 +35,7 @@ from research.core import cli, experiment
 from research.core import config as cfg
 from research.core.classify import ClassifierTrainConfig, fit_classifier
 from research.core.optim import OptimConfig
-from research.core.records import write_json_atomic
+from research.core.records import write_json_atomic, write_npz_atomic
 from research.data import pipeline, sources
 from research.data.augment import make_preprocess, normalize, resize
 from research.models import ModelConfig, build_from_config, filters
@@ -197,9 +197,7 @@ def trained_params(init: Unlearnable, train, recipe: TrainRecipe, path: str, see
     t0 = time.perf_counter()
     params = fit(init, train, recipe, seed=seed, progress=progress, desc="train on D")
     seconds = time.perf_counter() - t0
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, theta=np.asarray(ravel_pytree(params)[0]), signature=np.asarray(signature))
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written file
+    write_npz_atomic(path, theta=np.asarray(ravel_pytree(params)[0]), signature=np.asarray(signature))
     return params, seconds
 
 

@@ -12,21 +12,41 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import IO
 
 import jax
 import numpy as np
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON to a temporary file in the same directory and renames it over `path`."""
+def _write_atomic(path: str, mode: str, write: Callable[[IO], object]) -> None:
+    """``write(f)`` into a temporary file in the same directory, then rename it over ``path``: a
+    reader, or a run resumed after a kill, never sees half a file (a failed write leaves no trace)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_to_builtin)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """``obj`` as indented JSON at ``path``, written atomically (numpy and jax scalars and arrays allowed)."""
+    _write_atomic(path, "w", lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True, default=_to_builtin) + "\n"))
+
+
+def write_npy_atomic(path: str, array: np.ndarray) -> None:
+    """``np.save`` of ``array`` at ``path`` (no suffix added), written atomically."""
+    _write_atomic(path, "wb", lambda f: np.save(f, array))
+
+
+def write_npz_atomic(path: str, **arrays) -> None:
+    """``np.savez`` of ``arrays`` at ``path`` (no suffix added), written atomically."""
+    _write_atomic(path, "wb", lambda f: np.savez(f, **arrays))
 
 
 def _to_builtin(x):

@@ -3,9 +3,11 @@ import json
 import os
 
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from research.core.records import MetricWriter, image_grid, plot_curves, write_json_atomic
+from research.core.records import (MetricWriter, image_grid, plot_curves, write_json_atomic, write_npy_atomic,
+                                   write_npz_atomic)
 
 
 def test_scalars_and_images_are_readable_by_tensorboard(tmp_path):
@@ -33,3 +35,16 @@ def test_json_is_replaced_atomically_and_plots_are_written(tmp_path):
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
     plot_curves({"train/loss": [(1, 1.0), (2, 0.5)], "test/accuracy": [(2, 0.9)]}, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_arrays_are_written_atomically_and_a_failed_write_keeps_the_old_file(tmp_path):
+    write_npy_atomic(str(tmp_path / "a.npy"), np.arange(3.0))
+    write_npz_atomic(str(tmp_path / "b.npz"), theta=np.ones(2), signature=np.asarray("s"))
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.arange(3.0))
+    with np.load(tmp_path / "b.npz") as saved:
+        assert str(saved["signature"]) == "s" and saved["theta"].tolist() == [1.0, 1.0]
+    write_json_atomic(str(tmp_path / "results.json"), {"a": 1})
+    with pytest.raises(TypeError):  # not JSON serialisable: fails inside the write
+        write_json_atomic(str(tmp_path / "results.json"), {"a": object()})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
+    assert sorted(os.listdir(tmp_path)) == ["a.npy", "b.npz", "results.json"]  # no temporary file left

@@ -133,6 +133,13 @@ class MBConv(nnx.Module):
         return x + y if self.use_residual else y
 
 
+def pooled_features(blocks, last_conv: MobileNetConvBN, x: jax.Array) -> jax.Array:
+    """(N, h, w, c) feature map -> ``blocks`` in order, ``last_conv``, global average pool: (N, 1280)."""
+    for block in blocks:
+        x = block(x)
+    return jnp.mean(last_conv(x), axis=(1, 2))
+
+
 class EfficientNetLite(nnx.Module):
     """EfficientNet-Lite0 classifier. Input (N, H, W, C) float, output (N, num_classes) float32 logits.
 
@@ -170,9 +177,7 @@ class EfficientNetLite(nnx.Module):
     def from_block(self, x: jax.Array, start: int) -> jax.Array:
         """The feature map ``prefix(images, start)`` -> pooled features (N, 1280): ``blocks[start:]``,
         ``last_conv`` and global average pooling."""
-        for block in self.blocks[start:]:
-            x = block(x)
-        return jnp.mean(self.last_conv(x), axis=(1, 2))
+        return pooled_features(self.blocks[start:], self.last_conv, x)
 
     def features(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) -> pooled features (N, 1280), before dropout and ``head``."""
@@ -204,10 +209,7 @@ class EfficientNetTail(nnx.Module):
 
     def embedding(self, x: jax.Array) -> jax.Array:
         """(N, h, w, c) prefix features -> the head's input (N, 1280)."""
-        x = x.astype(self.dtype)
-        for block in self.blocks:
-            x = block(x)
-        return jnp.mean(self.last_conv(x), axis=(1, 2))
+        return pooled_features(self.blocks, self.last_conv, x.astype(self.dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.dropout(self.embedding(x))).astype(jnp.float32)

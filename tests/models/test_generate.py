@@ -10,14 +10,16 @@ from research.models.generate import generate, sample_tokens
 from tests.models.tiny_llama import random_llama
 
 
+_logits = nnx.jit(lambda m, t: m(t)[0])  # one program for every prompt and step of the reference
+
+
 def greedy_without_cache(model, prompt, steps, length=16):
     """Greedy decoding that runs the whole sequence through the model at every step. The sequence is
     right-padded to ``length`` (one compiled shape): causal attention keeps the padding invisible to
     the last real position, whose logits pick the next token."""
-    forward = nnx.jit(lambda m, t: m(t)[0])
     tokens = list(prompt)
     for _ in range(steps):
-        logits = forward(model, jnp.asarray([tokens + [0] * (length - len(tokens))]))
+        logits = _logits(model, jnp.asarray([tokens + [0] * (length - len(tokens))]))
         tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
     return tokens[len(prompt):]
 

@@ -13,7 +13,8 @@
 Writes to DIR: config.json, results.json (per row and mask: mean and sd over seeds), results.md,
 samples_MASK.png (columns: retain then forget test images; rows: original, masked input, each
 method's output), tradeoff_MASK.png (forget against retain FID over the original's, per method over
-its alphas), tsne.png (2-D embedding of the generated images, original vs ours) and rows/.
+its alphas), tsne.png (2-D embedding of the generated images, original vs ours) and rows/ (one
+record per seed and row, with the settings it was made with: a changed setting is recomputed).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from research.core import cli, experiment
 from research.core import config as cfg
 from research.core.classify import ClassifierTrainConfig
 from research.core.optim import OptimConfig
-from research.core.records import image_grid, write_json_atomic, write_png
+from research.core.records import image_grid, write_json_atomic, write_npz_atomic, write_png
 from research.data import pipeline
 from research.models import mae
 from research.models.mae import MAEConfig, MaskConfig
@@ -101,6 +102,32 @@ def method_rows(config) -> list[tuple[str, GenerativeUnlearnConfig | None, str]]
         else:
             rows.append((name, dataclasses.replace(base, method=name), "classes"))
     return rows
+
+
+def row_signature(config, unlearn_config: GenerativeUnlearnConfig | None, retain_source: str) -> dict:
+    """Everything that shapes one (seed, row) record besides the seed: the generator, the row's
+    unlearning config and retain set, the classes and the evaluation. A saved row is reused only
+    when its signature equals this one, so a changed setting is recomputed, never read stale."""
+    generator = config.generator.to_dict()
+    generator["train"] = {k: v for k, v in generator["train"].items() if k not in ("progress", "log_every")}
+    signature = {"generator": generator, "forget_classes": config.forget_classes,
+                 "retain_classes": config.retain_classes, "eval": config.eval.to_dict(),
+                 "unlearn": dataclasses.asdict(unlearn_config) if unlearn_config else None,
+                 "retain": retain_source, "proxy": config.proxy.name if retain_source == "proxy" else None}
+    return json.loads(json.dumps(signature))  # tuples as lists, as they read back from the record
+
+
+def saved_row(record: str, signature: dict) -> tuple[dict, dict] | None:
+    """(saved record, figures) of a finished row whose signature matches, else None."""
+    if not os.path.exists(record + ".json"):
+        return None
+    with open(record + ".json") as f:
+        saved = json.load(f)
+    if saved.get("signature") != signature:
+        print(f"{os.path.basename(record)}: settings changed since it was saved; recomputing", flush=True)
+        return None
+    with np.load(record + ".npz") as npz:
+        return saved, dict(npz)
 
 
 def evaluate_row(model, sets, originals, extractor, config, mask_config) -> tuple[dict, dict]:
@@ -248,13 +275,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows, shown = {}, {}
     for name, unlearn_config, retain_source in method_rows(config):
         per_seed, seconds = [], []
+        signature = row_signature(config, unlearn_config, retain_source)
         for seed in config.seeds:
             record = os.path.join(workdir, "rows", f"seed{seed}_" + "".join(c if c.isalnum() else "_" for c in name))
-            if os.path.exists(record + ".json"):  # finished before: resume
-                with open(record + ".json") as f:
-                    saved = json.load(f)
-                with np.load(record + ".npz") as npz:
-                    figures = dict(npz)
+            reused = saved_row(record, signature)
+            if reused:
+                saved, figures = reused
             else:
                 if unlearn_config is None:
                     model, took = generator, 0.0
@@ -264,9 +290,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                 seed=seed, progress=config.progress, desc=name)
                     model, took = result.model, result.seconds
                 metrics, figures = evaluate_row(model, sets, originals, extractor, config, mask_config)
-                saved = {"metrics": metrics, "seconds": took}
-                if experiment.main_process():
-                    np.savez(record + ".npz", **figures)
+                saved = {"metrics": metrics, "seconds": took, "signature": signature}
+                if experiment.main_process():  # the figures first: the JSON marks the row finished
+                    write_npz_atomic(record + ".npz", **figures)
                     write_json_atomic(record + ".json", saved)
             if seed == config.seeds[0]:
                 shown[name] = figures

@@ -1,6 +1,7 @@
 """The generative-unlearning experiment end to end (smoke config on the digits): every row, the
 figures, resuming from finished rows, and its config errors."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -80,6 +81,38 @@ def test_a_rerun_reads_finished_rows_instead_of_unlearning_again(finished, monke
     again = generative_unlearning.main(load_config("configs/generative_unlearning.py:smoke", DIGITS), str(workdir))
     assert again["rows"].keys() == results["rows"].keys()
     assert again["rows"]["max_loss"]["metrics"] == results["rows"]["max_loss"]["metrics"]
+
+
+def test_a_row_saved_with_other_settings_is_recomputed_and_the_others_are_reused(finished, tmp_path, monkeypatch):
+    workdir, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    record = run / "rows" / "seed0_noisy_label.json"
+    saved = json.loads(record.read_text())
+    saved["signature"]["unlearn"]["steps"] += 1  # as if saved by a run with other settings
+    record.write_text(json.dumps(saved))
+
+    class Recomputed(Exception):
+        pass
+
+    def unlearn(generator, retain, forget, unlearn_config, *args, **kwargs):
+        raise Recomputed(unlearn_config.method)
+    monkeypatch.setattr(generative, "unlearn", unlearn)
+    with pytest.raises(Recomputed, match="noisy_label"):  # original, ours, proxy and max_loss come first: reused
+        generative_unlearning.main(load_config("configs/generative_unlearning.py:smoke", DIGITS), str(run))
+
+
+def test_the_row_signature_changes_with_the_rows_settings_and_not_with_the_progress_bar():
+    def signatures(**overrides):
+        config = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, **overrides})
+        return {name: generative_unlearning.row_signature(config, c, source)
+                for name, c, source in generative_unlearning.method_rows(config)}
+    base = signatures()
+    assert signatures(progress=True, seeds=(0, 1), **{"generator.train.progress": True}) == base
+    steps = signatures(**{"unlearn.steps": 4})
+    assert steps["original"] == base["original"] and steps["max_loss"] != base["max_loss"]
+    assert all(a != b for a, b in zip(signatures(**{"eval.images_per_set": 8}).values(), base.values()))
+    assert signatures(**{"generator.model.dim": 16})["original"] != base["original"]
 
 
 @pytest.mark.parametrize("override, key", [

@@ -13,8 +13,9 @@
 Writes to DIR: config.json, results.json (per row and mask: mean and sd over seeds), results.md,
 samples_MASK.png (columns: retain then forget test images; rows: original, masked input, each
 method's output), tradeoff_MASK.png (forget against retain FID over the original's, per method over
-its alphas), tsne.png (2-D embedding of the generated images, original vs ours) and rows/ (one
-record per seed and row, with the settings it was made with: a changed setting is recomputed).
+its alphas; results.json / .md also read each method's forget FID off that curve at matched retain
+FID), tsne.png (2-D embedding of the generated images, original vs ours) and rows/ (one record per
+seed and row, with the settings it was made with: a changed setting is recomputed).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from research.unlearning import generative, image_metrics
 from research.unlearning.generative import GenerativeUnlearnConfig
 
 METRICS = ("fid", "is", "cosine")
+MATCHED_RETAIN = (1.05, 1.10)  # retain FID / original's at which the methods' forget FID is compared
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -171,6 +173,16 @@ def table_md(results: dict) -> str:
                          f"{cell('forget', 'fid')} | {cell('forget', 'is')} | {cell('forget', 'cosine')} | "
                          f"{ratio('forget'):.2f} | {ratio('retain'):.2f} | {row['seconds']:.0f} |")
         lines.append("")
+        matched = results["matched"][kind]
+        lines += ["forget FID / original's, read at the alpha where retain FID / original's is "
+                  + " and ".join(f"{at:g}" for at in MATCHED_RETAIN) + " (seeds that reach it):", "",
+                  "| method | " + " | ".join(f"at retain {at:g}" for at in MATCHED_RETAIN) + " |",
+                  "|---|" + "---|" * len(MATCHED_RETAIN)]
+        for label in matched[f"{MATCHED_RETAIN[0]:g}"]:
+            cells = [matched[f"{at:g}"][label] for at in MATCHED_RETAIN]
+            lines.append(f"| {label} | " + " | ".join(
+                f"{c['mean']:.2f} ± {c['sd']:.2f} ({c['seeds']})" if c["seeds"] else "not reached" for c in cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -182,6 +194,36 @@ def fid_ratios(results: dict, kind: str) -> dict[str, dict[str, np.ndarray]]:
             for name, row in results["rows"].items() if name != "original"}
 
 
+def families(results: dict) -> dict[str, list[str]]:
+    """{method (", proxy retain" for the proxy rows): its row names in order of alpha}, original aside."""
+    out: dict[str, list[str]] = {}
+    for name, row in results["rows"].items():
+        if name != "original":
+            out.setdefault(row["method"] + (", proxy retain" if row["retain"] == "proxy" else ""), []).append(name)
+    return {k: sorted(v, key=lambda n: results["rows"][n]["alpha"]) for k, v in out.items()}
+
+
+def matched_forget_ratio(results: dict, kind: str, at: float) -> dict[str, dict[str, float]]:
+    """Each method's forget FID / original's at the alpha where its retain FID / original's is ``at``:
+    per seed, the piecewise-linear curve through the method's alphas (ordered by retain ratio) read
+    at ``at``; mean and sd over the seeds that reach it (no extrapolation; if none does, None). The
+    methods are then compared at one cost to the retain set, not at one alpha, whose meaning differs
+    between objectives."""
+    ratios = fid_ratios(results, kind)
+    out = {}
+    for label, names in families(results).items():
+        per_seed = []
+        for seed in range(len(ratios[names[0]]["retain"])):
+            x = np.array([ratios[n]["retain"][seed] for n in names])
+            y = np.array([ratios[n]["forget"][seed] for n in names])
+            order = np.argsort(x)
+            if x[order[0]] <= at <= x[order[-1]]:
+                per_seed.append(float(np.interp(at, x[order], y[order])))
+        out[label] = {"mean": float(np.mean(per_seed)) if per_seed else None,
+                      "sd": float(np.std(per_seed)) if per_seed else None, "seeds": len(per_seed)}
+    return out
+
+
 def tradeoff_plot(path: str, results: dict, kind: str) -> None:
     """Forget FID against retain FID, both over the original's (mean and sd over seeds): one curve per
     method over its alphas, and the target region (forget >= 2x, retain within 10%) shaded."""
@@ -191,15 +233,9 @@ def tradeoff_plot(path: str, results: dict, kind: str) -> None:
 
     ratios = fid_ratios(results, kind)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    families: dict[tuple, list[str]] = {}
-    for name, row in results["rows"].items():
-        if name != "original":
-            families.setdefault((row["method"], row["retain"]), []).append(name)
-    for (method, retain), names in families.items():
-        names = sorted(names, key=lambda n: results["rows"][n]["alpha"])
+    for label, names in families(results).items():
         x = [ratios[n]["retain"].mean() for n in names]
         y = [ratios[n]["forget"].mean() for n in names]
-        label = method + (", proxy retain" if retain == "proxy" else "")
         ax.errorbar(x, y, xerr=[ratios[n]["retain"].std() for n in names],
                     yerr=[ratios[n]["forget"].std() for n in names], marker="o", ms=4, capsize=2, label=label)
         for n, xi, yi in zip(names, x, y):
@@ -207,6 +243,8 @@ def tradeoff_plot(path: str, results: dict, kind: str) -> None:
                         textcoords="offset points")
     ax.fill_between([min(ax.get_xlim()[0], 1.0), 1.1], 2.0, max(ax.get_ylim()[1], 2.1), color="tab:green",
                     alpha=0.12, label="target")
+    for at in MATCHED_RETAIN:  # where results.md compares the methods
+        ax.axvline(at, color="grey", linestyle=":", linewidth=0.8)
     ax.set(xlabel="retain FID / original's (lower is better)", ylabel="forget FID / original's (higher is better)",
            title=f"{results['data']}, {kind} mask: the trade-off of each method over alpha")
     ax.legend(fontsize=7)
@@ -308,6 +346,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {"data": config.generator.data.name, "seeds": list(config.seeds), "masks": list(config.eval.masks),
                "images_per_set": {k: len(v) for k, v in sets.items()}, "rows": rows,
                "devices": experiment.device_summary(mesh)}
+    results["matched"] = {kind: {f"{at:g}": matched_forget_ratio(results, kind, at) for at in MATCHED_RETAIN}
+                          for kind in config.eval.masks}
     if experiment.main_process():
         experiment.write_results(workdir, results, table_md(results))
         for kind in config.eval.masks:

@@ -39,7 +39,9 @@ def test_smoke_run_reports_every_row_with_finite_metrics(finished):
             assert -1 <= cells["cosine"]["mean"] <= 1 and cells["is"]["mean"] >= 1 - 1e-9
     assert {"results.json", "results.md", "samples_center.png", "tradeoff_center.png", "tsne.png",
             "generator"} <= {p.name for p in workdir.iterdir()}
-    assert json.loads((workdir / "results.json").read_text())["masks"] == ["center"]
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["masks"] == ["center"] and set(saved["matched"]["center"]) == {"1.05", "1.1"}
+    assert "at retain 1.05" in (workdir / "results.md").read_text()
     assert results["rows"]["noisy_label"]["method"] == "noisy_label" and results["rows"]["noisy_label"]["alpha"] == 0.2
     assert results["rows"]["original"]["method"] == "original"
 
@@ -68,6 +70,12 @@ def test_fid_ratios_are_per_seed_over_the_original_and_the_tradeoff_plot_is_writ
     np.testing.assert_allclose(ratios["ours (alpha 0.2)"]["forget"], [3.0, 2.5])
     np.testing.assert_allclose(ratios["noisy_label (alpha 0.5)"]["forget"], [2.5, 2.0])
     assert "original" not in ratios
+    # Read at retain 1.1: ours (one alpha, exactly 1.1 in both seeds) gives 3.0 and 2.5; noisy label's
+    # seed 0 spans 1.2-1.5 (not reached), seed 1 spans 1.0-1.5: 1.0 + (1.1 - 1.0) / 0.5 * (2.0 - 1.0).
+    matched = generative_unlearning.matched_forget_ratio(results, "center", 1.1)
+    assert matched["ours"]["seeds"] == 2 and matched["ours"]["mean"] == pytest.approx(2.75)
+    assert matched["noisy_label"]["seeds"] == 1 and matched["noisy_label"]["mean"] == pytest.approx(1.2)
+    assert generative_unlearning.matched_forget_ratio(results, "center", 2.0)["ours"]["seeds"] == 0
     generative_unlearning.tradeoff_plot(str(tmp_path / "t.png"), results, "center")
     assert (tmp_path / "t.png").stat().st_size > 10_000
 

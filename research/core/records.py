@@ -9,8 +9,8 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import IO
@@ -22,9 +22,11 @@ import numpy as np
 def _write_atomic(path: str, mode: str, write: Callable[[IO], object]) -> None:
     """``write(f)`` into a temporary file in the same directory, then rename it over ``path``: a
     reader, or a run resumed after a kill, never sees half a file (a failed write leaves no trace)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Created like open() creates a file (0666 less the umask), not mkstemp's owner-only 0600, so
+    # results stay readable by whoever could read them before; O_EXCL keeps the name to this writer.
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)

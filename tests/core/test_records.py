@@ -48,3 +48,16 @@ def test_arrays_are_written_atomically_and_a_failed_write_keeps_the_old_file(tmp
         write_json_atomic(str(tmp_path / "results.json"), {"a": object()})
     assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
     assert sorted(os.listdir(tmp_path)) == ["a.npy", "b.npz", "results.json"]  # no temporary file left
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(str(tmp_path / "r.json"), {"a": 1})
+        write_npz_atomic(str(tmp_path / "r.npz"), a=np.ones(1))
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"r.json": 0o644, "r.npz": 0o644, "plain": 0o644}

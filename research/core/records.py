@@ -36,6 +36,16 @@ def _write_atomic(path: str, mode: str, write: Callable[[IO], object]) -> None:
         raise
 
 
+def temp_dir_beside(path: str) -> str:
+    """A new, empty folder next to ``path`` (same file system, so it can be renamed onto ``path``),
+    created as mkdir creates one (0777 less the umask), not owner-only like ``tempfile.mkdtemp``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp, 0o777)
+    return tmp
+
+
 def write_json_atomic(path: str, obj) -> None:
     """``obj`` as indented JSON at ``path``, written atomically (numpy and jax scalars and arrays allowed)."""
     _write_atomic(path, "w", lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True, default=_to_builtin) + "\n"))

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,6 +24,7 @@ from flax import nnx
 from research.attention.rope import Llama3RopeScaling
 from research.core.checkpoint import array_shapes, path_str
 from research.core.params import flat_heads_shape
+from research.core.records import temp_dir_beside
 from research.models.llama import Llama, LlamaConfig
 
 CONFIG_FILE = "llama_config.json"
@@ -73,9 +73,7 @@ def save_converted(directory: str, config: LlamaConfig, model: Llama, *, force: 
         raise FileExistsError(f"{directory} exists; pass force=True (--force) to overwrite it")
     params = nnx.state(model, nnx.Param).to_pure_dict()
     _checkarray_shapes(array_shapes(params), array_shapes(_abstract(config)[1].to_pure_dict()), "the model", "the config")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    tmp = temp_dir_beside(directory)
     try:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config_to_json(config), f, indent=2)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
+
+from research.core.records import temp_dir_beside
 
 # GPT-2's split, used by ByteLevel(use_regex=True):
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)
@@ -100,8 +101,7 @@ def _cache_folder(source, cache_dir: str) -> str:
 
 def _save_cached(tokenizer: Tokenizer, folder: str) -> None:
     """Written whole or not at all: a temporary folder renamed into place (another process may win)."""
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp-tokenizer-")
+    tmp = temp_dir_beside(folder)
     tokenizer.backend.save(os.path.join(tmp, "tokenizer.json"))
     with open(os.path.join(tmp, "special_ids.json"), "w") as f:
         json.dump({"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,

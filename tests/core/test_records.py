@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from research.core.records import (MetricWriter, image_grid, plot_curves, write_json_atomic, write_npy_atomic,
-                                   write_npz_atomic)
+from research.core.records import (MetricWriter, image_grid, plot_curves, temp_dir_beside, write_json_atomic,
+                                   write_npy_atomic, write_npz_atomic)
 
 
 def test_scalars_and_images_are_readable_by_tensorboard(tmp_path):
@@ -50,14 +50,18 @@ def test_arrays_are_written_atomically_and_a_failed_write_keeps_the_old_file(tmp
     assert sorted(os.listdir(tmp_path)) == ["a.npy", "b.npz", "results.json"]  # no temporary file left
 
 
-def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+def test_atomic_writes_and_temporary_folders_get_the_permissions_of_a_plain_open(tmp_path):
     old = os.umask(0o022)
     try:
         write_json_atomic(str(tmp_path / "r.json"), {"a": 1})
         write_npz_atomic(str(tmp_path / "r.npz"), a=np.ones(1))
         with open(tmp_path / "plain", "w"):
             pass
+        folder = temp_dir_beside(str(tmp_path / "converted"))
     finally:
         os.umask(old)
+    assert os.path.dirname(folder) == str(tmp_path) and os.listdir(folder) == []
+    assert os.stat(folder).st_mode & 0o777 == 0o755
+    os.rmdir(folder)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"r.json": 0o644, "r.npz": 0o644, "plain": 0o644}

@@ -48,6 +48,9 @@ def test_wrong_type_names_the_key_and_the_expected_type():
         apply_overrides(load_config(CONFIG), {"train.batch_size": "big"}, from_strings=True)
     with pytest.raises(ConfigError, match=r"expects int, got 1.5"):
         apply_overrides(load_config(CONFIG), {"train.batch_size": 1.5})
+    # From Python, text for a tuple of numbers is not split: it is an error, not ("0,1",).
+    with pytest.raises(ConfigError, match=r"config key 'optim.decay_boundaries' expects tuple, got '0.3'"):
+        apply_overrides(load_config(CONFIG), {"optim.decay_boundaries": "0.3"})
 
 
 def test_choice_and_predicate_checks():

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.forget_classes = (0, 1, 2, 3, 4)
     c.retain_classes = (5, 6, 7, 8, 9)
     c.alphas = (0.05, 0.1, 0.2, 0.5, 1.0)  # ours: the forget term's weight
-    c.baselines = ("max_loss", "noisy_label", "retain_label", "random_encoder")
+    c.baselines = ("max_loss", "noisy_label", "retain_label", "random_encoder")  # () = none
     c.baseline_alphas = ()                 # each baseline also at these alphas ("NAME (alpha A)" rows): the
                                            # baselines' own trade-off, to compare at matched retain FID
 

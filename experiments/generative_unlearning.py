@@ -46,7 +46,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for cls, key in ((MAEConfig, "generator.model"), (MaskConfig, "generator.masks"), (OptimConfig, "generator.optim"),
                      (ClassifierTrainConfig, "generator.train"), (GenerativeUnlearnConfig, "unlearn")):
         cfg.build(cls, config, key)
-    cfg.check_names(config, "baselines", [m for m in generative.METHODS if m != "ours"])
+    if config.baselines:  # () = ours alone (an alpha sweep)
+        cfg.check_names(config, "baselines", [m for m in generative.METHODS if m != "ours"])
     cfg.check(config, "alphas", lambda v: all(a >= 0 for a in v), "a tuple of floats >= 0")
     cfg.check(config, "baseline_alphas", lambda v: all(a >= 0 for a in v), "a tuple of floats >= 0")
     cfg.check(config, "eval.masks", lambda v: len(v) > 0 and set(v) <= {"center", "outpaint"},

@@ -52,6 +52,10 @@ def test_baseline_alphas_give_each_baseline_a_row_per_alpha():
     rows = {name: (c.method, c.alpha) if c else None for name, c, _ in generative_unlearning.method_rows(config)}
     assert rows["noisy_label (alpha 0.1)"] == ("noisy_label", 0.1) and rows["max_loss (alpha 0.5)"] == ("max_loss", 0.5)
     assert "noisy_label" not in rows and len(rows) == 1 + 1 + 1 + 2 * 2  # original, ours, proxy, 2 x 2 baselines
+    alone = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, "baselines": ()})
+    generative_unlearning.validate(alone)  # () = ours alone
+    assert [name for name, _, _ in generative_unlearning.method_rows(alone)] == [
+        "original", "ours (alpha 0.2)", "ours, proxy retain digits (alpha 0.2)"]
 
 
 def test_fid_ratios_are_per_seed_over_the_original_and_the_tradeoff_plot_is_written(tmp_path):

@@ -1,6 +1,5 @@
 """Generative unlearning: only the encoder moves, student and teacher see one mask, the decoder is
 never touched, and each baseline's target is where the method puts it."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +59,20 @@ def test_alpha_zero_on_retain_data_leaves_the_encoder_at_e0(model, images, metho
         return float(optax.global_norm(jax.grad(loss)(params, params, rest, batch, jax.random.PRNGKey(3))))
     assert grad_norm(0.0) < 1e-5 * grad_norm(1.0)
     assert grad_norm(1.0) > 1e-4
+
+
+def test_the_pixel_retain_term_is_the_baselines_reconstruction_loss(model, images):
+    # At alpha 0, ours with retain_loss="pixels" is the objective every pixel-space baseline has at alpha 0.
+    graphdef, params, rest = nnx.split(model, nnx.All(nnx.Param, mae.ENCODER), ...)
+    batch = {"retain": jnp.asarray(images[0][:8], jnp.float32) / 255, "forget": jnp.asarray(images[1][:8], jnp.float32) / 255}
+
+    def value(**kwargs):
+        loss = generative.unlearning_loss(GenerativeUnlearnConfig(alpha=0.0, **kwargs), graphdef, model.grid, MASKS)
+        return float(loss(params, params, rest, batch, jax.random.PRNGKey(5)))
+    pixels = value(method="ours", retain_loss="pixels")
+    assert pixels > 1e-3 and value(method="ours") == 0.0
+    assert pixels == pytest.approx(value(method="noisy_label"), rel=1e-6)
+    assert pixels == pytest.approx(value(method="max_loss"), rel=1e-6)
 
 
 @pytest.mark.parametrize("method", generative.METHODS)

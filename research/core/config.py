@@ -284,7 +284,8 @@ def _coerce(key: str, current: Any, value: Any) -> Any:
             return type(current)(value)
         # Text for a tuple of numbers is an error here: the command line parses "0,1" before this,
         # so only a Python caller passes it, and ("0,1",) would reach the code as a string.
-        if not (isinstance(value, str) and current and not any(isinstance(v, str) for v in current)):
+        of_numbers = bool(current) and not any(isinstance(v, str) for v in current)
+        if not (of_numbers and isinstance(value, str)):
             return type(current)((value,))  # "--config.x=3" for a one-element tuple
     elif isinstance(current, ml_collections.ConfigDict):
         raise ConfigError(f"config key '{key}' is a group; set its fields ({', '.join(sorted(current.keys()))})")

@@ -31,8 +31,8 @@ Presets (comma-separated; ``smoke`` shrinks any of them to seconds):
   five_classes D = classes 0-4 x 100 images (of CIFAR-10, or Fashion-MNIST for vit_prompts): the
                original setting's size, for any of the above.
   exact_theory the setting in which the linear theory is exact for a linear model: MSE to one-hot
-               targets + the proximal L2, trained to convergence (full-batch L-BFGS, 300 iterations),
-               scrubbed with s = 1 (``ntk.scale=none``) linearised at w_init.
+               targets + the proximal L2, trained to convergence (full-batch Gauss-Newton, at most
+               50 iterations), scrubbed with s = 1 (``ntk.scale=none``) linearised at w_init.
 Scenarios (``scenarios``): ``class`` forgets every training image of class ``forget_class``;
 ``random`` forgets a seeded ``forget_fraction`` of the training images.
 """
@@ -121,13 +121,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "five_classes" in presets:
         c.data.update(classes=(0, 1, 2, 3, 4), train_per_class=100, train_total=0)
     if "exact_theory" in presets:
-        c.unlearn.update(loss="mse", optimizer="lbfgs", epochs=300)
+        c.unlearn.update(loss="mse", optimizer="gauss_newton", epochs=50)
         c.ntk.update(scale="none", linearize_at="init")
     if "smoke" in presets:
         c.data.update(train_per_class=8, train_total=0)
         c.pretrain.train.update(batch_size=32, eval_batch_size=64, epochs=0, steps=3, log_every=1,
                                 checkpoint_every=3, progress=False)
-        c.unlearn.update(epochs=2 if c.unlearn.optimizer == "sgd" else 5, batch_size=16)
+        c.unlearn.update(epochs=2 if c.unlearn.optimizer == "sgd" else 20, batch_size=16)
         c.ntk.chunk_size = 8
         c.eval_batch_size = 64
         c.progress = False

@@ -43,7 +43,7 @@ from research.models import efficientnet_lite as effnet
 from research.unlearning import baselines, metrics
 from research.unlearning.model import ForgetProblem, Unlearnable
 from research.unlearning.ntk_scrub import NTKScrubConfig, apply_scrub, scrub_direction, step_along
-from research.unlearning.train import TrainRecipe, fit
+from research.unlearning.train import TrainRecipe, fit, recipe_gradient_norm
 
 BACKBONE_SOURCES = ("pretrain", "imagenet")
 METHOD_NAMES = ("retrain", "ntk", *[m for m in baselines.BASELINES if m != "retrain"])
@@ -233,10 +233,14 @@ def run_seed(config, seed: int, workdir: str, methods, scenarios, recipe: TrainR
     params, train_seconds = trained_params(init, train, recipe, os.path.join(workdir, "trained.npz"), seed,
                                            config.progress, what_shapes_w_d)
     trained = init.with_params(params)
+    # |grad| of the recipe's objective at w(D), against at w_init: how near a minimum training stopped.
+    grad_norms = {"init": recipe_gradient_norm(init, train, recipe, init.params, init.params),
+                  "trained": recipe_gradient_norm(init, train, recipe, params, init.params)}
     pretrain_acc = "" if np.isnan(pretrain_info["test_acc"]) else f" (test acc {pretrain_info['test_acc']:.1f}%)"
     print(f"seed {seed}. D: {len(train)} {config.data.name} images, {train.num_classes} classes; subset "
           f"{recipe.subset}: {init.num_params:,} parameters; pre-trained on {pretrain_info['data']}{pretrain_acc}; "
-          f"trained on D: test acc {metrics.accuracy(trained, test):.1f}%")
+          f"trained on D: test acc {metrics.accuracy(trained, test):.1f}%, |grad| {grad_norms['trained']:.2e} "
+          f"(at w_init {grad_norms['init']:.2e})")
 
     # A finished (scenario, method) is reused only if everything that shaped it is unchanged: the
     # run's settings and that method's own hyperparameters (not the other methods'; ntk.* are ntk's).
@@ -262,6 +266,8 @@ def run_seed(config, seed: int, workdir: str, methods, scenarios, recipe: TrainR
             new_params, info = unlearn(method, problem, config, ntk_config, mesh, seed)
             jax.block_until_ready(new_params)
             seconds = time.perf_counter() - t0
+            if method == "retrain":  # after the timing: the retrain's own distance from a minimum
+                info["grad_norm"] = recipe_gradient_norm(trained, retain, recipe, new_params, init.params)
             dw = info.pop("direction", None)
             if dw is not None and ntk_config.scale_sweep:  # a diagnostic, after the timed scrub
                 info["sweep"] = [{"scale": s, **metrics.unlearning_metrics(trained, step_along(problem, dw, s), problem)}
@@ -280,7 +286,7 @@ def run_seed(config, seed: int, workdir: str, methods, scenarios, recipe: TrainR
         results[scenario] = {"n_retain": len(retain), "n_forget": len(forget), "n_test": len(scenario_test),
                              "methods": rows}
     summary = {"seed": seed, "scenarios": results, "num_params": init.num_params, "n_train": len(train),
-               "train_seconds": train_seconds, "wall_time_s": time.perf_counter() - start}
+               "train_seconds": train_seconds, "grad_norm": grad_norms, "wall_time_s": time.perf_counter() - start}
     if experiment.main_process():
         experiment.write_results(workdir, summary, results_table(summary))
     return summary

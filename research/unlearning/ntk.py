@@ -29,6 +29,7 @@ when P < N C (a P x P system instead of an NC x NC one).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import jax
@@ -85,19 +86,22 @@ def _sharded_per_sample_jacobian(fn: FlatFn, mesh: Mesh) -> Callable[[jax.Array,
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
 
 
+@functools.lru_cache(maxsize=4)  # a Gauss-Newton fit takes the Jacobian of one fn at every iteration
+def _compiled_jacobian(fn: FlatFn, mesh: Mesh | None):
+    return jax.jit(_per_sample_jacobian(fn) if mesh is None else _sharded_per_sample_jacobian(fn, mesh))
+
+
 def jacobian(fn: FlatFn, theta: jax.Array, images: np.ndarray, *, chunk_size: int = 64,
              mesh: Mesh | None = None, progress: bool = False) -> jax.Array:
     """J: (N, C, P) float32, d logits[n, c] / d theta, computed ``chunk_size`` samples at a time
     (sharded over the mesh's ``data`` axis when a mesh is given; a progress bar over the chunks
     with ``progress``)."""
-    if mesh is None:
-        jac = jax.jit(_per_sample_jacobian(fn))
-    else:
+    if mesh is not None:
         if chunk_size % mesh.shape["data"]:
             raise ValueError(f"chunk_size {chunk_size} must be a multiple of the mesh's data axis "
                              f"({mesh.shape['data']})")
-        jac = jax.jit(_sharded_per_sample_jacobian(fn, mesh))
         theta = jax.device_put(theta, replicated(mesh))
+    jac = _compiled_jacobian(fn, mesh)
     out = None  # filled in place: a list of chunks then a concatenation would hold J twice
     for start, stop in tqdm.tqdm(_chunks(len(images), chunk_size), desc="NTK Jacobian", unit="chunk",
                                  disable=not progress, leave=False):

@@ -28,7 +28,9 @@ linearisation error: e = (w(D) - w_init) - w_retain, cos = <dw, e> / (|dw| |e|);
     cos >= 0: a = arccos(cos),         predicted = |dw| + 2 cos(a) |e|
 and s = predicted / |dw|. (When the model is exactly linear, w(D) - w_init = w_complete, so
 e = -dw and the rule gives s = 3, not 1: the trapezium suits CE training of a network that is
-not linear; with MSE to convergence use ``scale="none"``.)
+not linear; with MSE to convergence use ``scale="none"``.) ``info["linear_error"]`` =
+|(w(D) - w_init) - w_complete| / |w(D) - w_init| says how far training itself left the linear
+prediction: 0 for a linear model trained to convergence.
 
 Optional Fisher noise (``fisher_alpha`` > 0; 1e-9 with NTK in the paper's code): w += sqrt(var) eps,
 var = alpha * min(1 / (F + 1e-8), 1e3), F the diagonal Fisher (expected over the model's
@@ -141,8 +143,12 @@ def scrub_direction(problem: ForgetProblem, config: NTKScrubConfig = NTKScrubCon
                                          config.chunk_size)
     info["space"] = space
     dw = np.asarray(w_retain - w_complete, np.float64)
-    e = np.asarray(w_trained - w_init, np.float64) - np.asarray(w_retain, np.float64)
-    info.update(dw_norm=float(np.linalg.norm(dw)), e_norm=float(np.linalg.norm(e)),
+    moved = np.asarray(w_trained - w_init, np.float64)
+    e = moved - np.asarray(w_retain, np.float64)
+    # How well the linearisation predicts training itself: 0 when w(D) - w_init = w_complete.
+    moved_norm = float(np.linalg.norm(moved))
+    linear_error = float(np.linalg.norm(moved - np.asarray(w_complete, np.float64))) / moved_norm if moved_norm else 0.0
+    info.update(dw_norm=float(np.linalg.norm(dw)), e_norm=float(np.linalg.norm(e)), linear_error=linear_error,
                 seconds=time.perf_counter() - t0)
     return ScrubDirection(dw, e, info)
 

@@ -6,9 +6,11 @@
 ``cross_entropy_loss`` and ``image_batches`` cover the common case (CE on (images, labels) pairs).
 ``fit`` trains with a ``TrainRecipe`` (recipe.py); ``recipe_optimizer`` is its SGD, which the
 baselines share so that they keep the recipe's weight decay and its anchor w_init.
+``recipe_gradient_norm`` measures how near a stationary point of the recipe's objective a run stopped.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -20,6 +22,7 @@ from flax import nnx
 
 from research.core import optim
 from research.data.pipeline import ImageArrays
+from research.unlearning.gauss_newton import fit_gauss_newton
 from research.unlearning.model import Unlearnable
 from research.unlearning.recipe import TrainRecipe
 
@@ -51,6 +54,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def squared_error(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """(1/2) |f(x) - onehot(y)|^2 per sample: logits (N, C), integer labels (N,) -> (N,)."""
+    return 0.5 * jnp.sum((logits - jax.nn.one_hot(labels, logits.shape[-1])) ** 2, -1)
+
+
 def image_batches(data: ImageArrays, batch_size: int, seed: int = 0) -> Callable[[int], dict]:
     """next_batch(step): seeded epochs of ``data``, reshuffled each epoch; a batch larger than the
     data is the whole (shuffled) data."""
@@ -67,10 +75,11 @@ def image_batches(data: ImageArrays, batch_size: int, seed: int = 0) -> Callable
 
 def mse(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean over samples of (1/2) |f(x) - onehot(y)|^2: logits (N, C), integer labels (N,)."""
-    return 0.5 * jnp.mean(jnp.sum((logits - jax.nn.one_hot(labels, logits.shape[-1])) ** 2, -1))
+    return squared_error(logits, labels).mean()
 
 
 LOSSES = {"ce": cross_entropy, "mse": mse}
+PER_SAMPLE = {"ce": optax.softmax_cross_entropy_with_integer_labels, "mse": squared_error}
 
 
 def data_loss(unlearnable: Unlearnable, name: str = "ce") -> LossFn:
@@ -101,6 +110,32 @@ def _penalty(recipe: TrainRecipe, params, anchor):
     return 0.5 * recipe.weight_decay * sum(jnp.sum(d ** 2) for d in jax.tree.leaves(diff))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _summed_loss_grad(loss, graphdef, preprocess, params, others, images, labels, mask):
+    def summed(p):
+        logits = Unlearnable(graphdef, p, others, preprocess).logits(p, images)
+        return jnp.sum(mask * PER_SAMPLE[loss](logits, labels))
+    return jax.grad(summed)(params)
+
+
+def recipe_gradient_norm(unlearnable: Unlearnable, data: ImageArrays, recipe: TrainRecipe, params: nnx.State,
+                         anchor: nnx.State, chunk_size: int = 250) -> float:
+    """|grad_w| of the recipe's full objective, mean loss(D) + (wd/2)|w - anchor|^2 (or |w|^2 when it
+    decays toward 0), at ``params``: how far from a stationary point training left w."""
+    total = jax.tree.map(jnp.zeros_like, params)
+    for start in range(0, len(data), chunk_size):
+        rows = np.arange(start, start + chunk_size)
+        valid = rows < len(data)
+        rows = np.where(valid, rows, 0)
+        chunk = _summed_loss_grad(recipe.loss, unlearnable.graphdef, unlearnable.preprocess, params,
+                                  unlearnable.others, jnp.asarray(data.images[rows]), jnp.asarray(data.labels[rows]),
+                                  jnp.asarray(valid, jnp.float32))
+        total = jax.tree.map(jnp.add, total, chunk)
+    center = anchor if recipe.decay_toward == "init" else jax.tree.map(jnp.zeros_like, params)
+    grad = jax.tree.map(lambda g, p, a: g / len(data) + recipe.weight_decay * (p - a), total, params, center)
+    return float(np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grad))))
+
+
 def fit_lbfgs(unlearnable: Unlearnable, data: ImageArrays, recipe: TrainRecipe, *, params: nnx.State | None = None,
               progress: bool = False, desc: str = "train") -> nnx.State:
     """Full-batch L-BFGS on loss(D) + (wd/2)|w - w_0|^2 (w_0 = the start) for ``recipe.epochs``
@@ -128,6 +163,11 @@ def fit(unlearnable: Unlearnable, data: ImageArrays, recipe: TrainRecipe, *, par
         seed: int = 0, progress: bool = False, desc: str = "train") -> nnx.State:
     """Train the subset on ``data`` with ``recipe`` from ``params`` (default: the unlearnable's own),
     the proximal decay anchored there. Returns the trained params."""
+    if recipe.optimizer == "gauss_newton":
+        start = unlearnable.params if params is None else params
+        anchor = start if recipe.decay_toward == "init" else None
+        return fit_gauss_newton(unlearnable, data, recipe.weight_decay, anchor=anchor, params=start,
+                                max_iterations=recipe.epochs, progress=progress, desc=desc)[0]
     if recipe.optimizer == "lbfgs":
         return fit_lbfgs(unlearnable, data, recipe, params=params, progress=progress, desc=desc)
     steps = recipe.steps(len(data))

@@ -58,8 +58,8 @@ class DampedSteps:
     def __init__(self, jac: jax.Array, n: int):
         self.jac, self.n = jac, n
         self.space = ntk.solve_space(*jac.shape)
-        gram = ntk._gram(jac, jac) if self.space == "samples" else ntk._gram(jac.T, jac.T)
-        self.eigvals, self.eigvecs = np.linalg.eigh(np.asarray(gram, np.float64))
+        matrix = ntk.gram(jac, jac) if self.space == "samples" else ntk.gram(jac.T, jac.T)
+        self.eigvals, self.eigvecs = np.linalg.eigh(np.asarray(matrix, np.float64))
         self.eigvals = np.maximum(self.eigvals, 0.0)  # a PSD matrix; rounding can dip below 0
 
     def step(self, g: np.ndarray, lam: float) -> np.ndarray:

@@ -119,14 +119,15 @@ def flat_rows(jac: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
+def gram(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a b^T at full float32 precision: (M, K) x (N, K) -> (M, N)."""
     return jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
 
 
 def ntk_from_jacobians(jac_a: jax.Array, jac_b: jax.Array | None = None) -> jax.Array:
     """Theta_ab = J_a J_b^T: (N_a C, N_b C) from (N_a, C, P) and (N_b, C, P)."""
     a = flat_rows(jac_a)
-    return _gram(a, a if jac_b is None else flat_rows(jac_b))
+    return gram(a, a if jac_b is None else flat_rows(jac_b))
 
 
 def _ntk_block_by_products(fn: FlatFn) -> Callable:
@@ -226,11 +227,11 @@ def ridge_solve(jac: jax.Array, residual: jax.Array, ridge: float, *, space: str
     if space == "auto":
         space = solve_space(m, p)
     if space == "samples":
-        alpha = cholesky_solve(np.asarray(_gram(j, j)), r, ridge)
+        alpha = cholesky_solve(np.asarray(gram(j, j)), r, ridge)
         return jnp.matmul(j.T, jnp.asarray(alpha, j.dtype), precision=jax.lax.Precision.HIGHEST)
     if space == "parameters":
         jt_r = np.asarray(jnp.matmul(j.T, jnp.asarray(r, j.dtype), precision=jax.lax.Precision.HIGHEST))
-        return jnp.asarray(cholesky_solve(np.asarray(_gram(j.T, j.T)), jt_r, ridge), j.dtype)
+        return jnp.asarray(cholesky_solve(np.asarray(gram(j.T, j.T)), jt_r, ridge), j.dtype)
     raise ValueError(f"unknown solve space {space!r}; choose one of: auto, samples, parameters")
 
 
@@ -255,7 +256,7 @@ def nested_ridge_solves(jac: jax.Array, residual: jax.Array, n_first: int, ridge
     if space == "auto":
         space = solve_space(m, p)
     if space == "samples":
-        kernel = np.asarray(_gram(j, j))
+        kernel = np.asarray(gram(j, j))
         alpha_all = cholesky_solve(kernel, r, ridge_all)
         alpha_first = cholesky_solve(kernel[:m_first, :m_first], r[:m_first], ridge_first)
         del kernel
@@ -263,8 +264,8 @@ def nested_ridge_solves(jac: jax.Array, residual: jax.Array, n_first: int, ridge
                 jnp.matmul(j[:m_first].T, jnp.asarray(alpha_first, j.dtype), precision=jax.lax.Precision.HIGHEST))
     if space == "parameters":
         first, rest = j[:m_first], j[m_first:]
-        gram_first = np.asarray(_gram(first.T, first.T), np.float64)
-        gram_all = gram_first + np.asarray(_gram(rest.T, rest.T), np.float64)
+        gram_first = np.asarray(gram(first.T, first.T), np.float64)
+        gram_all = gram_first + np.asarray(gram(rest.T, rest.T), np.float64)
         jt_r_first = np.asarray(jnp.matmul(first.T, jnp.asarray(r[:m_first], j.dtype),
                                            precision=jax.lax.Precision.HIGHEST), np.float64)
         jt_r_all = jt_r_first + np.asarray(jnp.matmul(rest.T, jnp.asarray(r[m_first:], j.dtype),

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,8 @@ from jax.flatten_util import ravel_pytree
 
 from research.data.pipeline import ImageArrays
 from research.unlearning.model import ForgetProblem, Unlearnable
-from research.unlearning.train import (cross_entropy, cross_entropy_loss, fit, image_batches, minimize,
-                                       recipe_optimizer)
+from research.unlearning.train import (cross_entropy, cross_entropy_loss, fit, image_batches, mean_loss_gradient,
+                                       minimize, padded_chunks, recipe_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,17 +76,6 @@ def paired_batches(retain: ImageArrays, forget: ImageArrays, batch_size: int, se
         f = forget_batch(step)
         return {**retain_batch(step), "f_images": f["images"], "f_labels": f["labels"]}
     return next_batch
-
-
-def padded_chunks(data: ImageArrays, size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(images, labels, mask) in order, every chunk ``size`` rows (the last padded with mask 0) so one
-    compiled function serves them all; a split smaller than ``size`` is one unpadded chunk."""
-    size = min(size, len(data))
-    for start in range(0, len(data), size):
-        rows = np.arange(start, start + size)
-        valid = rows < len(data)
-        rows = np.where(valid, rows, 0)
-        yield data.images[rows], data.labels[rows], valid.astype(np.float32)
 
 
 def l1_norm(params: nnx.State) -> jax.Array:
@@ -337,25 +326,6 @@ def l1_sparse(problem: ForgetProblem, *, seed: int = 0, progress: bool = False, 
                     progress=progress, desc="l1_sparse")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _summed_ce_grad(graphdef, preprocess, params, others, images, labels, mask):
-    """grad_w sum_n mask_n CE(f(x_n; w), y_n) over one chunk."""
-    def summed_ce(p):
-        logits = Unlearnable(graphdef, p, others, preprocess).logits(p, images)
-        return jnp.sum(mask * optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-    return jax.grad(summed_ce)(params)
-
-
-def forget_gradient(unlearnable: Unlearnable, forget: ImageArrays, batch_size: int = 256) -> nnx.State:
-    """grad_w of the mean CE over all of ``forget`` at the unlearnable's params (accumulated in chunks)."""
-    total = jax.tree.map(jnp.zeros_like, unlearnable.params)
-    for images, labels, mask in padded_chunks(forget, batch_size):
-        chunk = _summed_ce_grad(unlearnable.graphdef, unlearnable.preprocess, unlearnable.params,
-                                unlearnable.others, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(mask))
-        total = jax.tree.map(jnp.add, total, chunk)
-    return jax.tree.map(lambda g: g / len(forget), total)
-
-
 def saliency_mask(unlearnable: Unlearnable, forget: ImageArrays, sparsity: float = 0.5,
                   batch_size: int = 256) -> nnx.State:
     """SalUn's weight saliency mask: 1 on the round((1 - sparsity) * P) entries with the largest
@@ -363,7 +333,7 @@ def saliency_mask(unlearnable: Unlearnable, forget: ImageArrays, sparsity: float
     Same tree and dtypes as the params."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    flat, unravel = ravel_pytree(forget_gradient(unlearnable, forget, batch_size))
+    flat, unravel = ravel_pytree(mean_loss_gradient(unlearnable, forget, "ce", chunk_size=batch_size))
     saliency = np.abs(np.asarray(flat, np.float64))
     keep = int(round((1.0 - sparsity) * saliency.size))
     mask = np.zeros(saliency.size, np.float32)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 from research.data.pipeline import ImageArrays
 from research.unlearning import ntk
@@ -95,7 +96,7 @@ def fit_gauss_newton(unlearnable: Unlearnable, data: ImageArrays, weight_decay: 
     start = unlearnable.params if params is None else params
     theta, fn, unravel = unlearnable.with_params(start).flat()
     w = np.asarray(theta, np.float64)
-    w0 = np.zeros_like(w) if anchor is None else np.asarray(jax.flatten_util.ravel_pytree(anchor)[0], np.float64)
+    w0 = np.zeros_like(w) if anchor is None else np.asarray(ravel_pytree(anchor)[0], np.float64)
     n = len(data)
     loss, residual = mse_objective(unlearnable, data, w, w0, weight_decay, unravel)
     mu, grow = 0.0, 2.0  # mu = 0 first: the undamped Gauss-Newton step

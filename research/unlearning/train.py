@@ -11,7 +11,7 @@ baselines share so that they keep the recipe's weight decay and its anchor w_ini
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -110,29 +110,46 @@ def _penalty(recipe: TrainRecipe, params, anchor):
     return 0.5 * recipe.weight_decay * sum(jnp.sum(d ** 2) for d in jax.tree.leaves(diff))
 
 
+def padded_chunks(data: ImageArrays, size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(images, labels, mask) in order, every chunk ``size`` rows (the last padded with mask 0) so one
+    compiled function serves them all; a split smaller than ``size`` is one unpadded chunk."""
+    size = min(size, len(data))
+    for start in range(0, len(data), size):
+        rows = np.arange(start, start + size)
+        valid = rows < len(data)
+        rows = np.where(valid, rows, 0)
+        yield data.images[rows], data.labels[rows], valid.astype(np.float32)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _summed_loss_grad(loss, graphdef, preprocess, params, others, images, labels, mask):
+    """grad_w sum_n mask_n loss(f(x_n; w), y_n) over one chunk."""
     def summed(p):
         logits = Unlearnable(graphdef, p, others, preprocess).logits(p, images)
         return jnp.sum(mask * PER_SAMPLE[loss](logits, labels))
     return jax.grad(summed)(params)
 
 
+def mean_loss_gradient(unlearnable: Unlearnable, data: ImageArrays, loss: str = "ce",
+                       params: nnx.State | None = None, chunk_size: int = 256) -> nnx.State:
+    """grad_w of the mean ``loss`` (ce | mse) over all of ``data`` at ``params`` (default: the
+    unlearnable's own), accumulated over padded chunks. A tree like the params."""
+    params = unlearnable.params if params is None else params
+    total = jax.tree.map(jnp.zeros_like, params)
+    for images, labels, mask in padded_chunks(data, chunk_size):
+        chunk = _summed_loss_grad(loss, unlearnable.graphdef, unlearnable.preprocess, params, unlearnable.others,
+                                  jnp.asarray(images), jnp.asarray(labels), jnp.asarray(mask))
+        total = jax.tree.map(jnp.add, total, chunk)
+    return jax.tree.map(lambda g: g / len(data), total)
+
+
 def recipe_gradient_norm(unlearnable: Unlearnable, data: ImageArrays, recipe: TrainRecipe, params: nnx.State,
-                         anchor: nnx.State, chunk_size: int = 250) -> float:
+                         anchor: nnx.State, chunk_size: int = 256) -> float:
     """|grad_w| of the recipe's full objective, mean loss(D) + (wd/2)|w - anchor|^2 (or |w|^2 when it
     decays toward 0), at ``params``: how far from a stationary point training left w."""
-    total = jax.tree.map(jnp.zeros_like, params)
-    for start in range(0, len(data), chunk_size):
-        rows = np.arange(start, start + chunk_size)
-        valid = rows < len(data)
-        rows = np.where(valid, rows, 0)
-        chunk = _summed_loss_grad(recipe.loss, unlearnable.graphdef, unlearnable.preprocess, params,
-                                  unlearnable.others, jnp.asarray(data.images[rows]), jnp.asarray(data.labels[rows]),
-                                  jnp.asarray(valid, jnp.float32))
-        total = jax.tree.map(jnp.add, total, chunk)
     center = anchor if recipe.decay_toward == "init" else jax.tree.map(jnp.zeros_like, params)
-    grad = jax.tree.map(lambda g, p, a: g / len(data) + recipe.weight_decay * (p - a), total, params, center)
+    grad = jax.tree.map(lambda g, p, a: g + recipe.weight_decay * (p - a),
+                        mean_loss_gradient(unlearnable, data, recipe.loss, params, chunk_size), params, center)
     return float(np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grad))))
 
 

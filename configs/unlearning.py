@@ -31,8 +31,9 @@ Presets (comma-separated; ``smoke`` shrinks any of them to seconds):
   five_classes D = classes 0-4 x 100 images (of CIFAR-10, or Fashion-MNIST for vit_prompts): the
                original setting's size, for any of the above.
   exact_theory the setting in which the linear theory is exact for a linear model: MSE to one-hot
-               targets + the proximal L2, trained to convergence (full-batch Gauss-Newton, at most
-               50 iterations), scrubbed with s = 1 (``ntk.scale=none``) linearised at w_init.
+               targets + the proximal L2, trained toward its minimum (full-batch Gauss-Newton, at
+               most 50 iterations; seed_N/results.json records the gradient norm reached), scrubbed
+               with s = 1 (``ntk.scale=none``) linearised at w_init.
 Scenarios (``scenarios``): ``class`` forgets every training image of class ``forget_class``;
 ``random`` forgets a seeded ``forget_fraction`` of the training images.
 """

@@ -147,9 +147,8 @@ def recipe_gradient_norm(unlearnable: Unlearnable, data: ImageArrays, recipe: Tr
                          anchor: nnx.State, chunk_size: int = 256) -> float:
     """|grad_w| of the recipe's full objective, mean loss(D) + (wd/2)|w - anchor|^2 (or |w|^2 when it
     decays toward 0), at ``params``: how far from a stationary point training left w."""
-    center = anchor if recipe.decay_toward == "init" else jax.tree.map(jnp.zeros_like, params)
-    grad = jax.tree.map(lambda g, p, a: g + recipe.weight_decay * (p - a),
-                        mean_loss_gradient(unlearnable, data, recipe.loss, params, chunk_size), params, center)
+    decay = jax.grad(lambda p: _penalty(recipe, p, anchor))(params)
+    grad = jax.tree.map(jnp.add, mean_loss_gradient(unlearnable, data, recipe.loss, params, chunk_size), decay)
     return float(np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grad))))
 
 

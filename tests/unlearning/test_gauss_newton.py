@@ -13,18 +13,7 @@ from research.unlearning.gauss_newton import fit_gauss_newton
 from research.unlearning.model import Unlearnable
 from research.unlearning.recipe import TrainRecipe
 from research.unlearning.train import fit, recipe_gradient_norm
-from tests.unlearning.test_ntk import EXACT, WD, linear_problem, tiny_cnn, train_to_convergence
-
-
-def gradient_norm(u: Unlearnable, data: ImageArrays, params, anchor) -> float:
-    """|grad L| of the mean MSE to one-hot + (WD/2)|w - anchor|^2 at ``params``."""
-    theta, fn, _ = u.with_params(params).flat()
-    w0 = ravel_pytree(anchor)[0]
-    x, targets = jnp.asarray(data.images), jax.nn.one_hot(data.labels, data.num_classes)
-
-    def objective(t):
-        return 0.5 * jnp.mean(jnp.sum((fn(t, x) - targets) ** 2, -1)) + 0.5 * WD * jnp.sum((t - w0) ** 2)
-    return float(jnp.linalg.norm(jax.grad(objective)(theta)))
+from tests.unlearning.small_problems import EXACT, WD, gradient_norm, linear_problem, tiny_cnn, train_to_convergence
 
 
 def test_one_gauss_newton_iteration_trains_a_linear_model_to_its_minimum():

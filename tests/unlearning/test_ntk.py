@@ -8,35 +8,11 @@ from flax import nnx
 
 from research.core.mesh import make_mesh
 from research.data.pipeline import ImageArrays
-from research.models import build_model
 from research.models.filters import bn_and_head, head
 from research.unlearning import ntk
 from research.unlearning.model import ForgetProblem, Unlearnable
 from research.unlearning.ntk_scrub import NTKScrubConfig, ntk_scrub, trapezium_scale
-from research.unlearning.recipe import TrainRecipe
-from research.unlearning.train import fit
-
-
-class TinyCNN(nnx.Module):
-    """conv-BN-relu-pool-head: small enough that the full Jacobian is cheap."""
-
-    def __init__(self, rngs):
-        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
-        self.bn = nnx.BatchNorm(4, rngs=rngs)
-        self.head = nnx.Linear(4, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.head(jnp.mean(nnx.relu(self.bn(self.conv(x))), axis=(1, 2)))
-
-
-def tiny_cnn() -> nnx.Module:
-    model = TinyCNN(nnx.Rngs(0))
-    # Non-trivial BN statistics and affine parameters, so eval mode is not the identity.
-    model.bn.mean.value = jnp.linspace(-0.1, 0.1, 4)
-    model.bn.var.value = jnp.linspace(0.5, 2.0, 4)
-    model.bn.scale.value = jnp.linspace(0.8, 1.2, 4)
-    model.bn.bias.value = jnp.linspace(-0.2, 0.2, 4)
-    return model
+from tests.unlearning.small_problems import EXACT, linear_problem, tiny_cnn, train_to_convergence
 
 
 def images(n, seed=0, size=6):
@@ -158,38 +134,6 @@ def test_unknown_mode_is_rejected():
 
 
 # ---------------------------------------------------------------- scrubbing a linear model is retraining
-
-WD = 0.05
-
-
-def linear_problem(n_retain=30, n_forget=10, classes=3):
-    """A model linear in its trainable parameters: a frozen random-feature MLP whose head alone is trained."""
-    model = build_model("mlp", num_classes=classes, input_shape=(4, 4, 1), rngs=nnx.Rngs(1), hidden_sizes=(16,))
-    u = Unlearnable.from_model(model, head(model))
-    rng = np.random.default_rng(3)
-    x = rng.integers(0, 256, (n_retain + n_forget + 10, 4, 4, 1), dtype=np.uint8)
-    y = rng.integers(0, classes, len(x)).astype(np.int32)
-    names = tuple(map(str, range(classes)))
-    split = lambda a, b: ImageArrays(x[a:b], y[a:b], names)
-    return u, split(0, n_retain), split(n_retain, n_retain + n_forget), split(n_retain + n_forget, len(x))
-
-
-# The exact-theory recipe: mean MSE to one-hot targets + (WD/2)|w - w_init|^2, full-batch L-BFGS.
-EXACT = TrainRecipe(subset="head", loss="mse", optimizer="lbfgs", epochs=100, weight_decay=WD, decay_toward="init")
-
-
-def train_to_convergence(u, data, init):
-    """``fit`` with the exact-theory recipe, checked to have converged (the gradient vanishes)."""
-    trained = fit(u, data, EXACT, params=init)
-    init_flat, fn, unravel = u.with_params(init).flat()
-    x, targets = jnp.asarray(data.images), jax.nn.one_hot(data.labels, 3)
-
-    def objective(theta):
-        return 0.5 * jnp.mean(jnp.sum((fn(theta, x) - targets) ** 2, -1)) + 0.5 * WD * jnp.sum((theta - init_flat) ** 2)
-    theta = jax.flatten_util.ravel_pytree(trained)[0]
-    assert float(jnp.linalg.norm(jax.grad(objective)(theta))) < 1e-6
-    return trained
-
 
 @pytest.fixture(scope="module")
 def linear_forget_problem():

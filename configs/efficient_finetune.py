@@ -24,6 +24,7 @@ from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
+from research.data.sections import FinetuneData
 from research.models import ModelConfig
 
 PRESETS = ("smoke", "mobilenet_v2", "vit")
@@ -41,14 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "fashion_mnist"
-    c.data.source = "auto"         # auto | offline | hub
-    c.data.data_dir = ""           # folder with cifar/*.npz ("" = $RESEARCH_DATA_DIR)
-    c.data.split = "classes"       # classes: first half of the classes -> second half; samples: random halves
-    c.data.train_limit = 0         # use at most N training images of each half (0 = all)
-    c.data.crop_padding = 2
-    c.data.flip = False
+    c.data = config_lib.section(FinetuneData)  # classes 0-4 -> 5-9 of Fashion-MNIST, 2-pixel crops
 
     c.model = config_lib.section(ModelConfig)
 

@@ -32,6 +32,7 @@ from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
+from research.data.sections import StreamData
 from research.models import ModelConfig
 
 PRESETS = ("smoke", "cifar10", "cifar10_160", "cifar10_224")
@@ -44,13 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
     c.methods = METHODS
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "fashion_mnist"
-    c.data.source = "auto"          # auto | offline | hub
-    c.data.data_dir = ""            # folder with cifar/*.npz ("" = $RESEARCH_DATA_DIR)
-    c.data.train_per_class = 2000   # stream length = classes x this (0 = every training image)
-    c.data.test_per_class = 0       # 0 = the whole test split
-    c.data.image_size = 0           # resize (bilinear) to this side on the device; 0 = as stored
+    c.data = config_lib.section(StreamData)  # Fashion-MNIST, 2,000 images per class in the stream
 
     c.stream = ml_collections.ConfigDict()
     c.stream.num_tasks = 5

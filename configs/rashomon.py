@@ -25,6 +25,7 @@ from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
+from research.data.sections import RashomonData
 from research.models import ModelConfig
 from research.multiplicity.baselines import AWPConfig
 from research.multiplicity.rashomon import RashomonConfig
@@ -45,12 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.methods = ("dropout", "retrain", "awp")
     c.progress = True
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "breast_cancer"     # breast_cancer | fashion_mnist | cifar10_sample
-    c.data.source = "auto"
-    c.data.data_dir = ""
-    c.data.train_limit = 0            # the first N training rows (0 = all)
-    c.data.eval_limit = 0             # the first N test rows are the evaluation points (0 = all)
+    c.data = config_lib.section(RashomonData)  # breast_cancer | fashion_mnist | cifar10_sample
 
     c.model = config_lib.section(ModelConfig, name="mlp", hidden_sizes=(64, 64))
     c.optim = config_lib.section(OptimConfig, name="adam", lr=1e-3, schedule="constant", weight_decay=0.0)

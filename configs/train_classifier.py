@@ -19,6 +19,7 @@ from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
+from research.data.sections import ClassifierData
 from research.models import ModelConfig
 
 PRESETS = ("smoke", "fashion_mnist", "cifar10_sample", "cifar10_sample_vit")
@@ -30,13 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"
-    c.data.source = "auto"          # auto | offline | hub
-    c.data.data_dir = ""            # folder with cifar/*.npz ("" = $RESEARCH_DATA_DIR)
-    c.data.train_limit = 0          # use only the first N training images (0 = all)
-    c.data.crop_padding = 0         # random-crop padding in pixels (0 = no crop)
-    c.data.flip = False             # random horizontal flips
+    c.data = config_lib.section(ClassifierData)
 
     c.model = config_lib.section(ModelConfig)
     c.optim = config_lib.section(OptimConfig)

@@ -17,28 +17,17 @@ from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
+from research.data.sections import GeneratorData
 from research.models.mae import MAEConfig, MaskConfig
 
 PRESETS = ("smoke", "cifar10")
-
-
-def generator_data(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
-    """The ``data`` section of a generator's images (shared with configs/generative_unlearning.py)."""
-    return ml_collections.ConfigDict(dict(
-        name=name,
-        source="auto",        # auto | offline | hub
-        data_dir="",          # folder with cifar/*.npz ("" = $RESEARCH_DATA_DIR)
-        pad_to=32,            # zero-pad to this side (0 = as stored): 28 -> 32 gives an 8 x 8 token grid
-        train_limit=0,        # the first N training images (0 = all)
-        test_limit=0,         # the first N test images (0 = all)
-        flip=False))          # random horizontal flips while training the generator
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/train_generator.py")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.data = generator_data()
+    c.data = config_lib.section(GeneratorData)  # Fashion-MNIST padded to 32 x 32
     c.model = config_lib.section(MAEConfig)
     c.masks = config_lib.section(MaskConfig)
     c.optim = config_lib.section(OptimConfig, name="adamw", lr=1e-3, b2=0.95, weight_decay=0.05,

@@ -43,6 +43,7 @@ from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
+from research.data.sections import UnlearningData
 from research.models import ModelConfig
 from research.unlearning import baselines
 from research.unlearning.ntk_scrub import NTKScrubConfig
@@ -62,14 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.forget_class = 0                # index among the classes of D
     c.forget_fraction = 0.1
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "cifar10_sample"
-    c.data.source = "auto"            # auto | offline | hub
-    c.data.data_dir = ""              # folder with cifar/*.npz ("" = $RESEARCH_DATA_DIR)
-    c.data.classes = (0, 1, 2, 3, 4)  # classes of D (() = all)
-    c.data.train_per_class = 100      # images per class in D (0 = all)
-    c.data.train_total = 0            # > 0: cap D at this many images (seeded), after train_per_class
-    c.data.image_size = 0             # backbone.source=imagenet: resize to this side on the device (0 = as stored)
+    c.data = config_lib.section(UnlearningData)  # D: 100 images of each of CIFAR-10's classes 0-4
 
     c.backbone = ml_collections.ConfigDict()
     c.backbone.source = "pretrain"    # pretrain: the stage below; imagenet: EfficientNet-Lite0's ImageNet weights

@@ -32,13 +32,13 @@ from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa
 from research.core.mesh import shard_batch  # noqa: E402
 from research.core.optim import OptimConfig  # noqa: E402
 from research.core.train import classification_loss  # noqa: E402
-from research.data import pipeline, sources  # noqa: E402
+from research.data import pipeline  # noqa: E402
 from research.data.augment import make_preprocess  # noqa: E402
+from research.data.sections import FinetuneData  # noqa: E402
 from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config  # noqa: E402
 
 VARIANT = re.compile(r"^(vanilla|head_only|filter_r(?P<r>[1-9]\d*)|lbp_k(?P<k>[1-9]\d*))$")
 UNITS = ("layers", "blocks")
-SPLITS = ("classes", "samples")
 
 
 def parse_variants(names: tuple[str, ...]) -> list[tuple[str, str, int | None]]:
@@ -62,9 +62,7 @@ def parse_variants(names: tuple[str, ...]) -> list[tuple[str, str, int | None]]:
 
 def validate(config: ml_collections.ConfigDict) -> list[tuple[str, str, int | None]]:
     model = cfg.build(ModelConfig, config, "model")
-    cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
-    cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
-    cfg.check_choice(config, "data.split", SPLITS)
+    cfg.build(FinetuneData, config, "data")
     cfg.check_choice(config, "finetune.unit", UNITS)
     cfg.check(config, "finetune.last_n", lambda v: v > 0, "a positive int")
     cfg.check(config, "measure.repeats", lambda v: v > 0, "a positive int")
@@ -106,14 +104,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = experiment.start(config, workdir)
     rules = experiment.mesh_config(config).logical
 
-    ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
-    (pre_train, pre_test), (fine_train, fine_test) = pipeline.split_halves(
-        pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"]), config.data.split, config.seed)
-    if config.data.train_limit:
-        pre_train, fine_train = (a.subset(slice(0, config.data.train_limit)) for a in (pre_train, fine_train))
+    data = cfg.build(FinetuneData, config, "data")
+    (pre_train, pre_test), (fine_train, fine_test) = pipeline.split_halves(*data.splits(), data.split, config.seed)
+    pre_train, fine_train = pre_train.first(data.train_limit), fine_train.first(data.train_limit)
     mean, std = pipeline.channel_stats(pre_train.images)  # the backbone's normalisation, kept for fine-tuning
     dtype = COMPUTE_DTYPES[config.model.dtype]
-    preprocess = make_preprocess(mean, std, config.data.crop_padding, config.data.flip, dtype)
+    preprocess = make_preprocess(mean, std, data.crop_padding, data.flip, dtype)
     input_shape = pre_train.images.shape[1:]
 
     def new_model(seed: int, num_classes: int) -> nnx.Module:
@@ -131,7 +127,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Stage 2: the same fine-tuning per variant, from the same weights. A new task (other classes)
     # gets a freshly initialised head; a new sample of the same classes keeps the pre-trained one.
-    if config.data.split == "classes":
+    if data.split == "classes":
         pretrained = pretrained.filter(nnx.Not(lambda path, value: "head" in path))
     measure_batch = pipeline.train_batch(fine_train, config.finetune.train.batch_size, config.seed, 0)
     variant_results = {}
@@ -173,8 +169,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "variants": variant_results,
         "finetuned_layers": layer_paths,
         "model": config.model.name,
-        "data": config.data.name,
-        "split": config.data.split,
+        "data": data.name,
+        "split": data.split,
         "finetune_examples": len(fine_train),
         "test_examples": len(fine_test),
         "measure_batch_size": config.finetune.train.batch_size,

@@ -32,6 +32,7 @@ from research.core.classify import ClassifierTrainConfig
 from research.core.optim import OptimConfig
 from research.core.records import image_grid, write_json_atomic, write_npz_atomic, write_png
 from research.data import pipeline
+from research.data.sections import GeneratorData
 from research.models import mae
 from research.models.mae import MAEConfig, MaskConfig
 from research.models.mae_train import fit_generator, generate, load_images
@@ -44,8 +45,11 @@ MATCHED_RETAIN = (1.05, 1.10)  # retain FID / original's at which the methods' f
 
 def validate(config: ml_collections.ConfigDict) -> None:
     for cls, key in ((MAEConfig, "generator.model"), (MaskConfig, "generator.masks"), (OptimConfig, "generator.optim"),
-                     (ClassifierTrainConfig, "generator.train"), (GenerativeUnlearnConfig, "unlearn")):
+                     (ClassifierTrainConfig, "generator.train"), (GenerativeUnlearnConfig, "unlearn"),
+                     (GeneratorData, "generator.data")):
         cfg.build(cls, config, key)
+    if config.proxy.name:
+        proxy_data(config)
     if config.baselines:  # () = ours alone (an alpha sweep)
         cfg.check_names(config, "baselines", [m for m in generative.METHODS if m != "ours"])
     cfg.check(config, "alphas", lambda v: all(a >= 0 for a in v), "a tuple of floats >= 0")
@@ -77,13 +81,17 @@ def trained_generator(config, train, test, mesh, workdir: str) -> mae.MaskedAuto
                          rules=experiment.mesh_config(config).logical).model
 
 
+def proxy_data(config) -> GeneratorData:
+    """The generator's data section with ``proxy.name`` as the data set: all of its training images."""
+    section = dict(config.generator.data.to_dict(), name=config.proxy.name, train_limit=0, test_limit=1)
+    return cfg.build(GeneratorData, {"proxy": section}, "proxy")
+
+
 def proxy_images(config, shape) -> np.ndarray | None:
     """Training images of ``proxy.name`` at the generator's (H, W, C), or None without a proxy."""
     if not config.proxy.name:
         return None
-    data = config.generator.data
-    section = ml_collections.ConfigDict(dict(data.to_dict(), name=config.proxy.name, train_limit=0, test_limit=1))
-    images = load_images(section, "proxy")[0].images  # padded to the generator's data.pad_to
+    images = load_images(proxy_data(config))[0].images  # padded to the generator's data.pad_to
     if images.shape[1:] != tuple(shape):
         raise cfg.ConfigError(f"config key 'proxy.name' = {config.proxy.name!r} has images of shape "
                               f"{images.shape[1:]}, the generator takes {tuple(shape)}; choose a data set like it")
@@ -294,7 +302,7 @@ def tsne_plot(path: str, features: dict[str, dict[str, np.ndarray]], seed: int) 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
-    train, test = load_images(config.generator.data, "generator.data")
+    train, test = load_images(cfg.build(GeneratorData, config, "generator.data"))
     classes = sorted((*config.forget_classes, *config.retain_classes))
     if classes[0] < 0 or classes[-1] >= train.num_classes:
         raise cfg.ConfigError(f"config keys 'forget_classes' / 'retain_classes': classes must lie in "

@@ -59,6 +59,7 @@ from research.core.optim import OptimConfig  # noqa: E402
 from research.core.records import MetricWriter, write_json_atomic, write_npy_atomic  # noqa: E402
 from research.data import pipeline, sources, streams  # noqa: E402
 from research.data.augment import make_preprocess, normalize, resize  # noqa: E402
+from research.data.sections import StreamData  # noqa: E402
 from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config  # noqa: E402
 from research.models import efficientnet_lite as effnet  # noqa: E402
 
@@ -71,12 +72,10 @@ LABELS = {"online_lora": "Online-LoRA", "lora": "LoRA (no regularisation)", "seq
 def validate(config: ml_collections.ConfigDict) -> list[str]:
     model = cfg.build(ModelConfig, config, "model")
     cfg.build(OnlineLoraConfig, config, "online_lora")
-    cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
-    cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
+    cfg.build(StreamData, config, "data")
     cfg.check_choice(config, "stream.kind", streams.KINDS)
     cfg.check_choice(config, "backbone.source", BACKBONES)
-    for key in ("data.train_per_class", "data.test_per_class", "data.image_size", "eval.points_per_task",
-                "eval.auc_every"):
+    for key in ("eval.points_per_task", "eval.auc_every"):
         cfg.check(config, key, lambda v: v >= 0, "an int >= 0")
     for key in ("stream.num_tasks", "stream.batch_size", "eval.batch_size", "log_every"):
         cfg.check(config, key, lambda v: v > 0, "a positive int")
@@ -107,10 +106,10 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
 # ---------------------------------------------------------------------------------------------- data
 
 def stream_data(config) -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
-    ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
-    train, test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
-    return pipeline.per_class(train, config.data.train_per_class, config.seed), pipeline.per_class(test, config.data.test_per_class,
-                                                                                 config.seed)
+    data = cfg.build(StreamData, config, "data")
+    train, test = data.splits()
+    return (pipeline.per_class(train, data.train_per_class, config.seed),
+            pipeline.per_class(test, data.test_per_class, config.seed))
 
 
 # ------------------------------------------------------------------------------------------ backbone
@@ -152,8 +151,7 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
             preprocess = functools.partial(jnp.asarray, dtype=dtype)  # the inputs are the prefix's features
             info["frozen_blocks"] = config.backbone.frozen_blocks
     else:
-        ds = sources.load(config.pretrain.data, source=config.data.source, data_dir=config.data.data_dir or None)
-        pre_train, pre_test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
+        pre_train, pre_test = cfg.build(StreamData, config, "data").splits(config.pretrain.data)
         if pre_train.images.shape[1:] != tuple(input_shape):
             raise cfg.ConfigError(f"pretrain.data: {config.pretrain.data} images are {pre_train.images.shape[1:]}, "
                                   f"the stream's {tuple(input_shape)}; pre-train on data of the same shape")

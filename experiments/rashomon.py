@@ -29,8 +29,9 @@ from research.core import config as cfg
 from research.core.classify import ClassifierTrainConfig, fit_classifier
 from research.core.optim import OptimConfig
 from research.core.records import write_json_atomic
-from research.data import pipeline, sources, tabular
+from research.data import pipeline, tabular
 from research.data.augment import make_preprocess
+from research.data.sections import RashomonData
 from research.models import ModelConfig, build_from_config
 from research.multiplicity import baselines, metrics, rashomon
 from research.multiplicity.baselines import AWPConfig
@@ -41,29 +42,24 @@ METHODS = ("dropout", "retrain", "awp")
 
 def validate(config: ml_collections.ConfigDict) -> None:
     for cls, key in ((ModelConfig, "model"), (OptimConfig, "optim"), (ClassifierTrainConfig, "train"),
-                     (RashomonConfig, "rashomon"), (AWPConfig, "awp")):
+                     (RashomonConfig, "rashomon"), (AWPConfig, "awp"), (RashomonData, "data")):
         cfg.build(cls, config, key)
-    cfg.check_choice(config, "data.name", tabular.TABULAR_DATASETS + sources.IMAGE_DATASETS)
     cfg.check_names(config, "methods", METHODS)
     cfg.check(config, "methods", lambda v: "dropout" in v, "a tuple that includes dropout")
     cfg.check(config, "retrain_seeds", lambda v: all(isinstance(s, int) for s in v) and len(set(v)) == len(v)
               and config.seed not in v, f"distinct ints other than seed ({config.seed})")
-    cfg.check(config, "data.eval_limit", lambda v: v >= 0, "an int >= 0 (0 = every test row)")
 
 
 def load_data(config):
     """(train, evaluation points, preprocess(images, rng, train) for training, preprocess(x) for eval)."""
-    if config.data.name in tabular.TABULAR_DATASETS:
+    data = cfg.build(RashomonData, config, "data")
+    if data.name in tabular.TABULAR_DATASETS:
         train, test = tabular.breast_cancer(seed=config.seed)
         mean, std = (0.0,), (1.0,)
     else:
-        ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
-        train, test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
+        train, test = data.splits()
         mean, std = pipeline.channel_stats(train.images)
-    if config.data.train_limit:
-        train = train.subset(slice(0, config.data.train_limit))
-    if config.data.eval_limit:
-        test = test.subset(slice(0, config.data.eval_limit))
+    train, test = train.first(data.train_limit), test.first(data.eval_limit)
     preprocess = make_preprocess(mean, std)
     return train, test, preprocess, lambda x: preprocess(x, None, False)
 

@@ -20,33 +20,30 @@ from research.core import config as cfg
 from research.core.classify import ClassifierTrainConfig, fit_classifier
 from research.core.optim import OptimConfig
 from research.core.records import plot_curves, write_json_atomic
-from research.data import pipeline, sources
+from research.data import pipeline
 from research.data.augment import make_preprocess
+from research.data.sections import ClassifierData
 from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> ClassifierData:
     cfg.build(ModelConfig, config, "model")
     cfg.build(OptimConfig, config, "optim")
     cfg.build(ClassifierTrainConfig, config, "train")
-    cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
-    cfg.check_choice(config, "data.source", sources.SOURCE_KINDS)
-    cfg.check(config, "data.crop_padding", lambda v: v >= 0, "an int >= 0")
+    return cfg.build(ClassifierData, config, "data")
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    validate(config)
+    data = validate(config)
     start_time = time.perf_counter()
     mesh = experiment.start(config, workdir)
 
     # Data: arrays in host memory; augmentation runs on the device inside the step.
-    ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
-    train = pipeline.to_arrays(ds["train"])
+    ds = data.load()
+    train = pipeline.to_arrays(ds["train"]).first(data.train_limit)
     test = pipeline.to_arrays(ds["test"])
-    if config.data.train_limit:
-        train = train.subset(slice(0, config.data.train_limit))
     mean, std = pipeline.channel_stats(train.images)
     dtype = COMPUTE_DTYPES[config.model.dtype]
-    preprocess = make_preprocess(mean, std, config.data.crop_padding, config.data.flip, dtype)
+    preprocess = make_preprocess(mean, std, data.crop_padding, data.flip, dtype)
 
     model = build_from_config(config.model, num_classes=train.num_classes, input_shape=train.images.shape[1:],
                               rngs=nnx.Rngs(config.seed))
@@ -73,7 +70,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "model": config.model.name,
         "num_params": int(num_params),
         "num_trainable_params": int(run.num_trainable),
-        "data": ds["train"].info.description or config.data.name,
+        "data": ds["train"].info.description or data.name,
         "train_examples": len(train),
         "test_examples": len(test),
         "devices": experiment.device_summary(mesh),

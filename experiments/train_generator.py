@@ -19,6 +19,7 @@ from research.core import config as cfg
 from research.core.classify import ClassifierTrainConfig
 from research.core.optim import OptimConfig
 from research.core.records import plot_curves, write_png
+from research.data.sections import GeneratorData
 from research.models import mae
 from research.models.mae import MAEConfig, MaskConfig
 from research.models.mae_train import fit_generator, load_images, sample_grid, to_unit
@@ -26,13 +27,13 @@ from research.models.mae_train import fit_generator, load_images, sample_grid, t
 
 def validate(config: ml_collections.ConfigDict) -> None:
     for cls, key in ((MAEConfig, "model"), (MaskConfig, "masks"), (OptimConfig, "optim"),
-                     (ClassifierTrainConfig, "train")):
+                     (ClassifierTrainConfig, "train"), (GeneratorData, "data")):
         cfg.build(cls, config, key)
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
-    train, test = load_images(config.data)
+    train, test = load_images(cfg.build(GeneratorData, config, "data"))
     mesh = experiment.start(config, workdir)
     start = time.perf_counter()
     model = mae.build(train.images.shape[1:], cfg.build(MAEConfig, config, "model"), config.seed)

@@ -36,8 +36,9 @@ from research.core import config as cfg
 from research.core.classify import ClassifierTrainConfig, fit_classifier
 from research.core.optim import OptimConfig
 from research.core.records import write_json_atomic, write_npz_atomic
-from research.data import pipeline, sources
+from research.data import pipeline
 from research.data.augment import make_preprocess, normalize, resize
+from research.data.sections import UnlearningData
 from research.models import ModelConfig, build_from_config, filters
 from research.models import efficientnet_lite as effnet
 from research.unlearning import baselines, metrics
@@ -63,8 +64,8 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], T
     ntk_config = cfg.build(NTKScrubConfig, config, "ntk")  # its loss and ridge are the recipe's
     cfg.build(OptimConfig, config, "pretrain.optim")
     cfg.build(ClassifierTrainConfig, config, "pretrain.train")
+    cfg.build(UnlearningData, config, "data")
     cfg.check_choice(config, "backbone.source", BACKBONE_SOURCES)
-    cfg.check(config, "data.image_size", lambda v: v >= 0, "0 (as stored) or a side in pixels")
     cfg.check(config, "forget_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
     cfg.check(config, "eval_batch_size", lambda v: v > 0, "a positive int")
     cfg.check(config, "seeds", lambda v: len(v) > 0 and len(set(v)) == len(v) and all(isinstance(s, int) for s in v),
@@ -84,8 +85,7 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], T
 # ------------------------------------------------------------------------------------------- data
 
 def load_arrays(name: str, config, classes: tuple[int, ...], label: str = "label"):
-    ds = sources.load(name, source=config.data.source, data_dir=config.data.data_dir or None)
-    train, test = pipeline.to_arrays(ds["train"], label), pipeline.to_arrays(ds["test"], label)
+    train, test = cfg.build(UnlearningData, config, "data").splits(name, label)
     chosen = list(classes)
     if chosen:
         bad = [c for c in chosen if not 0 <= c < train.num_classes]

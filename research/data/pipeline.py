@@ -35,6 +35,10 @@ class ImageArrays:
     def subset(self, indices) -> "ImageArrays":
         return ImageArrays(self.images[indices], self.labels[indices], self.label_names)
 
+    def first(self, n: int) -> "ImageArrays":
+        """The first ``n`` rows (``n`` 0: all of them)."""
+        return self.subset(slice(0, n)) if n else self
+
 
 def to_arrays(ds: hf.Dataset, label_column: str = "label") -> ImageArrays:
     """A split with an `image` column (Array3D, or Image from the hub) -> ImageArrays."""

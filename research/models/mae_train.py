@@ -32,7 +32,8 @@ from research.core.mesh import LogicalRules
 from research.core.records import MetricWriter, image_grid
 from research.core.train import (create_train_state, jit_eval_step, jit_train_step, make_eval_step, make_train_step,
                                  place_on_mesh)
-from research.data import pipeline, sources
+from research.data import pipeline
+from research.data.sections import GeneratorData
 from research.models import mae
 from research.models.mae import MaskConfig
 
@@ -50,20 +51,12 @@ def pad_images(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def load_images(data: ml_collections.ConfigDict, key: str = "data") -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
-    """(train, test) of a generator's ``data`` section (name, source, data_dir, pad_to, train_limit,
-    test_limit), padded to ``pad_to``. ``key``: the section's name in error messages."""
-    if data.name not in sources.IMAGE_DATASETS:
-        raise config_lib.ConfigError(f"config key '{key}.name' = {data.name!r} is not allowed; choose one of: "
-                                     f"{', '.join(sources.IMAGE_DATASETS)}")
-    ds = sources.load(data.name, source=data.source, data_dir=data.data_dir or None)
-    train, test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
-    if data.train_limit:
-        train = train.subset(slice(0, data.train_limit))
-    if data.test_limit:
-        test = test.subset(slice(0, data.test_limit))
+def load_images(data: GeneratorData) -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
+    """(train, test) of a generator's ``data`` section: the first train_limit / test_limit images
+    of each split, padded to ``pad_to``."""
+    train, test = data.splits()
     pad = lambda a: pipeline.ImageArrays(pad_images(a.images, data.pad_to), a.labels, a.label_names)
-    return pad(train), pad(test)
+    return pad(train.first(data.train_limit)), pad(test.first(data.test_limit))
 
 
 def to_unit(images: jax.Array) -> jax.Array:

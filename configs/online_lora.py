@@ -33,6 +33,7 @@ from research.core.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.data.sections import StreamData
+from research.data.streams import StreamConfig
 from research.models import ModelConfig
 
 PRESETS = ("smoke", "cifar10", "cifar10_160", "cifar10_224")
@@ -47,13 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = config_lib.section(StreamData)  # Fashion-MNIST, 2,000 images per class in the stream
 
-    c.stream = ml_collections.ConfigDict()
-    c.stream.num_tasks = 5
-    c.stream.kind = "sharp"         # sharp | blurry | si_blurry
-    c.stream.blurry_ratio = 0.1
-    c.stream.disjoint_class_ratio = 0.5
-    c.stream.shuffle_classes = False
-    c.stream.batch_size = 64
+    c.stream = config_lib.section(StreamConfig)  # 5 tasks of 2 classes, sharp boundaries, batches of 64
 
     c.backbone = ml_collections.ConfigDict()
     c.backbone.source = "pretrain"  # pretrain: stage below; imagenet: EfficientNet-Lite0 ImageNet weights

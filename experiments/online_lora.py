@@ -60,6 +60,7 @@ from research.core.records import MetricWriter, write_json_atomic, write_npy_ato
 from research.data import pipeline, sources, streams  # noqa: E402
 from research.data.augment import make_preprocess, normalize, resize  # noqa: E402
 from research.data.sections import StreamData  # noqa: E402
+from research.data.streams import StreamConfig  # noqa: E402
 from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config  # noqa: E402
 from research.models import efficientnet_lite as effnet  # noqa: E402
 
@@ -73,14 +74,12 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
     model = cfg.build(ModelConfig, config, "model")
     cfg.build(OnlineLoraConfig, config, "online_lora")
     cfg.build(StreamData, config, "data")
-    cfg.check_choice(config, "stream.kind", streams.KINDS)
+    cfg.build(StreamConfig, config, "stream")
     cfg.check_choice(config, "backbone.source", BACKBONES)
     for key in ("eval.points_per_task", "eval.auc_every"):
         cfg.check(config, key, lambda v: v >= 0, "an int >= 0")
-    for key in ("stream.num_tasks", "stream.batch_size", "eval.batch_size", "log_every"):
+    for key in ("eval.batch_size", "log_every"):
         cfg.check(config, key, lambda v: v > 0, "a positive int")
-    for key in ("stream.blurry_ratio", "stream.disjoint_class_ratio"):
-        cfg.check(config, key, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     if config.backbone.source == "imagenet" and model.name != "efficientnet_lite0":
         raise cfg.ConfigError(f"backbone.source: imagenet weights exist for efficientnet_lite0 only, "
                               f"got model.name={model.name}; use backbone.source=pretrain")
@@ -339,13 +338,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t0 = time.perf_counter()
         train, test = (pipeline.ImageArrays(backbone.encode(d.images), d.labels, d.label_names) for d in (train, test))
         backbone.info["encode_seconds"] = time.perf_counter() - t0
-    tasks = streams.class_incremental_tasks(train.num_classes, config.stream.num_tasks, seed=config.seed,
-                                            shuffle_classes=config.stream.shuffle_classes)
-    stream = streams.make_stream(train, tasks, kind=config.stream.kind, seed=config.seed,
-                                 blurry_ratio=config.stream.blurry_ratio,
-                                 disjoint_class_ratio=config.stream.disjoint_class_ratio)
+    stream = cfg.build(StreamConfig, config, "stream").build(train, config.seed)
     tests = streams.task_test_sets(test, stream.tasks)
-    print(f"stream: {len(stream)} {config.data.name} images in {len(tasks)} {config.stream.kind} tasks "
+    print(f"stream: {len(stream)} {config.data.name} images in {len(stream.tasks)} {config.stream.kind} tasks "
           f"{[list(t) for t in stream.tasks]}; backbone: {backbone.info}")
 
     # A finished method is reused only if everything that shapes its pass is unchanged.

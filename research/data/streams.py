@@ -17,12 +17,41 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 
+from research.core import config as config_lib
 from research.data.pipeline import ImageArrays, process_slice
 
 KINDS = ("sharp", "blurry", "si_blurry")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """A class-incremental stream (the ``stream`` section of configs/online_lora.py): the classes
+    in ``num_tasks`` groups (`class_incremental_tasks`, in order or shuffled with the seed), read
+    once in the order of ``kind`` (`make_stream`) in batches of ``batch_size``."""
+    num_tasks: int = 5
+    kind: Literal[KINDS] = "sharp"
+    blurry_ratio: float = 0.1
+    disjoint_class_ratio: float = 0.5
+    shuffle_classes: bool = False
+    batch_size: int = 64
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+        for name in ("num_tasks", "batch_size"):
+            config_lib.require(self, name, getattr(self, name) > 0, "a positive int")
+        for name in ("blurry_ratio", "disjoint_class_ratio"):
+            config_lib.require(self, name, 0.0 <= getattr(self, name) <= 1.0, "a number in [0, 1]")
+
+    def build(self, train: ImageArrays, seed: int) -> "Stream":
+        """The stream of ``train`` under these settings."""
+        tasks = class_incremental_tasks(train.num_classes, self.num_tasks, seed=seed,
+                                        shuffle_classes=self.shuffle_classes)
+        return make_stream(train, tasks, kind=self.kind, seed=seed, blurry_ratio=self.blurry_ratio,
+                           disjoint_class_ratio=self.disjoint_class_ratio)
 
 
 def class_incremental_tasks(num_classes: int, num_tasks: int, *, seed: int = 0,

@@ -4,9 +4,10 @@ import os
 import numpy as np
 import pytest
 
+from research.core import config as config_lib
 from research.data import pipeline, sources
-from research.data.streams import (KINDS, class_incremental_tasks, make_stream, seen_classes, stream_batches,
-                                   task_test_sets)
+from research.data.streams import (KINDS, StreamConfig, class_incremental_tasks, make_stream, seen_classes,
+                                   stream_batches, task_test_sets)
 
 
 def arrays(num_classes=10, per_class=60, seed=0):
@@ -279,3 +280,25 @@ def test_split_cifar100_sample_in_ten_tasks():
     sets = task_test_sets(test, tasks)
     assert [len(s) for s in sets] == [int(np.isin(test.labels, t).sum()) for t in tasks]
     assert sum(len(s) for s in sets) == len(test)
+
+
+def test_the_stream_section_builds_the_stream_its_settings_describe():
+    train = arrays()
+    spec = config_lib.build(StreamConfig, {"stream": {"kind": "si_blurry", "num_tasks": 4, "shuffle_classes": True,
+                                                      "disjoint_class_ratio": 0.3}}, "stream")
+    tasks = class_incremental_tasks(10, 4, seed=3, shuffle_classes=True)
+    expected = make_stream(train, tasks, kind="si_blurry", seed=3, blurry_ratio=0.1, disjoint_class_ratio=0.3)
+    got = spec.build(train, seed=3)
+    np.testing.assert_array_equal(got.order, expected.order)
+    assert got.tasks == expected.tasks and got.boundaries == expected.boundaries
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"kind": "gradual"}, "config key 'stream.kind' = 'gradual' is not allowed; choose one of: sharp, blurry, si_blurry"),
+    ({"blurry_ratio": 1.5}, "config key 'stream.blurry_ratio' = 1.5 is not allowed; expected a number in [0, 1]"),
+    ({"num_tasks": 0}, "config key 'stream.num_tasks' = 0 is not allowed; expected a positive int"),
+])
+def test_a_bad_stream_setting_names_its_key(values, message):
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.build(StreamConfig, {"stream": values}, "stream")
+    assert str(e.value) == message

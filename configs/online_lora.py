@@ -35,6 +35,7 @@ from research.core.optim import OptimConfig
 from research.data.sections import StreamData
 from research.data.streams import StreamConfig
 from research.models import ModelConfig
+from research.models.efficientnet_lite import PrefixBackboneConfig
 
 PRESETS = ("smoke", "cifar10", "cifar10_160", "cifar10_224")
 METHODS = ("online_lora", "lora", "sequential_ft", "online_ewc", "er")
@@ -50,10 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.stream = config_lib.section(StreamConfig)  # 5 tasks of 2 classes, sharp boundaries, batches of 64
 
-    c.backbone = ml_collections.ConfigDict()
-    c.backbone.source = "pretrain"  # pretrain: stage below; imagenet: EfficientNet-Lite0 ImageNet weights
-    c.backbone.weights = ""         # imagenet: "" = the installed package, or a converted orbax directory
-    c.backbone.frozen_blocks = 0    # imagenet: the stem and first N blocks frozen, run once per image
+    c.backbone = config_lib.section(PrefixBackboneConfig)  # pretrain: the stage below; or imagenet weights
 
     c.model = config_lib.section(ModelConfig, name="vit_tiny", depth=4, patch_size=7)
 

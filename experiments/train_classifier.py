@@ -25,6 +25,7 @@ from research.data.augment import make_preprocess
 from research.data.sections import ClassifierData
 from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config
 
+
 def validate(config: ml_collections.ConfigDict) -> ClassifierData:
     cfg.build(ModelConfig, config, "model")
     cfg.build(OptimConfig, config, "optim")

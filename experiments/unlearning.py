@@ -33,8 +33,7 @@ from jax.flatten_util import ravel_pytree
 from research.adapters.prompts import PromptedViT, prompt_and_head_filter, prompt_filter
 from research.core import cli, experiment
 from research.core import config as cfg
-from research.core.classify import ClassifierTrainConfig, fit_classifier
-from research.core.optim import OptimConfig
+from research.core.classify import PretrainConfig, fit_classifier
 from research.core.records import write_json_atomic, write_npz_atomic
 from research.data import pipeline
 from research.data.augment import make_preprocess, normalize, resize
@@ -61,8 +60,7 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], T
     model = cfg.build(ModelConfig, config, "model")
     recipe = cfg.build(TrainRecipe, config, "unlearn")
     ntk_config = cfg.build(NTKScrubConfig, config, "ntk")  # its loss and ridge are the recipe's
-    cfg.build(OptimConfig, config, "pretrain.optim")
-    cfg.build(ClassifierTrainConfig, config, "pretrain.train")
+    cfg.build(PretrainConfig, config, "pretrain")
     cfg.build(UnlearningData, config, "data")
     cfg.build(effnet.BackboneConfig, config, "backbone").check_model(model.name)
     cfg.check(config, "forget_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
@@ -80,20 +78,10 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], T
 
 # ------------------------------------------------------------------------------------------- data
 
-def load_arrays(name: str, config, classes: tuple[int, ...], label: str = "label"):
-    train, test = cfg.build(UnlearningData, config, "data").splits(name, label)
-    chosen = list(classes)
-    if chosen:
-        bad = [c for c in chosen if not 0 <= c < train.num_classes]
-        if bad:
-            raise cfg.ConfigError(f"classes {bad} do not exist in {name} ({train.num_classes} classes)")
-        train, test = pipeline.select_classes(train, chosen), pipeline.select_classes(test, chosen)
-    return train, test
-
-
 def data_of_d(config, seed: int) -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
     """D (train, a seeded draw) and its test split."""
-    train, test = load_arrays(config.data.name, config, config.data.classes)
+    data = cfg.build(UnlearningData, config, "data")
+    train, test = data.splits(classes=data.classes)
     train = pipeline.per_class(train, config.data.train_per_class, seed)
     if config.data.train_total and config.data.train_total < len(train):
         rows = np.random.default_rng(seed).permutation(len(train))[:config.data.train_total]
@@ -146,20 +134,22 @@ def pretrained_backbone(config, mesh, workdir: str, input_shape):
     pre-trained with the first."""
     if config.backbone.source == "imagenet":
         return imagenet_backbone(config, input_shape)
-    pre_train, pre_test = load_arrays(config.pretrain.data, config, config.pretrain.classes, config.pretrain.label)
+    stage = cfg.build(PretrainConfig, config, "pretrain")
+    pre_train, pre_test = cfg.build(UnlearningData, config, "data").splits(stage.data, stage.label, stage.classes,
+                                                                           "pretrain.classes")
     if pre_train.images.shape[1:] != tuple(input_shape):
-        raise cfg.ConfigError(f"pretrain.data: {config.pretrain.data} images are {pre_train.images.shape[1:]}, "
+        raise cfg.ConfigError(f"pretrain.data: {stage.data} images are {pre_train.images.shape[1:]}, "
                               f"D's are {tuple(input_shape)}; pre-train on images of the same shape")
     mean, std = pipeline.channel_stats(pre_train.images)
     model = build_from_config(config.model, num_classes=pre_train.num_classes, input_shape=input_shape,
                               rngs=nnx.Rngs(config.seeds[0]))
     t0 = time.perf_counter()
     run = fit_classifier(model, pre_train, pre_test, config.pretrain,
-                         preprocess=make_preprocess(mean, std, config.pretrain.crop_padding, config.pretrain.flip),
-                         mesh=mesh, workdir=config.pretrain.workdir or os.path.join(workdir, "pretrain"), seed=config.seeds[0],
+                         preprocess=make_preprocess(mean, std, stage.crop_padding, stage.flip),
+                         mesh=mesh, workdir=stage.workdir or os.path.join(workdir, "pretrain"), seed=config.seeds[0],
                          rules=experiment.mesh_config(config).logical)
     state = nnx.state(run.model()).filter(nnx.Not(nnx.PathContains("head")))
-    info = {"data": config.pretrain.data, "classes": pre_train.num_classes, "images": len(pre_train),
+    info = {"data": stage.data, "classes": pre_train.num_classes, "images": len(pre_train),
             "test_acc": 100 * float(run.eval_metrics.get("test/accuracy", float("nan"))),
             "steps": int(run.state.step), "seconds": time.perf_counter() - t0}
     mean, std = tuple(map(float, mean)), tuple(map(float, std))

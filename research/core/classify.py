@@ -26,7 +26,8 @@ from research.core.mesh import LogicalRules
 from research.core.records import MetricWriter, image_grid
 from research.core.train import (ModelDefs, TrainState, classification_loss, create_train_state, jit_eval_step,
                                  jit_train_step, make_eval_step, make_train_step, place_on_mesh)
-from research.data import pipeline
+from research.core.optim import OptimConfig
+from research.data import pipeline, sources
 from research.models.filters import PARAM_SUBSETS, param_filter
 
 
@@ -54,6 +55,27 @@ class ClassifierTrainConfig:
                            f"a positive divisor of batch_size ({self.batch_size})")
         config_lib.require(self, "epochs", self.epochs > 0 or self.steps > 0, "> 0 (or set steps)")
         config_lib.require(self, "label_smoothing", 0 <= self.label_smoothing < 1, "a float in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """A backbone's pre-training stage (the ``pretrain`` section): the ``classes`` of the data set
+    ``data`` (() = all; ``label`` names the class column, e.g. cifar100_sample's coarse_label),
+    random crops with ``crop_padding`` pixels and horizontal ``flip`` while training, ``optim`` and
+    ``train`` as for any classifier. ``workdir``: "" = WORKDIR/pretrain, or another run's folder,
+    whose finished checkpoint is then reused."""
+    data: Literal[sources.IMAGE_DATASETS] = "mnist"
+    classes: tuple[int, ...] = ()
+    label: str = "label"
+    crop_padding: int = 0
+    flip: bool = False
+    workdir: str = ""
+    optim: OptimConfig = OptimConfig()
+    train: ClassifierTrainConfig = ClassifierTrainConfig()
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+        config_lib.require(self, "crop_padding", self.crop_padding >= 0, "an int >= 0")
 
 
 @dataclasses.dataclass

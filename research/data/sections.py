@@ -38,10 +38,20 @@ class DataSource:
         """The `datasets.DatasetDict` of ``name`` (default: this section's), from this section's source."""
         return sources.load(name or self.name, source=self.source, data_dir=self.data_dir or None)
 
-    def splits(self, name: str | None = None, label: str = "label") -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
-        """(train, test) as in-memory arrays, with ``label`` as the class column."""
+    def splits(self, name: str | None = None, label: str = "label", classes: tuple[int, ...] = (),
+               key: str = "data.classes") -> tuple[pipeline.ImageArrays, pipeline.ImageArrays]:
+        """(train, test) as in-memory arrays, with ``label`` as the class column; with ``classes``,
+        only those (relabelled 0..len-1 in that order). A class that does not exist is one
+        `ConfigError` naming ``key``."""
         ds = self.load(name)
-        return pipeline.to_arrays(ds["train"], label), pipeline.to_arrays(ds["test"], label)
+        train, test = pipeline.to_arrays(ds["train"], label), pipeline.to_arrays(ds["test"], label)
+        if not classes:
+            return train, test
+        bad = [c for c in classes if not 0 <= c < train.num_classes]
+        if bad:
+            raise config_lib.ConfigError(f"config key '{key}': classes {bad} do not exist in {name or self.name} "
+                                         f"({train.num_classes} classes)")
+        return pipeline.select_classes(train, classes), pipeline.select_classes(test, classes)
 
 
 @dataclasses.dataclass(frozen=True)

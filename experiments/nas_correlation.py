@@ -136,7 +136,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             done = saved["cells"]
 
     def save():
-        write_json_atomic(path, {"signature": signature, "cells": done})
+        if experiment.main_process():
+            write_json_atomic(path, {"signature": signature, "cells": done})
 
     scored = sum(all(n in done.get(k, {}) for n in names) for k in cells)
     print(f"{len(cells)} NB201 cells ({config.dataset}), proxies: {', '.join(names)}; "

@@ -66,7 +66,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_windows, heldout_windows = kjv_windows(data, tokenizer)
     calibration = train_windows[:data.calibration_windows, :-1]
     student, report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
-    write_json_atomic(os.path.join(workdir, "upcycle.json"), report)
+    if experiment.main_process():
+        write_json_atomic(os.path.join(workdir, "upcycle.json"), report)
 
     eval_batch = config.train.batch_size
     teacher_top1 = top1_predictions(teacher, heldout_windows, eval_batch)
@@ -80,7 +81,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              "training windows")
         layerwise_report = reconstruct_layers(teacher, student, train_windows[:reconstruct.windows, :-1], reconstruct,
                                               seed=config.seed, progress=config.train.progress)
-        write_json_atomic(os.path.join(workdir, "reconstruct.json"), layerwise_report)
+        if experiment.main_process():
+            write_json_atomic(os.path.join(workdir, "reconstruct.json"), layerwise_report)
         layerwise_eval = lm_metrics(student, heldout_windows, eval_batch, teacher_top1)
         print(f"after layer-wise reconstruction ({layerwise_report['seconds'] / 60:.1f} min): held-out perplexity "
               f"{layerwise_eval['ppl']:.3f}")

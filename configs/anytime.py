@@ -21,6 +21,7 @@ from research.core import config as config_lib
 from research.core.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
+from research.data.sections import AnytimeData
 from research.models import ModelConfig
 
 PRESETS = ("smoke", "fashion_mnist")
@@ -33,13 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.samplers = ("uniform", "tps")   # one supernet per sampler kind (sampler.kind is set per run)
     c.progress = True
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "cifar10_sample"
-    c.data.source = "auto"
-    c.data.data_dir = ""
-    c.data.train_limit = 0            # the first N training images (0 = all)
-    c.data.val_size = 500             # held out from the training images: picks each budget's subnetwork
-    c.data.eval_limit = 0             # the first N test images (0 = all)
+    c.data = config_lib.section(AnytimeData)  # the CIFAR-10 sample; 500 training images pick the subnetworks
 
     c.model = config_lib.section(ModelConfig, name="resnet20")
     c.optim = config_lib.section(OptimConfig, name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)

@@ -33,8 +33,9 @@ from research.core import cli, experiment
 from research.core import config as cfg
 from research.core.classify import ClassifierTrainConfig
 from research.core.optim import OptimConfig
-from research.data import pipeline, sources
+from research.data import pipeline
 from research.data.augment import make_preprocess
+from research.data.sections import AnytimeData
 from research.models import ModelConfig, build_from_config
 from research.models.resnet import ResNet
 
@@ -43,29 +44,24 @@ SAMPLERS = ("uniform", "tps")
 
 def validate(config: ml_collections.ConfigDict) -> None:
     for cls, key in ((ModelConfig, "model"), (OptimConfig, "optim"), (ClassifierTrainConfig, "train"),
-                     (SamplerConfig, "sampler"), (SandwichConfig, "sandwich")):
+                     (SamplerConfig, "sampler"), (SandwichConfig, "sandwich"), (AnytimeData, "data")):
         cfg.build(cls, config, key)
-    cfg.check_choice(config, "data.name", sources.IMAGE_DATASETS)
     cfg.check_names(config, "samplers", SAMPLERS)
     cfg.check(config, "model.name", lambda v: v in ("resnet20", "resnet18"), "resnet20 or resnet18 (a CIFAR ResNet)")
     cfg.check(config, "eval.budgets", lambda v: len(v) > 0 and all(0 < b <= 1 for b in v), "fractions in (0, 1]")
     cfg.check(config, "eval.calibration_batches", lambda v: v >= 1, "an int >= 1")
-    cfg.check(config, "data.val_size", lambda v: v >= 1, "an int >= 1 (the held-out images that pick subnetworks)")
 
 
 def load_data(config):
     """(train, held-out, test) arrays and preprocess(images, rng, train)."""
-    ds = sources.load(config.data.name, source=config.data.source, data_dir=config.data.data_dir or None)
-    train, test = pipeline.to_arrays(ds["train"]), pipeline.to_arrays(ds["test"])
-    if config.data.train_limit:
-        train = train.subset(slice(0, config.data.train_limit))
-    if config.data.eval_limit:
-        test = test.subset(slice(0, config.data.eval_limit))
-    if config.data.val_size >= len(train):
-        raise cfg.ConfigError(f"config key 'data.val_size' = {config.data.val_size} leaves no training images "
+    data = cfg.build(AnytimeData, config, "data")
+    train, test = data.splits()
+    train, test = train.first(data.train_limit), test.first(data.eval_limit)
+    if data.val_size >= len(train):
+        raise cfg.ConfigError(f"config key 'data.val_size' = {data.val_size} leaves no training images "
                               f"(there are {len(train)}); choose fewer")
-    held_out = train.subset(slice(len(train) - config.data.val_size, len(train)))
-    train = train.subset(slice(0, len(train) - config.data.val_size))
+    held_out = train.subset(slice(len(train) - data.val_size, len(train)))
+    train = train.first(len(train) - data.val_size)
     return train, held_out, test, make_preprocess(*pipeline.channel_stats(train.images))
 
 

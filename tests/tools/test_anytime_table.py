@@ -1,4 +1,5 @@
-"""tools/anytime_table: mean ± sd per sampler and budget over a seed sweep, and the TPS - uniform row."""
+"""tools/anytime_table: mean ± sd per sampler and budget over a seed sweep, and the TPS - uniform rows
+(across runs, and within each run)."""
 import json
 
 import pytest
@@ -21,6 +22,7 @@ def test_the_table_gives_mean_sd_and_the_difference_in_sd_units(tmp_path, capsys
     assert lines[4] == "| uniform | 0.550 ± 0.071 | 0.850 ± 0.071 | 10 ± 0 |"  # the baseline first
     assert lines[5] == "| tps | 0.650 ± 0.071 | 0.850 ± 0.071 | 20 ± 0 |"
     assert lines[6] == "| tps - uniform | +0.100 (+1.4 sd) | +0.000 (+0.0 sd) | |"
+    assert lines[7] == "| tps - uniform, within each run | +0.100 ± 0.000 (2/2 ahead) | +0.000 ± 0.000 (0/2 ahead) | |"
     assert (tmp_path / "anytime_seeds.png").stat().st_size > 5000
 
 

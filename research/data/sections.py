@@ -26,7 +26,7 @@ class DataSource:
     COUNTS: ClassVar[tuple[str, ...]] = ()  # int fields that must be >= 0 (0 = all / off)
 
     name: Literal[sources.IMAGE_DATASETS] = "digits"
-    source: Literal["auto", "offline", "hub"] = "auto"
+    source: Literal[sources.SOURCE_KINDS] = "auto"
     data_dir: str = ""
 
     def __post_init__(self):

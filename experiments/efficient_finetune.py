@@ -4,10 +4,11 @@ backprop, gradient filtering (conv) or LBP-WHT (ViT linear layers), and compare.
     python -m experiments.efficient_finetune --config configs/efficient_finetune.py[:PRESETS] --workdir DIR
 
 Writes to DIR: config.json, pretrain/ (TensorBoard, checkpoints; ``pretrain.workdir`` points elsewhere
-to share one pre-training between runs), finetune/VARIANT/ (the same per
-variant; every stage resumes from its checkpoints), results.json (per variant: test_acc,
-backward_flops, activation_bytes, backward_seconds_per_step, ...), results.md (the table) and
-tradeoff.png (accuracy against backward FLOPs and time).
+to share one pre-training between runs), finetune/VARIANT/ (the same per variant, and variant.json
+once it is finished), results.json (per variant: test_acc, backward_flops, activation_bytes,
+backward_seconds_per_step, ...), results.md (the table) and tradeoff.png (accuracy against backward
+FLOPs and time). Every stage resumes from its checkpoints; a rerun reuses a finished variant unless
+a setting that shapes it changed.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from research.core import config as cfg  # noqa: E402
 from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
 from research.core.mesh import shard_batch  # noqa: E402
 from research.core.optim import OptimConfig  # noqa: E402
+from research.core.records import read_signed, write_signed  # noqa: E402
 from research.core.train import classification_loss  # noqa: E402
 from research.data import pipeline  # noqa: E402
 from research.data.augment import make_preprocess  # noqa: E402
@@ -130,9 +132,21 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if data.split == "classes":
         pretrained = pretrained.filter(nnx.Not(lambda path, value: "head" in path))
     measure_batch = pipeline.train_batch(fine_train, config.finetune.train.batch_size, config.seed, 0)
+    # A finished variant is reused only if everything that shapes it is unchanged (not its timing:
+    # a rerun keeps the backward time it measured).
+    signature = config.to_dict()
+    signature["finetune"].pop("variants")
+    for stage in ("pretrain", "finetune"):
+        signature[stage]["train"].pop("progress")
     variant_results = {}
     layer_paths = []
     for name, method, setting in variants:
+        record = os.path.join(workdir, "finetune", name, "variant.json")
+        saved = read_signed(record, signature)
+        if saved is not None:
+            variant_results[name], layer_paths = saved["result"], saved["layers"]
+            print(f"{name}: reusing {record}")
+            continue
         model = new_model(config.seed + 1, fine_train.num_classes)
         nnx.update(model, pretrained)
         layers = finetuned_layers(model, input_shape, config)
@@ -162,6 +176,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "train_seconds": seconds,
             "trainable_params": run.num_trainable,
         }
+        if experiment.main_process():
+            write_signed(record, signature, {"result": variant_results[name], "layers": layer_paths})
         print(f"{name}: test accuracy {variant_results[name]['test_acc']:.4f}, backward "
               f"{1e3 * profile['seconds']:.1f} ms/step, {profile['flops'] / 1e6:.1f} MFLOPs")
 

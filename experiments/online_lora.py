@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -55,7 +54,7 @@ from research.adapters.online_lora import (OnlineLoRA, OnlineLoraConfig, batched
 from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
 from research.core.classify import PretrainConfig, fit_classifier  # noqa: E402
-from research.core.records import MetricWriter, write_json_atomic, write_npy_atomic  # noqa: E402
+from research.core.records import MetricWriter, read_signed, write_npy_atomic, write_signed  # noqa: E402
 from research.data import pipeline, sources, streams  # noqa: E402
 from research.data.augment import make_preprocess, normalize, resize  # noqa: E402
 from research.data.sections import StreamData  # noqa: E402
@@ -339,18 +338,16 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     method_results = {}
     for method in methods:
         path = os.path.join(workdir, "methods", f"{method}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if saved.get("signature") == json.loads(json.dumps(signature)):
-                method_results[method] = saved["result"]
-                print(f"{method}: reusing {path}")
-                continue
+        saved = read_signed(path, signature)
+        if saved is not None:
+            method_results[method] = saved
+            print(f"{method}: reusing {path}")
+            continue
         learner = make_learner(method, backbone.new_model(), config, backbone.preprocess)
         result = run_method(method, learner, train, stream, tests, config, workdir, test)
         method_results[method] = result
         if experiment.main_process():
-            write_json_atomic(path, {"signature": signature, "result": result})
+            write_signed(path, signature, result)
         print(f"{method}: avg_acc {result['avg_acc']:.4f}, forgetting {result['forgetting']:.4f}, "
               f"{result['n_plateaus']} plateaus, {result['seconds']:.1f} s")
 

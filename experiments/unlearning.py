@@ -34,7 +34,7 @@ from research.adapters.prompts import PromptedViT, prompt_and_head_filter, promp
 from research.core import cli, experiment
 from research.core import config as cfg
 from research.core.classify import PretrainConfig, fit_classifier
-from research.core.records import write_json_atomic, write_npz_atomic
+from research.core.records import read_signed, write_npz_atomic, write_signed
 from research.data import pipeline
 from research.data.augment import make_preprocess, normalize, resize
 from research.data.sections import UnlearningData
@@ -241,12 +241,9 @@ def run_seed(config, seed: int, workdir: str, methods, scenarios, recipe: TrainR
         for method in methods:
             path = os.path.join(workdir, "methods", f"{scenario}_{method}.json")
             signature = {**shared, "hyperparameters": own.get(method, {})}
-            saved = {}
-            if os.path.exists(path):
-                with open(path) as f:
-                    saved = json.load(f)
-            if saved.get("signature") == json.loads(json.dumps(signature)):
-                rows[method] = saved["result"]
+            saved = read_signed(path, signature)
+            if saved is not None:
+                rows[method] = saved
                 continue
             t0 = time.perf_counter()
             new_params, info = unlearn(method, problem, config, ntk_config, mesh, seed)
@@ -262,7 +259,7 @@ def run_seed(config, seed: int, workdir: str, methods, scenarios, recipe: TrainR
                    **{f"info_{k}": v for k, v in info.items()}}
             rows[method] = row
             if experiment.main_process():
-                write_json_atomic(path, {"signature": signature, "result": row})
+                write_signed(path, signature, row)
             print(f"{scenario:6s} {method:18s} " + " ".join(f"{k} {row[k]:6.2f}" for k in REPORTED)
                   + f"  {seconds:7.1f} s")
         for row in rows.values():

@@ -61,6 +61,24 @@ def write_npz_atomic(path: str, **arrays) -> None:
     _write_atomic(path, "wb", lambda f: np.savez(f, **arrays))
 
 
+def read_signed(path: str, signature) -> object | None:
+    """The result :func:`write_signed` saved at ``path``, if it was saved under an equal
+    ``signature`` (compared as JSON: tuples equal lists), else None. A finished piece of work is
+    reused only when everything that shaped it is unchanged, so a changed setting is recomputed."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("signature") != json.loads(json.dumps(signature, default=_to_builtin)):
+        return None
+    return saved["result"]
+
+
+def write_signed(path: str, signature, result) -> None:
+    """``{"signature": signature, "result": result}`` as JSON at ``path``, atomically (see :func:`read_signed`)."""
+    write_json_atomic(path, {"signature": signature, "result": result})
+
+
 def _to_builtin(x):
     if isinstance(x, (np.generic, jax.Array)):
         return np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x).tolist()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from research.core.records import (MetricWriter, image_grid, plot_curves, temp_dir_beside, write_json_atomic,
-                                   write_npy_atomic, write_npz_atomic)
+from research.core.records import (MetricWriter, image_grid, plot_curves, read_signed, temp_dir_beside,
+                                   write_json_atomic, write_npy_atomic, write_npz_atomic, write_signed)
 
 
 def test_scalars_and_images_are_readable_by_tensorboard(tmp_path):
@@ -65,3 +65,14 @@ def test_atomic_writes_and_temporary_folders_get_the_permissions_of_a_plain_open
     os.rmdir(folder)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"r.json": 0o644, "r.npz": 0o644, "plain": 0o644}
+
+
+def test_a_signed_record_is_read_back_only_under_an_equal_signature(tmp_path):
+    path = str(tmp_path / "sub" / "done.json")
+    signature = {"lr": 0.1, "classes": (0, 1), "data": {"name": "digits"}}
+    assert read_signed(path, signature) is None  # nothing saved yet
+    write_signed(path, signature, {"acc": 0.5})
+    assert read_signed(path, {"data": {"name": "digits"}, "classes": [0, 1], "lr": 0.1}) == {"acc": 0.5}
+    assert read_signed(path, {**signature, "lr": 0.2}) is None
+    assert read_signed(path, {**signature, "classes": (0, 2)}) is None
+    assert read_signed(path, {k: v for k, v in signature.items() if k != "lr"}) is None

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 KEYS = ("test_acc", "backward_flops", "activation_bytes", "backward_seconds_per_step")
 
 
-def test_cnn_variants_write_their_record_and_resume(tmp_path):
+def test_cnn_variants_write_their_record_and_a_rerun_reuses_them(tmp_path, capsys):
     config = load_config("configs/efficient_finetune.py:smoke", {"data.name": "digits"})
     results = efficient_finetune.main(config, str(tmp_path))
     variants = results["variants"]
@@ -28,13 +28,21 @@ def test_cnn_variants_write_their_record_and_resume(tmp_path):
         assert variants["vanilla"]["backward_flops"] > 2 * variants[name]["backward_flops"]
     assert variants["vanilla"]["activation_bytes"] > variants["filter_r2"]["activation_bytes"]
     assert {"results.json", "results.md", "tradeoff.png", "pretrain", "finetune"} <= set(os.listdir(tmp_path))
-    # Run again in the same workdir: every stage resumes from its final checkpoint.
+    # Run again in the same workdir: the pre-training resumes from its final checkpoint and every
+    # finished variant is reused as it was recorded, its timing included.
+    capsys.readouterr()
     again = efficient_finetune.main(config, str(tmp_path))
+    assert capsys.readouterr().out.count("reusing") == len(variants)
     assert again["pretrain"]["steps"] == results["pretrain"]["steps"]
-    for name, r in variants.items():
-        assert again["variants"][name]["test_acc"] == r["test_acc"]
-    assert json.loads((tmp_path / "results.json").read_text())["variants"]["filter_r4"]["test_acc"] == \
-        variants["filter_r4"]["test_acc"]
+    assert again["pretrain"]["test_acc"] == results["pretrain"]["test_acc"]
+    assert again["variants"] == json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert again["variants"]["filter_r4"]["backward_seconds_per_step"] == variants["filter_r4"]["backward_seconds_per_step"]
+    # A changed setting that shapes a variant runs it again (from its final fine-tuning checkpoint).
+    changed = load_config("configs/efficient_finetune.py:smoke",
+                          {"data.name": "digits", "finetune.variants": ("filter_r2",), "measure.repeats": 2})
+    rerun = efficient_finetune.main(changed, str(tmp_path))
+    assert "reusing" not in capsys.readouterr().out
+    assert rerun["variants"]["filter_r2"]["test_acc"] == variants["filter_r2"]["test_acc"]
 
 
 def test_vit_lbp_wht_variants(tmp_path):

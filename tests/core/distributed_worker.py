@@ -28,7 +28,9 @@ def one_step(mesh, local_batch):
     state, shardings = place_on_mesh(state, mesh)
     loss_fn, _ = classification_loss(make_preprocess([0.5] * 3, [0.25] * 3, 1, True))
     new_state, sums = jit_train_step(make_train_step(defs, tx, loss_fn), shardings, mesh)(state, shard_batch(local_batch, mesh))
-    checksum = sum(float(np.asarray(jax.jit(lambda x: x.sum())(x))) for x in jax.tree.leaves(new_state.params))
+    # One program for every leaf's sum (the parameters span both processes; the sums are replicated).
+    sums_per_leaf = jax.jit(lambda params: jax.tree.map(lambda x: x.sum(), params))(new_state.params)
+    checksum = sum(float(np.asarray(x)) for x in jax.tree.leaves(sums_per_leaf))
     # The same parameters copied to this process's first device (its replica, no collective).
     local = sum(float(np.asarray(x).sum()) for x in jax.tree.leaves(to_local_device(new_state.params)))
     return float(sums["loss"] / sums["count"]), checksum, local

@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.train_limit, c.data.val_size, c.data.eval_limit = 192, 64, 64
         c.train.update(epochs=0, steps=3, batch_size=32, log_every=1, checkpoint_every=0, progress=False)
         c.sandwich.num_sampled = 1
+        c.sampler.widths = (0.5, 1.0)  # 6 candidate subnetworks to evaluate instead of 12
         c.eval.update(calibration_batches=2, batch_size=64)
         c.progress = False
     return c

@@ -1,6 +1,11 @@
 """Importing the library changes no global JAX or Flax setting."""
+import os
 import subprocess
 import sys
+
+# A bare environment, so that nothing the test process set leaks in; XLA_FLAGS only makes the
+# compiler faster (tests/conftest.py) and changes no setting the probes read.
+BARE = {"JAX_PLATFORMS": "cpu", "PATH": "", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 
 PROBE = r"""
 import jax
@@ -23,7 +28,7 @@ print("unchanged")
 
 def test_importing_the_library_changes_no_global_jax_or_nnx_setting():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
-                         env={"JAX_PLATFORMS": "cpu", "PATH": ""}, cwd=".")
+                         env=BARE, cwd=".")
     assert out.returncode == 0 and out.stdout.strip() == "unchanged", out.stderr[-2000:]
 
 
@@ -36,5 +41,5 @@ def test_models_build_outside_a_mesh_without_a_global_switch():
         "build_model('resnet20', num_classes=10, input_shape=(8, 8, 3), rngs=nnx.Rngs(0))\n"
         "Llama(LlamaConfig(vocab_size=32, dim=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,"
         " mlp_dim=32), rngs=nnx.Rngs(0))\n")], capture_output=True, text=True, timeout=300,
-        env={"JAX_PLATFORMS": "cpu", "PATH": ""}, cwd=".")
+        env=BARE, cwd=".")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -53,7 +53,7 @@ def test_bad_input_gives_one_clear_error_line(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "results.json")
 
 
-def test_a_data_dir_that_does_not_exist_never_falls_back_to_the_environment(tmp_path):
+def test_a_data_dir_that_does_not_exist_never_falls_back_to_the_environment(tmp_path, monkeypatch):
     """With $RESEARCH_DATA_DIR holding the sample, a given data.data_dir that does not exist fails,
     and one that exists without the sample fails too, instead of training on the environment's data."""
     env_data = tmp_path / "env_data" / "cifar"
@@ -72,6 +72,10 @@ def test_a_data_dir_that_does_not_exist_never_falls_back_to_the_environment(tmp_
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert not os.path.exists(tmp_path / "run" / "results.json")
-    # The environment's folder is the default when no path is given: the same command trains.
-    proc = run_cli(*common, "--workdir", str(tmp_path / "run"), env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # The environment's folder is the default when no path is given: the same config trains.
+    monkeypatch.setenv("RESEARCH_DATA_DIR", env["RESEARCH_DATA_DIR"])
+    config = load_config("configs/train_classifier.py:smoke",
+                         {"data.name": "cifar10_sample", "data.source": "auto", "model.name": "mlp"})
+    results = train_classifier.main(config, str(tmp_path / "run"))
+    assert results["steps"] == 6
+    assert results["num_params"] == 32 * 32 * 3 * 32 + 32 + 32 * 2 + 2  # the MLP on the environment's 2 classes

@@ -20,11 +20,11 @@ import numpy as np
 
 
 def load(sweep_dir: str) -> tuple[list[float], dict[str, dict[str, np.ndarray]]]:
-    """(budgets, {sampler: {"acc": (runs, budgets), "seconds": (runs,)}})."""
+    """(budgets, {sampler: {"acc": (runs, budgets), "seconds": (runs,), "runs": [run folder]}})."""
     paths = sorted(glob.glob(os.path.join(sweep_dir, "*", "results.json")))
     if not paths:
         raise FileNotFoundError(f"no DIR/*/results.json under {sweep_dir!r}")
-    budgets, acc, seconds = None, {}, {}
+    budgets, acc, seconds, names = None, {}, {}, {}
     for path in paths:
         with open(path) as f:
             r = json.load(f)
@@ -35,8 +35,10 @@ def load(sweep_dir: str) -> tuple[list[float], dict[str, dict[str, np.ndarray]]]
         for name, s in r["samplers"].items():
             acc.setdefault(name, []).append([p["test_accuracy"] for p in s["curve"]])
             seconds.setdefault(name, []).append(s["train_seconds"])
+            names.setdefault(name, []).append(os.path.basename(os.path.dirname(path)))
     order = sorted(acc, key=lambda n: (n != "uniform", n))  # the baseline first
-    return budgets, {n: {"acc": np.asarray(acc[n]), "seconds": np.asarray(seconds[n])} for n in order}
+    return budgets, {n: {"acc": np.asarray(acc[n]), "seconds": np.asarray(seconds[n]), "runs": names[n]}
+                     for n in order}
 
 
 def sd(x: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -56,8 +58,10 @@ def table(budgets: list[float], runs: dict[str, dict[str, np.ndarray]]) -> str:
         spread = np.maximum(sd(u), sd(t))
         cells = [f"{d:+.3f} ({d / s:+.1f} sd)" if s > 0 else f"{d:+.3f}" for d, s in zip(diff, spread, strict=True)]
         lines.append("| tps - uniform | " + " | ".join(cells) + " | |")
-        if t.shape == u.shape:  # every run trained both samplers
-            paired = t - u
+        both = [r for r in runs["tps"]["runs"] if r in runs["uniform"]["runs"]]  # runs that trained both
+        if both:
+            pick = lambda sampler: np.asarray([runs[sampler]["runs"].index(r) for r in both])  # noqa: E731
+            paired = t[pick("tps")] - u[pick("uniform")]
             cells = [f"{m:+.3f} ± {s:.3f} ({int((col > 0).sum())}/{len(col)} ahead)"
                      for m, s, col in zip(paired.mean(0), sd(paired), paired.T, strict=True)]
             lines.append("| tps - uniform, within each run | " + " | ".join(cells) + " | |")

@@ -33,3 +33,13 @@ def test_runs_with_other_budgets_or_none_fail_with_one_line(tmp_path):
     write_run(tmp_path / "001", (0.5, 0.8, 0.9), (0.6, 0.8, 0.9), budgets=(0.3, 0.5, 1.0))
     with pytest.raises(SystemExit, match="budgets .* differ"):
         anytime_table.main([str(tmp_path)])
+
+
+def test_the_within_run_difference_pairs_the_samplers_of_the_same_run(tmp_path):
+    write_run(tmp_path / "000", (0.50, 0.80), (0.60, 0.80))
+    write_run(tmp_path / "001", (0.60, 0.90), (0.90, 0.90))
+    one_sampler = json.loads((tmp_path / "000" / "results.json").read_text())
+    del one_sampler["samplers"]["tps"]  # run 000 trained uniform only
+    (tmp_path / "000" / "results.json").write_text(json.dumps(one_sampler))
+    text = anytime_table.table(*anytime_table.load(str(tmp_path)))
+    assert "| tps - uniform, within each run | +0.300 ± 0.000 (1/1 ahead) | +0.000 ± 0.000 (0/1 ahead) | |" in text

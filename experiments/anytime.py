@@ -88,7 +88,8 @@ def run_sampler(kind: str, config, data, mesh, workdir: str) -> dict:
     start = time.perf_counter()
     defs, state, train_metrics = anytime_train.fit_supernet(
         model, train, config, table, sampling.make_sampler(table, sampler_config), preprocess=preprocess, mesh=mesh,
-        workdir=os.path.join(workdir, kind), seed=config.seed, rules=experiment.mesh_config(config).logical)
+        workdir=os.path.join(workdir, kind), seed=config.seed, rules=experiment.mesh_config(config).logical,
+        settings={"sampler": dataclasses.asdict(sampler_config)})
     seconds = time.perf_counter() - start
     trained = nnx.merge(defs.eval, state.train.params, state.train.frozen, state.train.rest)
     calibration = [preprocess(jax.numpy.asarray(pipeline.train_batch(train, config.train.batch_size, config.seed + 1,

@@ -49,6 +49,9 @@ METHOD_NAMES = ("retrain", "ntk", *[m for m in baselines.BASELINES if m != "retr
 SCENARIOS = ("class", "random")
 REPORTED = ("retain_acc", "forget_acc", "test_acc", "mia")
 BASELINE_REFERENCE_LR = 0.01  # the training lr that the baselines' default lrs were chosen for
+# The backbone is one for every seed of ``seeds``, so its own seed is fixed: a run of seeds (1,) in a
+# workdir that holds seeds (0, 1) is then the same run as seed 1 there, on the same backbone.
+BACKBONE_SEED = 0
 
 
 def validate(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], TrainRecipe, NTKScrubConfig]:
@@ -116,7 +119,7 @@ def model_input_shape(config, stored_shape) -> tuple[int, int, int]:
 def imagenet_backbone(config, input_shape):
     """EfficientNet-Lite0's ImageNet weights (DATA.md): (state without the head, preprocess, info)."""
     # Any class count: the head is dropped, the model at w_init gets a fresh one for D's classes.
-    model = build_from_config(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(config.seeds[0]),
+    model = build_from_config(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(BACKBONE_SEED),
                               conv_init=effnet.placeholder_init)
     t0 = time.perf_counter()
     effnet.load_pretrained(model, config.backbone.weights, include_head=False)
@@ -131,7 +134,7 @@ def imagenet_backbone(config, input_shape):
 
 def pretrained_backbone(config, mesh, workdir: str, input_shape):
     """(state of the pre-trained model without its head, preprocess, info); one for all the seeds,
-    pre-trained with the first."""
+    pre-trained with ``BACKBONE_SEED``."""
     if config.backbone.source == "imagenet":
         return imagenet_backbone(config, input_shape)
     stage = cfg.build(PretrainConfig, config, "pretrain")
@@ -142,11 +145,11 @@ def pretrained_backbone(config, mesh, workdir: str, input_shape):
                               f"D's are {tuple(input_shape)}; pre-train on images of the same shape")
     mean, std = pipeline.channel_stats(pre_train.images)
     model = build_from_config(config.model, num_classes=pre_train.num_classes, input_shape=input_shape,
-                              rngs=nnx.Rngs(config.seeds[0]))
+                              rngs=nnx.Rngs(BACKBONE_SEED))
     t0 = time.perf_counter()
     run = fit_classifier(model, pre_train, pre_test, config.pretrain,
                          preprocess=make_preprocess(mean, std, stage.crop_padding, stage.flip),
-                         mesh=mesh, workdir=stage.workdir or os.path.join(workdir, "pretrain"), seed=config.seeds[0],
+                         mesh=mesh, workdir=stage.workdir or os.path.join(workdir, "pretrain"), seed=BACKBONE_SEED,
                          rules=experiment.mesh_config(config).logical)
     state = nnx.state(run.model()).filter(nnx.Not(nnx.PathContains("head")))
     info = {"data": stage.data, "classes": pre_train.num_classes, "images": len(pre_train),

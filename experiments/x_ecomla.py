@@ -28,7 +28,7 @@ from research.attention.reconstruct import ReconstructConfig, reconstruct_layers
 from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core import cli, experiment, optim
 from research.core import config as cfg
-from research.core.checkpoint import Checkpointer
+from research.core.checkpoint import Checkpointer, array_digest
 from research.core.loop import fit
 from research.core.mesh import batch_sharding, replicated, state_shardings
 from research.core.optim import OptimConfig
@@ -120,7 +120,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"\nKD budget {seconds / 60:.1f} min (step {step}): held-out perplexity {figures['ppl']:.3f}, "
               f"top-1 agreement {figures['top1_agreement']:.3f}", flush=True)
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every or steps)
+    # What decides the student's weights; resuming under other values is refused (research/core/checkpoint.py).
+    settings = {key: config[key].to_dict() for key in ("model", "data", "upcycle", "reconstruct", "distill", "optim")}
+    settings.update(seed=config.seed, data_digest=array_digest(train_windows),
+                    train={k: config.train[k] for k in ("steps", "batch_size", "grad_accum_steps")})
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every or steps,
+                                settings=settings)
     if config.train.budget_minutes and checkpointer.latest_step():
         raise ValueError(f"train.budget_minutes times one uninterrupted run, but {workdir} holds a checkpoint at step "
                          f"{checkpointer.latest_step()}; use a new --workdir")

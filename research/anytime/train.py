@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import flax.struct
 import jax
@@ -31,7 +31,7 @@ from research.anytime.sampling import SubnetTable
 from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer
-from research.core.classify import ClassifierTrainConfig, total_steps
+from research.core.classify import ClassifierTrainConfig, total_steps, training_settings
 from research.core.loop import fit
 from research.core.mesh import LogicalRules, batch_sharding, replicated, to_local_device
 from research.core.records import MetricWriter
@@ -159,10 +159,11 @@ def anytime_curve(rows: list[dict], budgets: Iterable[float], select: str = "val
 
 def fit_supernet(model: nnx.Module, train: pipeline.ImageArrays, config: ml_collections.ConfigDict,
                  table: SubnetTable, sample, *, preprocess, mesh: Mesh, workdir: str, seed: int = 0,
-                 rules: LogicalRules = LogicalRules()) -> tuple[ModelDefs, SandwichState, dict]:
+                 rules: LogicalRules = LogicalRules(), settings: Mapping = {}) -> tuple[ModelDefs, SandwichState, dict]:
     """Trains the supernet ``model`` by the sandwich rule on ``train`` (resumable from
     workdir/checkpoints) with the ``optim`` (OptimConfig), ``train`` (ClassifierTrainConfig) and
-    ``sandwich`` (SandwichConfig) sections of ``config``. Returns (defs, state, last train metrics)."""
+    ``sandwich`` (SandwichConfig) sections of ``config``. ``settings``: what else shapes the weights
+    (the sampler's section), kept beside the checkpoints. Returns (defs, state, last train metrics)."""
     opt = config_lib.build(optim.OptimConfig, config, "optim")
     train_config = config_lib.build(ClassifierTrainConfig, config, "train")
     sandwich = config_lib.build(SandwichConfig, config, "sandwich")
@@ -176,7 +177,9 @@ def fit_supernet(model: nnx.Module, train: pipeline.ImageArrays, config: ml_coll
                    in_shardings=(state_shardings, batch_sharding(mesh)), out_shardings=(state_shardings, replicated(mesh)),
                    donate_argnums=0)
     writer = MetricWriter(os.path.join(workdir, "tb"))
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps)
+    settings = training_settings(opt, train_config, steps, seed, train, sandwich=dataclasses.asdict(sandwich),
+                                 **dict(settings))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps, settings=settings)
     state, train_metrics, _ = fit(
         state, step, lambda i: pipeline.train_batch(train, train_config.batch_size, seed, i), steps, mesh=mesh,
         writer=writer, checkpointer=checkpointer, learning_rate=optim.make_schedule(opt, steps),

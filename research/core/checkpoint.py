@@ -5,14 +5,25 @@ mid-write leaves the previous checkpoint intact. Before restoring, every array's
 checkpoint is compared with the state the run built from its config; a difference fails with
 the array's path and both shapes instead of restoring into the wrong model. Arrays are restored
 in the dtypes of the run's state.
+
+A run also passes its ``settings``: everything besides the model's shapes that decides the weights
+(optimizer, schedule length, batch size, seed, a digest of the training data). They are kept in
+``settings.json`` beside the checkpoints, and resuming under different ones fails with the first
+key that changed: otherwise a finished checkpoint would be reported as the result of the new settings.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from research.core.records import as_read_back, write_json_atomic
 
 
 class CheckpointMismatchError(ValueError):
@@ -36,16 +47,67 @@ def array_shapes(tree) -> dict[str, tuple[int, ...]]:
     return {path_str(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
 
 
-class Checkpointer:
-    """Saves and restores a TrainState under `directory` (one subdirectory per step)."""
+def array_digest(*arrays: np.ndarray) -> str:
+    """A short hex digest of the arrays' shapes, dtypes and bytes: names the training data in ``settings``."""
+    digest = hashlib.blake2b(digest_size=12)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.shape}{a.dtype}".encode())
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()
 
-    def __init__(self, directory: str, every_steps: int, keep: int = 2):
+
+def flat_items(tree, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf} of a nested mapping."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    items = {}
+    for key, value in tree.items():
+        items.update(flat_items(value, f"{prefix}.{key}" if prefix else key))
+    return items
+
+
+def first_change(saved: Mapping, wanted: Mapping) -> str | None:
+    """The first key (dotted, sorted) whose value differs, is added or is removed, as one phrase."""
+    old, new = flat_items(as_read_back(saved)), flat_items(as_read_back(wanted))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "(absent)") != new.get(key, "(absent)"):
+            return f"{key}={old.get(key, '(absent)')!r}, this run has {key}={new.get(key, '(absent)')!r}"
+    return None
+
+
+class Checkpointer:
+    """Saves and restores a TrainState under `directory` (one subdirectory per step). With
+    ``settings`` (a JSON-able mapping), a directory holding checkpoints written under other
+    settings is refused at once (:class:`CheckpointMismatchError` naming the changed key)."""
+
+    def __init__(self, directory: str, every_steps: int, keep: int = 2, settings: Mapping | None = None):
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(save_interval_steps=max(every_steps, 1), max_to_keep=keep, create=True),
             item_handlers=ocp.StandardCheckpointHandler(),  # lets a new process read the stored shapes
         )
+        if settings is not None:
+            try:
+                self.check_settings(settings)
+            except CheckpointMismatchError:
+                self.manager.close()
+                raise
+
+    def check_settings(self, settings: Mapping) -> None:
+        """Compares ``settings`` with the ones the checkpoints were written under, or records them.
+        A directory without checkpoints (or from before settings were kept) takes the new ones."""
+        path = os.path.join(self.directory, "settings.json")
+        if self.latest_step() is not None and os.path.exists(path):
+            with open(path) as f:
+                change = first_change(json.load(f), settings)
+            if change:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory} was written with {change}; "
+                    f"use a new --workdir or the settings it was written with")
+            return
+        write_json_atomic(path, settings)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

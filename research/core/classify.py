@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from research.core import config as config_lib
 from research.core import optim
-from research.core.checkpoint import Checkpointer
+from research.core.checkpoint import Checkpointer, array_digest
 from research.core.loop import evaluate, fit
 from research.core.mesh import LogicalRules
 from research.core.records import MetricWriter, image_grid
@@ -100,6 +100,21 @@ def total_steps(train_config: ClassifierTrainConfig, num_examples: int) -> int:
     return train_config.steps or train_config.epochs * pipeline.steps_per_epoch(num_examples, train_config.batch_size)
 
 
+# Fields of the train section that do not change the weights: a run may resume under other values.
+NOT_WEIGHT_SHAPING = ("epochs", "steps", "eval_batch_size", "log_every", "eval_every_epochs", "checkpoint_every",
+                      "progress")
+
+
+def training_settings(opt: OptimConfig, train_config: ClassifierTrainConfig, steps: int, seed: int,
+                      train: pipeline.ImageArrays, **extra) -> dict:
+    """What decides a run's weights besides the model's shapes (the Checkpointer's ``settings``):
+    the optimizer, the total steps (epochs change the schedule, so a longer run is a new run), the
+    batches, the seed, a digest of the training images and labels, and ``extra`` sections."""
+    kept = {k: v for k, v in dataclasses.asdict(train_config).items() if k not in NOT_WEIGHT_SHAPING}
+    return {"optim": dataclasses.asdict(opt), "train": kept, "steps": steps, "seed": seed,
+            "data": array_digest(train.images, train.labels), **extra}
+
+
 def fit_classifier(model: nnx.Module, train: pipeline.ImageArrays, test: pipeline.ImageArrays,
                    config: ml_collections.ConfigDict, *, preprocess, mesh: Mesh, workdir: str,
                    trainable: nnx.filterlib.Filter | None = None, train_mode: bool = True,
@@ -128,7 +143,8 @@ def fit_classifier(model: nnx.Module, train: pipeline.ImageArrays, test: pipelin
     first = pipeline.train_batch(train, train_config.batch_size, seed, 0)
     shown = preprocess(jnp.asarray(first["images"][:32]), jax.random.PRNGKey(0), True)
     writer.images(0, {"train/augmented_inputs": image_grid(np.asarray(shown, np.float32))})
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps,
+                                settings=training_settings(opt, train_config, steps, seed, train, train_mode=train_mode))
     state, train_metrics, eval_metrics = fit(
         state, train_step, lambda step: pipeline.train_batch(train, train_config.batch_size, seed, step),
         steps, mesh=mesh, writer=writer, checkpointer=checkpointer,

@@ -69,9 +69,14 @@ def read_signed(path: str, signature) -> object | None:
         return None
     with open(path) as f:
         saved = json.load(f)
-    if saved.get("signature") != json.loads(json.dumps(signature, default=_to_builtin)):
+    if saved.get("signature") != as_read_back(signature):
         return None
     return saved["result"]
+
+
+def as_read_back(obj):
+    """``obj`` as :func:`write_json_atomic` would read back: tuples as lists, numpy scalars as numbers."""
+    return json.loads(json.dumps(obj, default=_to_builtin))
 
 
 def write_signed(path: str, signature, result) -> None:

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer
-from research.core.classify import ClassifierTrainConfig, total_steps
+from research.core.classify import ClassifierTrainConfig, total_steps, training_settings
 from research.core.loop import evaluate, fit
 from research.core.mesh import LogicalRules
 from research.core.records import MetricWriter, image_grid
@@ -136,7 +136,8 @@ def fit_generator(model: mae.MaskedAutoencoder, train: pipeline.ImageArrays, tes
         writer.images(int(jax.device_get(state.step)), {"samples": sample_grid(current, examples, mask_config)})
         return metrics
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps)
+    settings = training_settings(opt, train_config, steps, seed, train, masks=dataclasses.asdict(mask_config), flip=flip)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps, settings=settings)
     state, train_metrics, eval_metrics = fit(
         state, train_step, lambda step: pipeline.train_batch(train, train_config.batch_size, seed, step), steps,
         mesh=mesh, writer=writer, checkpointer=checkpointer, evaluate=evaluate_and_show,

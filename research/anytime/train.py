@@ -159,7 +159,8 @@ def anytime_curve(rows: list[dict], budgets: Iterable[float], select: str = "val
 
 def fit_supernet(model: nnx.Module, train: pipeline.ImageArrays, config: ml_collections.ConfigDict,
                  table: SubnetTable, sample, *, preprocess, mesh: Mesh, workdir: str, seed: int = 0,
-                 rules: LogicalRules = LogicalRules(), settings: Mapping = {}) -> tuple[ModelDefs, SandwichState, dict]:
+                 rules: LogicalRules = LogicalRules(),
+                 settings: Mapping = {}) -> tuple[ModelDefs, SandwichState, dict]:
     """Trains the supernet ``model`` by the sandwich rule on ``train`` (resumable from
     workdir/checkpoints) with the ``optim`` (OptimConfig), ``train`` (ClassifierTrainConfig) and
     ``sandwich`` (SandwichConfig) sections of ``config``. ``settings``: what else shapes the weights
@@ -177,9 +178,9 @@ def fit_supernet(model: nnx.Module, train: pipeline.ImageArrays, config: ml_coll
                    in_shardings=(state_shardings, batch_sharding(mesh)), out_shardings=(state_shardings, replicated(mesh)),
                    donate_argnums=0)
     writer = MetricWriter(os.path.join(workdir, "tb"))
-    settings = training_settings(opt, train_config, steps, seed, train, sandwich=dataclasses.asdict(sandwich),
-                                 **dict(settings))
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps, settings=settings)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps,
+                                settings=training_settings(opt, train_config, steps, seed, train,
+                                                           sandwich=dataclasses.asdict(sandwich), **settings))
     state, train_metrics, _ = fit(
         state, step, lambda i: pipeline.train_batch(train, train_config.batch_size, seed, i), steps, mesh=mesh,
         writer=writer, checkpointer=checkpointer, learning_rate=optim.make_schedule(opt, steps),

@@ -143,8 +143,9 @@ def fit_classifier(model: nnx.Module, train: pipeline.ImageArrays, test: pipelin
     first = pipeline.train_batch(train, train_config.batch_size, seed, 0)
     shown = preprocess(jnp.asarray(first["images"][:32]), jax.random.PRNGKey(0), True)
     writer.images(0, {"train/augmented_inputs": image_grid(np.asarray(shown, np.float32))})
+    settings = training_settings(opt, train_config, steps, seed, train, train_mode=train_mode)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps,
-                                settings=training_settings(opt, train_config, steps, seed, train, train_mode=train_mode))
+                                settings=settings)
     state, train_metrics, eval_metrics = fit(
         state, train_step, lambda step: pipeline.train_batch(train, train_config.batch_size, seed, step),
         steps, mesh=mesh, writer=writer, checkpointer=checkpointer,

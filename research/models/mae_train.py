@@ -136,8 +136,10 @@ def fit_generator(model: mae.MaskedAutoencoder, train: pipeline.ImageArrays, tes
         writer.images(int(jax.device_get(state.step)), {"samples": sample_grid(current, examples, mask_config)})
         return metrics
 
-    settings = training_settings(opt, train_config, steps, seed, train, masks=dataclasses.asdict(mask_config), flip=flip)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps, settings=settings)
+    settings = training_settings(opt, train_config, steps, seed, train, masks=dataclasses.asdict(mask_config),
+                                 flip=flip)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), train_config.checkpoint_every or steps,
+                                settings=settings)
     state, train_metrics, eval_metrics = fit(
         state, train_step, lambda step: pipeline.train_batch(train, train_config.batch_size, seed, step), steps,
         mesh=mesh, writer=writer, checkpointer=checkpointer, evaluate=evaluate_and_show,

@@ -58,10 +58,10 @@ def table(budgets: list[float], runs: dict[str, dict[str, np.ndarray]]) -> str:
         spread = np.maximum(sd(u), sd(t))
         cells = [f"{d:+.3f} ({d / s:+.1f} sd)" if s > 0 else f"{d:+.3f}" for d, s in zip(diff, spread, strict=True)]
         lines.append("| tps - uniform | " + " | ".join(cells) + " | |")
-        both = [r for r in runs["tps"]["runs"] if r in runs["uniform"]["runs"]]  # runs that trained both
+        row = {n: {r: i for i, r in enumerate(runs[n]["runs"])} for n in ("tps", "uniform")}  # run -> row
+        both = [r for r in row["tps"] if r in row["uniform"]]  # runs that trained both samplers
         if both:
-            pick = lambda sampler: np.asarray([runs[sampler]["runs"].index(r) for r in both])  # noqa: E731
-            paired = t[pick("tps")] - u[pick("uniform")]
+            paired = t[[row["tps"][r] for r in both]] - u[[row["uniform"][r] for r in both]]
             cells = [f"{m:+.3f} ± {s:.3f} ({int((col > 0).sum())}/{len(col)} ahead)"
                      for m, s, col in zip(paired.mean(0), sd(paired), paired.T, strict=True)]
             lines.append("| tps - uniform, within each run | " + " | ".join(cells) + " | |")

@@ -19,7 +19,9 @@ Presets (comma-separated; ``smoke`` shrinks any of them to seconds):
            features are within 3 points of 224 px (tools/linear_probe.py); the stem and the first 11
            of 16 blocks frozen and computed once per image (``backbone.frozen_blocks``), LoRA on the
            pointwise convolutions of blocks 11-15 and the last convolution. One step then costs about
-           what a 64 px step of the whole network does.
+           what a 64 px step of the whole network does. Each method's lr is chosen from 1e-4, 2e-4,
+           3e-4 on a held-out slice (``select``) and the class order is the seed's; get_sweep gives
+           the three seeds.
   cifar10_224  the paper's resolution, every block adapted and run per step: for a GPU.
 Other streams: ``--config.stream.kind=si_blurry`` (or blurry), ``--config.stream.num_tasks=N``; Split
 CIFAR-100 with the full data: ``--config.data.name=cifar100 --config.data.source=hub
@@ -37,7 +39,7 @@ from research.models import ModelConfig
 from research.models.efficientnet_lite import PrefixBackboneConfig
 
 PRESETS = ("smoke", "cifar10", "cifar10_160", "cifar10_224")
-METHODS = ("online_lora", "lora", "sequential_ft", "online_ewc", "er")
+METHODS = ("online_lora", "online_lora_batches", "lora", "sequential_ft", "online_ewc", "er")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -68,6 +70,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.baselines.replay_size = 200
     c.baselines.replay_batch = 32
 
+    # Each method's Adam lr chosen on a held-out slice of the training images (experiments/online_lora.py
+    # choose_settings); the test split is never used for it.
+    c.select = ml_collections.ConfigDict()
+    c.select.lrs = ()                  # e.g. (1e-4, 2e-4, 3e-4); () = use the configured lrs
+    c.select.holdout_per_class = 50    # training images per class held out from the selection passes
+    c.select.seed = 0                  # the held-out draw and the selection stream's class order
+    c.select.calibrate_plateaus = True  # Online-LoRA: thresholds fitted to the chosen lr's loss trace
+    c.select.workdir = ""              # where selection passes are kept ("" = WORKDIR/select); share it in a sweep
+
     c.eval = ml_collections.ConfigDict()
     c.eval.points_per_task = 2       # evaluations inside each task segment, besides its end (for the plot)
     c.eval.auc_every = 0             # > 0: seen-class accuracy every N images -> A_auc, A_last (Si-Blurry: 1000)
@@ -90,6 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.points_per_task = 1
     if cifar and cifar[0] != "cifar10":  # the paper's regime: Adam lr in 1e-4..3e-4 on a strong backbone
         c.online_lora.lr = 2e-4
+        c.select.lrs = (1e-4, 2e-4, 3e-4)  # per method, on a held-out slice
+        c.stream.shuffle_classes = True    # the class order is the seed's
         c.backbone.frozen_blocks = 11 if cifar[0] == "cifar10_160" else 0
     if "smoke" in presets:
         c.data.train_per_class = 20
@@ -97,6 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.stream.batch_size = 16
         c.eval.points_per_task = 1
         c.eval.batch_size = 50
+        c.select.lrs = ()
+        c.select.holdout_per_class = 5
         c.log_every = 2
         c.progress = False
         c.pretrain.train.update(batch_size=32, eval_batch_size=64, epochs=0, steps=4, log_every=2,
@@ -107,9 +122,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
-    """Stream kinds and the Online-LoRA penalty:
+    """With a cifar10_160 / cifar10_224 preset: three seeds (each its own class order), the selection
+    passes shared (and so run once):
+
+    python -m tools.sweep --experiment online_lora --config configs/online_lora.py:cifar10_160 \
+        --workdir runs/online_lora_c10_160 --set select.workdir=runs/online_lora_c10_160/select
+    python -m tools.sweep_stats runs/online_lora_c10_160 'methods.*.avg_acc' 'methods.*.forgetting'
+
+    Otherwise stream kinds and the Online-LoRA penalty:
 
     python -m tools.sweep --experiment online_lora --config configs/online_lora.py --workdir runs/online_lora_sweep
     """
+    if get_config(arg).select.lrs:
+        return [{"seed": s} for s in range(3)]
     return [{"stream.kind": kind, "online_lora.reg_lambda": lam, "methods": ("online_lora",)}
             for kind in ("sharp", "si_blurry") for lam in (0.0, 2000.0)]

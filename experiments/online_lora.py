@@ -49,8 +49,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from research.adapters.online_baselines import OnlineBaselineConfig, OnlineFinetune  # noqa: E402
-from research.adapters.online_lora import (OnlineLoRA, OnlineLoraConfig, batched, evaluate_task,  # noqa: E402
-                                           ncm_accuracy)
+from research.adapters.online_lora import (OnlineLoRA, OnlineLoraConfig, batched,  # noqa: E402
+                                           calibrate_plateau_thresholds, evaluate_task, ncm_accuracy)
 from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
 from research.core.classify import PretrainConfig, fit_classifier  # noqa: E402
@@ -62,8 +62,9 @@ from research.data.streams import StreamConfig  # noqa: E402
 from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config  # noqa: E402
 from research.models import efficientnet_lite as effnet  # noqa: E402
 
-METHODS = ("online_lora", "lora", "sequential_ft", "online_ewc", "er")
-LABELS = {"online_lora": "Online-LoRA", "lora": "LoRA (no regularisation)", "sequential_ft": "sequential fine-tuning",
+METHODS = ("online_lora", "online_lora_batches", "lora", "sequential_ft", "online_ewc", "er")
+LABELS = {"online_lora": "Online-LoRA", "online_lora_batches": "Online-LoRA, buffer of whole batches",
+          "lora": "LoRA (no regularisation)", "sequential_ft": "sequential fine-tuning",
           "online_ewc": "online EWC (EWC++)", "er": "experience replay"}
 
 
@@ -80,8 +81,11 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
         cfg.check(config, key, lambda v: v > 0, "a positive int")
     cfg.build(PretrainConfig, config, "pretrain")
     methods = cfg.check_names(config, "methods", METHODS)
+    cfg.check(config, "select.lrs", lambda v: all(isinstance(x, (int, float)) and x > 0 for x in v),
+              "a tuple of positive floats (() = no selection)")
+    cfg.check(config, "select.holdout_per_class", lambda v: v >= 1, "an int >= 1")
     for method in methods:
-        if method != "online_lora":
+        if not is_online_lora(method):
             try:
                 baseline_config(method, config)
             except cfg.FieldError as e:  # the baseline's own checks, under the key that set the value
@@ -213,9 +217,29 @@ def baseline_config(method: str, config) -> OnlineBaselineConfig:
     return OnlineBaselineConfig(**common, **settings)
 
 
+def is_online_lora(method: str) -> bool:
+    return method.startswith("online_lora")
+
+
+def lr_key(method: str) -> str:
+    """The config key of a method's Adam learning rate."""
+    return "online_lora.lr" if is_online_lora(method) or method == "lora" else "baselines.lr"
+
+
+def method_config(config, method: str, settings: dict | None = None) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with what is particular to ``method``: the official buffer for
+    ``online_lora_batches`` and ``settings`` ({dotted key: value}, e.g. a chosen learning rate)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    updates = {"online_lora.buffer": "batches"} if method == "online_lora_batches" else {}
+    for key, value in {**updates, **(settings or {})}.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
 def make_learner(method: str, model: nnx.Module, config, preprocess):
     rngs = nnx.Rngs(config.seed + 2)
-    if method == "online_lora":
+    if is_online_lora(method):
         return OnlineLoRA(model, cfg.build(OnlineLoraConfig, config, "online_lora"), rngs=rngs, preprocess=preprocess)
     return OnlineFinetune(model, baseline_config(method, config), rngs=rngs, preprocess=preprocess)
 
@@ -250,10 +274,20 @@ def seen_class_accuracy(learner, test, classes, batch_size: int) -> float:
     return evaluate_task(learner.predict, test.images[rows], test.labels[rows], classes, batch_size)[1]
 
 
-def run_method(method: str, learner, train, stream, tests, config, workdir: str, test=None) -> dict:
+def ncm_task_accuracies(embed, train, tests, batch_size: int) -> list[float]:
+    """What features can still tell apart: per task, the nearest-class-mean accuracy of its test images
+    with every class's mean over all training images."""
+    train_features = batched(embed, train.images, batch_size)
+    return [ncm_accuracy(train_features, train.labels, batched(embed, t.images, batch_size), t.labels)
+            for t in tests]
+
+
+def run_method(method: str, learner, train, stream, tests, config, workdir: str, test=None, ncm: bool = True) -> dict:
     """One pass; accuracies at the evaluation positions (a batch ends at or after each). With
     ``eval.auc_every`` > 0 and the whole ``test`` split, also the seen-class accuracy every that many
-    images and at the end: A_auc (their mean) and A_last (the last)."""
+    images and at the end: A_auc (their mean) and A_last (the last). ``loss_trace`` holds, per step,
+    the stream position at the batch's end and the loss the plateau detector watches (batch + hard
+    buffer CE; the batch CE for the baselines). ``ncm=False`` skips the nearest-class-mean figures."""
     logdir = os.path.join(workdir, method, "tb")
     if experiment.main_process() and os.path.isdir(logdir):
         shutil.rmtree(logdir)  # a rerun (changed config, or an interrupted pass) starts a clean log
@@ -264,6 +298,7 @@ def run_method(method: str, learner, train, stream, tests, config, workdir: str,
     auc_curve = []
     batch_size = config.stream.batch_size
     curve, task_end_accs, task_end_til, train_seconds, compile_seconds, plateaus = [], [], [], 0.0, 0.0, []
+    loss_trace = []
     # Batches end at every task boundary, so a task-end evaluation has seen nothing of the next task.
     batches = list(streams.stream_batches(train, stream, batch_size, cuts=stream.boundaries[1:]))
     bar = tqdm(batches, desc=method, disable=not config.progress, leave=False)
@@ -274,6 +309,7 @@ def run_method(method: str, learner, train, stream, tests, config, workdir: str,
             compile_seconds = time.perf_counter() - t0
         else:
             train_seconds += time.perf_counter() - t0
+        loss_trace.append([int(batch["end"]), metrics["batch_loss"] + metrics.get("buffer_loss", 0.0)])
         if metrics.get("plateau"):
             plateaus.append(batch["end"])
         if step % config.log_every == 0:
@@ -302,19 +338,79 @@ def run_method(method: str, learner, train, stream, tests, config, workdir: str,
     writer.close()
     avg_acc, forgetting = continual_metrics(task_end_accs)
     avg_til, forgetting_til = continual_metrics(task_end_til)
-    # What the final features can still tell apart: NCM with every class's training images.
-    train_features = batched(learner.embed, train.images, config.eval.batch_size)
-    ncm = [ncm_accuracy(train_features, train.labels, batched(learner.embed, t.images, config.eval.batch_size),
-                        t.labels) for t in tests]
+    ncm_accs = ncm_task_accuracies(learner.embed, train, tests, config.eval.batch_size) if ncm else []
     return {"avg_acc": avg_acc, "forgetting": forgetting, "avg_acc_task_il": avg_til,
-            "forgetting_task_il": forgetting_til, "ncm_acc": float(np.mean(ncm)), "ncm_task_accs": ncm,
-            "n_plateaus": int(learner.n_plateaus),
+            "forgetting_task_il": forgetting_til, **({"ncm_acc": float(np.mean(ncm_accs)), "ncm_task_accs": ncm_accs}
+                                                     if ncm else {}),
+            "n_plateaus": int(learner.n_plateaus), "loss_trace": loss_trace,
             "seconds": train_seconds, "first_step_seconds": compile_seconds, "steps": step + 1,
             "seconds_per_step": train_seconds / max(step, 1),
             "plateau_positions": plateaus, "task_end_accs": task_end_accs, "task_end_accs_task_il": task_end_til,
             "curve": curve,
             **({"a_auc": float(np.mean([p["accuracy"] for p in auc_curve])), "a_last": auc_curve[-1]["accuracy"],
                 "auc_curve": auc_curve} if auc_curve else {})}
+
+
+# ----------------------------------------------------------------------------------------- selection
+
+def run_signature(config) -> dict:
+    """What shapes a method's pass: the config without the method list, logging and the selection
+    section (a chosen value is in the config it is written into)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("methods", "progress", "log_every", "select")}
+
+
+def choose_settings(method: str, config, train: pipeline.ImageArrays, backbone: Backbone, workdir: str) -> dict:
+    """A method's Adam learning rate (and Online-LoRA's plateau thresholds), chosen without the test split.
+
+    ``select.holdout_per_class`` training images of each class (drawn with ``select.seed``) are held
+    out. Each lr of ``select.lrs`` makes one pass over a stream of the other training images (the class
+    order of ``select.seed``); the lr whose final model has the highest class-incremental average
+    accuracy over the tasks of the held-out slice is chosen (a tie: the smaller lr). With
+    ``select.calibrate_plateaus``, Online-LoRA's thresholds are then calibrated on that pass's loss
+    trace (``calibrate_plateau_thresholds``: one plateau per task segment as far as possible).
+    Each pass is kept in ``select.workdir`` (default WORKDIR/select) and reused while its settings
+    are unchanged, so the points of a seed sweep that share the folder select once.
+
+    Returns {"lr", "scores" {lr: held-out accuracy}, "settings" {dotted key: value}, "stream_length", and for
+    Online-LoRA "calibration": the selection stream's boundaries and where the plateaus fired with the
+    configured and the calibrated thresholds}.
+    """
+    select = config.select
+    fit, held = pipeline.hold_out(train, select.holdout_per_class, select.seed)
+    base = ml_collections.ConfigDict(config.to_dict())
+    base.seed = select.seed
+    stream = cfg.build(StreamConfig, base, "stream").build(fit, select.seed)
+    tests = streams.task_test_sets(held, stream.tasks)
+    directory = select.workdir or os.path.join(workdir, "select")
+    scores, passes = {}, {}
+    for lr in select.lrs:
+        c = method_config(base, method, {lr_key(method): lr})
+        signature = {**run_signature(c), "holdout_per_class": select.holdout_per_class}
+        path = os.path.join(directory, f"{method}_lr{lr:g}.json")
+        result = read_signed(path, signature)
+        kept = result is not None
+        if not kept:
+            learner = make_learner(method, backbone.new_model(), c, backbone.preprocess)
+            result = run_method(method, learner, fit, stream, tests, c, os.path.join(directory, f"lr{lr:g}"),
+                                ncm=False)
+            if experiment.main_process():
+                write_signed(path, signature, result)
+        scores[lr], passes[lr] = result["avg_acc"], result
+        print(f"select {method}: lr {lr:g} -> held-out avg acc {result['avg_acc']:.4f}" + (" (kept)" if kept else ""))
+    best = max(scores, key=lambda lr: (scores[lr], -lr))
+    out = {"lr": best, "scores": {f"{lr:g}": v for lr, v in scores.items()}, "settings": {lr_key(method): best},
+           "stream_length": len(stream)}
+    if is_online_lora(method) and select.calibrate_plateaus:
+        ol = cfg.build(OnlineLoraConfig, config, "online_lora")
+        trace = np.asarray(passes[best]["loss_trace"], np.float64)
+        segments = np.searchsorted(stream.boundaries, trace[:, 0] - 1, side="right") - 1
+        mean_t, var_t, fires = calibrate_plateau_thresholds(trace[:, 1], segments, window=ol.window,
+                                                            start_with_peak=not ol.first_plateau_needs_peak)
+        out["settings"].update({"online_lora.mean_threshold": mean_t, "online_lora.var_threshold": var_t})
+        out["calibration"] = {"boundaries": list(stream.boundaries),
+                              "configured_plateaus_at": passes[best]["plateau_positions"],
+                              "calibrated_plateaus_at": [int(trace[i, 0]) for i in fires]}
+    return out
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -333,18 +429,26 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"stream: {len(stream)} {config.data.name} images in {len(stream.tasks)} {config.stream.kind} tasks "
           f"{[list(t) for t in stream.tasks]}; backbone: {backbone.info}")
 
-    # A finished method is reused only if everything that shapes its pass is unchanged.
-    signature = {k: v for k, v in config.to_dict().items() if k not in ("methods", "progress", "log_every")}
-    method_results = {}
+    # What the pre-trained features tell apart before any training (the adapter starts as a no-op).
+    untrained = make_learner("lora", backbone.new_model(), config, backbone.preprocess)
+    ncm_backbone = float(np.mean(ncm_task_accuracies(untrained.embed, train, tests, config.eval.batch_size)))
+    print(f"nearest-class-mean accuracy of the pre-trained features: {ncm_backbone:.4f}")
+
+    method_results, selection = {}, {}
     for method in methods:
+        if config.select.lrs:
+            selection[method] = choose_settings(method, config, train, backbone, workdir)
+        method_cfg = method_config(config, method, selection.get(method, {}).get("settings"))
+        # A finished method is reused only if everything that shapes its pass is unchanged.
+        signature = run_signature(method_cfg)
         path = os.path.join(workdir, "methods", f"{method}.json")
         saved = read_signed(path, signature)
         if saved is not None:
             method_results[method] = saved
             print(f"{method}: reusing {path}")
             continue
-        learner = make_learner(method, backbone.new_model(), config, backbone.preprocess)
-        result = run_method(method, learner, train, stream, tests, config, workdir, test)
+        learner = make_learner(method, backbone.new_model(), method_cfg, backbone.preprocess)
+        result = run_method(method, learner, train, stream, tests, method_cfg, workdir, test)
         method_results[method] = result
         if experiment.main_process():
             write_signed(path, signature, result)
@@ -353,7 +457,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     stream_info = {"kind": config.stream.kind, "tasks": [list(t) for t in stream.tasks],
                    "boundaries": list(stream.boundaries), "length": len(stream), "batch_size": config.stream.batch_size}
-    results = {"methods": method_results, "backbone": backbone.info, "model": config.model.name,
+    results = {"methods": method_results, "selection": selection, "ncm_backbone": ncm_backbone,
+               "backbone": backbone.info, "model": config.model.name,
                "data": config.data.name, "stream": stream_info,
                "test_examples": [len(t) for t in tests], "wall_time_s": time.perf_counter() - start_time,
                "devices": experiment.device_summary(mesh)}
@@ -379,6 +484,19 @@ def results_table(results: dict) -> str:
         lines += ["", "| method | A_auc (%) | A_last (%) |", "|---|---|---|"]
         lines += [f"| {LABELS[name]} | {100 * r['a_auc']:.2f} | {100 * r['a_last']:.2f} |"
                   for name, r in results["methods"].items()]
+    lines += ["", f"Nearest-class-mean accuracy of the pre-trained features: {100 * results['ncm_backbone']:.2f}%. "
+              f"Plateaus fired at (stream positions): " + "; ".join(
+                  f"{LABELS[name]} {r['plateau_positions']}" for name, r in results["methods"].items()
+                  if is_online_lora(name)) + f"; task boundaries {s['boundaries'][1:]}."]
+    for name, chosen in results["selection"].items():
+        scores = ", ".join(f"{lr}: {100 * v:.2f}%" for lr, v in chosen["scores"].items())
+        line = f"- {LABELS[name]}: lr {chosen['lr']:g} chosen on the held-out slice ({scores})"
+        if "calibration" in chosen:
+            c, settings = chosen["calibration"], chosen["settings"]
+            line += (f"; plateau thresholds mean {settings['online_lora.mean_threshold']:.4g}, variance "
+                     f"{settings['online_lora.var_threshold']:.3g}, which fire at {c['calibrated_plateaus_at']} on "
+                     f"the selection pass (configured: {c['configured_plateaus_at']}; boundaries {c['boundaries'][1:]})")
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -67,8 +67,8 @@ from research.models import filters
 ADAPTER = "current"  # name of the trainable adapter on each target layer
 
 __all__ = ["ADAPTER", "HardBuffer", "OnlineLoRA", "OnlineLoraConfig", "PlateauDetector", "as_batch", "batched",
-           "entry_means_sum", "evaluate_accuracy", "evaluate_task", "ewc_penalty", "fisher_importance", "masked_mean",
-           "ncm_accuracy", "pseudo_labels", "train_mode"]
+           "calibrate_plateau_thresholds", "entry_means_sum", "evaluate_accuracy", "evaluate_task", "ewc_penalty",
+           "fisher_importance", "masked_mean", "ncm_accuracy", "plateau_steps", "pseudo_labels", "train_mode"]
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,56 @@ class PlateauDetector:
             self.last_mean, self.last_var = mean, var
             return True
         return False
+
+
+def plateau_steps(losses, window: int, mean_threshold: float, var_threshold: float,
+                  start_with_peak: bool = True) -> list[int]:
+    """Indices of the steps at which a ``PlateauDetector`` with these settings fires on ``losses``."""
+    detector = PlateauDetector(window, mean_threshold, var_threshold, start_with_peak)
+    return [i for i, loss in enumerate(losses) if detector.update(loss)]
+
+
+def calibrate_plateau_thresholds(losses, segments, *, window: int = 5, start_with_peak: bool = True,
+                                 quantiles: int = 20) -> tuple[float, float, list[int]]:
+    """(mean_threshold, var_threshold, firing steps) that make the detector fire once per task on a
+    recorded loss trace: the reference's thresholds are per data set, and ours follow the loss scale.
+
+    losses (S,): the loss the detector watches at each step of a pass (batch + hard-buffer CE);
+    segments (S,): the task segment of each step's batch (non-decreasing). The candidates are the
+    ``quantiles``-quantiles of the trace's own window means and variances; each pair is replayed on the
+    trace (``plateau_steps``) and scored by
+
+        score = #segments with at least one plateau - #plateaus beyond the first in a segment,
+
+    so the best pair fires once in as many tasks as it can. Ties go to the pair in the middle of the
+    tied set (sorted by variance, then mean), away from the edges where a slightly different trace
+    would change the count. Replaying is exact for the trace; a run with the new thresholds
+    consolidates at other steps, and so sees a slightly different trace.
+    """
+    losses = np.asarray(losses, np.float64)
+    segments = np.asarray(segments)
+    if losses.ndim != 1 or losses.shape != segments.shape or len(losses) < window:
+        raise ValueError(f"need one loss and one segment per step (at least {window} steps), got shapes "
+                         f"{losses.shape} and {segments.shape}")
+    if np.any(np.diff(segments) < 0):
+        raise ValueError("segments must be non-decreasing along the stream")
+    windows = np.lib.stride_tricks.sliding_window_view(losses, window)
+    levels = np.linspace(0.0, 1.0, quantiles + 1)[1:]  # the top quantile lets every window through
+    # Thresholds are strict (m < threshold): nudge each candidate up so the quantile's own window passes.
+    means = np.unique(np.nextafter(np.quantile(windows.mean(axis=1), levels), np.inf))
+    variances = np.unique(np.nextafter(np.quantile(windows.var(axis=1), levels), np.inf))
+    n_segments = len(np.unique(segments))
+    scored = []
+    for v in variances:
+        for m in means:
+            fires = plateau_steps(losses, window, m, v, start_with_peak)
+            per_segment = np.bincount(np.searchsorted(np.unique(segments), segments[fires]), minlength=n_segments)
+            score = int(np.sum(per_segment > 0) - np.sum(np.maximum(per_segment - 1, 0)))
+            scored.append((score, float(v), float(m), fires))
+    best = max(s[0] for s in scored)
+    tied = [s for s in scored if s[0] == best]
+    _, v, m, fires = tied[len(tied) // 2]
+    return m, v, fires
 
 
 # ---------------------------------------------------------------------------------------------

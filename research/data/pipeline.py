@@ -68,13 +68,24 @@ def select_classes(data: ImageArrays, classes) -> ImageArrays:
     return ImageArrays(data.images[rows], remap[data.labels[rows]], tuple(data.label_names[c] for c in classes))
 
 
+def _per_class_rows(data: ImageArrays, n: int, seed: int) -> np.ndarray:
+    order = np.random.default_rng(seed).permutation(len(data))
+    return np.sort(np.concatenate([order[data.labels[order] == c][:n] for c in range(data.num_classes)]))
+
+
 def per_class(data: ImageArrays, n: int, seed: int) -> ImageArrays:
     """The first n examples of each class after a seeded shuffle (all of them when n == 0), in data order."""
-    if not n:
-        return data
-    order = np.random.default_rng(seed).permutation(len(data))
-    keep = np.concatenate([order[data.labels[order] == c][:n] for c in range(data.num_classes)])
-    return data.subset(np.sort(keep))
+    return data.subset(_per_class_rows(data, n, seed)) if n else data
+
+
+def hold_out(data: ImageArrays, n: int, seed: int) -> tuple[ImageArrays, ImageArrays]:
+    """(the rest, the held-out slice): ``per_class(data, n, seed)`` is held out, the rest keeps data
+    order. Every class must keep at least one example outside the slice."""
+    held = _per_class_rows(data, n, seed)
+    counts = np.bincount(data.labels, minlength=data.num_classes)
+    if n < 1 or np.any(counts <= n):
+        raise ValueError(f"cannot hold out {n} examples per class: the smallest class has {counts.min()}")
+    return data.subset(np.setdiff1d(np.arange(len(data)), held)), data.subset(held)
 
 
 def split_halves(train: ImageArrays, test: ImageArrays, by: str, seed: int = 0):

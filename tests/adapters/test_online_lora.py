@@ -9,8 +9,8 @@ from flax import nnx
 
 from research.adapters.lora import lora_filter
 from research.adapters.online_lora import (ADAPTER, HardBuffer, OnlineLoRA, OnlineLoraConfig, PlateauDetector,
-                                           entry_means_sum, evaluate_task, fisher_importance, ncm_accuracy,
-                                           pseudo_labels)
+                                           calibrate_plateau_thresholds, entry_means_sum, evaluate_task,
+                                           fisher_importance, ncm_accuracy, plateau_steps, pseudo_labels)
 from research.models import build_model
 
 SHAPE, CLASSES = (8, 8, 1), 4
@@ -280,6 +280,34 @@ def test_plateau_level_is_kept_until_the_next_plateau():
     assert detector.last_mean == 1.0
     fired = [i for i, v in enumerate([0.5] * 4) if detector.update(v)]
     assert fired == [2] and detector.last_mean == 0.5
+
+
+def task_loss_trace(tasks=5, steps=20, scale=1.0, offset=0.0, seed=0):
+    """Each task: a loss that jumps and decays to a noisy floor (what a new task does to the CE)."""
+    rng = np.random.default_rng(seed)
+    losses = [offset + scale * (2.0 * np.exp(-i / 3) + 0.3 + 0.05 * rng.standard_normal())
+              for _ in range(tasks) for i in range(steps)]
+    return np.asarray(losses), np.repeat(np.arange(tasks), steps)
+
+
+def test_calibrated_thresholds_fire_once_per_task_where_the_reference_ones_never_fire():
+    losses, segments = task_loss_trace(scale=4.0, offset=6.0)  # a loss scale the reference's 6.0 / 0.1 miss
+    assert plateau_steps(losses, 5, 6.0, 0.1) == []
+    mean_t, var_t, fires = calibrate_plateau_thresholds(losses, segments, window=5)
+    assert plateau_steps(losses, 5, mean_t, var_t) == fires  # the returned steps are the detector's own
+    assert sorted(segments[fires]) == [0, 1, 2, 3, 4]
+    # each fires after its task's loss has settled: past the decay, not at the jump
+    assert all(f % 20 >= 5 for f in fires)
+    # the same trace on another scale calibrates to the same steps
+    assert calibrate_plateau_thresholds(losses / 4.0 - 1.5, segments, window=5)[2] == fires
+
+
+def test_calibration_checks_the_trace():
+    losses, segments = task_loss_trace()
+    with pytest.raises(ValueError, match="one loss and one segment per step"):
+        calibrate_plateau_thresholds(losses, segments[:-1])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        calibrate_plateau_thresholds(losses, segments[::-1])
 
 
 def test_step_consolidates_when_the_detector_fires():

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from research.data import pipeline
 from research.data.augment import make_preprocess, normalize, random_crop, random_flip
@@ -56,3 +57,17 @@ def test_normalize_and_preprocess_only_augment_in_training():
     pre = make_preprocess([0.5] * 3, [0.25] * 3, crop_padding=2, flip=True)
     np.testing.assert_allclose(pre(images, jax.random.PRNGKey(1), False), x)
     assert not np.allclose(pre(images, jax.random.PRNGKey(1), True), x)
+
+
+def test_hold_out_splits_each_class_into_a_held_slice_and_the_rest_in_data_order():
+    data = arrays(100)  # 10 per class
+    rest, held = pipeline.hold_out(data, 3, seed=0)
+    assert np.bincount(held.labels).tolist() == [3] * 10 and np.bincount(rest.labels).tolist() == [7] * 10
+    # disjoint, together every example once (rows are told apart by their pixels)
+    rows = {img.tobytes() for img in data.images}
+    assert {img.tobytes() for img in held.images} | {img.tobytes() for img in rest.images} == rows
+    assert not {img.tobytes() for img in held.images} & {img.tobytes() for img in rest.images}
+    assert held.images.tobytes() == pipeline.per_class(data, 3, seed=0).images.tobytes()
+    assert pipeline.hold_out(data, 3, seed=1)[1].images.tobytes() != held.images.tobytes()
+    with pytest.raises(ValueError, match="cannot hold out 10 examples per class: the smallest class has 10"):
+        pipeline.hold_out(data, 10, seed=0)

@@ -46,6 +46,42 @@ def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
     assert "reusing" not in capsys.readouterr().out
 
 
+def test_each_method_runs_at_the_lr_chosen_on_a_held_out_slice_and_a_seed_sweep_selects_once(tmp_path, capsys):
+    select_dir = str(tmp_path / "select")
+    overrides = {**DIGITS, "methods": ("online_lora", "lora"), "select.lrs": (1e-3, 3e-3),
+                 "select.workdir": select_dir}
+    results = online_lora.main(load_config("configs/online_lora.py:smoke", overrides), str(tmp_path / "seed0"))
+    out = capsys.readouterr().out
+    assert out.count("select ") == 4 and "(kept)" not in out
+    for method in ("online_lora", "lora"):
+        chosen = results["selection"][method]
+        assert chosen["lr"] == max((1e-3, 3e-3), key=lambda lr: (chosen["scores"][f"{lr:g}"], -lr))
+        # the method's pass ran at the chosen lr: its record is signed with it
+        record = json.loads((tmp_path / "seed0" / "methods" / f"{method}.json").read_text())
+        assert record["signature"]["online_lora"]["lr"] == chosen["lr"]
+        assert os.path.exists(os.path.join(select_dir, f"{method}_lr0.003.json"))
+    calibration = results["selection"]["online_lora"]["calibration"]
+    settings = results["selection"]["online_lora"]["settings"]
+    online = json.loads((tmp_path / "seed0" / "methods" / "online_lora.json").read_text())["signature"]["online_lora"]
+    assert (online["mean_threshold"], online["var_threshold"]) == (settings["online_lora.mean_threshold"],
+                                                                   settings["online_lora.var_threshold"])
+    assert calibration["boundaries"][0] == 0 and len(calibration["boundaries"]) == 5
+    # the selection stream holds the training images less the held-out slice (5 per class here)
+    assert results["selection"]["lora"]["stream_length"] == results["stream"]["length"] - 5 * 10
+    # another seed reuses the selection passes and so chooses the same settings
+    again = online_lora.main(load_config("configs/online_lora.py:smoke", {**overrides, "seed": 1}),
+                             str(tmp_path / "seed1"))
+    assert capsys.readouterr().out.count("(kept)") == 4
+    assert again["selection"] == results["selection"]
+
+
+def test_the_batches_method_is_online_lora_with_the_official_buffer():
+    config = load_config("configs/online_lora.py:smoke", DIGITS)
+    assert online_lora.method_config(config, "online_lora_batches").online_lora.buffer == "batches"
+    assert online_lora.method_config(config, "online_lora").online_lora.buffer == "samples"
+    assert online_lora.lr_key("lora") == "online_lora.lr" and online_lora.lr_key("er") == "baselines.lr"
+
+
 def test_imagenet_backbone_with_a_frozen_prefix_a_fresh_head_and_lora_on_the_tails_pointwise_convolutions(
         tmp_path, skip_without_imagenet_weights_or_data, monkeypatch):
     """The `cifar10_160` preset's model, without its stream (that runs as the slow test below)."""

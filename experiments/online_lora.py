@@ -18,12 +18,20 @@ is the final features' nearest-class-mean accuracy (cosine, class means of every
 a bound on what a head calibrated across tasks could read from them. With ``eval.auc_every`` N > 0
 (the Si-Blurry protocol uses 1,000) the accuracy on the classes seen so far, logits restricted to
 them, every N images and at the end gives A_auc (the mean) and A_last (the last). Batches end at
-every task boundary, so a task-end evaluation has seen no image of the next task.
+every task boundary, so a task-end evaluation has seen no image of the next task. ``ncm_backbone`` is
+the nearest-class-mean accuracy of the pre-trained features before any training.
+
+Methods: ``online_lora`` (the configured hard buffer, by default the paper's 4 samples),
+``online_lora_batches`` (the same with the official code's buffer of whole batches), ``lora``,
+``sequential_ft``, ``online_ewc`` and ``er``. With ``select.lrs`` each method's Adam lr is first chosen
+on a slice of the training images held out from a selection pass, and Online-LoRA's plateau
+thresholds are calibrated on that pass's loss trace (``choose_settings``); the test split is not used.
 
 Writes to DIR: config.json, pretrain/ (the backbone's training, when it is trained here), METHOD/tb
 (TensorBoard: losses, plateaus, accuracies), methods/METHOD.json (a finished method; a rerun with the
-same config skips it), results.json (per method: avg_acc, forgetting, n_plateaus, seconds, the
-accuracy matrix and curve), results.md (the table) and accuracy.png (average accuracy over the
+same config skips it), select/ (the selection passes, METHOD_lrLR.json), results.json (per method:
+avg_acc, forgetting, n_plateaus, seconds, the accuracy matrix and curve, the loss trace; and the
+selection), results.md (the table) and accuracy.png (average accuracy over the
 tasks seen so far, along the stream). ``seconds`` is the training time of the pass without its first
 step (compilation) and without the evaluations.
 """

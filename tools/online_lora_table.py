@@ -1,0 +1,112 @@
+"""The Online-LoRA table of a seed sweep (``configs/online_lora.py:cifar10_160``'s get_sweep): per
+method, each figure as mean ± sample sd over the seeds that finished it, then Online-LoRA against each
+other method without replay, across seeds (in units of the larger sd) and within each seed (paired:
+both methods saw the same stream).
+
+    python -m tools.online_lora_table runs/online_lora_c10_160          # prints it; DIR/online_lora_table.md
+
+A seed is a folder ``DIR/*/`` with the experiment's ``methods/METHOD.json`` records, which are written
+as each method finishes, so a sweep that is still running already has rows; a seed's results.json
+adds the nearest-class-mean accuracy of the pre-trained features (``ncm_backbone``).
+
+Columns besides the experiment's own: *learning acc* is the mean over tasks j of the class-incremental
+accuracy on task j right after its own segment, a_{j,j} (Riemer et al., ICLR 2019, "learning
+accuracy"): low values with a high task-incremental accuracy mean the head had not yet come to
+prefer a task's classes when its segment ended.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+from experiments.online_lora import LABELS, METHODS
+
+NO_REPLAY = ("online_lora", "online_lora_batches", "lora", "sequential_ft", "online_ewc")
+COLUMNS = (("avg acc", "avg_acc"), ("forgetting", "forgetting"), ("learning acc", "learning_acc"),
+           ("task-IL acc", "avg_acc_task_il"), ("task-IL forgetting", "forgetting_task_il"), ("NCM acc", "ncm_acc"))
+
+
+def figures(result: dict) -> dict[str, float]:
+    """The table's figures of one method's record (accuracies as fractions)."""
+    out = {key: float(result[key]) for _, key in COLUMNS if key in result}
+    out["learning_acc"] = float(np.mean(np.diag(np.asarray(result["task_end_accs"], np.float64))))
+    out["plateaus"], out["seconds"] = float(result["n_plateaus"]), float(result["seconds"])
+    return out
+
+
+def load(sweep_dir: str) -> dict[str, dict[str, dict[str, float]]]:
+    """{method: {seed folder: figures}}, methods in the experiment's order."""
+    paths = sorted(glob.glob(os.path.join(sweep_dir, "*", "methods", "*.json")))
+    if not paths:
+        raise FileNotFoundError(f"no DIR/*/methods/*.json under {sweep_dir!r}")
+    runs: dict[str, dict[str, dict[str, float]]] = {}
+    for path in paths:
+        method = os.path.splitext(os.path.basename(path))[0]
+        seed = os.path.basename(os.path.dirname(os.path.dirname(path)))
+        with open(path) as f:
+            runs.setdefault(method, {})[seed] = figures(json.load(f)["result"])
+    return {m: runs[m] for m in METHODS if m in runs}
+
+
+def sd(x) -> float:
+    return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
+def table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
+    head = [name for name, _ in COLUMNS] + ["plateaus", "train s"]
+    lines = ["Mean ± sd over seeds (%; n = seeds that finished the method)", "",
+             "| method | n | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+    for method, seeds in runs.items():
+        cells = []
+        for key in [key for _, key in COLUMNS] + ["plateaus", "seconds"]:
+            x = [f[key] for f in seeds.values() if key in f]
+            scale = 1 if key in ("plateaus", "seconds") else 100
+            digits = 0 if key == "seconds" else 1 if key == "plateaus" else 2
+            cells.append(f"{scale * np.mean(x):.{digits}f} ± {scale * sd(x):.{digits}f}" if x else "")
+        lines.append(f"| {LABELS[method]} | {len(seeds)} | " + " | ".join(cells) + " |")
+    if "online_lora" in runs:
+        lines += ["", "Online-LoRA minus each method without replay, average accuracy (points): across seeds "
+                  "(difference of means, in units of the larger sd) and within seeds (mean ± sd of the paired "
+                  "differences, seeds where Online-LoRA is ahead)", "",
+                  "| method | across seeds | within seeds | ahead |", "|---|---|---|---|"]
+        ours = runs["online_lora"]
+        for method in [m for m in NO_REPLAY if m in runs and m != "online_lora"]:
+            a = [f["avg_acc"] for f in ours.values()]
+            b = [f["avg_acc"] for f in runs[method].values()]
+            spread = max(sd(a), sd(b))
+            diff = 100 * (np.mean(a) - np.mean(b))
+            across = f"{diff:+.2f} ({diff / (100 * spread):+.1f} sd)" if spread > 0 else f"{diff:+.2f}"
+            common = sorted(set(ours) & set(runs[method]))
+            paired = [100 * (ours[s]["avg_acc"] - runs[method][s]["avg_acc"]) for s in common]
+            within = f"{np.mean(paired):+.2f} ± {sd(paired):.2f}" if paired else ""
+            lines.append(f"| {LABELS[method]} | {across} | {within} | {sum(p > 0 for p in paired)}/{len(paired)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir", help="the sweep's --workdir (DIR/*/methods/*.json)")
+    args = p.parse_args(argv)
+    try:
+        runs = load(args.sweep_dir)
+    except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+        sys.exit(f"error: {e}")
+    text = table(runs)
+    bound = [json.load(open(path))["ncm_backbone"] for path in sorted(glob.glob(
+        os.path.join(args.sweep_dir, "*", "results.json")))]
+    if bound:  # the experiment's results.json: the pre-trained features before any training
+        text += (f"\n\nNearest-class-mean accuracy of the pre-trained features: {100 * np.mean(bound):.2f} ± "
+                 f"{100 * sd(bound):.2f}% over {len(bound)} seeds")
+    with open(os.path.join(args.sweep_dir, "online_lora_table.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -237,12 +237,8 @@ def lr_key(method: str) -> str:
 def method_config(config, method: str, settings: dict | None = None) -> ml_collections.ConfigDict:
     """A copy of ``config`` with what is particular to ``method``: the official buffer for
     ``online_lora_batches`` and ``settings`` ({dotted key: value}, e.g. a chosen learning rate)."""
-    config = ml_collections.ConfigDict(config.to_dict())
     updates = {"online_lora.buffer": "batches"} if method == "online_lora_batches" else {}
-    for key, value in {**updates, **(settings or {})}.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    return config
+    return cfg.apply_overrides(config, {**updates, **(settings or {})})
 
 
 def make_learner(method: str, model: nnx.Module, config, preprocess):
@@ -385,8 +381,7 @@ def choose_settings(method: str, config, train: pipeline.ImageArrays, backbone: 
     """
     select = config.select
     fit, held = pipeline.hold_out(train, select.holdout_per_class, select.seed)
-    base = ml_collections.ConfigDict(config.to_dict())
-    base.seed = select.seed
+    base = cfg.apply_overrides(config, {"seed": select.seed})
     stream = cfg.build(StreamConfig, base, "stream").build(fit, select.seed)
     tests = streams.task_test_sets(held, stream.tasks)
     directory = select.workdir or os.path.join(workdir, "select")

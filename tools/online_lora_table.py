@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
         sys.exit(f"error: {e}")
     text = table(runs)
-    bound = [json.load(open(path))["ncm_backbone"] for path in sorted(glob.glob(
-        os.path.join(args.sweep_dir, "*", "results.json")))]
+    bound = []
+    for path in sorted(glob.glob(os.path.join(args.sweep_dir, "*", "results.json"))):
+        with open(path) as f:
+            bound.append(json.load(f)["ncm_backbone"])
     if bound:  # the experiment's results.json: the pre-trained features before any training
         text += (f"\n\nNearest-class-mean accuracy of the pre-trained features: {100 * np.mean(bound):.2f} ± "
                  f"{100 * sd(bound):.2f}% over {len(bound)} seeds")

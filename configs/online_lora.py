@@ -30,6 +30,7 @@ CIFAR-100 with the full data: ``--config.data.name=cifar100 --config.data.source
 import ml_collections
 
 from research.adapters.online_lora import OnlineLoraConfig
+from research.adapters.selection import SelectionConfig
 from research.core import config as config_lib
 from research.core.classify import PretrainConfig
 from research.core.mesh import MeshConfig
@@ -72,12 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Each method's Adam lr chosen on a held-out slice of the training images (experiments/online_lora.py
     # choose_settings); the test split is never used for it.
-    c.select = ml_collections.ConfigDict()
-    c.select.lrs = ()                  # e.g. (1e-4, 2e-4, 3e-4); () = use the configured lrs
-    c.select.holdout_per_class = 50    # training images per class held out from the selection passes
-    c.select.seed = 0                  # the held-out draw and the selection stream's class order
-    c.select.calibrate_plateaus = True  # Online-LoRA: thresholds fitted to the chosen lr's loss trace
-    c.select.workdir = ""              # where selection passes are kept ("" = WORKDIR/select); share it in a sweep
+    c.select = config_lib.section(SelectionConfig)  # lrs=(): no selection, the configured lrs
 
     c.eval = ml_collections.ConfigDict()
     c.eval.points_per_task = 2       # evaluations inside each task segment, besides its end (for the plot)

@@ -59,6 +59,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from research.adapters.online_baselines import OnlineBaselineConfig, OnlineFinetune  # noqa: E402
 from research.adapters.online_lora import (OnlineLoRA, OnlineLoraConfig, batched,  # noqa: E402
                                            calibrate_plateau_thresholds, evaluate_task, ncm_accuracy)
+from research.adapters.selection import SelectionConfig, best_lr  # noqa: E402
 from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
 from research.core.classify import PretrainConfig, fit_classifier  # noqa: E402
@@ -89,15 +90,11 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
         cfg.check(config, key, lambda v: v > 0, "a positive int")
     cfg.build(PretrainConfig, config, "pretrain")
     methods = cfg.check_names(config, "methods", METHODS)
-    cfg.check(config, "select.lrs", lambda v: all(isinstance(x, (int, float)) and x > 0 for x in v),
-              "a tuple of positive floats (() = no selection)")
-    cfg.check(config, "select.holdout_per_class", lambda v: v >= 1, "an int >= 1")
+    cfg.build(SelectionConfig, config, "select")
     for method in methods:
         if not is_online_lora(method):
-            try:
+            with cfg.under_key("baselines"):  # the baseline's own checks, under the key that set the value
                 baseline_config(method, config)
-            except cfg.FieldError as e:  # the baseline's own checks, under the key that set the value
-                raise cfg.ConfigError(f"config key 'baselines.{e.field}' {e.detail}") from None
     return methods
 
 
@@ -379,7 +376,7 @@ def choose_settings(method: str, config, train: pipeline.ImageArrays, backbone: 
     Online-LoRA "calibration": the selection stream's boundaries and where the plateaus fired with the
     configured and the calibrated thresholds}.
     """
-    select = config.select
+    select = cfg.build(SelectionConfig, config, "select")
     fit, held = pipeline.hold_out(train, select.holdout_per_class, select.seed)
     base = cfg.apply_overrides(config, {"seed": select.seed})
     stream = cfg.build(StreamConfig, base, "stream").build(fit, select.seed)
@@ -400,7 +397,7 @@ def choose_settings(method: str, config, train: pipeline.ImageArrays, backbone: 
                 write_signed(path, signature, result)
         scores[lr], passes[lr] = result["avg_acc"], result
         print(f"select {method}: lr {lr:g} -> held-out avg acc {result['avg_acc']:.4f}" + (" (kept)" if kept else ""))
-    best = max(scores, key=lambda lr: (scores[lr], -lr))
+    best = best_lr(scores)
     out = {"lr": best, "scores": {f"{lr:g}": v for lr, v in scores.items()}, "settings": {lr_key(method): best},
            "stream_length": len(stream)}
     if is_online_lora(method) and select.calibrate_plateaus:
@@ -419,9 +416,11 @@ def choose_settings(method: str, config, train: pipeline.ImageArrays, backbone: 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     methods = validate(config)
     start_time = time.perf_counter()
+    train, test = stream_data(config)
+    with cfg.under_key("select"):  # before anything is written: every class keeps images outside the slice
+        cfg.build(SelectionConfig, config, "select").check_holdout(train.labels, train.num_classes)
     mesh = experiment.start(config, workdir, subdirs=("methods",))
 
-    train, test = stream_data(config)
     backbone = make_backbone(config, mesh, workdir, train.num_classes, train.images.shape[1:])
     if backbone.encode:  # the frozen prefix runs once per image; the stream carries its features
         t0 = time.perf_counter()

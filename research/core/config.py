@@ -15,6 +15,7 @@ big_vision passes ``Model(**config.model)``. Adding an option is then one edit, 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -54,6 +55,16 @@ class FieldError(ValueError):
         super().__init__(f"{owner}.{field} {detail}")
         self.field, self.detail = field, detail
 
+
+
+@contextlib.contextmanager
+def under_key(key: str):
+    """Reports a `FieldError` raised inside as the one-line `ConfigError` on ``key``.FIELD: for a
+    section's check made after it is built (against the data, or a dataclass made from its values)."""
+    try:
+        yield
+    except FieldError as e:
+        raise ConfigError(f"config key '{key}.{e.field}' {e.detail}") from None
 
 @functools.cache
 def _hints(cls) -> dict[str, Any]:

@@ -47,19 +47,19 @@ def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
 
 
 def test_each_method_runs_at_the_lr_chosen_on_a_held_out_slice_and_a_seed_sweep_selects_once(tmp_path, capsys):
+    # Online-LoRA alone: its selection also calibrates the plateaus (the baselines share the lr path).
     select_dir = str(tmp_path / "select")
-    overrides = {**DIGITS, "methods": ("online_lora", "lora"), "select.lrs": (1e-3, 3e-3),
+    overrides = {**DIGITS, "methods": ("online_lora",), "select.lrs": (1e-3, 3e-3),
                  "select.workdir": select_dir}
     results = online_lora.main(load_config("configs/online_lora.py:smoke", overrides), str(tmp_path / "seed0"))
     out = capsys.readouterr().out
-    assert out.count("select ") == 4 and "(kept)" not in out
-    for method in ("online_lora", "lora"):
-        chosen = results["selection"][method]
-        assert chosen["lr"] == max((1e-3, 3e-3), key=lambda lr: (chosen["scores"][f"{lr:g}"], -lr))
-        # the method's pass ran at the chosen lr: its record is signed with it
-        record = json.loads((tmp_path / "seed0" / "methods" / f"{method}.json").read_text())
-        assert record["signature"]["online_lora"]["lr"] == chosen["lr"]
-        assert os.path.exists(os.path.join(select_dir, f"{method}_lr0.003.json"))
+    assert out.count("select ") == 2 and "(kept)" not in out
+    chosen = results["selection"]["online_lora"]
+    assert chosen["lr"] == max((1e-3, 3e-3), key=lambda lr: (chosen["scores"][f"{lr:g}"], -lr))
+    # the method's pass ran at the chosen lr: its record is signed with it
+    record = json.loads((tmp_path / "seed0" / "methods" / "online_lora.json").read_text())
+    assert record["signature"]["online_lora"]["lr"] == chosen["lr"]
+    assert os.path.exists(os.path.join(select_dir, "online_lora_lr0.003.json"))
     calibration = results["selection"]["online_lora"]["calibration"]
     settings = results["selection"]["online_lora"]["settings"]
     online = json.loads((tmp_path / "seed0" / "methods" / "online_lora.json").read_text())["signature"]["online_lora"]
@@ -67,11 +67,11 @@ def test_each_method_runs_at_the_lr_chosen_on_a_held_out_slice_and_a_seed_sweep_
                                                                    settings["online_lora.var_threshold"])
     assert calibration["boundaries"][0] == 0 and len(calibration["boundaries"]) == 5
     # the selection stream holds the training images less the held-out slice (5 per class here)
-    assert results["selection"]["lora"]["stream_length"] == results["stream"]["length"] - 5 * 10
+    assert chosen["stream_length"] == results["stream"]["length"] - 5 * 10
     # another seed reuses the selection passes and so chooses the same settings
     again = online_lora.main(load_config("configs/online_lora.py:smoke", {**overrides, "seed": 1}),
                              str(tmp_path / "seed1"))
-    assert capsys.readouterr().out.count("(kept)") == 4
+    assert capsys.readouterr().out.count("(kept)") == 2
     assert again["selection"] == results["selection"]
 
 
@@ -179,6 +179,8 @@ def test_evaluation_positions_cover_every_task_end():
     ({"stream.num_tasks": 0}, "stream.num_tasks"),
     ({"backbone.frozen_blocks": 3}, "backbone.frozen_blocks"),   # needs the ImageNet weights
     ({"backbone.frozen_blocks": -1}, "backbone.frozen_blocks"),
+    ({"select.lrs": (1e-3, -1e-3)}, "select.lrs"),
+    ({"select.lrs": (1e-3,), "select.holdout_per_class": 20}, "select.holdout_per_class"),  # 20 per class in all
 ])
 def test_bad_config_values_name_the_key(override, key, tmp_path):
     config = load_config("configs/online_lora.py:smoke", override)

@@ -12,7 +12,10 @@ adds the nearest-class-mean accuracy of the pre-trained features (``ncm_backbone
 Columns besides the experiment's own: *learning acc* is the mean over tasks j of the class-incremental
 accuracy on task j right after its own segment, a_{j,j} (Riemer et al., ICLR 2019, "learning
 accuracy"): low values with a high task-incremental accuracy mean the head had not yet come to
-prefer a task's classes when its segment ended.
+prefer a task's classes when its segment ended. *lr* is the Adam learning rate each record was run
+at (from its signature: chosen on the held-out slice, or configured). A sweep run with
+``eval.auc_every`` (the Si-Blurry stream) adds A_auc and A_last, and the comparison gives each of
+the average accuracy, A_auc and A_last, and the paired difference in forgetting.
 """
 from __future__ import annotations
 
@@ -24,19 +27,35 @@ import sys
 
 import numpy as np
 
-from experiments.online_lora import LABELS, METHODS
+from experiments.online_lora import LABELS, METHODS, lr_key
 
 NO_REPLAY = ("online_lora", "online_lora_batches", "lora", "sequential_ft", "online_ewc")
 COLUMNS = (("avg acc", "avg_acc"), ("forgetting", "forgetting"), ("learning acc", "learning_acc"),
-           ("task-IL acc", "avg_acc_task_il"), ("task-IL forgetting", "forgetting_task_il"), ("NCM acc", "ncm_acc"))
+           ("task-IL acc", "avg_acc_task_il"), ("task-IL forgetting", "forgetting_task_il"), ("NCM acc", "ncm_acc"),
+           ("A_auc", "a_auc"), ("A_last", "a_last"))
+COUNTS = (("lr", "lr"), ("plateaus", "plateaus"), ("train s", "seconds"))  # not percentages
+HEADLINE = (("avg acc", "avg_acc"), ("A_auc", "a_auc"), ("A_last", "a_last"))
 
 
-def figures(result: dict) -> dict[str, float]:
+def figures(method: str, record: dict) -> dict[str, float]:
     """The table's figures of one method's record (accuracies as fractions)."""
+    result = record["result"]
     out = {key: float(result[key]) for _, key in COLUMNS if key in result}
     out["learning_acc"] = float(np.mean(np.diag(np.asarray(result["task_end_accs"], np.float64))))
     out["plateaus"], out["seconds"] = float(result["n_plateaus"]), float(result["seconds"])
+    section, name = lr_key(method).split(".")
+    if name in record["signature"].get(section, {}):
+        out["lr"] = float(record["signature"][section][name])
     return out
+
+
+def cell(key: str, x: list[float]) -> str:
+    if not x:
+        return ""
+    if key == "lr":  # a choice, not a measurement: the values themselves
+        return "/".join(f"{v:g}" for v in sorted(set(x)))
+    scale, digits = (1, 0) if key == "seconds" else (1, 1) if key == "plateaus" else (100, 2)
+    return f"{scale * np.mean(x):.{digits}f} ± {scale * sd(x):.{digits}f}"
 
 
 def load(sweep_dir: str) -> dict[str, dict[str, dict[str, float]]]:
@@ -49,7 +68,7 @@ def load(sweep_dir: str) -> dict[str, dict[str, dict[str, float]]]:
         method = os.path.splitext(os.path.basename(path))[0]
         seed = os.path.basename(os.path.dirname(os.path.dirname(path)))
         with open(path) as f:
-            runs.setdefault(method, {})[seed] = figures(json.load(f)["result"])
+            runs.setdefault(method, {})[seed] = figures(method, json.load(f))
     return {m: runs[m] for m in METHODS if m in runs}
 
 
@@ -58,33 +77,37 @@ def sd(x) -> float:
 
 
 def table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
-    head = [name for name, _ in COLUMNS] + ["plateaus", "train s"]
+    present = lambda key: any(key in f for seeds in runs.values() for f in seeds.values())  # noqa: E731
+    columns = [(name, key) for name, key in COLUMNS + COUNTS if present(key)]
     lines = ["Mean ± sd over seeds (%; n = seeds that finished the method)", "",
-             "| method | n | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+             "| method | n | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for method, seeds in runs.items():
-        cells = []
-        for key in [key for _, key in COLUMNS] + ["plateaus", "seconds"]:
-            x = [f[key] for f in seeds.values() if key in f]
-            scale = 1 if key in ("plateaus", "seconds") else 100
-            digits = 0 if key == "seconds" else 1 if key == "plateaus" else 2
-            cells.append(f"{scale * np.mean(x):.{digits}f} ± {scale * sd(x):.{digits}f}" if x else "")
+        cells = [cell(key, [f[key] for f in seeds.values() if key in f]) for _, key in columns]
         lines.append(f"| {LABELS[method]} | {len(seeds)} | " + " | ".join(cells) + " |")
     if "online_lora" in runs:
-        lines += ["", "Online-LoRA minus each method without replay, average accuracy (points): across seeds "
-                  "(difference of means, in units of the larger sd) and within seeds (mean ± sd of the paired "
-                  "differences, seeds where Online-LoRA is ahead)", "",
-                  "| method | across seeds | within seeds | ahead |", "|---|---|---|---|"]
+        headline = [(name, key) for name, key in HEADLINE if present(key)]
+        lines += ["", "Online-LoRA minus each method without replay (points): across seeds (difference of means, "
+                  "in units of the larger sd), within seeds (mean ± sd of the paired differences) and the seeds "
+                  "where Online-LoRA is ahead; forgetting within seeds (negative: Online-LoRA forgets less)", "",
+                  "| method | " + " | ".join(f"{name} across | {name} within | ahead" for name, _ in headline)
+                  + " | forgetting within |", "|---" * (3 * len(headline) + 2) + "|"]
         ours = runs["online_lora"]
         for method in [m for m in NO_REPLAY if m in runs and m != "online_lora"]:
-            a = [f["avg_acc"] for f in ours.values()]
-            b = [f["avg_acc"] for f in runs[method].values()]
-            spread = max(sd(a), sd(b))
-            diff = 100 * (np.mean(a) - np.mean(b))
-            across = f"{diff:+.2f} ({diff / (100 * spread):+.1f} sd)" if spread > 0 else f"{diff:+.2f}"
             common = sorted(set(ours) & set(runs[method]))
-            paired = [100 * (ours[s]["avg_acc"] - runs[method][s]["avg_acc"]) for s in common]
-            within = f"{np.mean(paired):+.2f} ± {sd(paired):.2f}" if paired else ""
-            lines.append(f"| {LABELS[method]} | {across} | {within} | {sum(p > 0 for p in paired)}/{len(paired)} |")
+            cells = []
+            for _, key in headline + [("forgetting", "forgetting")]:
+                a = [f[key] for f in ours.values() if key in f]
+                b = [f[key] for f in runs[method].values() if key in f]
+                paired = [100 * (ours[s][key] - runs[method][s][key]) for s in common
+                          if key in ours[s] and key in runs[method][s]]
+                within = f"{np.mean(paired):+.2f} ± {sd(paired):.2f}" if paired else ""
+                if key == "forgetting":
+                    cells.append(within)
+                    continue
+                spread, diff = max(sd(a), sd(b)), 100 * (np.mean(a) - np.mean(b)) if a and b else float("nan")
+                across = f"{diff:+.2f} ({diff / (100 * spread):+.1f} sd)" if spread > 0 else f"{diff:+.2f}"
+                cells += [across, within, f"{sum(p > 0 for p in paired)}/{len(paired)}"]
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -7,12 +7,12 @@ import pytest
 from tools import online_lora_table
 
 
-def write_record(folder, method, avg_acc, diagonal=(0.5, 0.5)):
+def write_record(folder, method, avg_acc, diagonal=(0.5, 0.5), signature=None, **more):
     (folder / "methods").mkdir(parents=True, exist_ok=True)
     accs = [[diagonal[0], 0.0], [0.25, diagonal[1]]]
     result = {"avg_acc": avg_acc, "forgetting": 0.1, "avg_acc_task_il": 0.8, "forgetting_task_il": 0.0,
-              "ncm_acc": 0.75, "task_end_accs": accs, "n_plateaus": 2, "seconds": 100.0}
-    (folder / "methods" / f"{method}.json").write_text(json.dumps({"signature": {}, "result": result}))
+              "ncm_acc": 0.75, "task_end_accs": accs, "n_plateaus": 2, "seconds": 100.0, **more}
+    (folder / "methods" / f"{method}.json").write_text(json.dumps({"signature": signature or {}, "result": result}))
 
 
 def test_the_table_gives_mean_sd_learning_accuracy_and_paired_differences(tmp_path, capsys):
@@ -29,7 +29,7 @@ def test_the_table_gives_mean_sd_learning_accuracy_and_paired_differences(tmp_pa
     assert lines[5].startswith("| LoRA (no regularisation) | 2 | 27.50 ± 10.61 |")
     assert lines[6].startswith("| experience replay | 1 | 60.00 ± 0.00 |")
     # across: (35 - 27.5) / 10.61 = 0.7 sd; within: +10 and +5
-    assert lines[-1] == "| LoRA (no regularisation) | +7.50 (+0.7 sd) | +7.50 ± 3.54 | 2/2 |"
+    assert lines[-1] == "| LoRA (no regularisation) | +7.50 (+0.7 sd) | +7.50 ± 3.54 | 2/2 | +0.00 ± 0.00 |"
     assert (tmp_path / "online_lora_table.md").read_text().splitlines() == lines
     # a seed's results.json adds the bound of the pre-trained features
     (tmp_path / "000" / "results.json").write_text(json.dumps({"ncm_backbone": 0.8}))
@@ -42,3 +42,22 @@ def test_the_table_gives_mean_sd_learning_accuracy_and_paired_differences(tmp_pa
 def test_a_folder_without_records_fails_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no DIR/\\*/methods/\\*.json"):
         online_lora_table.main([str(tmp_path)])
+
+
+def test_a_si_blurry_sweep_adds_a_auc_a_last_and_the_lr_each_record_ran_at(tmp_path, capsys):
+    for seed, (ours, theirs) in enumerate([(0.5, 0.3), (0.7, 0.4)]):
+        folder = tmp_path / f"00{seed}"
+        write_record(folder, "online_lora", 0.3, signature={"online_lora": {"lr": 3e-4}}, a_auc=ours, a_last=0.2,
+                     forgetting=0.1)
+        write_record(folder, "sequential_ft", 0.3, signature={"baselines": {"lr": 1e-4 * (seed + 1)}}, a_auc=theirs,
+                     a_last=0.1, forgetting=0.4)
+    online_lora_table.main([str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    head = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert head[-5:] == ["A_auc", "A_last", "lr", "plateaus", "train s"]
+    assert [c.strip() for c in lines[4].split("|")[1:-1]][-5:-3] == ["60.00 ± 14.14", "20.00 ± 0.00"]
+    assert lines[4].split("|")[-4].strip() == "0.0003"
+    assert lines[5].split("|")[-4].strip() == "0.0001/0.0002"  # each seed's own choice
+    # A_auc: +20 and +30 (across: 25 / 14.14 = 1.8 sd); A_last +10 in both; forgetting 0.1 - 0.4
+    assert lines[-1] == ("| sequential fine-tuning | +0.00 | +0.00 ± 0.00 | 0/2 | +25.00 (+1.8 sd) | +25.00 ± 7.07 "
+                         "| 2/2 | +10.00 | +10.00 ± 0.00 | 2/2 | -30.00 ± 0.00 |")

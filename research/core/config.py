@@ -56,7 +56,6 @@ class FieldError(ValueError):
         self.field, self.detail = field, detail
 
 
-
 @contextlib.contextmanager
 def under_key(key: str):
     """Reports a `FieldError` raised inside as the one-line `ConfigError` on ``key``.FIELD: for a
@@ -65,6 +64,7 @@ def under_key(key: str):
         yield
     except FieldError as e:
         raise ConfigError(f"config key '{key}.{e.field}' {e.detail}") from None
+
 
 @functools.cache
 def _hints(cls) -> dict[str, Any]:

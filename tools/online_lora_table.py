@@ -77,7 +77,9 @@ def sd(x) -> float:
 
 
 def table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
-    present = lambda key: any(key in f for seeds in runs.values() for f in seeds.values())  # noqa: E731
+    def present(key: str) -> bool:
+        return any(key in f for seeds in runs.values() for f in seeds.values())
+
     columns = [(name, key) for name, key in COLUMNS + COUNTS if present(key)]
     lines = ["Mean ± sd over seeds (%; n = seeds that finished the method)", "",
              "| method | n | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 2) + "|"]
@@ -104,7 +106,8 @@ def table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
                 if key == "forgetting":
                     cells.append(within)
                     continue
-                spread, diff = max(sd(a), sd(b)), 100 * (np.mean(a) - np.mean(b)) if a and b else float("nan")
+                spread = max(sd(a), sd(b))
+                diff = 100 * (np.mean(a) - np.mean(b)) if a and b else float("nan")
                 across = f"{diff:+.2f} ({diff / (100 * spread):+.1f} sd)" if spread > 0 else f"{diff:+.2f}"
                 cells += [across, within, f"{sum(p > 0 for p in paired)}/{len(paired)}"]
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")

@@ -28,6 +28,8 @@ kernel-friendly rank (r_kv + d_r a multiple of 64) and a cache length that is a 
 The lowering is Pallas on Triton (``jax.experimental.pallas.triton``), whose CompilerParams are
 passed explicitly (without them jax 0.10.2 lowers a pallas_call to Mosaic GPU). ``interpret=True``
 runs the same kernel on any backend; the tests compare it with ``research.attention.ops``.
+float32 dots follow jax's default matmul precision, as XLA's do: TF32 on an NVIDIA GPU, IEEE under
+``jax.default_matmul_precision("highest")`` (which the tests use there).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels that the GPU machine (Python 3.12, jax 0.11.2 with CUDA 13, no network) lacks for
 # tools/bench/gpu_check.py: ml_collections for the library, tokamax and its import-time
-# dependencies for the prefill kernels. About 38 MB, downloaded here into .whl/ (git-ignored
+# dependencies for the prefill kernels (pydantic wants a newer typing-extensions than some images). About 38 MB, downloaded here into .whl/ (git-ignored
 # through .git/info/exclude). On the GPU machine, with .whl carried along:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
 #     && PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 -m tools.bench.gpu_check --out gpu_check.json
@@ -15,5 +15,5 @@ done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl \
   ml-collections "tokamax>=0.0.17" einshape qwix pydantic pydantic-core annotated-types typing-inspection \
-  immutabledict tensorboardx xprof
+  immutabledict tensorboardx xprof fire termcolor "typing-extensions>=4.16"
 ls -la .whl

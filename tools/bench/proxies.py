@@ -72,9 +72,9 @@ def main() -> None:
     warm = np.array([nb201.CONV3, nb201.CONV1, nb201.POOL, nb201.SKIP, nb201.NONE, nb201.CONV3])
     key = jax.random.key(0)
     size = dict(C=args.width, N=args.cells_per_stage)
-    report = {"proxy": args.proxy, "images": n_images, "cells": args.cells, "chunk": args.chunk,
+    report = _Report({"proxy": args.proxy, "images": n_images, "cells": args.cells, "chunk": args.chunk,
               "width": args.width, "cells_per_stage": args.cells_per_stage,
-              "device": str(jax.devices()[0].platform)}
+              "device": str(jax.devices()[0].platform)})
 
     def exact(cell):  # one cell network, op by op
         model = nb201.NB201Network(tuple(cell), rngs=nnx.Rngs(0), **size)
@@ -92,7 +92,7 @@ def main() -> None:
         report["exact_serial_over_primitives"] = (report["exact_serial_cells_per_s"]
                                                   / report["exact_primitives_cells_per_s"])
     if args.no_masked:
-        return _print(report, args.out)
+        return _write(report, args.out)
 
     masked = nb201.NB201Network(None, rngs=nnx.Rngs(0), **size)
     for name, chunk in (("masked_serial", 1), ("masked_vmap", args.chunk)):
@@ -106,16 +106,29 @@ def main() -> None:
         report[f"{name}_cells_per_s"] = len(cells) / seconds
     report["vmap_over_masked_serial"] = report["masked_vmap_cells_per_s"] / report["masked_serial_cells_per_s"]
     report["vmap_over_exact_serial"] = report["masked_vmap_cells_per_s"] / report["exact_serial_cells_per_s"]
-    if args.all:
+    if args.all:  # the steady rate's estimate first: a time limit may stop the whole run
+        report["all_cells_estimate_s"] = nb201.NUM_CELLS / report["masked_vmap_cells_per_s"]
         _, seconds = _timed(lambda: scoring.score_cells(args.proxy, masked, nb201.all_cells(), batch,
                                                         key, chunk=args.chunk, batch_size=n_images))
         report["all_cells_seconds"] = seconds
-    _print(report, args.out)
+    _write(report, args.out)
 
 
-def _print(report: dict, out: str) -> None:
-    for k, v in report.items():
-        print(f"{k:30s} {v:.4g}" if isinstance(v, float) else f"{k:30s} {v}")
+class _Report(dict):
+    """A dict that prints each figure as it is measured, so that a run stopped by a time limit has
+    shown what it had (the slow parts are compilation and ``--all``)."""
+
+    def __init__(self, items: dict):
+        super().__init__()
+        for k, v in items.items():
+            self[k] = v
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"{key:30s} {value:.4g}" if isinstance(value, float) else f"{key:30s} {value}", flush=True)
+
+
+def _write(report: dict, out: str) -> None:
     if out:
         with open(out, "w") as f:
             json.dump(report, f, indent=1)

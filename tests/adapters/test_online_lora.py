@@ -208,10 +208,11 @@ def test_importance_is_the_per_sample_fisher_with_per_sample_pseudo_labels():
     def nll(t, image, label):
         return -jax.nn.log_softmax(logits_fn(t, image[None])[0])[label]
 
+    grad = jax.jit(jax.grad(nll))  # compiled once: op by op, the two loops below took most of a minute
     labels = np.asarray(jnp.argmax(logits_fn(theta, images), -1))
     expected = jax.tree.map(jnp.zeros_like, theta)
     for image, label in zip(images, labels, strict=True):  # a loop of plain jax.grad, one sample each
-        g = jax.grad(nll)(theta, image, int(label))
+        g = grad(theta, image, int(label))
         expected = jax.tree.map(lambda e, gi: e + gi ** 2, expected, g)
     got = ol.importance()
     for (path, e), g in zip(flat(expected).items(), flat(got).values(), strict=True):
@@ -221,13 +222,14 @@ def test_importance_is_the_per_sample_fisher_with_per_sample_pseudo_labels():
     one_label = int(jnp.argmax(logits_fn(theta, images))) % CLASSES
     wrong = jax.tree.map(jnp.zeros_like, theta)
     for image in images:
-        g = jax.grad(nll)(theta, image, one_label)
+        g = grad(theta, image, one_label)
         wrong = jax.tree.map(lambda e, gi: e + gi ** 2, wrong, g)
     assert max(np.abs(w - e).max() / np.abs(e).max() for w, e in zip(flat(wrong).values(), flat(expected).values(),
                                                                        strict=True)) > 1e-2
     # Invalid buffer slots do not count.
-    half = fisher_importance(logits_fn, theta, images, jnp.array([True, True, False, False]))
-    first_two = fisher_importance(logits_fn, theta, images[:2], jnp.ones(2, bool))
+    fisher = jax.jit(fisher_importance, static_argnums=0)
+    half = fisher(logits_fn, theta, images, jnp.array([True, True, False, False]))
+    first_two = fisher(logits_fn, theta, images[:2], jnp.ones(2, bool))
     for h, f in zip(jax.tree.leaves(half), jax.tree.leaves(first_two), strict=True):
         np.testing.assert_allclose(h, f, rtol=1e-4, atol=1e-12)  # batch shapes differ: float32 summation order
 

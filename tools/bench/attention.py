@@ -107,7 +107,8 @@ def format_row(row: dict) -> str:
             f"{row['pallas_gb_per_s']:8.1f} GB/s | speed-up {row['speedup']:.2f}x | max |diff| {row['max_abs_error']:.1e}")
 
 
-def main(argv=None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
+    """The command line (its defaults depend on the backend: small sizes on a CPU)."""
     on_cpu = jax.default_backend() == "cpu"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="1,4" if on_cpu else "1,8,32,128")
@@ -118,7 +119,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3 if on_cpu else 10)
     parser.add_argument("--prefill-lengths", default="256" if on_cpu else "2048,4096,8192", help="'' to skip")
     parser.add_argument("--out", default="")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> list[dict]:
+    on_cpu = jax.default_backend() == "cpu"
+    args = parser().parse_args(argv)
     device = jax.devices()[0].device_kind
     print(f"{device}: absorbed MLA decode, H={args.heads}, r_kv={args.kv_rank}, d_r={args.rope_dim}, bfloat16"
           + (" -- CPU: the kernel is emulated (interpret mode); these are not kernel speeds" if on_cpu else ""),

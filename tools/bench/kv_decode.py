@@ -162,7 +162,7 @@ def build_models(layers: int, kv_rank: int, rope_dim: int, config: LlamaConfig |
     return teacher, student
 
 
-def main(argv=None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", default="512,1024,2048,4096,8192")
     parser.add_argument("--batch", type=int, default=8)
@@ -173,7 +173,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--pallas", action="store_true", help="also time the absorbed path through the Pallas kernel")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (dim 64, vocab 256): checks that the bench runs")
     parser.add_argument("--out", default="")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> list[dict]:
+    args = parser().parse_args(argv)
     tiny = dataclasses.replace(LlamaConfig(), vocab_size=256, dim=64, num_heads=4, num_kv_heads=2, head_dim=16,
                                mlp_dim=64) if args.tiny else None
     teacher, student = build_models(args.layers, args.kv_rank, args.rope_dim, tiny)

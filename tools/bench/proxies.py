@@ -46,7 +46,7 @@ def _timed(fn) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proxy", default="zico", choices=proxies.PROXY_NAMES)
     parser.add_argument("--cells", type=int, default=8)
@@ -59,9 +59,14 @@ def main() -> None:
                         help="skip exact-primitives (un-jitted, the slowest way; ratios against it are left out)")
     parser.add_argument("--all", action="store_true", help="score all 15,625 cells (vmapped)")
     parser.add_argument("--out", default="")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None) -> None:
+    command_line = parser()
+    args = command_line.parse_args(argv)
     if args.all and args.no_masked:
-        parser.error("--all scores with the masked network; drop --no-masked")
+        command_line.error("--all scores with the masked network; drop --no-masked")
 
     proxy = proxies.get(args.proxy)
     n_images = args.images or max(proxy.batch_size, 1)

@@ -76,13 +76,17 @@ def torch_side(model_nnx, images: np.ndarray, labels: np.ndarray, lr: float, cha
     return run
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
 
     import torch
 

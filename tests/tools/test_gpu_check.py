@@ -15,7 +15,7 @@ from tools.bench import gpu_check
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize("size", ["FULL", "DRY"])
+@pytest.mark.parametrize("size", ["FULL", "DRY", "OPTIONAL", "DRY_OPTIONAL"])
 def test_every_steps_command_line_parses(size, tmp_path):
     for name, (argv, _) in getattr(gpu_check, size).items():
         argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -16,6 +16,7 @@ Steps, each a subprocess with its own time limit, so that one failure or hang co
                  device (target >= 1.0x);
   proxies        ``tools.bench.proxies``: vmapped masked NB201 scoring vs one cell at a time (target
                  5x), and the wall time of all 15,625 cells.
+  decode_tune    (only with ``--only``) the decode kernel's launch settings on B 32, 128 x S 16k, 64k.
 ``--dry-run`` runs the same steps at tiny sizes on the CPU, so that CI keeps the script working.
 What the GPU machine lacks (ml_collections; tokamax and its import-time dependencies) travels as
 wheels: ``tools/bench/gpu_wheels.sh`` downloads them and says how to install them there.
@@ -52,6 +53,16 @@ DRY = {
     "proxies": (["-m", "tools.bench.proxies", "--proxy", "naswot", "--cells", "2", "--chunk", "2", "--width", "2", "--no-primitives",
                  "--cells-per-stage", "1", "--images", "2", "--out", "{tmp}/proxies.json"], 120),
 }
+# Run only when named in --only: the decode kernel's launch settings (tools.bench.attention's
+# TUNE_GRID, 18 of them) on the cells where the kernel should lead, fastest first.
+OPTIONAL = {
+    "decode_tune": (["-m", "tools.bench.attention", "--tune", "--batches", "32,128", "--contexts", "16384,65536",
+                     "--repeats", "5", "--out", "{tmp}/decode_tune.json"], 300),
+}
+DRY_OPTIONAL = {
+    "decode_tune": (["-m", "tools.bench.attention", "--tune", "--batches", "1", "--contexts", "64", "--heads", "4",
+                     "--kv-rank", "32", "--rope-dim", "16", "--repeats", "1", "--out", "{tmp}/decode_tune.json"], 300),
+}
 
 
 def run_step(name: str, argv: list[str], limit: int, tmp: str, env: dict) -> dict:
@@ -84,10 +95,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     steps = DRY if args.dry_run else FULL
     if args.only:
-        unknown = set(args.only.split(",")) - set(steps)
+        named = {**steps, **(DRY_OPTIONAL if args.dry_run else OPTIONAL)}
+        unknown = set(args.only.split(",")) - set(named)
         if unknown:
-            parser.error(f"unknown steps {sorted(unknown)}; choose from {', '.join(steps)}")
-        steps = {k: steps[k] for k in args.only.split(",")}  # in the order given
+            parser.error(f"unknown steps {sorted(unknown)}; choose from {', '.join(named)}")
+        steps = {k: named[k] for k in args.only.split(",")}  # in the order given
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.dry_run:
         env["JAX_PLATFORMS"] = "cpu"

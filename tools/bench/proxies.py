@@ -78,8 +78,8 @@ def main(argv=None) -> None:
     key = jax.random.key(0)
     size = dict(C=args.width, N=args.cells_per_stage)
     report = _Report({"proxy": args.proxy, "images": n_images, "cells": args.cells, "chunk": args.chunk,
-              "width": args.width, "cells_per_stage": args.cells_per_stage,
-              "device": str(jax.devices()[0].platform)})
+                      "width": args.width, "cells_per_stage": args.cells_per_stage,
+                      "device": str(jax.devices()[0].platform)})
 
     def exact(cell):  # one cell network, op by op
         model = nb201.NB201Network(tuple(cell), rngs=nnx.Rngs(0), **size)

@@ -64,7 +64,8 @@ def parse_options(text: str) -> dict[str, int]:
 
 
 def decode_row(batch: int, context: int, heads: int, kv_rank: int, rope_dim: int, repeats: int,
-               dtype=jnp.bfloat16, seed: int = 0, options: dict | None = None, xla_ms: float | None = None) -> dict:
+               dtype=jnp.bfloat16, seed: int = 0, options: dict | None = None,
+               xla_ms: float | None = None) -> dict:
     """One (B, S) cell: XLA and the kernel (with launch ``options``) on the same inputs. ``xla_ms``
     reuses an XLA time already measured on this cell (the tuning loop times XLA once)."""
     options = options or {}

@@ -4,6 +4,7 @@ other method without replay, across seeds (in units of the larger sd) and within
 both methods saw the same stream).
 
     python -m tools.online_lora_table runs/online_lora_c10_160          # prints it; DIR/online_lora_table.md
+    python -m tools.online_lora_table DIR --versus online_lora_batches  # the official buffer against the rest
 
 A seed is a folder ``DIR/*/`` with the experiment's ``methods/METHOD.json`` records, which are written
 as each method finishes, so a sweep that is still running already has rows; a seed's results.json
@@ -76,7 +77,8 @@ def sd(x) -> float:
     return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
 
-def table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
+def table(runs: dict[str, dict[str, dict[str, float]]], versus: str = "online_lora") -> str:
+    """Per-method rows, then ``versus`` minus each other method without replay."""
     def present(key: str) -> bool:
         return any(key in f for seeds in runs.values() for f in seeds.values())
 
@@ -86,15 +88,16 @@ def table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
     for method, seeds in runs.items():
         cells = [cell(key, [f[key] for f in seeds.values() if key in f]) for _, key in columns]
         lines.append(f"| {LABELS[method]} | {len(seeds)} | " + " | ".join(cells) + " |")
-    if "online_lora" in runs:
+    if versus in runs:
         headline = [(name, key) for name, key in HEADLINE if present(key)]
-        lines += ["", "Online-LoRA minus each method without replay (points): across seeds (difference of means, "
+        name = LABELS[versus]
+        lines += ["", f"{name} minus each method without replay (points): across seeds (difference of means, "
                   "in units of the larger sd), within seeds (mean ± sd of the paired differences) and the seeds "
-                  "where Online-LoRA is ahead; forgetting within seeds (negative: Online-LoRA forgets less)", "",
+                  f"where {name} is ahead; forgetting within seeds (negative: {name} forgets less)", "",
                   "| method | " + " | ".join(f"{name} across | {name} within | ahead" for name, _ in headline)
                   + " | forgetting within |", "|---" * (3 * len(headline) + 2) + "|"]
-        ours = runs["online_lora"]
-        for method in [m for m in NO_REPLAY if m in runs and m != "online_lora"]:
+        ours = runs[versus]
+        for method in [m for m in NO_REPLAY if m in runs and m != versus]:
             common = sorted(set(ours) & set(runs[method]))
             cells = []
             for _, key in headline + [("forgetting", "forgetting")]:
@@ -117,12 +120,14 @@ def table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dir", help="the sweep's --workdir (DIR/*/methods/*.json)")
+    p.add_argument("--versus", default="online_lora", choices=NO_REPLAY,
+                   help="the method compared with each other method without replay")
     args = p.parse_args(argv)
     try:
         runs = load(args.sweep_dir)
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
         sys.exit(f"error: {e}")
-    text = table(runs)
+    text = table(runs, args.versus)
     bound = []
     for path in sorted(glob.glob(os.path.join(args.sweep_dir, "*", "results.json"))):
         with open(path) as f:

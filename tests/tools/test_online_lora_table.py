@@ -61,3 +61,18 @@ def test_a_si_blurry_sweep_adds_a_auc_a_last_and_the_lr_each_record_ran_at(tmp_p
     # A_auc: +20 and +30 (across: 25 / 14.14 = 1.8 sd); A_last +10 in both; forgetting 0.1 - 0.4
     assert lines[-1] == ("| sequential fine-tuning | +0.00 | +0.00 ± 0.00 | 0/2 | +25.00 (+1.8 sd) | +25.00 ± 7.07 "
                          "| 2/2 | +10.00 | +10.00 ± 0.00 | 2/2 | -30.00 ± 0.00 |")
+
+
+def test_versus_compares_the_named_method_with_every_other_method_without_replay(tmp_path, capsys):
+    for seed, (official, ours, theirs) in enumerate([(0.5, 0.4, 0.3), (0.6, 0.3, 0.4)]):
+        write_record(tmp_path / f"00{seed}", "online_lora_batches", official)
+        write_record(tmp_path / f"00{seed}", "online_lora", ours)
+        write_record(tmp_path / f"00{seed}", "lora", theirs)
+    online_lora_table.main([str(tmp_path), "--versus", "online_lora_batches"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[8].startswith("Online-LoRA, buffer of whole batches minus each method without replay")
+    # official - ours: +10 and +30 (mean 20 ± 14.14, across 20 / 7.07 = 2.8 sd); official - lora: +20 and +20
+    assert lines[-2] == "| Online-LoRA | +20.00 (+2.8 sd) | +20.00 ± 14.14 | 2/2 | +0.00 ± 0.00 |"
+    assert lines[-1] == "| LoRA (no regularisation) | +20.00 (+2.8 sd) | +20.00 ± 0.00 | 2/2 | +0.00 ± 0.00 |"
+    with pytest.raises(SystemExit):
+        online_lora_table.main([str(tmp_path), "--versus", "er"])  # replay is not a method without replay

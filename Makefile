@@ -33,4 +33,4 @@ test-all: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .cache/jax-tests

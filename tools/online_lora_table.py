@@ -90,10 +90,10 @@ def table(runs: dict[str, dict[str, dict[str, float]]], versus: str = "online_lo
         lines.append(f"| {LABELS[method]} | {len(seeds)} | " + " | ".join(cells) + " |")
     if versus in runs:
         headline = [(name, key) for name, key in HEADLINE if present(key)]
-        name = LABELS[versus]
-        lines += ["", f"{name} minus each method without replay (points): across seeds (difference of means, "
+        label = LABELS[versus]
+        lines += ["", f"{label} minus each method without replay (points): across seeds (difference of means, "
                   "in units of the larger sd), within seeds (mean ± sd of the paired differences) and the seeds "
-                  f"where {name} is ahead; forgetting within seeds (negative: {name} forgets less)", "",
+                  f"where {label} is ahead; forgetting within seeds (negative: {label} forgets less)", "",
                   "| method | " + " | ".join(f"{name} across | {name} within | ahead" for name, _ in headline)
                   + " | forgetting within |", "|---" * (3 * len(headline) + 2) + "|"]
         ours = runs[versus]
@@ -120,14 +120,16 @@ def table(runs: dict[str, dict[str, dict[str, float]]], versus: str = "online_lo
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dir", help="the sweep's --workdir (DIR/*/methods/*.json)")
-    p.add_argument("--versus", default="online_lora", choices=NO_REPLAY,
-                   help="the method compared with each other method without replay")
+    p.add_argument("--versus", choices=NO_REPLAY,
+                   help="the method compared with each other method without replay (default: online_lora)")
     args = p.parse_args(argv)
     try:
         runs = load(args.sweep_dir)
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
         sys.exit(f"error: {e}")
-    text = table(runs, args.versus)
+    if args.versus and args.versus not in runs:
+        sys.exit(f"error: --versus {args.versus}: no {args.sweep_dir}/*/methods/{args.versus}.json")
+    text = table(runs, args.versus or "online_lora")
     bound = []
     for path in sorted(glob.glob(os.path.join(args.sweep_dir, "*", "results.json"))):
         with open(path) as f:

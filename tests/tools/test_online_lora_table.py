@@ -76,3 +76,5 @@ def test_versus_compares_the_named_method_with_every_other_method_without_replay
     assert lines[-1] == "| LoRA (no regularisation) | +20.00 (+2.8 sd) | +20.00 ± 0.00 | 2/2 | +0.00 ± 0.00 |"
     with pytest.raises(SystemExit):
         online_lora_table.main([str(tmp_path), "--versus", "er"])  # replay is not a method without replay
+    with pytest.raises(SystemExit, match="--versus online_ewc: no .*online_ewc.json"):
+        online_lora_table.main([str(tmp_path), "--versus", "online_ewc"])  # no records of it

@@ -45,7 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.images_per_set = 500            # test images of the retain classes, and of the forget classes
-    c.eval.masks = ("center",)             # center | outpaint: one block of metrics per mask
+    c.eval.masks = ("center",)             # center | outpaint | center_box (the centre box alone): a block of
+                                           # metrics per view
     c.eval.image_size = 64                 # EfficientNet-Lite0's input side for FID / IS / cosine
     c.eval.weights = ""                    # "" = the installed ImageNet weights package, or a converted folder
     c.eval.tsne_points = 200               # per set and row in the 2-D embedding plot (0 = no plot)

@@ -8,10 +8,12 @@
    of the encoder is unlearned on the training images of the retain and forget classes
    (research/unlearning/generative.py); DIR/rows/ keeps each finished row, so a rerun resumes.
 3. Each row's generator inpaints ``eval.images_per_set`` test images of the retain and of the forget
-   classes; FID, IS and the embedding cosine against the originals (research/unlearning/image_metrics.py).
+   classes; FID, IS and the embedding cosine against the originals (research/unlearning/image_metrics.py),
+   for each view of ``eval.masks``: center or outpaint (the whole image), center_box (the centre
+   mask, output and original cropped to the hidden box).
 
 Writes to DIR: config.json, results.json (per row and mask: mean and sd over seeds), results.md,
-samples_MASK.png (columns: retain then forget test images; rows: original, masked input, each
+samples_MASK.png (whole-image views; columns: retain then forget test images; rows: original, masked input, each
 method's output), tradeoff_MASK.png (forget against retain FID over the original's, per method over
 its alphas; results.json / .md also read each method's forget FID off that curve at matched retain
 FID), tsne.png (2-D embedding of the generated images, original vs ours) and rows/ (one record per
@@ -40,6 +42,10 @@ from research.unlearning import generative, image_metrics
 from research.unlearning.generative import GenerativeUnlearnConfig
 
 METRICS = ("fid", "is", "cosine")
+# eval.masks: the mask each view generates under, and whether it is scored on the hidden box alone.
+# center_box crops output and original to the centre box, so the visible 75% of the image, which
+# every row keeps, cannot dilute a change in what the generator fills in.
+VIEWS = {"center": ("center", False), "outpaint": ("outpaint", False), "center_box": ("center", True)}
 MATCHED_RETAIN = (1.05, 1.10)  # retain FID / original's at which the methods' forget FID is compared
 
 
@@ -54,8 +60,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         cfg.check_names(config, "baselines", [m for m in generative.METHODS if m != "ours"])
     cfg.check(config, "alphas", lambda v: all(a >= 0 for a in v), "a tuple of floats >= 0")
     cfg.check(config, "baseline_alphas", lambda v: all(a >= 0 for a in v), "a tuple of floats >= 0")
-    cfg.check(config, "eval.masks", lambda v: len(v) > 0 and set(v) <= {"center", "outpaint"},
-              "a non-empty tuple of center, outpaint")
+    cfg.check(config, "eval.masks", lambda v: len(v) > 0 and set(v) <= set(VIEWS),
+              f"a non-empty tuple of {', '.join(VIEWS)}")
     cfg.check(config, "eval.images_per_set", lambda v: v >= 2, "an int >= 2")
     cfg.check(config, "forget_classes", lambda v: len(v) > 0 and not set(v) & set(config.retain_classes),
               "a non-empty tuple of classes disjoint from retain_classes")
@@ -141,18 +147,41 @@ def saved_row(record: str, signature: dict) -> tuple[dict, dict] | None:
         return saved, dict(npz)
 
 
-def evaluate_row(model, sets, originals, extractor, config, mask_config) -> tuple[dict, dict]:
-    """{mask: {set: {fid, is, cosine}}} and what the figures show of this row: {"images/MASK/SET":
-    the first 4 outputs, "features/SET": the features of the first ``eval.tsne_points`` outputs under
-    the first mask}."""
-    metrics, shown = {}, {}
+def view_crop(kind: str, grid, patch_size: int, mask_config) -> tuple[slice, slice]:
+    """The pixels a view scores: the centre box for center_box, the whole image otherwise."""
+    mask_kind, boxed = VIEWS[kind]
+    if not boxed:
+        return slice(None), slice(None)
+    return mae.hidden_box(mae.fixed_mask(mask_kind, 1, grid, mask_config)[0], grid, patch_size)
+
+
+def reference_features(sets, extractor, config, grid, patch_size, mask_config) -> dict:
+    """{view: {set: (features, logits)}} of the real test images, cropped as each view scores them."""
+    out = {}
     for kind in config.eval.masks:
+        crop = view_crop(kind, grid, patch_size, mask_config)
+        out[kind] = {name: extractor.features_and_logits(data[(slice(None), *crop)].astype(np.float32) / 255.0)
+                     for name, data in sets.items()}
+    return out
+
+
+def evaluate_row(model, sets, originals, extractor, config, mask_config) -> tuple[dict, dict]:
+    """{view: {set: {fid, is, cosine}}} and what the figures show of this row: {"images/MASK/SET":
+    the first 4 outputs of each whole-image view, "features/SET": the features of the first
+    ``eval.tsne_points`` outputs under the first view}."""
+    metrics, shown, outputs = {}, {}, {}
+    for kind in config.eval.masks:
+        mask_kind, boxed = VIEWS[kind]
+        crop = view_crop(kind, model.grid, model.patch_size, mask_config)
         metrics[kind] = {}
         for name, data in sets.items():
-            out = generate(model, data, kind, mask_config)
-            feats = extractor.features_and_logits(out)
-            metrics[kind][name] = image_metrics.quality(feats, originals[name])
-            shown[f"images/{kind}/{name}"] = out[:4]
+            if (mask_kind, name) not in outputs:  # center and center_box share one generation
+                outputs[mask_kind, name] = generate(model, data, mask_kind, mask_config)
+            out = outputs[mask_kind, name]
+            feats = extractor.features_and_logits(out[(slice(None), *crop)])
+            metrics[kind][name] = image_metrics.quality(feats, originals[kind][name])
+            if not boxed:
+                shown[f"images/{kind}/{name}"] = out[:4]
             if kind == config.eval.masks[0]:
                 shown[f"features/{name}"] = feats[0][:config.eval.tsne_points]
     return metrics, shown
@@ -315,7 +344,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     sets = {"retain": class_images(test, config.retain_classes, config.eval.images_per_set),
             "forget": class_images(test, config.forget_classes, config.eval.images_per_set)}
-    originals = {name: extractor.features_and_logits(data.astype(np.float32) / 255.0) for name, data in sets.items()}
+    originals = reference_features(sets, extractor, config, generator.grid, generator.patch_size, mask_config)
     retain_train = class_images(train, config.retain_classes)
     forget_train = class_images(train, config.forget_classes)
 
@@ -360,7 +389,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if experiment.main_process():
         experiment.write_results(workdir, results, table_md(results))
         for kind in config.eval.masks:
-            sample_png(os.path.join(workdir, f"samples_{kind}.png"), sets, shown, kind, generator.grid, mask_config)
+            if not VIEWS[kind][1]:  # a boxed view shows the same outputs as its whole-image view
+                sample_png(os.path.join(workdir, f"samples_{kind}.png"), sets, shown, kind, generator.grid,
+                           mask_config)
             tradeoff_plot(os.path.join(workdir, f"tradeoff_{kind}.png"), results, kind)
         ours = [n for n in shown if n.startswith("ours (")]
         if config.eval.tsne_points and ours:

@@ -138,6 +138,16 @@ def unpatchify(tokens: jax.Array, p: int, shape: tuple[int, int, int]) -> jax.Ar
     return x.reshape(n, h, w, c)
 
 
+def hidden_box(mask: np.ndarray, grid: tuple[int, int], patch_size: int) -> tuple[slice, slice]:
+    """Pixel rows and columns of the bounding box of the hidden tokens of one (T,) mask: for the
+    centre mask on an 8 x 8 grid of 4 x 4 patches, rows and columns 8:24."""
+    rows, cols = np.nonzero(np.asarray(mask).reshape(grid))
+    if rows.size == 0:
+        raise ValueError("hidden_box: the mask hides no token")
+    return (slice(int(rows.min()) * patch_size, (int(rows.max()) + 1) * patch_size),
+            slice(int(cols.min()) * patch_size, (int(cols.max()) + 1) * patch_size))
+
+
 def pixel_mask(mask: jax.Array, patch_size: int, image_shape: tuple[int, int, int]) -> jax.Array:
     """(N, T) token mask -> (N, H, W, 1) float32, 1 on the pixels of hidden patches."""
     p = patch_size

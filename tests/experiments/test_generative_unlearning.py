@@ -8,10 +8,11 @@ import pytest
 
 from experiments import generative_unlearning
 from research.core.config import ConfigError, load_config
+from research.models.mae import MaskConfig
 from research.unlearning import generative
 
 DIGITS = {"generator.data.name": "digits", "generator.data.pad_to": 16, "proxy.name": "digits",
-          "eval.image_size": 32}
+          "eval.image_size": 32, "eval.masks": ("center", "center_box")}
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,32 @@ def test_smoke_run_reports_every_row_with_finite_metrics(finished):
             cells = row["metrics"]["center"][group]
             assert all(np.isfinite(cells[m]["mean"]) for m in ("fid", "is", "cosine"))
             assert -1 <= cells["cosine"]["mean"] <= 1 and cells["is"]["mean"] >= 1 - 1e-9
-    assert {"results.json", "results.md", "samples_center.png", "tradeoff_center.png", "tsne.png",
-            "generator"} <= {p.name for p in workdir.iterdir()}
+    files = {p.name for p in workdir.iterdir()}
+    assert {"results.json", "results.md", "samples_center.png", "tradeoff_center.png", "tradeoff_center_box.png",
+            "tsne.png", "generator"} <= files
+    assert "samples_center_box.png" not in files  # the same outputs as samples_center.png
     saved = json.loads((workdir / "results.json").read_text())
-    assert saved["masks"] == ["center"] and set(saved["matched"]["center"]) == {"1.05", "1.1"}
+    assert saved["masks"] == ["center", "center_box"] and set(saved["matched"]["center_box"]) == {"1.05", "1.1"}
+    box = results["rows"]["original"]["metrics"]["center_box"]
+    assert box["retain"]["fid"]["mean"] != results["rows"]["original"]["metrics"]["center"]["retain"]["fid"]["mean"]
     assert "at retain 1.05" in (workdir / "results.md").read_text()
     assert results["rows"]["noisy_label"]["method"] == "noisy_label" and results["rows"]["noisy_label"]["alpha"] == 0.2
     assert results["rows"]["original"]["method"] == "original"
+
+
+def test_center_box_scores_the_hidden_box_and_the_whole_views_the_whole_image():
+    config = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, "eval.masks": ("center", "center_box",
+                                                                                             "outpaint")})
+    images = (np.arange(2 * 16 * 16).reshape(2, 16, 16, 1) % 256).astype(np.uint8)
+
+    class Pixels:  # the "features" are the pixels scored, to see the crop
+        @staticmethod
+        def features_and_logits(x):
+            return x, None
+    ref = generative_unlearning.reference_features({"retain": images}, Pixels, config, (4, 4), 4, MaskConfig())
+    np.testing.assert_array_equal(ref["center_box"]["retain"][0], images[:, 4:12, 4:12] / np.float32(255))
+    for kind in ("center", "outpaint"):
+        np.testing.assert_array_equal(ref[kind]["retain"][0], images / np.float32(255))
 
 
 def test_baseline_alphas_give_each_baseline_a_row_per_alpha():

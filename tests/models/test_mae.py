@@ -27,6 +27,16 @@ def test_border_mask_hides_everything_but_the_centre():
     assert mask.sum() == 64 - 16 and not mask[2:6, 2:6].any()
 
 
+def test_hidden_box_is_the_pixel_bounding_box_of_the_hidden_tokens():
+    assert mae.hidden_box(mae.center_mask((8, 8), 0.25), (8, 8), 4) == (slice(8, 24), slice(8, 24))
+    assert mae.hidden_box(mae.border_mask((8, 8), 2), (8, 8), 4) == (slice(0, 32), slice(0, 32))
+    one = np.zeros(12, bool)
+    one[5] = True  # row 1, column 1 of a 3 x 4 grid
+    assert mae.hidden_box(one, (3, 4), 2) == (slice(2, 4), slice(2, 4))
+    with pytest.raises(ValueError, match="hides no token"):
+        mae.hidden_box(np.zeros(64, bool), (8, 8), 4)
+
+
 def test_random_masks_hide_a_ratio_in_range_and_differ_per_image():
     masks = np.asarray(mae.random_mask(jax.random.PRNGKey(0), 200, 64, 0.25, 0.75))
     counts = masks.sum(1)

@@ -11,8 +11,10 @@ Presets (comma-separated; ``smoke`` shrinks any of them to seconds):
 The generator is ``generator`` (configs/train_generator.py's config, same presets): trained in
 WORKDIR/generator unless ``generator.workdir`` names a finished run of experiments/train_generator.
 Rows: the original generator; ours at every ``alphas``; ours with the proxy retain set (at
-``proxy.alpha``); each of ``baselines`` (at ``unlearn.alpha``, or at every ``baseline_alphas``). Metrics on ``eval.images_per_set``
-test images of the retain and of the forget classes, centre 25% inpainting (``eval.masks``).
+``proxy.alpha``); each of ``baselines`` (at ``unlearn.alpha``, or at every ``baseline_alphas``); and
+for each of ``target_rows``, no training but every image's output as if that method's forget target
+were reached exactly (the objective's ceiling). Metrics on ``eval.images_per_set`` test images of
+the retain and of the forget classes, centre 25% inpainting (``eval.masks``).
 """
 import ml_collections
 
@@ -32,6 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.retain_classes = (5, 6, 7, 8, 9)
     c.alphas = (0.05, 0.1, 0.2, 0.5, 1.0)  # ours: the forget term's weight
     c.baselines = ("max_loss", "noisy_label", "retain_label", "random_encoder")  # () = none
+    c.target_rows = ("ours", "noisy_label")  # rows without training: each image's output as if that method's
+                                           # forget target were reached exactly (its ceiling); () = none
     c.baseline_alphas = ()                 # each baseline also at these alphas ("NAME (alpha A)" rows): the
                                            # baselines' own trade-off, to compare at matched retain FID
 

@@ -7,6 +7,8 @@
 2. For each seed and row (ours at each alpha, ours with a proxy retain set, each baseline), a copy
    of the encoder is unlearned on the training images of the retain and forget classes
    (research/unlearning/generative.py); DIR/rows/ keeps each finished row, so a rerun resumes.
+   Each of ``target_rows`` adds a row without training: the original generator's outputs with that
+   method's forget target reached exactly (generative.reached_target), the ceiling of its forget term.
 3. Each row's generator inpaints ``eval.images_per_set`` test images of the retain and of the forget
    classes; FID, IS and the embedding cosine against the originals (research/unlearning/image_metrics.py),
    for each view of ``eval.masks``: center or outpaint (the whole image), center_box (the centre
@@ -25,6 +27,8 @@ import dataclasses
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -58,6 +62,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         proxy_data(config)
     if config.baselines:  # () = ours alone (an alpha sweep)
         cfg.check_names(config, "baselines", [m for m in generative.METHODS if m != "ours"])
+    if config.target_rows:
+        cfg.check_names(config, "target_rows", generative.TARGET_METHODS)
     cfg.check(config, "alphas", lambda v: all(a >= 0 for a in v), "a tuple of floats >= 0")
     cfg.check(config, "baseline_alphas", lambda v: all(a >= 0 for a in v), "a tuple of floats >= 0")
     cfg.check(config, "eval.masks", lambda v: len(v) > 0 and set(v) <= set(VIEWS),
@@ -105,7 +111,9 @@ def proxy_images(config, shape) -> np.ndarray | None:
 
 
 def method_rows(config) -> list[tuple[str, GenerativeUnlearnConfig | None, str]]:
-    """(row name, unlearning config or None for the original, retain source: classes | proxy)."""
+    """(row name, unlearning config or None for the original, retain source: classes | proxy, or
+    target for a ``target_rows`` row: no training, each image's output as if that method's forget
+    target were reached exactly, generative.reached_target)."""
     base = cfg.build(GenerativeUnlearnConfig, config, "unlearn")
     rows = [("original", None, "classes")]
     rows += [(f"ours (alpha {a:g})", dataclasses.replace(base, method="ours", alpha=a), "classes") for a in config.alphas]
@@ -118,6 +126,8 @@ def method_rows(config) -> list[tuple[str, GenerativeUnlearnConfig | None, str]]
                      for a in config.baseline_alphas]
         else:
             rows.append((name, dataclasses.replace(base, method=name), "classes"))
+    rows += [(f"forget target reached: {m}", dataclasses.replace(base, method=m), "target")
+             for m in config.target_rows]
     return rows
 
 
@@ -165,19 +175,33 @@ def reference_features(sets, extractor, config, grid, patch_size, mask_config) -
     return out
 
 
-def evaluate_row(model, sets, originals, extractor, config, mask_config) -> tuple[dict, dict]:
+def target_outputs(generator, images: np.ndarray, kind: str, mask_config, method: str, noise: str, seed: int,
+                   batch_size: int = 250) -> np.ndarray:
+    """generative.reached_target over uint8 ``images`` under the fixed ``kind`` mask, float32 (N, H, W, C),
+    in unpadded batches (zero padding would shift the noise's batch mean and std)."""
+    out = []
+    for i, start in enumerate(range(0, len(images), batch_size)):
+        chunk = jnp.asarray(images[start:start + batch_size], jnp.float32) / 255.0
+        mask = mae.fixed_mask(kind, len(chunk), generator.grid, mask_config)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+        out.append(np.asarray(generative.reached_target(generator, chunk, mask, key, method, noise)))
+    return np.concatenate(out)
+
+
+def evaluate_row(outputs, grid, patch_size, sets, originals, extractor, config, mask_config) -> tuple[dict, dict]:
     """{view: {set: {fid, is, cosine}}} and what the figures show of this row: {"images/MASK/SET":
     the first 4 outputs of each whole-image view, "features/SET": the features of the first
-    ``eval.tsne_points`` outputs under the first view}."""
-    metrics, shown, outputs = {}, {}, {}
+    ``eval.tsne_points`` outputs under the first view}. ``outputs(images, mask_kind)``: the row's
+    generated images."""
+    metrics, shown, made = {}, {}, {}
     for kind in config.eval.masks:
         mask_kind, boxed = VIEWS[kind]
-        crop = view_crop(kind, model.grid, model.patch_size, mask_config)
+        crop = view_crop(kind, grid, patch_size, mask_config)
         metrics[kind] = {}
         for name, data in sets.items():
-            if (mask_kind, name) not in outputs:  # center and center_box share one generation
-                outputs[mask_kind, name] = generate(model, data, mask_kind, mask_config)
-            out = outputs[mask_kind, name]
+            if (mask_kind, name) not in made:  # center and center_box share one generation
+                made[mask_kind, name] = outputs(data, mask_kind)
+            out = made[mask_kind, name]
             feats = extractor.features_and_logits(out[(slice(None), *crop)])
             metrics[kind][name] = image_metrics.quality(feats, originals[kind][name])
             if not boxed:
@@ -233,10 +257,11 @@ def fid_ratios(results: dict, kind: str) -> dict[str, dict[str, np.ndarray]]:
 
 
 def families(results: dict) -> dict[str, list[str]]:
-    """{method (", proxy retain" for the proxy rows): its row names in order of alpha}, original aside."""
+    """{method (", proxy retain" for the proxy rows): its row names in order of alpha}, the original and
+    the target rows aside."""
     out: dict[str, list[str]] = {}
     for name, row in results["rows"].items():
-        if name != "original":
+        if name != "original" and row["retain"] != "target":
             out.setdefault(row["method"] + (", proxy retain" if row["retain"] == "proxy" else ""), []).append(name)
     return {k: sorted(v, key=lambda n: results["rows"][n]["alpha"]) for k, v in out.items()}
 
@@ -358,14 +383,21 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if reused:
                 saved, figures = reused
             else:
-                if unlearn_config is None:
-                    model, took = generator, 0.0
+                model, took = generator, 0.0
+                if retain_source == "target":
+                    def outputs(data, kind, method=unlearn_config.method, seed=seed):
+                        return target_outputs(generator, data, kind, mask_config, method, unlearn_config.noise, seed)
                 else:
-                    retain = proxy if retain_source == "proxy" else retain_train
-                    result = generative.unlearn(generator, retain, forget_train, unlearn_config, mask_config,
-                                                seed=seed, progress=config.progress, desc=name)
-                    model, took = result.model, result.seconds
-                metrics, figures = evaluate_row(model, sets, originals, extractor, config, mask_config)
+                    if unlearn_config is not None:
+                        retain = proxy if retain_source == "proxy" else retain_train
+                        result = generative.unlearn(generator, retain, forget_train, unlearn_config, mask_config,
+                                                    seed=seed, progress=config.progress, desc=name)
+                        model, took = result.model, result.seconds
+
+                    def outputs(data, kind, model=model):
+                        return generate(model, data, kind, mask_config)
+                metrics, figures = evaluate_row(outputs, generator.grid, generator.patch_size, sets, originals,
+                                                extractor, config, mask_config)
                 saved = {"metrics": metrics, "seconds": took, "signature": signature}
                 if experiment.main_process():  # the figures first: the JSON marks the row finished
                     write_npz_atomic(record + ".npz", **figures)
@@ -375,7 +407,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             per_seed.append(saved["metrics"])
             seconds.append(saved["seconds"])
         rows[name] = {"method": unlearn_config.method if unlearn_config else "original",
-                      "alpha": unlearn_config.alpha if unlearn_config else None, "retain": retain_source,
+                      "alpha": unlearn_config.alpha if unlearn_config and retain_source != "target" else None,
+                      "retain": retain_source,
                       "metrics": summarize(per_seed), "seconds": float(np.mean(seconds)), "per_seed": per_seed}
         first = rows[name]["metrics"][config.eval.masks[0]]
         print(f"{name}: retain FID {first['retain']['fid']['mean']:.2f}, forget FID {first['forget']['fid']['mean']:.2f}",

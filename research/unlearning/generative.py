@@ -46,6 +46,7 @@ from research.models import mae
 from research.models.mae import MaskConfig
 
 METHODS = ("ours", "max_loss", "noisy_label", "retain_label", "random_encoder")
+TARGET_METHODS = ("ours", "noisy_label")  # whose forget target is an image (reached_target)
 NOISES = ("gaussian", "uniform", "constant")
 RETAIN_LOSSES = ("features", "pixels")
 
@@ -99,6 +100,26 @@ def noise_like(key: jax.Array, x: jax.Array, kind: str = "gaussian") -> jax.Arra
     if kind == "constant":
         return jnp.full_like(x, jnp.mean(x))
     raise ValueError(f"noise_like: kind {kind!r} is not one of {', '.join(NOISES)}")
+
+
+@nnx.jit(static_argnames=("method", "noise"))
+def reached_target(model: mae.MaskedAutoencoder, x: jax.Array, mask: jax.Array, key: jax.Array, method: str,
+                   noise: str = "gaussian") -> jax.Array:
+    """What the generator would output for images x (N, H, W, C) in [0, 1] under masks (N, T) if a
+    method's forget target were reached exactly, in [0, 1]: the visible pixels of x, and in the
+    hidden ones, for ``ours`` the original generator's fill from E_0(T(n)) (the decoder of the
+    feature target), for ``noisy_label`` the noise image n itself (the pixel target). ``model`` is
+    the original generator; n = noise_like(key, x, noise). The ceiling of each objective's forget
+    term under a metric, with nothing traded against the retain set."""
+    n = noise_like(key, x, noise)
+    hidden = model.pixel_mask(mask)
+    if method == "ours":
+        fill = model.decode(model.encode(n, mask))
+    elif method == "noisy_label":
+        fill = n
+    else:
+        raise ValueError(f"reached_target: method {method!r} is not one of {', '.join(TARGET_METHODS)}")
+    return jnp.clip(hidden * fill + (1.0 - hidden) * x, 0.0, 1.0)
 
 
 def _feature_se(z: jax.Array, target: jax.Array) -> jax.Array:

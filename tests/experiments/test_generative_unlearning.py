@@ -32,7 +32,7 @@ def test_smoke_run_reports_every_row_with_finite_metrics(finished):
     workdir, results = finished
     names = list(results["rows"])
     assert names[0] == "original" and names[1] == "ours (alpha 0.2)" and "ours, proxy retain digits (alpha 0.2)" in names
-    assert set(names[-4:]) == {"max_loss", "noisy_label", "retain_label", "random_encoder"}
+    assert set(names[-6:-2]) == {"max_loss", "noisy_label", "retain_label", "random_encoder"}
     for row in results["rows"].values():
         for group in ("retain", "forget"):
             cells = row["metrics"]["center"][group]
@@ -49,6 +49,20 @@ def test_smoke_run_reports_every_row_with_finite_metrics(finished):
     assert "at retain 1.05" in (workdir / "results.md").read_text()
     assert results["rows"]["noisy_label"]["method"] == "noisy_label" and results["rows"]["noisy_label"]["alpha"] == 0.2
     assert results["rows"]["original"]["method"] == "original"
+
+
+def test_target_rows_are_untrained_ceilings_kept_out_of_the_matched_comparison(finished):
+    workdir, results = finished
+    assert list(results["rows"])[-2:] == ["forget target reached: ours", "forget target reached: noisy_label"]
+    target = results["rows"]["forget target reached: noisy_label"]
+    assert target["seconds"] == 0 and target["alpha"] is None and target["retain"] == "target"
+    # Noise in the box is far from any digit: its FID is above the original generator's on both sets.
+    for group in ("retain", "forget"):
+        assert target["metrics"]["center_box"][group]["fid"]["mean"] > \
+            results["rows"]["original"]["metrics"]["center_box"][group]["fid"]["mean"]
+    saved = json.loads((workdir / "results.json").read_text())
+    assert set(saved["matched"]["center"]["1.05"]) == {"ours", "ours, proxy retain", "max_loss", "noisy_label",
+                                                      "retain_label", "random_encoder"}
 
 
 def test_center_box_scores_the_hidden_box_and_the_whole_views_the_whole_image():
@@ -71,8 +85,9 @@ def test_baseline_alphas_give_each_baseline_a_row_per_alpha():
                          {**DIGITS, "baselines": ("noisy_label", "max_loss"), "baseline_alphas": (0.1, 0.5)})
     rows = {name: (c.method, c.alpha) if c else None for name, c, _ in generative_unlearning.method_rows(config)}
     assert rows["noisy_label (alpha 0.1)"] == ("noisy_label", 0.1) and rows["max_loss (alpha 0.5)"] == ("max_loss", 0.5)
-    assert "noisy_label" not in rows and len(rows) == 1 + 1 + 1 + 2 * 2  # original, ours, proxy, 2 x 2 baselines
-    alone = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, "baselines": ()})
+    # original, ours, proxy, 2 x 2 baselines, 2 target rows
+    assert "noisy_label" not in rows and len(rows) == 1 + 1 + 1 + 2 * 2 + 2
+    alone = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, "baselines": (), "target_rows": ()})
     generative_unlearning.validate(alone)  # () = ours alone
     assert [name for name, _, _ in generative_unlearning.method_rows(alone)] == [
         "original", "ours (alpha 0.2)", "ours, proxy retain digits (alpha 0.2)"]
@@ -148,6 +163,7 @@ def test_the_row_signature_changes_with_the_rows_settings_and_not_with_the_progr
     ({"generator.model.patch_size": 0}, "generator.model.patch_size"),
     ({"proxy.name": "imagenet"}, "proxy.name"),
     ({"baseline_alphas": (0.1, -1.0)}, "baseline_alphas"),
+    ({"target_rows": ("max_loss",)}, "target_rows"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, key):
     config = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, **override})

@@ -84,6 +84,23 @@ def test_only_the_encoder_changes(model, images, method):
     assert all(np.isfinite(np.asarray(x)).all() for x in _params(out, mae.ENCODER))
 
 
+@pytest.mark.parametrize("method", generative.TARGET_METHODS)
+def test_a_reached_target_keeps_the_visible_pixels_and_fills_the_hidden_ones_with_the_target(model, images, method):
+    x = jnp.asarray(images[1][:6], jnp.float32) / 255.0
+    mask = mae.fixed_mask("center", 6, model.grid, MASKS)
+    key = jax.random.PRNGKey(3)
+    out = np.asarray(generative.reached_target(model, x, mask, key, method))
+    hidden = np.asarray(model.pixel_mask(mask)).astype(bool)[..., 0]
+    np.testing.assert_array_equal(out[~hidden], np.asarray(x)[~hidden])
+    n = generative.noise_like(key, x)  # the noise image the loss would draw with this key
+    # ours: the decoder of E_0(T(n)), the feature target; noisy label: n, the pixel target
+    fill = model.decode(model.encode(n, mask)) if method == "ours" else n
+    np.testing.assert_allclose(out[hidden], np.clip(np.asarray(fill), 0, 1)[hidden], atol=1e-6)
+    assert np.abs(out[hidden] - np.asarray(x)[hidden]).mean() > 0.05
+    with pytest.raises(ValueError, match="retain_label"):
+        generative.reached_target(model, x, mask, key, "retain_label")
+
+
 def test_gaussian_noise_matches_the_batch_and_stays_in_range():
     x = jax.random.uniform(jax.random.PRNGKey(0), (64, 16, 16, 1)) * 0.4 + 0.3
     n = generative.noise_like(jax.random.PRNGKey(1), x, "gaussian")

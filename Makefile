@@ -8,7 +8,11 @@ BIN := $(VENV)/bin
 RESEARCH_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export RESEARCH_DATA_DIR
 
-.PHONY: install demo test test-all clean
+# The static kernel report's compiler (jax's CUDA plugin at jaxlib's version, and ptxas) lives in its
+# own folder: beside jax the plugin would make every process log that it found no CUDA driver.
+SM90_TOOLS ?= .cache/sm90
+
+.PHONY: install demo test test-all clean sm90-tools kernel-report
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,15 +25,26 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+$(SM90_TOOLS)/.installed: $(VENV)/.installed
+	$(BIN)/pip install -q --target $(SM90_TOOLS) --upgrade "jax-cuda12-plugin==$$($(BIN)/python -c 'import jaxlib; print(jaxlib.__version__)')" nvidia-cuda-nvcc-cu12
+	touch $@
+
+sm90-tools: $(SM90_TOOLS)/.installed
+
+# Shared memory, registers, spills, CTAs per SM and loads in flight of every Triton decode launch,
+# compiled for sm_90 here (about 90 s); --write-occupancy refreshes the table the split rule reads.
+kernel-report: sm90-tools
+	RESEARCH_SM90_TOOLS=$(SM90_TOOLS) JAX_PLATFORMS=cpu $(BIN)/python -m tools.bench.kernel_report
+
 demo: install
 	$(BIN)/python -m experiments.train_classifier --config configs/train_classifier.py --workdir runs/demo
 
 # Two workers: much of a test's time is XLA compilation, which runs on one core. (xdist_group marks
 # do not group on pytest 9.2, pytest-xdist issue 1386, and one file per worker left a long tail.)
-test: install
+test: install sm90-tools
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist load --durations=15
 
-test-all: install
+test-all: install sm90-tools
 	$(BIN)/python -m pytest -q
 
 clean:

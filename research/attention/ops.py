@@ -8,7 +8,10 @@ Every layer calls these functions and nothing else for the score/softmax/value p
           TPU, interpret mode elsewhere: slow, exact, for tests), and tokamax's attention kernels
           for prefill and training where tokamax is installed and the device is a GPU or TPU (the
           reference otherwise, said once in the log);
-  auto    pallas on a GPU or TPU, xla on a CPU.
+  auto    absorbed decode: the implementation that ``research.kernels.dispatch``'s committed table
+          measured fastest on this device kind at the nearest (B, S, H, r) cell, and xla wherever
+          the table has no entry; prefill and training: tokamax's kernels on a GPU or TPU (measured
+          2.5-6x XLA on an H200), xla on a CPU.
 A kernel implementation keeps these signatures and agrees with ``xla`` on values (and gradients
 where it is differentiated).
 
@@ -121,6 +124,28 @@ def mla_absorbed_pallas(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k
     return mla_decode.mla_decode(*args, scale=scale, interpret=backend != "gpu")[:, None]
 
 
+def mla_absorbed_auto(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Array,
+                      q_positions: jax.Array, kv_positions: jax.Array | None = None, *, scale: float) -> jax.Array:
+    """``mla_absorbed_attention`` through whichever implementation the dispatch table measured
+    fastest for this decode shape on this device (chosen at trace time, from static shapes)."""
+    args = (q_latent, q_pe, c_kv, k_pe, q_positions, kv_positions)
+    if q_latent.shape[1] != 1 or kv_positions is not None or jax.default_backend() == "cpu":
+        return mla_absorbed_attention(*args, scale=scale)
+    from research.kernels import dispatch
+
+    b, _, h, r = q_latent.shape
+    impl = dispatch.choose(jax.devices()[0].device_kind, b, c_kv.shape[1], h, r)
+    decode = {"triton": mla_absorbed_pallas, "mosaic_gpu": _mla_absorbed_mosaic_gpu}.get(impl, mla_absorbed_attention)
+    return decode(*args, scale=scale)
+
+
+def _mla_absorbed_mosaic_gpu(q_latent, q_pe, c_kv, k_pe, q_positions, kv_positions=None, *, scale: float):
+    from research.kernels import mla_decode_mgpu
+
+    lengths = jnp.clip(q_positions[:, 0] + 1, 1, c_kv.shape[1])
+    return mla_decode_mgpu.mla_decode_mgpu(q_latent[:, 0], q_pe[:, 0], c_kv, k_pe, lengths, scale=scale)[:, None]
+
+
 def _prefill_kernel(name: str):
     """The tokamax version of ``name`` (gqa | mla) where it runs, else None after one log line."""
     from research.kernels import prefill
@@ -157,10 +182,12 @@ ATTENTION_IMPLS = (*_IMPLS, "auto")
 
 
 def attention_ops(impl: str) -> SimpleNamespace:
-    """The functions ``gqa``, ``mla`` and ``mla_absorbed`` of implementation ``impl``; ``auto`` is
-    ``pallas`` on a GPU (Triton kernels) or TPU (Mosaic TPU kernels) and ``xla`` on CPU."""
+    """The functions ``gqa``, ``mla`` and ``mla_absorbed`` of implementation ``impl`` (see the
+    module docstring for what ``auto`` picks)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; choose one of: {', '.join(ATTENTION_IMPLS)}")
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        if jax.default_backend() == "cpu":
+            return _IMPLS["xla"]
+        return SimpleNamespace(gqa=gqa_attention_pallas, mla=mla_attention_pallas, mla_absorbed=mla_absorbed_auto)
     return _IMPLS[impl]

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from research.kernels.mla_decode import (MASKED, _attend_tile, _check, _check_pages, _pad_to, _queries,
-                                         choose_splits, combine_splits)
+from research.kernels.flash_decode import (MASKED, attend_tile, check_pages, check_queries, combine_splits,
+                                           finish_split, next_pow2, pad_to, prepare_queries, zero_unseen)
 
 LANES = 128
 
 
 def _tpu_kernel(lengths_ref, q_lat_ref, q_pe_ref, c_kv_ref, k_pe_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *,
-                scale: float, block_t: int, tiles_per_split: int):
+                block_t: int, tiles_per_split: int):
     """Cell (b, split, tile): c_kv (bt, r) and k_pe (bt, p) of that tile; scratch acc (H, r), m, l (H, 1)."""
     b, split, tile = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start = (split * tiles_per_split + tile) * block_t
@@ -41,16 +41,27 @@ def _tpu_kernel(lengths_ref, q_lat_ref, q_pe_ref, c_kv_ref, k_pe_ref, o_ref, lse
     def _attend():
         seen = (start + jnp.arange(block_t)) < length
         carry = (acc_ref[...], m_ref[...][:, 0], l_ref[...][:, 0])
-        acc, m, l = _attend_tile(carry, q_lat_ref[...], q_pe_ref[...], c_kv_ref[...], k_pe_ref[...], seen, scale)
+        # a block past the array's end holds garbage, and TPU loads cannot mask: zero unseen rows
+        c, k = zero_unseen(c_kv_ref[...], seen), zero_unseen(k_pe_ref[...], seen)
+        acc, m, l = attend_tile(carry, q_lat_ref[...], q_pe_ref[...], c, k, seen)
         acc_ref[...], m_ref[...], l_ref[...] = acc, m[:, None], l[:, None]
 
     @pl.when(tile == tiles_per_split - 1)
     def _finish():
-        l, m = l_ref[...], m_ref[...]
-        nonempty = l > 0
-        safe_l = jnp.where(nonempty, l, 1.0)
-        o_ref[...] = acc_ref[...] / safe_l
-        lse_ref[...] = jnp.broadcast_to(jnp.where(nonempty, m + jnp.log(safe_l), MASKED), lse_ref.shape)
+        o, lse = finish_split(acc_ref[...], m_ref[...][:, 0], l_ref[...][:, 0])
+        o_ref[...], lse_ref[...] = o, jnp.broadcast_to(lse[:, None], lse_ref.shape)
+
+
+def _queries(q_lat, q_pe, scale, rope_heads, dtype):
+    """All heads in one block: scaled, widened queries padded to (B, H_pad, r_pad), (B, H_pad, p_pad)."""
+    h, r = q_lat.shape[1:]
+    return prepare_queries(q_lat, q_pe, scale, rope_heads, dtype, h_pad=next_pow2(h), r_pad=next_pow2(r),
+                           p_pad=next_pow2(rope_heads * q_pe.shape[-1]))
+
+
+def _two_splits(tiles: int) -> int:
+    """TPU: two splits feed both TensorCores of a megacore chip (the grid is sequential per core)."""
+    return 2 if tiles % 2 == 0 else 1
 
 
 def _tpu_call(kernel, prefetch, q_lat, q_pe, caches, cache_block, rows, splits, per_split, name, interpret):
@@ -91,17 +102,17 @@ def mla_decode_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax
     _, s, rope_heads, d_r = k_pe.shape
     if c_kv.shape[:2] != (b, s):
         raise ValueError(f"mla_decode_tpu: c_kv {c_kv.shape} and k_pe {k_pe.shape} disagree on (B, S)")
-    _check(q_lat, q_pe, c_kv.shape[2], rope_heads, d_r, "mla_decode_tpu")
+    check_queries(q_lat, q_pe, c_kv.shape[2], rope_heads, d_r, "mla_decode_tpu")
     if block_t % 8:
         raise ValueError(f"mla_decode_tpu: block_t must be a multiple of 8, got {block_t}")
     dtype = c_kv.dtype
-    q_lat, q_pe, _ = _queries(q_lat, q_pe, rope_heads, dtype, block_h=h)  # all heads in one block
+    q_lat, q_pe = _queries(q_lat, q_pe, scale, rope_heads, dtype)
     r_pad, p_pad = q_lat.shape[2], q_pe.shape[2]
     s_pad = -(-s // block_t) * block_t
-    c_kv = _pad_to(c_kv, b, s_pad, r_pad)
-    k_pe = _pad_to(k_pe.reshape(b, s, rope_heads * d_r).astype(dtype), b, s_pad, p_pad)
+    c_kv = pad_to(c_kv, b, s_pad, r_pad)
+    k_pe = pad_to(k_pe.reshape(b, s, rope_heads * d_r).astype(dtype), b, s_pad, p_pad)
     tiles = s_pad // block_t
-    splits = num_splits or choose_splits(b, tiles, target_cells=2 * b)  # TPU: splits feed both cores
+    splits = num_splits or _two_splits(tiles)
     if tiles % splits:
         raise ValueError(f"mla_decode_tpu: num_splits {splits} does not divide the cache's {tiles} tiles of {block_t}")
     per_split = tiles // splits
@@ -110,7 +121,7 @@ def mla_decode_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax
         last = jnp.maximum(pl.cdiv(lengths_ref[i], block_t) - 1, 0)
         return i, jnp.minimum(j * per_split + t, last), 0
 
-    kernel = functools.partial(_tpu_kernel, scale=scale, block_t=block_t, tiles_per_split=per_split)
+    kernel = functools.partial(_tpu_kernel, block_t=block_t, tiles_per_split=per_split)
     out = _tpu_call(kernel, (lengths.astype(jnp.int32),), q_lat, q_pe, (c_kv, k_pe), cache_block, block_t,
                     splits, per_split, "mla_decode_tpu", interpret)
     return out[:, :h, :r].astype(dtype)
@@ -125,17 +136,17 @@ def mla_decode_paged_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv_pages: jax.Arra
     with the lengths; the page index map clamps to the sequence's last valid page, so pages past
     the length are not fetched. The page size (the tile) must be a multiple of 8."""
     b, h, r = q_lat.shape
-    num_pages, page, rope_heads, d_r = _check_pages(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table,
+    num_pages, page, rope_heads, d_r = check_pages(q_lat, q_pe, c_kv_pages, k_pe_pages, block_table,
                                                     "mla_decode_paged_tpu")
     if page % 8:
         raise ValueError(f"mla_decode_paged_tpu: the page size must be a multiple of 8, got {page}")
     dtype = c_kv_pages.dtype
-    q_lat, q_pe, _ = _queries(q_lat, q_pe, rope_heads, dtype, block_h=h)
+    q_lat, q_pe = _queries(q_lat, q_pe, scale, rope_heads, dtype)
     r_pad, p_pad = q_lat.shape[2], q_pe.shape[2]
-    c_pool = _pad_to(c_kv_pages, num_pages, page, r_pad)
-    k_pool = _pad_to(k_pe_pages.reshape(num_pages, page, rope_heads * d_r).astype(dtype), num_pages, page, p_pad)
+    c_pool = pad_to(c_kv_pages, num_pages, page, r_pad)
+    k_pool = pad_to(k_pe_pages.reshape(num_pages, page, rope_heads * d_r).astype(dtype), num_pages, page, p_pad)
     max_pages = block_table.shape[1]
-    per_split = pages_per_split or max_pages // choose_splits(b, max_pages, target_cells=2 * b)
+    per_split = pages_per_split or max_pages // _two_splits(max_pages)
     splits = -(-max_pages // per_split)
     table = block_table.astype(jnp.int32).reshape(-1)
 
@@ -144,7 +155,7 @@ def mla_decode_paged_tpu(q_lat: jax.Array, q_pe: jax.Array, c_kv_pages: jax.Arra
         return table_ref[i * max_pages + jnp.minimum(j * per_split + t, last)], 0, 0
 
     def kernel(lengths_ref, table_ref, *refs):  # the table only steers the index maps
-        _tpu_kernel(lengths_ref, *refs, scale=scale, block_t=page, tiles_per_split=per_split)
+        _tpu_kernel(lengths_ref, *refs, block_t=page, tiles_per_split=per_split)
 
     out = _tpu_call(kernel, (lengths.astype(jnp.int32), table), q_lat, q_pe, (c_pool, k_pool), page_block, page,
                     splits, per_split, "mla_decode_paged_tpu", interpret)

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 
 from research.attention.ops import attention_ops, mla_absorbed_attention
-from research.kernels.mla_decode import choose_splits, combine_splits, gather_pages, mla_decode, mla_decode_paged
+from research.kernels.flash_decode import choose_splits, combine_splits, gather_pages
+from research.kernels.mla_decode import mla_decode, mla_decode_paged
 from research.kernels.mla_decode_tpu import mla_decode_paged_tpu, mla_decode_tpu
 
 
@@ -100,12 +102,69 @@ def test_combine_ignores_an_empty_split_and_equals_one_softmax():
     np.testing.assert_allclose(got[0], w @ values / w.sum(), rtol=1e-6)
 
 
-def test_split_choice_divides_the_tiles_and_keeps_splits_long():
-    assert choose_splits(batch=1, tiles=64) == 8          # 64 tiles / at least 8 per split
-    assert choose_splits(batch=32, tiles=1024) == 8       # 32 x 8 = 256 cells
-    assert choose_splits(batch=128, tiles=256) == 2
-    assert choose_splits(batch=1, tiles=7) == 1
-    assert 1024 % choose_splits(batch=3, tiles=1024) == 0
+def test_split_choice_fills_the_gpu_in_one_wave_with_long_splits():
+    assert choose_splits(cells=32, tiles=512, ctas_per_sm=2, min_tiles=8) == 8     # 256 of 264 slots
+    assert choose_splits(cells=32, tiles=512, ctas_per_sm=1, min_tiles=8) == 4     # 128 of 132
+    assert choose_splits(cells=128, tiles=512, ctas_per_sm=2, min_tiles=8) == 2
+    assert choose_splits(cells=300, tiles=512, ctas_per_sm=2, min_tiles=8) == 1    # the cells fill it
+    assert choose_splits(cells=1, tiles=32, ctas_per_sm=2, min_tiles=8) == 4       # splits of >= 8 tiles
+    assert choose_splits(cells=1, tiles=7, ctas_per_sm=2, min_tiles=8) == 1
+    for cells in range(1, 300, 7):
+        for tiles in (1, 13, 64, 2048):
+            n = choose_splits(cells=cells, tiles=tiles, ctas_per_sm=2, min_tiles=8)
+            assert n == 1 or (cells * n <= 264 and n * 8 <= tiles)
+
+
+def test_splits_and_a_cache_length_that_do_not_divide_read_the_cache_in_place():
+    """S = 200 is not a multiple of the 16-slot tile and 3 splits do not divide its 13 tiles: the
+    last split's block runs past S, and the load mask keeps it out."""
+    q_lat, q_pe, c_kv, k_pe = inputs(2, 16, 64, 16, 1, 200, jnp.float32)
+    lengths = jnp.asarray([200, 161])
+    got = KERNELS["triton"](q_lat, q_pe, c_kv, k_pe, lengths, scale=0.125, num_splits=3)
+    np.testing.assert_allclose(got, reference(q_lat, q_pe, c_kv, k_pe, lengths, 0.125), atol=2e-5, rtol=0)
+
+
+def _primitives_touching(closed_jaxpr, sources):
+    """Names of the primitives that take ``sources`` or a reshape of them as an operand (nested jaxprs included)."""
+    touched, derived = [], set(sources)
+
+    def walk(jaxpr, derived):
+        for eqn in jaxpr.eqns:
+            ins = [v for v in eqn.invars if isinstance(v, jax.extend.core.Var) and v in derived]
+            if not ins:
+                continue
+            if eqn.primitive.name == "reshape":
+                derived.update(eqn.outvars)
+                continue
+            inner = eqn.params.get("jaxpr")
+            if eqn.primitive.name == "pallas_call" or inner is None:
+                touched.append(eqn.primitive.name)
+                continue
+            inner = getattr(inner, "jaxpr", inner)  # a nested jit: follow the cache inside it
+            walk(inner, {inner.invars[eqn.invars.index(v)] for v in ins})
+
+    walk(closed_jaxpr.jaxpr, derived)
+    return touched
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_the_cache_reaches_the_kernel_uncopied_at_smollm2_ranks(paged):
+    """r 56 and R d_r = 12 are not powers of 2, and S = 200 no multiple of a tile: the cache still
+    goes to the pallas_call as it is (no pad, slice or copy of it), only reshaped."""
+    b, h, r, d_r, rope_heads, s = 2, 9, 56, 4, 3, 200
+    q_lat, q_pe, c_kv, k_pe = inputs(b, h, r, d_r, rope_heads, s, jnp.bfloat16)
+    lengths = jnp.asarray([200, 57])
+    if paged:
+        c_kv, k_pe = c_kv.reshape(-1, 16, r)[:20], k_pe.reshape(-1, 16, rope_heads, d_r)[:20]
+        table = jnp.arange(20).reshape(2, 10)
+        f = functools.partial(mla_decode_paged, scale=0.2, interpret=True)
+        jaxpr = jax.make_jaxpr(f)(q_lat, q_pe, c_kv, k_pe, table, lengths)
+        cache = jaxpr.jaxpr.invars[2:4]
+    else:
+        f = functools.partial(mla_decode, scale=0.2, interpret=True)
+        jaxpr = jax.make_jaxpr(f)(q_lat, q_pe, c_kv, k_pe, lengths)
+        cache = jaxpr.jaxpr.invars[2:4]
+    assert set(_primitives_touching(jaxpr, cache)) == {"pallas_call"}
 
 
 def test_pallas_ops_use_the_kernel_for_one_query_and_the_reference_otherwise():
@@ -119,7 +178,8 @@ def test_pallas_ops_use_the_kernel_for_one_query_and_the_reference_otherwise():
     q3 = jnp.repeat(q_lat[:, None], 3, 1), jnp.repeat(q_pe[:, None], 3, 1)
     np.testing.assert_array_equal(ops.mla_absorbed(*q3, c_kv, k_pe, prefill, scale=0.2),
                                   mla_absorbed_attention(*q3, c_kv, k_pe, prefill, scale=0.2))
-    assert attention_ops("auto") is attention_ops("pallas" if BACKEND in ("gpu", "tpu") else "xla")
+    if BACKEND == "cpu":
+        assert attention_ops("auto") is attention_ops("xla")
     with pytest.raises(ValueError, match="unknown attention_impl 'triton'; choose one of: xla, pallas, auto"):
         attention_ops("triton")
 
@@ -130,7 +190,7 @@ def test_bad_shapes_and_blocks_name_what_is_wrong():
         mla_decode(q_lat, q_pe, c_kv, k_pe, jnp.asarray([1, 2]), scale=1.0, interpret=True)
     with pytest.raises(ValueError, match="block_t must be a power of 2 >= 16, got 48"):
         mla_decode(q_lat, q_pe, c_kv, k_pe[:, :, :2], jnp.asarray([1, 2]), scale=1.0, block_t=48, interpret=True)
-    with pytest.raises(ValueError, match="num_splits 3 does not divide the cache's 2 tiles"):
+    with pytest.raises(ValueError, match="num_splits 3 exceeds the cache's 2 tiles of 16"):
         mla_decode(q_lat, q_pe, c_kv, k_pe[:, :, :2], jnp.asarray([1, 2]), scale=1.0, block_t=16,
                    num_splits=3, interpret=True)
 

@@ -1,18 +1,21 @@
 """The attention benchmark on CPU: both paths timed on the same inputs, bytes counted once, and the
 emulated kernel agrees with the XLA reference."""
+import json
+
 import pytest
 
 from tools.bench import attention
 
 
-def test_decode_row_times_both_paths_and_counts_the_cache_bytes_once():
+def test_decode_row_times_every_path_on_the_same_inputs_and_counts_the_cache_bytes_once():
     row = attention.decode_row(batch=2, context=64, heads=4, kv_rank=32, rope_dim=16, repeats=1)
-    assert row["kernel"].startswith("pallas-interpret")
-    assert row["max_abs_error"] < 3e-2  # bfloat16 outputs
+    assert row["timer"] == "wall"  # a CPU: no CUPTI, and the kernel is emulated
+    assert row["triton_max_abs_error"] < 3e-2  # bfloat16 outputs
     gigabytes = 2 * 64 * (32 + 16) * 2 / 1e9
-    for name in ("xla", "pallas"):
+    for name in ("xla", "read", "triton"):
         assert abs(row[f"{name}_gb_per_s"] * row[f"{name}_ms"] / 1e3 - gigabytes) < 1e-12
-    assert row["speedup"] == row["xla_ms"] / row["pallas_ms"]
+    assert row["triton_vs_xla"] == row["xla_ms"] / row["triton_ms"]
+    assert row["triton_pct_roofline"] == 100 * row["read_ms"] / row["triton_ms"]
 
 
 def test_prefill_row_reports_xla_and_says_when_there_is_no_kernel():
@@ -28,9 +31,31 @@ def test_kernel_options_parse_and_a_bad_one_is_named():
         attention.parse_options("block_t=32,warps=8")
 
 
-def test_tuning_times_each_setting_and_reports_one_the_kernel_rejects(monkeypatch):
-    monkeypatch.setattr(attention, "TUNE_GRID", {"block_t": (24, 16, 32)})  # 24: not a power of 2
+def test_tuning_times_each_accepted_launch_and_reports_one_the_kernel_rejects(monkeypatch):
+    monkeypatch.setattr(attention, "tune_grid", lambda *a: [(24, 4, 3), (16, 4, 3), (32, 8, 3)])  # 24: not a power of 2
     rows = attention.tune_rows(batch=1, context=64, heads=4, kv_rank=32, rope_dim=16, repeats=1)
-    assert [r["kernel_options"]["block_t"] for r in rows][-1] == 24 and "power of 2" in rows[-1]["error"]
-    assert all(r["pallas_ms"] > 0 and r["max_abs_error"] < 3e-2 for r in rows[:2])
-    assert rows[0]["pallas_ms"] <= rows[1]["pallas_ms"]
+    assert rows[-1]["kernel_options"]["block_t"] == 24 and "power of 2" in rows[-1]["error"]
+    assert all(r["triton_ms"] > 0 and r["triton_max_abs_error"] < 3e-2 for r in rows[:2])
+    assert rows[0]["triton_ms"] <= rows[1]["triton_ms"]
+    assert rows[0]["xla_ms"] == rows[1]["xla_ms"]  # XLA and the roofline are timed once per cell
+
+
+def test_the_best_launch_is_the_fastest_over_every_cell_and_a_missing_file_is_named(tmp_path):
+    rows = [{"batch": b, "context": 64, "kernel_options": {"block_t": bt}, "triton_ms": ms}
+            for b, bt, ms in [(1, 16, 1.0), (1, 32, 2.0), (2, 16, 5.0), (2, 32, 2.5), (2, 64, 0.1)]]
+    (tmp_path / "tune.json").write_text(json.dumps(rows))
+    assert attention.best_launch(str(tmp_path / "tune.json")) == {"block_t": 32}  # 64 ran on one cell only
+    with pytest.raises(ValueError, match="cannot read .*absent.json .*run --tune first"):
+        attention.best_launch(str(tmp_path / "absent.json"))
+
+
+def test_dispatch_rows_come_only_from_device_time(tmp_path):
+    row = {"batch": 8, "context": 4096, "heads": 16, "kv_rank": 512, "xla_ms": 0.2, "triton_ms": 0.1}
+    path = str(tmp_path / "dispatch.json")
+    attention.write_dispatch([{**row, "timer": "wall"}], path, "cpu")
+    assert json.loads(open(path).read())["devices"] == {}
+    attention.write_dispatch([{**row, "timer": "cupti"}], path, "NVIDIA H100 80GB HBM3")
+    attention.write_dispatch([{**row, "timer": "cupti", "triton_ms": 0.3}], path, "NVIDIA H200")
+    table = json.loads(open(path).read())["devices"]
+    assert table["NVIDIA H100 80GB HBM3"][0]["ms"] == {"xla": 0.2, "triton": 0.1, "mosaic_gpu": None}
+    assert table["NVIDIA H200"][0]["ms"]["triton"] == 0.3   # another device kind is kept, not replaced

@@ -1,54 +1,75 @@
-"""MLA attention kernels against the XLA reference: decode in achieved bandwidth, prefill in TFLOP/s.
+"""MLA attention kernels against the XLA reference: decode in device time and bandwidth, prefill in TFLOP/s.
 
     python -m tools.bench.attention [--batches 1,8,32,128] [--contexts 1024,4096,16384,65536]
                                     [--heads 16] [--kv-rank 512] [--rope-dim 64] [--repeats 10]
                                     [--prefill-lengths 2048,4096,8192] [--out FILE.json]
-                                    [--kernel-options block_t=128,num_warps=8] [--tune]
+                                    [--kernel-options block_t=32,num_warps=8] [--tune]
+                                    [--write-dispatch FILE.json]
 
 One decode step (one query per sequence, every sequence at the full context) of DeepSeek-shaped
-MLA in bfloat16: H query heads, a latent cache of r_kv + d_r numbers per token. Each row times
-(median of ``--repeats`` after compilation) ``research.attention.ops.mla_absorbed_attention``
-(xla) and the Pallas kernel (``research.kernels``: Triton on a GPU, Mosaic on a TPU) in the same
-run, and reports GB/s = bytes of c_kv + k_pe read once / time, and the kernel's speed-up.
+MLA in bfloat16: H query heads, a latent cache of r_kv + d_r numbers per token. Each row times, in
+the same run and on the same inputs, on the device (CUPTI, ``tools/bench/device_time.py``; the
+wall clock on a CPU, where the kernels are emulated and the figures say nothing of speed):
+  xla         ``research.attention.ops.mla_absorbed_attention`` (every kernel XLA launches for it);
+  triton      the Pallas Triton kernel (``research.kernels.mla_decode``): the kernel alone and
+              with its log-sum-exp combine;
+  mosaic_gpu  the Pallas Mosaic GPU kernel (``research.kernels.mla_decode_mgpu``), on a GPU;
+  read        a plain reduction over c_kv and k_pe: the bandwidth the device really gives for these
+              bytes, the measured roofline.
+GB/s counts the bytes of c_kv + k_pe once; each kernel's row gives its % of the measured roofline
+and its ratio to XLA (kernel + combine against XLA's total).
 
-``--kernel-options`` passes launch settings to the decode kernel (block_t, block_h, num_splits,
-num_warps, num_stages). ``--tune`` times every combination of TUNE_GRID on each (B, S) instead of the
-defaults and prints them fastest first (a setting the compiler rejects is reported, not fatal); it
-skips the prefill rows.
+``--kernel-options`` passes launch settings to the Triton kernel (block_t, block_h, num_splits,
+num_warps, num_stages). ``--tune`` times every launch ``tune_grid`` holds (those the static report,
+``tools/bench/kernel_report.py``, accepted for this shape) on each (B, S), fastest first, and skips
+the prefill rows. ``--write-dispatch FILE`` writes the grid's times for this device kind into a
+dispatch table (``research.kernels.dispatch``; other device kinds in FILE are kept).
 
 Prefill rows time MLA's naive path (d_qk = 192, d_v = 128, H heads, causal, batch 1) forward and
 forward + backward: ``research.attention.ops.mla_attention`` (xla) against tokamax's kernel
 (``research.kernels.prefill``), in TFLOP/s of the causal half (4 T^2 H (d_qk + d_v) / 2 forward,
 2.5x that for the backward).
-
-On a CPU there is no kernel to time: the kernel runs in interpret mode (its grid emulated by XLA:CPU
-loops), at small default sizes, and the table says so. Those figures check that the benchmark runs
-and agrees with the reference; they say nothing about the kernel's speed on a GPU or TPU.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 
 from research.attention.ops import mla_absorbed_attention
-from research.kernels.mla_decode import mla_decode
+from research.kernels.flash_decode import next_pow2
+from research.kernels.mla_decode import DEFAULT_LAUNCH, mla_decode, occupancy_key, occupancy_keys
 from research.kernels.mla_decode_tpu import mla_decode_tpu
+from tools.bench.device_time import device_ms, sets_for
 from tools.bench.kv_decode import median_seconds, write_rows
 
+def tune_grid(heads: int, kv_rank: int, rope_dim: int, dtype: str = "bfloat16", block_h: int = 64) -> list[tuple]:
+    """(block_t, num_warps, num_stages) of every launch the static report accepted at this shape
+    (it fits the shared memory, spills nothing and keeps a tile in flight), the default first."""
+    accepted = occupancy_keys()
+    bh, r_pad, p_pad = min(next_pow2(heads), next_pow2(block_h)), next_pow2(kv_rank), next_pow2(rope_dim)
+    default = tuple(DEFAULT_LAUNCH[k] for k in ("block_t", "num_warps", "num_stages"))
+    grid = [(bt, w, s) for bt in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+            if occupancy_key(bt, w, s, bh, r_pad, p_pad, dtype) in accepted]
+    return sorted(grid, key=lambda launch: launch != default)
 
-def kernel_for_backend(backend: str):
-    """(decode function, label): the kernel that runs on ``backend``; interpret mode off GPU / TPU."""
+
+def decode_kernels(backend: str) -> dict:
+    """{name: (decode function, kernel-name fragment for CUPTI)} of the kernels that run on ``backend``."""
     if backend == "tpu":
-        return mla_decode_tpu, "pallas-mosaic-tpu"
-    if backend == "gpu":
-        return mla_decode, "pallas-triton"
-    return (lambda *a, **k: mla_decode(*a, interpret=True, **k)), "pallas-interpret (CPU emulation)"
-
-
-TUNE_GRID = {"block_t": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+        return {"mosaic_tpu": (mla_decode_tpu, "mla_decode_tpu")}
+    if backend != "gpu":
+        return {"triton": (lambda *a, **k: mla_decode(*a, interpret=True, **k), "dense_kernel")}
+    kernels = {"triton": (mla_decode, "dense_kernel")}
+    try:
+        from research.kernels.mla_decode_mgpu import mla_decode_mgpu
+        kernels["mosaic_gpu"] = (mla_decode_mgpu, "mla_decode_mgpu")
+    except ImportError:
+        pass
+    return kernels
 
 
 def parse_options(text: str) -> dict[str, int]:
@@ -63,47 +84,109 @@ def parse_options(text: str) -> dict[str, int]:
     return options
 
 
-def decode_row(batch: int, context: int, heads: int, kv_rank: int, rope_dim: int, repeats: int,
-               dtype=jnp.bfloat16, seed: int = 0, options: dict | None = None,
-               xla_ms: float | None = None) -> dict:
-    """One (B, S) cell: XLA and the kernel (with launch ``options``) on the same inputs. ``xla_ms``
-    reuses an XLA time already measured on this cell (the tuning loop times XLA once)."""
-    options = options or {}
+def decode_inputs(batch, context, heads, kv_rank, rope_dim, dtype, seed):
     keys = jax.random.split(jax.random.key(seed), 4)
     shapes = [(batch, heads, kv_rank), (batch, heads, rope_dim), (batch, context, kv_rank), (batch, context, 1, rope_dim)]
-    q_lat, q_pe, c_kv, k_pe = (jax.random.normal(k, s, dtype) for k, s in zip(keys, shapes))
-    lengths = jnp.full((batch,), context, jnp.int32)
+    return (*(jax.random.normal(k, s, dtype) for k, s in zip(keys, shapes)), jnp.full((batch,), context, jnp.int32))
+
+
+def decode_row(batch: int, context: int, heads: int, kv_rank: int, rope_dim: int, repeats: int,
+               dtype=jnp.bfloat16, options: dict | None = None, only: tuple[str, ...] | None = None,
+               reuse: dict | None = None) -> dict:
+    """One (B, S) cell: XLA, the read roofline and each kernel (``only``: a subset of them; the
+    Triton kernel with launch ``options``) on the same inputs. ``reuse`` holds times already
+    measured on this cell (the tuning loop times XLA and the roofline once)."""
+    options, reuse = options or {}, reuse or {}
+    nbytes = batch * context * (kv_rank + rope_dim) * jnp.dtype(dtype).itemsize
+    arg_sets = [decode_inputs(batch, context, heads, kv_rank, rope_dim, dtype, seed) for seed in range(sets_for(nbytes))]
     scale = (128 + rope_dim) ** -0.5  # DeepSeek-V2: d_n 128 + d_r 64
-    xla = jax.jit(lambda *a: mla_absorbed_attention(a[0][:, None], a[1][:, None], a[2], a[3],
-                                                    (a[4] - 1)[:, None], scale=scale)[:, 0])
-    kernel, label = kernel_for_backend(jax.default_backend())
-    args = (q_lat, q_pe, c_kv, k_pe, lengths)
-    error = float(jnp.abs(kernel(*args, scale=scale, **options).astype(jnp.float32)
-                          - xla(*args).astype(jnp.float32)).max())
-    gigabytes = batch * context * (kv_rank + rope_dim) * jnp.dtype(dtype).itemsize / 1e9
+
+    def xla(q_lat, q_pe, c_kv, k_pe, lengths):
+        return mla_absorbed_attention(q_lat[:, None], q_pe[:, None], c_kv, k_pe, (lengths - 1)[:, None], scale=scale)[:, 0]
+
+    def read(q_lat, q_pe, c_kv, k_pe, lengths):
+        return jnp.sum(c_kv, dtype=jnp.float32) + jnp.sum(k_pe, dtype=jnp.float32)
+
     row = {"batch": batch, "context": context, "heads": heads, "kv_rank": kv_rank, "rope_dim": rope_dim,
-           "dtype": jnp.dtype(dtype).name, "kernel": label, "kernel_options": options, "max_abs_error": error}
-    for name, fn in (("xla", lambda: xla(*args)), ("pallas", lambda: kernel(*args, scale=scale, **options))):
-        seconds = xla_ms / 1e3 if name == "xla" and xla_ms is not None else median_seconds(fn, repeats)
-        row[f"{name}_ms"] = 1e3 * seconds
-        row[f"{name}_gb_per_s"] = gigabytes / seconds
-    row["speedup"] = row["xla_ms"] / row["pallas_ms"]
+           "dtype": jnp.dtype(dtype).name, "kernel_options": options, "gigabytes": nbytes / 1e9,
+           "input_sets": len(arg_sets)}
+    want = jax.jit(xla)(*arg_sets[0]).astype(jnp.float32)
+    for name, fn, fragment in (("xla", xla, None), ("read", read, None)):
+        row.update(reuse.get(name) or _timed(name, fn, arg_sets, repeats, fragment, nbytes))
+    for name, (kernel, fragment) in decode_kernels(jax.default_backend()).items():
+        if only and name not in only:
+            continue
+        fn = lambda *a, kernel=kernel: kernel(*a, scale=scale, **(options if name == "triton" else {}))
+        row[f"{name}_max_abs_error"] = float(jnp.abs(jax.jit(fn)(*arg_sets[0]).astype(jnp.float32) - want).max())
+        row.update(_timed(name, fn, arg_sets, repeats, fragment, nbytes))
+        row[f"{name}_vs_xla"] = row["xla_ms"] / row[f"{name}_ms"]
+        row[f"{name}_pct_roofline"] = 100 * row["read_ms"] / row[f"{name}_ms"]
     return row
 
 
+def _timed(name, fn, arg_sets, repeats, fragment, nbytes) -> dict:
+    t = device_ms(fn, arg_sets, repeats, kernel=fragment)
+    out = {f"{name}_ms": t["total_ms"], f"{name}_gb_per_s": nbytes / 1e6 / t["total_ms"], "timer": t["timer"]}
+    if t["kernel_ms"] is not None:
+        out[f"{name}_kernel_ms"] = t["kernel_ms"]
+        out[f"{name}_kernel_gb_per_s"] = nbytes / 1e6 / t["kernel_ms"] if t["kernel_ms"] else None
+    return out
+
+
+def best_launch(path: str) -> dict:
+    """The launch of a ``--tune`` run's rows (JSON at ``path``) with the least Triton time summed
+    over the cells where it ran; a missing or empty file raises naming it."""
+    try:
+        with open(path) as f:
+            rows = [r for r in json.load(f) if "triton_ms" in r]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--kernel-options-from: cannot read {path} ({type(e).__name__}); run --tune first") from e
+    cells = {(r["batch"], r["context"]) for r in rows}
+    totals: dict[tuple, list[float]] = {}
+    for r in rows:
+        totals.setdefault(tuple(sorted(r["kernel_options"].items())), []).append(r["triton_ms"])
+    complete = {launch: sum(ms) for launch, ms in totals.items() if len(ms) == len(cells)}
+    if not complete:
+        raise ValueError(f"--kernel-options-from: {path} holds no launch timed on every cell")
+    return dict(min(complete, key=complete.get))
+
+
 def tune_rows(batch: int, context: int, heads: int, kv_rank: int, rope_dim: int, repeats: int) -> list[dict]:
-    """decode_row for every combination of TUNE_GRID, fastest kernel first; a combination that fails
-    to compile or run gives a row with its error instead of times."""
-    rows, xla_ms = [], None
-    for values in itertools.product(*TUNE_GRID.values()):
-        options = dict(zip(TUNE_GRID, values))
+    """decode_row of the Triton kernel for every launch of ``tune_grid``, fastest first; a launch
+    that fails to compile or run gives a row with its error instead of times."""
+    rows, reuse = [], {}
+    for block_t, num_warps, num_stages in tune_grid(heads, kv_rank, rope_dim):
+        options = {"block_t": block_t, "num_warps": num_warps, "num_stages": num_stages}
         try:
-            rows.append(decode_row(batch, context, heads, kv_rank, rope_dim, repeats, options=options, xla_ms=xla_ms))
-            xla_ms = rows[-1]["xla_ms"]
-        except Exception as e:  # noqa: BLE001 -- e.g. a tile past the GPU's shared memory
+            row = decode_row(batch, context, heads, kv_rank, rope_dim, repeats, options=options, only=("triton",),
+                             reuse=reuse)
+        except Exception as e:  # noqa: BLE001 -- one launch's failure is a row
             rows.append({"batch": batch, "context": context, "kernel_options": options,
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"})
-    return sorted(rows, key=lambda r: r.get("pallas_ms", float("inf")))
+            continue
+        reuse = {name: {k: row[k] for k in row if k.startswith(name + "_") or k == "timer"} for name in ("xla", "read")}
+        rows.append(row)
+    return sorted(rows, key=lambda r: r.get("triton_ms", float("inf")))
+
+
+def write_dispatch(rows: list[dict], path: str, device: str) -> dict:
+    """Merges this device kind's decode rows into the dispatch table at ``path`` (atomically)."""
+    table = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)["devices"]
+    measured = [{"batch": r["batch"], "context": r["context"], "heads": r["heads"], "kv_rank": r["kv_rank"],
+                      "ms": {name: r.get(f"{name}_ms") for name in ("xla", "triton", "mosaic_gpu")}}
+                for r in rows if "xla_ms" in r and r.get("timer") == "cupti"]
+    if measured:  # wall-clock figures (a CPU) never enter the table
+        table[device] = measured
+    document = {"about": "device time (CUPTI) of absorbed MLA decode per implementation and cell, bfloat16, "
+                         "d_r 64; written by python -m tools.bench.attention --write-dispatch", "devices": table}
+    with open(path + ".tmp", "w") as f:
+        json.dump(document, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return document
 
 
 def prefill_row(length: int, heads: int, repeats: int, qk_dim: int = 192, v_dim: int = 128, rope_dim: int = 64,
@@ -144,9 +227,15 @@ def format_prefill_row(row: dict) -> str:
 
 
 def format_row(row: dict) -> str:
-    return (f"B={row['batch']:4d} S={row['context']:6d} H={row['heads']}: xla {row['xla_ms']:9.3f} ms "
-            f"{row['xla_gb_per_s']:8.1f} GB/s | {row['kernel']} {row['pallas_ms']:9.3f} ms "
-            f"{row['pallas_gb_per_s']:8.1f} GB/s | speed-up {row['speedup']:.2f}x | max |diff| {row['max_abs_error']:.1e}")
+    text = (f"B={row['batch']:4d} S={row['context']:6d} H={row['heads']} [{row['timer']}] | read {row['read_gb_per_s']:7.0f} GB/s "
+            f"| xla {row['xla_ms']:8.3f} ms {row['xla_gb_per_s']:7.0f} GB/s")
+    for name in ("triton", "mosaic_gpu", "mosaic_tpu"):
+        if f"{name}_ms" in row:
+            kernel = f" (kernel {row[f'{name}_kernel_ms']:.3f})" if row.get(f"{name}_kernel_ms") else ""
+            text += (f" | {name} {row[f'{name}_ms']:8.3f} ms{kernel} {row[f'{name}_gb_per_s']:7.0f} GB/s "
+                     f"{row[f'{name}_pct_roofline']:4.0f}% of read, {row[f'{name}_vs_xla']:.2f}x xla, "
+                     f"max |diff| {row[f'{name}_max_abs_error']:.1e}")
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -162,7 +251,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-lengths", default="256" if on_cpu else "2048,4096,8192", help="'' to skip")
     parser.add_argument("--out", default="")
     parser.add_argument("--kernel-options", default="", help="decode kernel launch settings, e.g. block_t=128,num_warps=8")
-    parser.add_argument("--tune", action="store_true", help="time every TUNE_GRID combination on each (B, S)")
+    parser.add_argument("--kernel-options-from", default="",
+                        help="a --tune run's JSON: use the launch with the least Triton time summed over its cells")
+    parser.add_argument("--tune", action="store_true", help="time every launch of tune_grid on each (B, S)")
+    parser.add_argument("--write-dispatch", default="", help="write the grid's device times into this dispatch table")
     return parser
 
 
@@ -172,12 +264,16 @@ def main(argv=None) -> list[dict]:
     args = command_line.parse_args(argv)
     try:
         options = parse_options(args.kernel_options)
+        if args.kernel_options_from:
+            options = {**best_launch(args.kernel_options_from), **options}
     except ValueError as e:
         command_line.error(str(e))
+    if args.write_dispatch and args.tune:
+        command_line.error("--write-dispatch records the default launch's grid; run it without --tune")
     device = jax.devices()[0].device_kind
     print(f"{device}: absorbed MLA decode, H={args.heads}, r_kv={args.kv_rank}, d_r={args.rope_dim}, bfloat16"
-          + (" -- CPU: the kernel is emulated (interpret mode); these are not kernel speeds" if on_cpu else ""),
-          flush=True)
+          + (" -- CPU: the kernel is emulated (interpret mode) and timed by the wall clock; these are not kernel "
+             "speeds" if on_cpu else ""), flush=True)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         for context in (int(c) for c in args.contexts.split(",")):
@@ -196,6 +292,9 @@ def main(argv=None) -> list[dict]:
         row["device"] = device
         rows.append(row)
         print(format_prefill_row(row), flush=True)
+    if args.write_dispatch:
+        written = write_dispatch([r for r in rows if "xla_ms" in r], args.write_dispatch, device)
+        print(f"wrote {len(written['devices'].get(device, []))} {device} cells to {args.write_dispatch}", flush=True)
     return write_rows(rows, args.out)
 
 

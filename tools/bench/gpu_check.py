@@ -1,22 +1,27 @@
-"""Every figure that needs an accelerator, in one run that writes one JSON (budget: under 10 minutes).
+"""Every figure that needs an accelerator, in runs that each write one JSON (a run: under 8 minutes).
 
     python -m tools.bench.gpu_check --out gpu_check.json            # on a GPU (or TPU) machine
+    python -m tools.bench.gpu_check --only train_step,proxies --out more.json
     python -m tools.bench.gpu_check --dry-run --out dry.json         # anywhere: tiny sizes, CPU
 
-Steps, each a subprocess with its own time limit, so that one failure or hang costs only itself:
+Steps, each a subprocess with its own time limit, so that one failure or hang costs only itself.
+The default run is the decode kernel's (targets: >= 3.0 TB/s on an H200, >= 2.3 on an H100, at
+B >= 32, S >= 16k, and >= 1.7x XLA there; the whole SmolLM2-MLA step >= 1.3x XLA at B 32, S 16k):
   kernel_tests   ``pytest tests/kernels`` on the device: the Pallas kernels compiled for it, not
                  interpreted (the tests interpret only off the kernel's platform);
-  attention      ``tools.bench.attention``: absorbed MLA decode, kernel vs XLA in GB/s, B in
-                 {1, 8, 32, 128} x S in {1k, 4k, 16k, 64k} (targets on an H200: >= 3.0 TB/s at
-                 S >= 8192, B >= 32, and >= 5x XLA);
-  model_decode   ``tools.bench.kv_decode --pallas``: a whole SmolLM2-shaped decode step, GQA vs
-                 MLA-absorbed on XLA vs MLA-absorbed on the kernel, B = 8 at S = 8192, 32768 and
-                 B = 32 at S = 8192, 16384;
-  train_step     ``tools.bench.train_step``: ResNet-20 training, ours vs PyTorch on the same
-                 device (target >= 1.0x);
-  proxies        ``tools.bench.proxies``: vmapped masked NB201 scoring vs one cell at a time (target
-                 5x), and the wall time of all 15,625 cells.
-  decode_tune    (only with ``--only``) the decode kernel's launch settings on B 32, 128 x S 16k, 64k.
+  decode_tune    every Triton launch the static report accepted (``tools.bench.attention --tune``)
+                 on B 32, 128 x S 16k, 64k, in device time, fastest first;
+  attention      the decode grid, B {1, 8, 32, 128} x S {1k, 4k, 16k, 64k}: XLA, the Triton kernel
+                 at the launch fastest in decode_tune, the Mosaic GPU kernel and the measured read
+                 roofline, in device time; writes the dispatch table ``mla_decode_dispatch.json``
+                 (copy it to research/kernels/ to commit it);
+  model_decode   ``tools.bench.kv_decode --pallas --dtype bfloat16``: a whole SmolLM2-shaped decode
+                 step, GQA vs MLA-absorbed on XLA vs on the kernel, B 8 at S 8k, 32k, B 32 at S 8k,
+                 16k, 32k.
+Named with ``--only`` (not in the default run):
+  train_step     ``tools.bench.train_step``: ResNet-20 training, ours vs PyTorch on the same device;
+  proxies        ``tools.bench.proxies``: vmapped masked NB201 scoring vs one cell at a time, and the
+                 wall time of all 15,625 cells.
 ``--dry-run`` runs the same steps at tiny sizes on the CPU, so that CI keeps the script working.
 What the GPU machine lacks (ml_collections; tokamax and its import-time dependencies) travels as
 wheels: ``tools/bench/gpu_wheels.sh`` downloads them and says how to install them there.
@@ -32,36 +37,38 @@ import time
 
 FULL = {
     "kernel_tests": (["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"], 120),
-    "attention": (["-m", "tools.bench.attention", "--out", "{tmp}/attention.json"], 120),
-    "model_decode_b8": (["-m", "tools.bench.kv_decode", "--pallas", "--batch", "8", "--contexts", "8192,32768",
-                         "--repeats", "5", "--out", "{tmp}/model_decode_b8.json"], 60),
-    # B=32 at S=32768 ran out of an H200's memory: the benchmark's float32 GQA cache alone is 48 GB.
-    "model_decode_b32": (["-m", "tools.bench.kv_decode", "--pallas", "--batch", "32", "--contexts", "8192,16384",
-                          "--repeats", "5", "--out", "{tmp}/model_decode_b32.json"], 90),
+    "decode_tune": (["-m", "tools.bench.attention", "--tune", "--batches", "32,128", "--contexts", "16384,65536",
+                     "--repeats", "5", "--out", "{tmp}/decode_tune.json"], 150),
+    "attention": (["-m", "tools.bench.attention", "--kernel-options-from", "{tmp}/decode_tune.json",
+                   "--prefill-lengths", "", "--write-dispatch", "{tmp}/mla_decode_dispatch.json",
+                   "--out", "{tmp}/attention.json"], 120),
+    "model_decode_b8": (["-m", "tools.bench.kv_decode", "--pallas", "--dtype", "bfloat16", "--batch", "8",
+                         "--contexts", "8192,32768", "--repeats", "5", "--out", "{tmp}/model_decode_b8.json"], 60),
+    "model_decode_b32": (["-m", "tools.bench.kv_decode", "--pallas", "--dtype", "bfloat16", "--batch", "32",
+                          "--contexts", "8192,16384,32768", "--repeats", "5", "--out", "{tmp}/model_decode_b32.json"], 90),
+}
+DRY = {
+    "kernel_tests": (["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "-k", "combine or split_choice"], 120),
+    "decode_tune": (["-m", "tools.bench.attention", "--tune", "--batches", "1", "--contexts", "64", "--heads", "16",
+                     "--kv-rank", "512", "--rope-dim", "64", "--repeats", "1", "--out", "{tmp}/decode_tune.json"], 300),
+    "attention": (["-m", "tools.bench.attention", "--batches", "1", "--contexts", "64", "--heads", "16",
+                   "--kv-rank", "512", "--rope-dim", "64", "--repeats", "1", "--prefill-lengths", "",
+                   "--kernel-options-from", "{tmp}/decode_tune.json", "--write-dispatch", "{tmp}/mla_decode_dispatch.json",
+                   "--out", "{tmp}/attention.json"], 120),
+    "model_decode_b8": (["-m", "tools.bench.kv_decode", "--pallas", "--tiny", "--dtype", "bfloat16", "--batch", "2",
+                         "--contexts", "32", "--layers", "1", "--kv-rank", "8",
+                         "--repeats", "1", "--out", "{tmp}/model_decode_b8.json"], 120),
+}
+# Run only when named in --only.
+OPTIONAL = {
     "train_step": (["-m", "tools.bench.train_step", "--rounds", "3"], 45),
     "proxies": (["-m", "tools.bench.proxies", "--proxy", "zico", "--cells", "32", "--chunk", "32", "--all", "--no-primitives",
                  "--out", "{tmp}/proxies.json"], 160),
 }
-DRY = {
-    "kernel_tests": (["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "-k", "combine or split_choice"], 120),
-    "attention": (["-m", "tools.bench.attention", "--batches", "1", "--contexts", "64", "--heads", "4",
-                   "--kv-rank", "32", "--rope-dim", "16", "--repeats", "1", "--out", "{tmp}/attention.json"], 120),
-    "model_decode_b8": (["-m", "tools.bench.kv_decode", "--pallas", "--tiny", "--batch", "2", "--contexts", "32",
-                         "--layers", "1", "--kv-rank", "8",
-                         "--repeats", "1", "--out", "{tmp}/model_decode_b8.json"], 120),
+DRY_OPTIONAL = {
     "train_step": (["-m", "tools.bench.train_step", "--batch", "4", "--steps", "1", "--rounds", "1", "--threads", "1"], 120),
     "proxies": (["-m", "tools.bench.proxies", "--proxy", "naswot", "--cells", "2", "--chunk", "2", "--width", "2", "--no-primitives",
                  "--cells-per-stage", "1", "--images", "2", "--out", "{tmp}/proxies.json"], 120),
-}
-# Run only when named in --only: the decode kernel's launch settings (tools.bench.attention's
-# TUNE_GRID, 18 of them) on the cells where the kernel should lead, fastest first.
-OPTIONAL = {
-    "decode_tune": (["-m", "tools.bench.attention", "--tune", "--batches", "32,128", "--contexts", "16384,65536",
-                     "--repeats", "5", "--out", "{tmp}/decode_tune.json"], 300),
-}
-DRY_OPTIONAL = {
-    "decode_tune": (["-m", "tools.bench.attention", "--tune", "--batches", "1", "--contexts", "64", "--heads", "4",
-                     "--kv-rank", "32", "--rope-dim", "16", "--repeats", "1", "--out", "{tmp}/decode_tune.json"], 300),
 }
 
 

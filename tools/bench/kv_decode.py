@@ -2,7 +2,7 @@
 
     python -m tools.bench.kv_decode [--contexts 512,1024,2048,4096,8192] [--batch 8] [--repeats 5]
                                     [--kv-rank 56] [--rope-dim 4] [--layers 30] [--pallas] [--tiny]
-                                    [--out FILE.json]
+                                    [--dtype float32|bfloat16] [--out FILE.json]
 
 The GQA model has SmolLM2-135M's shape (random weights: latency does not depend on them); the MLA
 model is its X-EcoMLA upcycling at the given rank (by default the 6.4x preset of configs/x_ecomla.py: r_kv 56 + a shared RoPE key of 4 dims, 15.6% of the KV cache). For each
@@ -16,7 +16,7 @@ context length S, one decode step of a batch whose cache holds S tokens is timed
 With ``--pallas`` a fourth variant, mla_absorbed_pallas, runs the absorbed path through the Pallas
 decode kernel (``attention_impl="pallas"``; on a CPU in interpret mode, which says nothing of speed).
 Ratios are GQA time / MLA time, measured in the same run. KV bytes per token count every layer
-in the cache dtype (float32 here).
+in the cache dtype, the model's ``--dtype`` (computation and cache; parameters stay float32).
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def measure(teacher: Llama, student: Llama, contexts, batch: int, repeats: int, 
             step = model_step(model)
             row[f"{name}_attention_ms"] = 1e3 * median_seconds(lambda: attention(cache[0], positions, x), repeats)
             row[f"{name}_model_ms"] = 1e3 * time_model_steps(step, tokens, positions, cache, repeats)
-            row[f"{name}_kv_bytes_per_token"] = 4 * model.kv_values_per_token()
+            row[f"{name}_kv_bytes_per_token"] = jnp.dtype(model.config.compute_dtype).itemsize * model.kv_values_per_token()
         for part in ("attention", "model"):
             for name in list(variants)[1:]:
                 row[f"{part}_speedup_{name}"] = row[f"gqa_{part}_ms"] / row[f"{name}_{part}_ms"]
@@ -172,16 +172,18 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--pallas", action="store_true", help="also time the absorbed path through the Pallas kernel")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (dim 64, vocab 256): checks that the bench runs")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="computation and cache dtype")
     parser.add_argument("--out", default="")
     return parser
 
 
 def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
-    tiny = dataclasses.replace(LlamaConfig(), vocab_size=256, dim=64, num_heads=4, num_kv_heads=2, head_dim=16,
-                               mlp_dim=64) if args.tiny else None
-    teacher, student = build_models(args.layers, args.kv_rank, args.rope_dim, tiny)
-    print(f"{jax.devices()[0].device_kind}: {args.layers}-layer SmolLM2-shaped model, MLA r_kv={args.kv_rank}, "
+    config = dataclasses.replace(LlamaConfig(), dtype=args.dtype)
+    if args.tiny:
+        config = dataclasses.replace(config, vocab_size=256, dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=64)
+    teacher, student = build_models(args.layers, args.kv_rank, args.rope_dim, config)
+    print(f"{jax.devices()[0].device_kind}: {args.layers}-layer SmolLM2-shaped model in {args.dtype}, MLA r_kv={args.kv_rank}, "
           f"d_r={args.rope_dim}: KV {student.kv_values_per_token()} vs {teacher.kv_values_per_token()} values per token "
           f"({100 * student.kv_values_per_token() / teacher.kv_values_per_token():.1f}%)", flush=True)
     rows = measure(teacher, student, [int(c) for c in args.contexts.split(",")], args.batch, args.repeats, args.pallas)

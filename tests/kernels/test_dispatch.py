@@ -1,0 +1,62 @@
+"""attention_impl=auto runs, per device kind and decode shape, the implementation a committed
+table measured fastest, and XLA wherever nothing was measured."""
+import json
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from research.attention.ops import attention_ops, mla_absorbed_attention
+from research.kernels import dispatch
+
+H200 = "NVIDIA H200"
+TABLE = {H200: [
+    {"batch": 32, "context": 16384, "heads": 16, "kv_rank": 512, "ms": {"xla": 1.0, "triton": 0.5, "mosaic_gpu": 0.4}},
+    {"batch": 1, "context": 1024, "heads": 16, "kv_rank": 512, "ms": {"xla": 0.01, "triton": 0.02}},
+    {"batch": 8, "context": 4096, "heads": 16, "kv_rank": 512, "ms": {"xla": 0.2, "triton": 0.1, "mosaic_gpu": None}},
+]}
+
+
+def test_no_table_no_device_and_no_shape_mean_xla():
+    assert dispatch.choose(H200, 32, 16384, 16, 512, table={}) == "xla"
+    assert dispatch.choose("NVIDIA H100 80GB HBM3", 32, 16384, 16, 512, table=TABLE) == "xla"
+    assert dispatch.choose(H200, 32, 16384, 128, 512, table=TABLE) == "xla"   # H 128 never measured
+    assert dispatch.choose(H200, 32, 16384, 16, 56, table=TABLE) == "xla"     # nor r 56
+
+
+def test_the_fastest_measured_implementation_is_chosen_at_the_nearest_cell():
+    assert dispatch.choose(H200, 32, 16384, 16, 512, table=TABLE) == "mosaic_gpu"
+    assert dispatch.choose(H200, 64, 32768, 16, 512, table=TABLE) == "mosaic_gpu"  # nearest: B 32, S 16k
+    assert dispatch.choose(H200, 1, 512, 16, 512, table=TABLE) == "xla"           # the kernel lost there
+    assert dispatch.choose(H200, 8, 4096, 16, 512, table=TABLE) == "triton"       # an unmeasured kernel is skipped
+
+
+def test_auto_never_picks_what_the_committed_table_records_as_slower():
+    table = dispatch.load_table()
+    for device, rows in table.items():
+        for row in rows:
+            chosen = dispatch.choose(device, row["batch"], row["context"], row["heads"], row["kv_rank"], table=table)
+            measured = {k: v for k, v in row["ms"].items() if v is not None}
+            assert measured[chosen] <= measured["xla"], (device, row)
+            assert measured[chosen] == min(measured.values())
+
+
+def test_a_malformed_table_fails_naming_the_file(tmp_path):
+    path = tmp_path / "dispatch.json"
+    path.write_text(json.dumps({"devices": {H200: [{"batch": 1}]}}))
+    with pytest.raises(ValueError, match=f"{path}: not a dispatch table"):
+        dispatch.load_table(str(path))
+    assert dispatch.load_table(str(tmp_path / "absent.json")) == {}
+
+
+def test_auto_on_a_cpu_is_the_reference():
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU's choice")
+    k = jax.random.split(jax.random.key(0), 4)
+    q_lat, q_pe = jax.random.normal(k[0], (2, 1, 4, 16)), jax.random.normal(k[1], (2, 1, 4, 8))
+    c_kv, k_pe = jax.random.normal(k[2], (2, 32, 16)), jax.random.normal(k[3], (2, 32, 1, 8))
+    positions = jnp.asarray([[3], [31]])
+    got = attention_ops("auto").mla_absorbed(q_lat, q_pe, c_kv, k_pe, positions, scale=0.2)
+    np.testing.assert_array_equal(got, mla_absorbed_attention(q_lat, q_pe, c_kv, k_pe, positions, scale=0.2))

@@ -1,1 +1,1 @@
-"""Pallas kernels, each beside the pure-XLA reference it must equal (research.attention.ops)."""
+"""Pallas kernels, each beside the pure-XLA reference it must equal (research.attention.reference)."""

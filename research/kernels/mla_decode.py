@@ -29,7 +29,7 @@ What keeps the loop memory-bound (read off the compiled kernel by ``tools/bench/
 
 The lowering is Pallas on Triton (``jax.experimental.pallas.triton``), whose CompilerParams are
 passed explicitly (without them jax 0.10.2 lowers a pallas_call to Mosaic GPU). ``interpret=True``
-runs the same kernel on any backend; the tests compare it with ``research.attention.ops``.
+runs the same kernel on any backend; the tests compare it with ``research.attention.reference``.
 float32 dots follow jax's default matmul precision, as XLA's do: TF32 on an NVIDIA GPU, IEEE under
 ``jax.default_matmul_precision("highest")`` (which the tests use there).
 """

@@ -40,8 +40,7 @@ def mla_absorbed_pallas(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k
         return mla_absorbed_attention(q_latent, q_pe, c_kv, k_pe, q_positions, kv_positions, scale=scale)
     from research.kernels import mla_decode, mla_decode_tpu  # Pallas is imported only when used
 
-    lengths = jnp.clip(q_positions[:, 0] + 1, 1, c_kv.shape[1])
-    args = (q_latent[:, 0], q_pe[:, 0], c_kv, k_pe, lengths)
+    args = _decode_arguments(q_latent, q_pe, c_kv, k_pe, q_positions)
     backend = jax.default_backend()
     if backend == "tpu":
         return mla_decode_tpu.mla_decode_tpu(*args, scale=scale)[:, None]
@@ -58,16 +57,31 @@ def mla_absorbed_auto(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_p
     from research.kernels import dispatch
 
     b, _, h, r = q_latent.shape
-    impl = dispatch.choose(jax.devices()[0].device_kind, b, c_kv.shape[1], h, r)
+    cell = (jax.devices()[0].device_kind, b, c_kv.shape[1], h, r)
+    impl = dispatch.choose(*cell)
+    if impl == "mosaic_gpu" and _mosaic_gpu_unsupported(*args):  # e.g. S not a multiple of its tile
+        impl = dispatch.choose(*cell, exclude=("mosaic_gpu",))
     decode = {"triton": mla_absorbed_pallas, "mosaic_gpu": _mla_absorbed_mosaic_gpu}.get(impl, mla_absorbed_attention)
     return decode(*args, scale=scale)
+
+
+def _decode_arguments(q_latent, q_pe, c_kv, k_pe, q_positions):
+    """The decode kernels' arguments for one query per sequence at position p (it sees slots 0..p)."""
+    lengths = jnp.clip(q_positions[:, 0] + 1, 1, c_kv.shape[1])
+    return q_latent[:, 0], q_pe[:, 0], c_kv, k_pe, lengths
+
+
+def _mosaic_gpu_unsupported(q_latent, q_pe, c_kv, k_pe, q_positions, kv_positions=None) -> str | None:
+    from research.kernels import mla_decode_mgpu
+
+    return mla_decode_mgpu.unsupported_reason(*_decode_arguments(q_latent, q_pe, c_kv, k_pe, q_positions))
 
 
 def _mla_absorbed_mosaic_gpu(q_latent, q_pe, c_kv, k_pe, q_positions, kv_positions=None, *, scale: float):
     from research.kernels import mla_decode_mgpu
 
-    lengths = jnp.clip(q_positions[:, 0] + 1, 1, c_kv.shape[1])
-    return mla_decode_mgpu.mla_decode_mgpu(q_latent[:, 0], q_pe[:, 0], c_kv, k_pe, lengths, scale=scale)[:, None]
+    args = _decode_arguments(q_latent, q_pe, c_kv, k_pe, q_positions)
+    return mla_decode_mgpu.mla_decode_mgpu(*args, scale=scale)[:, None]
 
 
 def _prefill_kernel(name: str):

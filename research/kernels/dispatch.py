@@ -41,13 +41,16 @@ def _distance(row: dict, batch: int, context: int) -> float:
     return abs(math.log2(row["batch"] / batch)) + abs(math.log2(row["context"] / context))
 
 
-def choose(device_kind: str, batch: int, context: int, heads: int, kv_rank: int, table: dict | None = None) -> str:
+def choose(device_kind: str, batch: int, context: int, heads: int, kv_rank: int, table: dict | None = None,
+           exclude: tuple[str, ...] = ()) -> str:
     """The implementation measured fastest on ``device_kind`` at the cell nearest (B, S) with the
-    same H and r_kv; ``xla`` where nothing was measured."""
+    same H and r_kv, leaving out ``exclude`` (kernels that cannot take the call's shapes); ``xla``
+    where nothing was measured."""
     rows = [r for r in (load_table() if table is None else table).get(device_kind, [])
             if r["heads"] == heads and r["kv_rank"] == kv_rank]
     if not rows:
         return "xla"
     nearest = min(rows, key=lambda r: _distance(r, batch, context))
-    times = {impl: ms for impl, ms in nearest["ms"].items() if impl in IMPLEMENTATIONS and ms is not None}
+    times = {impl: ms for impl, ms in nearest["ms"].items()
+             if impl in IMPLEMENTATIONS and impl not in exclude and ms is not None}
     return min(times, key=times.get) if "xla" in times else "xla"

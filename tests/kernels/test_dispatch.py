@@ -31,6 +31,7 @@ def test_the_fastest_measured_implementation_is_chosen_at_the_nearest_cell():
     assert dispatch.choose(H200, 64, 32768, 16, 512, table=TABLE) == "mosaic_gpu"  # nearest: B 32, S 16k
     assert dispatch.choose(H200, 1, 512, 16, 512, table=TABLE) == "xla"           # the kernel lost there
     assert dispatch.choose(H200, 8, 4096, 16, 512, table=TABLE) == "triton"       # an unmeasured kernel is skipped
+    assert dispatch.choose(H200, 32, 16384, 16, 512, table=TABLE, exclude=("mosaic_gpu",)) == "triton"
 
 
 def test_auto_never_picks_what_the_committed_table_records_as_slower():
@@ -49,6 +50,17 @@ def test_a_malformed_table_fails_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=f"{path}: not a dispatch table"):
         dispatch.load_table(str(path))
     assert dispatch.load_table(str(tmp_path / "absent.json")) == {}
+
+
+def test_a_shape_the_mosaic_kernel_cannot_take_is_known_before_dispatch():
+    from research.kernels.mla_decode_mgpu import unsupported_reason
+
+    q_lat, q_pe = jnp.zeros((2, 16, 512), jnp.bfloat16), jnp.zeros((2, 16, 64), jnp.bfloat16)
+    lengths = jnp.ones((2,), jnp.int32)
+    cache = lambda s, dtype=jnp.bfloat16: (jnp.zeros((2, s, 512), dtype), jnp.zeros((2, s, 1, 64), dtype))
+    assert unsupported_reason(q_lat, q_pe, *cache(4096), lengths) is None
+    assert "multiple of the 64-slot tile, got 4000" in unsupported_reason(q_lat, q_pe, *cache(4000), lengths)
+    assert "bfloat16 or float16" in unsupported_reason(q_lat, q_pe, *cache(4096, jnp.float32), lengths)
 
 
 def test_auto_on_a_cpu_is_the_reference():

@@ -2,6 +2,8 @@
 GPU without one, and leaves a whole upcycled model's generated tokens unchanged."""
 import dataclasses
 import functools
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -15,17 +17,8 @@ from research.kernels.flash_decode import choose_splits, combine_splits, gather_
 from research.kernels.mla_decode import mla_decode, mla_decode_paged
 from research.kernels.mla_decode_tpu import mla_decode_paged_tpu, mla_decode_tpu
 
-
-def reference(q_lat, q_pe, c_kv, k_pe, lengths, scale):
-    """research.attention.ops' absorbed attention for one query at position length - 1."""
-    positions = (jnp.asarray(lengths) - 1)[:, None]
-    return mla_absorbed_attention(q_lat[:, None], q_pe[:, None], c_kv, k_pe, positions, scale=scale)[:, 0]
-
-
-def inputs(b, h, r, d_r, rope_heads, s, dtype, seed=0):
-    k = jax.random.split(jax.random.key(seed), 4)
-    shapes = [(b, h, r), (b, h, d_r), (b, s, r), (b, s, rope_heads, d_r)]
-    return [jax.random.normal(key, shape).astype(dtype) for key, shape in zip(k, shapes)]
+sys.path.insert(0, os.path.dirname(__file__))
+from decode_cases import inputs, reference  # noqa: E402
 
 
 CASES = {

@@ -127,7 +127,8 @@ def decode_row(batch: int, context: int, heads: int, kv_rank: int, rope_dim: int
 
 def _timed(name, fn, arg_sets, repeats, fragment, nbytes) -> dict:
     t = device_ms(fn, arg_sets, repeats, kernel=fragment)
-    out = {f"{name}_ms": t["total_ms"], f"{name}_gb_per_s": nbytes / 1e6 / t["total_ms"], "timer": t["timer"]}
+    out = {f"{name}_ms": t["total_ms"], f"{name}_gb_per_s": nbytes / 1e6 / t["total_ms"], "timer": t["timer"],
+           f"{name}_launches": t["launches"]}
     if t["kernel_ms"] is not None:
         out[f"{name}_kernel_ms"] = t["kernel_ms"]
         out[f"{name}_kernel_gb_per_s"] = nbytes / 1e6 / t["kernel_ms"] if t["kernel_ms"] else None

@@ -18,7 +18,7 @@ import ml_collections
 from research.anytime.sampling import SamplerConfig
 from research.anytime.train import SandwichConfig
 from research.core import config as config_lib
-from research.core.classify import ClassifierTrainConfig
+from research.recipes.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.data.sections import AnytimeData

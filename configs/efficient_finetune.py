@@ -21,7 +21,7 @@ Presets (comma-separated, ``smoke`` shrinks any of them to seconds):
 import ml_collections
 
 from research.core import config as config_lib
-from research.core.classify import ClassifierTrainConfig
+from research.recipes.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.data.sections import FinetuneData

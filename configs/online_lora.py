@@ -32,7 +32,7 @@ import ml_collections
 from research.adapters.online_lora import OnlineLoraConfig
 from research.adapters.selection import SelectionConfig
 from research.core import config as config_lib
-from research.core.classify import PretrainConfig
+from research.recipes.classify import PretrainConfig
 from research.core.mesh import MeshConfig
 from research.data.sections import StreamData
 from research.data.streams import StreamConfig

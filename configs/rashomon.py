@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from research.core import config as config_lib
-from research.core.classify import ClassifierTrainConfig
+from research.recipes.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.data.sections import RashomonData

@@ -16,7 +16,7 @@ Presets:
 import ml_collections
 
 from research.core import config as config_lib
-from research.core.classify import ClassifierTrainConfig
+from research.recipes.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
 from research.data.sections import ClassifierData

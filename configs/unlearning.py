@@ -40,7 +40,7 @@ Scenarios (``scenarios``): ``class`` forgets every training image of class ``for
 import ml_collections
 
 from research.core import config as config_lib
-from research.core.classify import PretrainConfig
+from research.recipes.classify import PretrainConfig
 from research.core.mesh import MeshConfig
 from research.data.sections import UnlearningData
 from research.models import ModelConfig

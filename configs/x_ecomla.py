@@ -26,8 +26,8 @@ reference's plain SVD), ``rank_energy=0.95``, ``gqa_layers=0,29``, ``--config.re
 """
 import ml_collections
 
-from research.attention.reconstruct import ReconstructConfig
-from research.attention.upcycle import UpcycleConfig
+from research.upcycling.reconstruct import ReconstructConfig
+from research.upcycling.upcycle import UpcycleConfig
 from research.core import config as config_lib
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig

@@ -31,7 +31,7 @@ from research.anytime.sampling import SamplerConfig
 from research.anytime.train import SandwichConfig
 from research.core import cli, experiment
 from research.core import config as cfg
-from research.core.classify import ClassifierTrainConfig
+from research.recipes.classify import ClassifierTrainConfig
 from research.core.optim import OptimConfig
 from research.data import pipeline
 from research.data.augment import make_preprocess

@@ -29,7 +29,7 @@ from research.backprop.cost import finetune_backward_cost  # noqa: E402
 from research.backprop.measure import backward_profile  # noqa: E402
 from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
-from research.core.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
+from research.recipes.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
 from research.core.mesh import shard_batch  # noqa: E402
 from research.core.optim import OptimConfig  # noqa: E402
 from research.core.records import read_signed, write_signed  # noqa: E402

@@ -3,7 +3,7 @@
     python -m experiments.generative_unlearning --config configs/generative_unlearning.py[:PRESETS] --workdir DIR
 
 1. The masked-autoencoder generator: restored from ``generator.workdir`` or DIR/generator, trained
-   there first when it has no finished checkpoint (research/models/mae_train.py).
+   there first when it has no finished checkpoint (research/recipes/mae_train.py).
 2. For each seed and row (ours at each alpha, ours with a proxy retain set, each baseline), a copy
    of the encoder is unlearned on the training images of the retain and forget classes
    (research/unlearning/generative.py); DIR/rows/ keeps each finished row, so a rerun resumes.
@@ -34,14 +34,14 @@ import numpy as np
 
 from research.core import cli, experiment
 from research.core import config as cfg
-from research.core.classify import ClassifierTrainConfig
+from research.recipes.classify import ClassifierTrainConfig
 from research.core.optim import OptimConfig
 from research.core.records import image_grid, write_json_atomic, write_npz_atomic, write_png
 from research.data import pipeline
 from research.data.sections import GeneratorData
 from research.models import mae
 from research.models.mae import MAEConfig, MaskConfig
-from research.models.mae_train import fit_generator, generate, load_images
+from research.recipes.mae_train import fit_generator, generate, load_images
 from research.unlearning import generative, image_metrics
 from research.unlearning.generative import GenerativeUnlearnConfig
 

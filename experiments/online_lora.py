@@ -62,7 +62,7 @@ from research.adapters.online_lora import (OnlineLoRA, OnlineLoraConfig, batched
 from research.adapters.selection import SelectionConfig, best_lr  # noqa: E402
 from research.core import cli, experiment  # noqa: E402
 from research.core import config as cfg  # noqa: E402
-from research.core.classify import PretrainConfig, fit_classifier  # noqa: E402
+from research.recipes.classify import PretrainConfig, fit_classifier  # noqa: E402
 from research.core.records import MetricWriter, read_signed, write_npy_atomic, write_signed  # noqa: E402
 from research.data import pipeline, sources, streams  # noqa: E402
 from research.data.augment import make_preprocess, normalize, resize  # noqa: E402

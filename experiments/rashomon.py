@@ -26,7 +26,7 @@ from flax import nnx
 
 from research.core import cli, experiment
 from research.core import config as cfg
-from research.core.classify import ClassifierTrainConfig, fit_classifier
+from research.recipes.classify import ClassifierTrainConfig, fit_classifier
 from research.core.optim import OptimConfig
 from research.core.records import write_json_atomic
 from research.data import pipeline, tabular

@@ -16,13 +16,13 @@ import ml_collections
 
 from research.core import cli, experiment
 from research.core import config as cfg
-from research.core.classify import ClassifierTrainConfig
+from research.recipes.classify import ClassifierTrainConfig
 from research.core.optim import OptimConfig
 from research.core.records import plot_curves, write_png
 from research.data.sections import GeneratorData
 from research.models import mae
 from research.models.mae import MAEConfig, MaskConfig
-from research.models.mae_train import fit_generator, load_images, sample_grid, to_unit
+from research.recipes.mae_train import fit_generator, load_images, sample_grid, to_unit
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -33,7 +33,7 @@ from jax.flatten_util import ravel_pytree
 from research.adapters.prompts import PromptedViT, prompt_and_head_filter, prompt_filter
 from research.core import cli, experiment
 from research.core import config as cfg
-from research.core.classify import PretrainConfig, fit_classifier
+from research.recipes.classify import PretrainConfig, fit_classifier
 from research.core.records import read_signed, write_npz_atomic, write_signed
 from research.data import pipeline
 from research.data.augment import make_preprocess, normalize, resize

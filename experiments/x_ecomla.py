@@ -2,8 +2,8 @@
 
     python -m experiments.x_ecomla --config configs/x_ecomla.py[:PRESETS] --workdir DIR
 
-Pipeline: SVD initialisation (research.attention.upcycle), optional layer-wise reconstruction of
-each MLA layer (research.attention.reconstruct, ``reconstruct.steps > 0``), then end-to-end KD.
+Pipeline: SVD initialisation (research.upcycling.upcycle), optional layer-wise reconstruction of
+each MLA layer (research.upcycling.reconstruct, ``reconstruct.steps > 0``), then end-to-end KD.
 ``train.budget_minutes`` evaluates the held-out set when the KD steps' own time reaches each mark
 (model load, evaluation and checkpoints do not count) and ends the run at the last one.
 
@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from research.attention.reconstruct import ReconstructConfig, reconstruct_layers
-from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
+from research.upcycling.reconstruct import ReconstructConfig, reconstruct_layers
+from research.upcycling.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core import cli, experiment, optim
 from research.core import config as cfg
 from research.core.checkpoint import Checkpointer, array_digest

@@ -18,8 +18,8 @@ import json
 import os
 import time
 
-from research.attention.reconstruct import ReconstructConfig, reconstruct_layers
-from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
+from research.upcycling.reconstruct import ReconstructConfig, reconstruct_layers
+from research.upcycling.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core import config as config_lib
 from research.data.sources import default_cache_dir
 from research.data.text import KJVWindows, kjv_windows

@@ -43,6 +43,7 @@ from flax import nnx
 from jax import lax
 
 from research.core.checkpoint import CheckpointMismatchError
+from research.core.params import path_str
 
 ADAPTABLE = (nnx.Linear, nnx.Conv, nnx.Einsum)
 CHECKPOINT_FORMAT = "research.adapters.lora/1"
@@ -279,10 +280,6 @@ def _conv_like(base: nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Finding and replacing layers by path.
 
-def _path_str(path) -> str:
-    return "/".join(str(k) for k in path)
-
-
 def _child(node, key):
     # List indices and plain-dict keys are items; everything else (nnx.Dict included) an attribute.
     if isinstance(key, int) or (isinstance(node, Mapping) and not isinstance(node, nnx.Module)):
@@ -355,15 +352,15 @@ def add_lora(model: nnx.Module, specs: LoraSpec | Sequence[LoraSpec], *, name: s
     candidates = _adaptable_layers(model)
     targets = []
     for path, layer in candidates:
-        spec = next((s for s in specs if re.search(s.pattern, _path_str(path))), None)
+        spec = next((s for s in specs if re.search(s.pattern, path_str(path))), None)
         if spec is not None:
             targets.append((path, layer, spec))
     if not targets:
-        listing = ", ".join(f"{_path_str(p)} ({type(n.base if isinstance(n, LoraLayer) else n).__name__})"
+        listing = ", ".join(f"{path_str(p)} ({type(n.base if isinstance(n, LoraLayer) else n).__name__})"
                             for p, n in candidates)
         raise ValueError(f"LoRA patterns {[s.pattern for s in specs]} match no layer; the model's "
                          f"adaptable layers are: {listing or '(none)'}")
-    clashes = [_path_str(p) for p, n, _ in targets if isinstance(n, LoraLayer) and name in n.lora]
+    clashes = [path_str(p) for p, n, _ in targets if isinstance(n, LoraLayer) and name in n.lora]
     if clashes:
         raise ValueError(f"LoRA adapter {name!r} already exists on {clashes}; pick another name or delete it")
     # Build every wrapper before touching the model, so an unsupported layer leaves it unchanged.
@@ -375,18 +372,18 @@ def add_lora(model: nnx.Module, specs: LoraSpec | Sequence[LoraSpec], *, name: s
             try:
                 layer = LoraLayer(layer)
             except ValueError as e:
-                raise ValueError(f"layer {_path_str(path)}: {e}") from None
+                raise ValueError(f"layer {path_str(path)}: {e}") from None
         wrappers.append((path, layer, spec))
     for path, layer, spec in wrappers:
         layer.add(name, spec, rngs)
         _set_child(model, path, layer)
-    return [_path_str(p) for p, _, _ in wrappers]
+    return [path_str(p) for p, _, _ in wrappers]
 
 
 def merge(model: nnx.Module, name: str = "default") -> None:
     """W += (alpha/r) B A on every layer with adapter ``name``; the forward then skips it."""
     layers = _with_adapter(model, name)
-    merged = [_path_str(p) for p, layer in layers if layer.lora[name].merged]
+    merged = [path_str(p) for p, layer in layers if layer.lora[name].merged]
     if merged:
         raise ValueError(f"LoRA adapter {name!r} is already merged on {merged}")
     for _, layer in layers:
@@ -396,7 +393,7 @@ def merge(model: nnx.Module, name: str = "default") -> None:
 def unmerge(model: nnx.Module, name: str = "default") -> None:
     """W -= (alpha/r) B A, the exact delta ``merge`` added (same float32 computation)."""
     layers = _with_adapter(model, name)
-    unmerged = [_path_str(p) for p, layer in layers if not layer.lora[name].merged]
+    unmerged = [path_str(p) for p, layer in layers if not layer.lora[name].merged]
     if unmerged:
         raise ValueError(f"LoRA adapter {name!r} is not merged on {unmerged}")
     for _, layer in layers:
@@ -420,7 +417,7 @@ def set_active(model: nnx.Module, names: str | Sequence[str]) -> None:
 def delete_adapter(model: nnx.Module, name: str) -> None:
     """Removes adapter ``name``; a layer left without adapters goes back to its bare base layer."""
     layers = _with_adapter(model, name)
-    merged = [_path_str(p) for p, layer in layers if layer.lora[name].merged]
+    merged = [path_str(p) for p, layer in layers if layer.lora[name].merged]
     if merged:
         raise ValueError(f"LoRA adapter {name!r} is merged on {merged}; unmerge it before deleting")
     for path, layer in layers:
@@ -466,11 +463,11 @@ def trainable_filter(model: nnx.Module, name: str | None = None, modules_to_save
     segments = [f"/{m.strip('/')}/" for m in modules_to_save]  # whole path segments: "head" is not "heads"
 
     def saved(path, value=None) -> bool:
-        return any(s in f"/{_path_str(path)}/" for s in segments)
+        return any(s in f"/{path_str(path)}/" for s in segments)
 
     param_paths = [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     missing = [m for m, s in zip(modules_to_save, segments, strict=True)
-               if not any(s in f"/{_path_str(p)}/" for p in param_paths)]
+               if not any(s in f"/{path_str(p)}/" for p in param_paths)]
     if missing:
         raise ValueError(f"modules_to_save {missing} match no parameter path of the model")
     # Other adapters under a saved module (e.g. a second adapter on the head) stay frozen.
@@ -497,7 +494,7 @@ def save_adapters(model: nnx.Module, directory: str, name: str | None = None, *,
     for path, layer in _lora_layers(model):
         for key, adapter in layer.lora.items():
             if name is None or key == name:
-                entries.append({"path": _path_str(path), "name": key, "kind": type(layer.base).__name__,
+                entries.append({"path": path_str(path), "name": key, "kind": type(layer.base).__name__,
                                 "rank": adapter.rank, "alpha": adapter.alpha, "dropout": float(adapter.dropout.rate),
                                 "a_shape": list(adapter.a[...].shape), "b_shape": list(adapter.b[...].shape)})
                 arrays.append({"a": adapter.a.get_value(), "b": adapter.b.get_value()})
@@ -533,7 +530,7 @@ def load_adapters(model: nnx.Module, directory: str, name: str | None = None) ->
     entries = [stored[i] for i in selected]
     if not entries:
         raise CheckpointMismatchError(f"checkpoint {directory} has no LoRA adapter named {name!r}")
-    layers = {_path_str(p): layer for p, layer in _lora_layers(model)}
+    layers = {path_str(p): layer for p, layer in _lora_layers(model)}
     targets = []
     for e in entries:
         where = f"LoRA adapter {e['name']!r} of layer '{e['path']}' (rank {e['rank']})"

@@ -31,7 +31,7 @@ from research.anytime.sampling import SubnetTable
 from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer
-from research.core.classify import ClassifierTrainConfig, total_steps, training_settings
+from research.recipes.classify import ClassifierTrainConfig, total_steps, training_settings
 from research.core.loop import fit
 from research.core.mesh import LogicalRules, batch_sharding, replicated, to_local_device
 from research.core.records import MetricWriter

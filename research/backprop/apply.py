@@ -26,6 +26,7 @@ from flax import nnx
 
 from research.backprop.gradient_filter import FilteredConv, make_geometry
 from research.backprop.lbp_wht import LbpWhtDotGeneral
+from research.core.params import path_str
 from research.models.filters import conv_and_linear_layers
 
 LAYER_KINDS = ("conv", "linear")
@@ -48,13 +49,9 @@ class LayerCall:
         return make_geometry(patch_size, self.input_shape, self.kernel_shape, strides, padding, dilation, groups)
 
 
-def _path_str(path) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def _layers(model: nnx.Module):
     for path, kind, node in conv_and_linear_layers(model):
-        yield _path_str(path), kind, node
+        yield path_str(path), kind, node
 
 
 def trace_layers(model: nnx.Module, input_shape: Sequence[int]) -> list[LayerCall]:

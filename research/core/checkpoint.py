@@ -23,22 +23,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from research.core.params import path_str
 from research.core.records import as_read_back, write_json_atomic
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint on disk does not fit the state built from the config."""
-
-
-def path_str(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("name", "key", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-    # Variables wrap their array in a "value" node; drop it so both trees name arrays alike.
-    return "/".join(p for p in parts if p not in ("value", "raw_value"))
 
 
 def array_shapes(tree) -> dict[str, tuple[int, ...]]:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from research.core.config import ConfigError, PathNotFoundError, apply_overrides, split_override_args
+from research.core.config import (ConfigError, DataSourceError, PathNotFoundError, apply_overrides,
+                                  split_override_args)
 from research.core.mesh import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file: configs/NAME.py[:ARG].", lock_config=True)
@@ -22,9 +23,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config,
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    # Imported lazily: the data and checkpoint modules are heavier than the CLI.
+    # Imported lazily: the checkpoint module (orbax) is heavier than the CLI.
     from research.core.checkpoint import CheckpointMismatchError
-    from research.data.sources import DataSourceError
 
     return (ConfigError, PathNotFoundError, DataSourceError, CheckpointMismatchError)
 

@@ -38,6 +38,10 @@ class PathNotFoundError(FileNotFoundError):
     exist; the message is one line naming it. A given path never falls back to a default."""
 
 
+class DataSourceError(FileNotFoundError):
+    """A data source that is not available here; the message says what provides it."""
+
+
 def require_path(path: str, what: str) -> str:
     """``path`` when it exists; else a `PathNotFoundError` naming ``what`` (e.g. "data.data_dir")."""
     if not os.path.exists(path):

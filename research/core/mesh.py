@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from research.core.checkpoint import path_str
+from research.core.params import path_str
 from research.core.config import ConfigError, check_fields, require
 
 MESH_AXES = ("data", "model")

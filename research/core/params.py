@@ -1,15 +1,26 @@
-"""NNX state utilities for loaders and converters: a module without running its initialisers, and
+"""NNX state utilities: parameter paths as strings, a module without running its initialisers, and
 a checked write of one parameter (which splits flattened attention heads)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-HEAD_AXES = ("q_heads", "kv_heads")  # logical names of a head axis; "head_dim" follows it
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+HEAD_AXES = ("q_heads", "kv_heads")  # logical names of a head axis; "head_dim" follows it
+
+
+def path_str(path) -> str:
+    """'blocks/0/conv' for a pytree key path (DictKey, GetAttrKey, SequenceKey entries) or an NNX
+    graph path (str / int entries). Variables wrap their array in a "value" node; it is dropped so
+    that a tree of Variables and a tree of arrays name the same array alike."""
+    parts = []
+    for entry in path:
+        attr = next((a for a in ("name", "key", "idx") if hasattr(entry, a)), None)
+        parts.append(str(getattr(entry, attr) if attr else entry))
+    return "/".join(p for p in parts if p not in ("value", "raw_value"))
 
 
 def zeros_module(make: Callable[[], nnx.Module]) -> nnx.Module:

@@ -35,13 +35,9 @@ from collections.abc import Callable
 import datasets as hf
 import numpy as np
 
-from research.core.config import require_path
+from research.core.config import DataSourceError, require_path  # noqa: F401 (DataSourceError: raised here)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's package installs it
-
-
-class DataSourceError(FileNotFoundError):
-    """A data source that is not available here; the message says what provides it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from research.attention.rope import Llama3RopeScaling
-from research.core.checkpoint import array_shapes, path_str
-from research.core.params import flat_heads_shape
+from research.core.checkpoint import array_shapes
+from research.core.params import flat_heads_shape, path_str
 from research.core.records import temp_dir_beside
 from research.models.llama import Llama, LlamaConfig
 

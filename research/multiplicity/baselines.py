@@ -3,7 +3,7 @@
 **Re-training** (the expensive reference): the same recipe trained from other seeds; each run is
 one model of the set R(eps) = {m : L(m) <= L_0 + eps}, L_0 the loss of the seed the dropout
 models start from. ``retrained_set`` takes the training as a function, so an experiment passes
-its own loop (research.core.classify.fit_classifier).
+its own loop (research.recipes.classify.fit_classifier).
 
 **Adversarial weight perturbation** (AWP; Hsu & Calmon, NeurIPS 2022): for each evaluation point
 x_i and each class c, start from the reference weights w_0 and ascend the log-probability of c

@@ -11,7 +11,7 @@ from flax import nnx
 from research.anytime import sampling, supernet
 from research.anytime import train as anytime_train
 from research.core import config as config_lib
-from research.core.classify import ClassifierTrainConfig
+from research.recipes.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig, make_mesh
 from research.core.optim import OptimConfig
 from research.core.train import create_train_state

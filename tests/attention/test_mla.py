@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from research.attention.mla import set_mla_decode
-from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
+from research.upcycling.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core.mesh import make_mesh, shard_module
 from research.models.generate import generate
 from tests.models.tiny_llama import TINY, random_llama

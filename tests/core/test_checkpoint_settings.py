@@ -7,7 +7,7 @@ from flax import nnx
 
 from research.core import config as config_lib
 from research.core.checkpoint import Checkpointer, CheckpointMismatchError, array_digest
-from research.core.classify import ClassifierTrainConfig, fit_classifier
+from research.recipes.classify import ClassifierTrainConfig, fit_classifier
 from research.core.mesh import make_mesh
 from research.core.optim import OptimConfig
 from research.data import pipeline

@@ -157,7 +157,7 @@ def test_choices_read_the_literal_of_a_field():
 
 
 def test_every_config_section_made_from_a_dataclass_builds_back():
-    from research.core.classify import ClassifierTrainConfig
+    from research.recipes.classify import ClassifierTrainConfig
     from research.core.optim import OptimConfig
     from research.models import ModelConfig
     from research.unlearning.recipe import TrainRecipe

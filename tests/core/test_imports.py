@@ -43,3 +43,13 @@ def test_models_build_outside_a_mesh_without_a_global_switch():
         " mlp_dim=32), rngs=nnx.Rngs(0))\n")], capture_output=True, text=True, timeout=300,
         env=BARE, cwd=".")
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_library_imports_one_way():
+    """No two files import each other, even through others (lazy and type-only imports count), and
+    the only circle of sub-packages is attention's reference <- kernels <- ops (tools/import_circles.py)."""
+    from tools import import_circles
+
+    files, packages, _ = import_circles.report("research")
+    assert files == []
+    assert [frozenset(group) for group in packages] == list(import_circles.ALLOWED)

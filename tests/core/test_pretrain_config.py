@@ -3,7 +3,7 @@ value anywhere in it, or a class its data set does not have, is one line naming 
 import pytest
 
 from research.core import config as config_lib
-from research.core.classify import PretrainConfig
+from research.recipes.classify import PretrainConfig
 from research.core.optim import OptimConfig
 from research.data.sections import UnlearningData
 

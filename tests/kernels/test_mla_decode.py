@@ -219,7 +219,7 @@ def test_kernel_lowers_for_a_gpu_and_a_tpu_without_one(shape, kernel):
 
 
 def test_upcycled_smollm2_generates_the_same_tokens_with_the_pallas_kernel(smollm2, smollm2_tokenizer, monkeypatch):
-    from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
+    from research.upcycling.upcycle import UpcycleConfig, upcycle_gqa_to_mla
     from research.kernels import mla_decode as kernel_module
     from research.models.generate import generate
 

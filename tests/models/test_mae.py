@@ -10,7 +10,7 @@ import pytest
 from experiments import train_generator
 from research.core.config import ConfigError, load_config
 from research.models import mae
-from research.models.mae_train import pad_images
+from research.recipes.mae_train import pad_images
 
 SMALL = mae.MAEConfig(dim=32, depth=1, num_heads=4, mlp_dim=64, decoder_dim=32, decoder_depth=1)
 

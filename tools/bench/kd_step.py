@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
+from research.upcycling.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core.train import create_train_state
 from research.data.sources import default_cache_dir
 from research.distill import DistillConfig, make_kd_train_step

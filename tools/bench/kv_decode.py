@@ -33,7 +33,7 @@ from flax import nnx
 
 from research.attention.mla import set_mla_decode
 from research.attention.ops import attention_ops
-from research.attention.upcycle import UpcycleConfig, upcycle_gqa_to_mla
+from research.upcycling.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.models.llama import Llama, LlamaConfig
 
 

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer
-from research.core.classify import ClassifierTrainConfig, total_steps, training_settings
+from research.recipes.classify import ClassifierTrainConfig, total_steps, training_settings
 from research.core.loop import evaluate, fit
 from research.core.mesh import LogicalRules
 from research.core.records import MetricWriter, image_grid

@@ -7,8 +7,8 @@ from flax import nnx
 
 from research.attention.ops import attention_ops
 
-from research.attention.reconstruct import ReconstructConfig, reconstruct_layers
-from research.attention.upcycle import UpcycleConfig, layer_io, upcycle_gqa_to_mla
+from research.upcycling.reconstruct import ReconstructConfig, reconstruct_layers
+from research.upcycling.upcycle import UpcycleConfig, layer_io, upcycle_gqa_to_mla
 from research.core.config import FieldError
 from tests.models.tiny_llama import TINY, random_llama
 

@@ -34,7 +34,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from research.attention.ops import attention_ops
-from research.attention.upcycle import layer_io
+from research.upcycling.upcycle import layer_io
 from research.core import config as config_lib
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from research.attention.upcycle import (UpcycleConfig, energy_rank, fit_shared_rope_key, low_rank,
+from research.upcycling.upcycle import (UpcycleConfig, energy_rank, fit_shared_rope_key, low_rank,
                                         select_rope_pairs, upcycle_gqa_to_mla)
 from tests.models.tiny_llama import TINY, random_llama
 

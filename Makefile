@@ -25,9 +25,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Without the package index the static tests skip (they say why) instead of failing the install.
 $(SM90_TOOLS)/.installed: $(VENV)/.installed
-	$(BIN)/pip install -q --target $(SM90_TOOLS) --upgrade "jax-cuda12-plugin==$$($(BIN)/python -c 'import jaxlib; print(jaxlib.__version__)')" nvidia-cuda-nvcc-cu12
-	touch $@
+	$(BIN)/pip install -q --target $(SM90_TOOLS) --upgrade \
+	    "jax-cuda12-plugin==$$($(BIN)/python -c 'import jaxlib; print(jaxlib.__version__)')" nvidia-cuda-nvcc-cu12==12.9.86 \
+	  && touch $@ || echo "sm90-tools: not installed; the static kernel tests will skip"
 
 sm90-tools: $(SM90_TOOLS)/.installed
 

@@ -32,10 +32,11 @@ from research.attention.reference import (gqa_attention, mla_absorbed_attention,
 
 def mla_absorbed_pallas(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Array,
                         q_positions: jax.Array, kv_positions: jax.Array | None = None,
-                        *, scale: float) -> jax.Array:
+                        *, scale: float, launch: dict | None = None) -> jax.Array:
     """``mla_absorbed_attention`` with the Pallas decode kernel for one query per sequence over a
     cache whose slot s holds position s (kv_positions None): the query at position p sees slots
-    0..p, i.e. a length of p + 1. Other calls (prefill, explicit kv_positions) take the reference."""
+    0..p, i.e. a length of p + 1. Other calls (prefill, explicit kv_positions) take the reference.
+    ``launch``: the Triton kernel's launch settings (block_t, num_warps, ...; its defaults when None)."""
     if q_latent.shape[1] != 1 or kv_positions is not None:
         return mla_absorbed_attention(q_latent, q_pe, c_kv, k_pe, q_positions, kv_positions, scale=scale)
     from research.kernels import mla_decode, mla_decode_tpu  # Pallas is imported only when used
@@ -44,7 +45,7 @@ def mla_absorbed_pallas(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k
     backend = jax.default_backend()
     if backend == "tpu":
         return mla_decode_tpu.mla_decode_tpu(*args, scale=scale)[:, None]
-    return mla_decode.mla_decode(*args, scale=scale, interpret=backend != "gpu")[:, None]
+    return mla_decode.mla_decode(*args, scale=scale, interpret=backend != "gpu", **(launch or {}))[:, None]
 
 
 def mla_absorbed_auto(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Array,
@@ -58,11 +59,14 @@ def mla_absorbed_auto(q_latent: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_p
 
     b, _, h, r = q_latent.shape
     cell = (jax.devices()[0].device_kind, b, c_kv.shape[1], h, r)
-    impl = dispatch.choose(*cell)
+    impl, options = dispatch.choose_with_options(*cell)
     if impl == "mosaic_gpu" and _mosaic_gpu_unsupported(*args):  # e.g. S not a multiple of its tile
-        impl = dispatch.choose(*cell, exclude=("mosaic_gpu",))
-    decode = {"triton": mla_absorbed_pallas, "mosaic_gpu": _mla_absorbed_mosaic_gpu}.get(impl, mla_absorbed_attention)
-    return decode(*args, scale=scale)
+        impl, options = dispatch.choose_with_options(*cell, exclude=("mosaic_gpu",))
+    if impl == "triton":  # with the launch the table timed
+        return mla_absorbed_pallas(*args, scale=scale, launch=options)
+    if impl == "mosaic_gpu":
+        return _mla_absorbed_mosaic_gpu(*args, scale=scale)
+    return mla_absorbed_attention(*args, scale=scale)
 
 
 def _decode_arguments(q_latent, q_pe, c_kv, k_pe, q_positions):

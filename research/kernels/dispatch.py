@@ -2,10 +2,11 @@
 
 ``mla_decode_dispatch.json`` beside this file is written by the GPU tuning run
 (``python -m tools.bench.attention --write-dispatch``, a step of ``tools/bench/gpu_check.py``): for
-each device kind, one row per measured cell (B, S, H, r_kv) with each implementation's device time.
-``choose`` returns the fastest implementation at the measured cell nearest to a call's shape (same
-H and r_kv; B and S nearest in log2), and ``xla`` where the device kind, the H / r_kv pair or the
-whole table is missing, so ``auto`` never runs a kernel that no measurement showed faster.
+each device kind, one row per measured cell (B, S, H, r_kv) with each implementation's device time
+and the Triton launch that was timed (``triton_options``). ``choose`` returns the fastest
+implementation at the measured cell nearest to a call's shape (same H and r_kv; B and S nearest in
+log2) with the launch options to run it with, and ``xla`` where the device kind, the H / r_kv pair
+or the whole table is missing, so ``auto`` never runs a kernel that no measurement showed faster.
 """
 from __future__ import annotations
 
@@ -46,11 +47,18 @@ def choose(device_kind: str, batch: int, context: int, heads: int, kv_rank: int,
     """The implementation measured fastest on ``device_kind`` at the cell nearest (B, S) with the
     same H and r_kv, leaving out ``exclude`` (kernels that cannot take the call's shapes); ``xla``
     where nothing was measured."""
+    return choose_with_options(device_kind, batch, context, heads, kv_rank, table, exclude)[0]
+
+
+def choose_with_options(device_kind: str, batch: int, context: int, heads: int, kv_rank: int,
+                        table: dict | None = None, exclude: tuple[str, ...] = ()) -> tuple[str, dict]:
+    """``choose`` and the launch options the chosen kernel was timed with ({} for xla)."""
     rows = [r for r in (load_table() if table is None else table).get(device_kind, [])
             if r["heads"] == heads and r["kv_rank"] == kv_rank]
     if not rows:
-        return "xla"
+        return "xla", {}
     nearest = min(rows, key=lambda r: _distance(r, batch, context))
     times = {impl: ms for impl, ms in nearest["ms"].items()
              if impl in IMPLEMENTATIONS and impl not in exclude and ms is not None}
-    return min(times, key=times.get) if "xla" in times else "xla"
+    impl = min(times, key=times.get) if "xla" in times else "xla"
+    return impl, dict(nearest.get(f"{impl}_options") or {})

@@ -191,6 +191,7 @@ def mla_decode(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Arr
     if block_t & (block_t - 1) or block_t < 16:
         raise ValueError(f"mla_decode: block_t must be a power of 2 >= 16, got {block_t}")
     dtype = c_kv.dtype
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)  # a length past S must not read past the cache
     q_lat, q_pe, bh = _queries(q_lat, q_pe, scale, rope_heads, dtype, block_h)
     r_pad, p_pad = q_lat.shape[-1], q_pe.shape[-1]
     k_pe = k_pe.reshape(b, s, rope_heads * d_r).astype(dtype)  # merges trailing axes: no copy
@@ -204,7 +205,7 @@ def mla_decode(q_lat: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Arr
     kernel = functools.partial(_dense_kernel, block_t=block_t, split_len=split_len, rank=r, rope_width=rope_heads * d_r)
     cache_specs = [pl.BlockSpec((None, split_len, width), lambda i, g, j: (i, j, 0)) for width in (r_pad, p_pad)]
     o_parts, lse = _split_call(kernel, q_lat, q_pe, bh, splits, (c_kv, k_pe), cache_specs,
-                               (lengths.astype(jnp.int32),), (_LENGTH_SPEC,), num_warps, num_stages, interpret)
+                               (lengths,), (_LENGTH_SPEC,), num_warps, num_stages, interpret)
     return combine_splits(o_parts, lse)[:, :h, :r].astype(dtype)
 
 
@@ -227,6 +228,7 @@ def mla_decode_paged(q_lat: jax.Array, q_pe: jax.Array, c_kv_pages: jax.Array, k
     if page & (page - 1) or page < 16:
         raise ValueError(f"mla_decode_paged: the page size must be a power of 2 >= 16, got {page}")
     dtype = c_kv_pages.dtype
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, block_table.shape[1] * page)
     q_lat, q_pe, bh = _queries(q_lat, q_pe, scale, rope_heads, dtype, block_h)
     r_pad, p_pad = q_lat.shape[-1], q_pe.shape[-1]
     k_pool = k_pe_pages.reshape(num_pages, page, rope_heads * d_r).astype(dtype)
@@ -241,6 +243,6 @@ def mla_decode_paged(q_lat: jax.Array, q_pe: jax.Array, c_kv_pages: jax.Array, k
     table_spec = pl.BlockSpec((None, table.shape[1]), lambda i, g, j: (i, 0))
     pool_specs = [pl.BlockSpec((num_pages, page, width), lambda i, g, j: (0, 0, 0)) for width in (r_pad, p_pad)]
     o_parts, lse = _split_call(kernel, q_lat, q_pe, bh, splits, (c_kv_pages, k_pool), pool_specs,
-                               (lengths.astype(jnp.int32), table), (_LENGTH_SPEC, table_spec),
+                               (lengths, table), (_LENGTH_SPEC, table_spec),
                                num_warps, num_stages, interpret)
     return combine_splits(o_parts, lse)[:, :h, :r].astype(dtype)

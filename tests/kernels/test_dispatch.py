@@ -32,16 +32,35 @@ def test_the_fastest_measured_implementation_is_chosen_at_the_nearest_cell():
     assert dispatch.choose(H200, 1, 512, 16, 512, table=TABLE) == "xla"           # the kernel lost there
     assert dispatch.choose(H200, 8, 4096, 16, 512, table=TABLE) == "triton"       # an unmeasured kernel is skipped
     assert dispatch.choose(H200, 32, 16384, 16, 512, table=TABLE, exclude=("mosaic_gpu",)) == "triton"
+    table = {H200: [{**TABLE[H200][2], "triton_options": {"block_t": 16}}]}
+    assert dispatch.choose_with_options(H200, 8, 4096, 16, 512, table=table) == ("triton", {"block_t": 16})
 
 
-def test_auto_never_picks_what_the_committed_table_records_as_slower():
-    table = dispatch.load_table()
-    for device, rows in table.items():
-        for row in rows:
-            chosen = dispatch.choose(device, row["batch"], row["context"], row["heads"], row["kv_rank"], table=table)
-            measured = {k: v for k, v in row["ms"].items() if v is not None}
-            assert measured[chosen] <= measured["xla"], (device, row)
-            assert measured[chosen] == min(measured.values())
+def test_auto_off_a_cpu_runs_the_measured_kernel_with_its_timed_launch(monkeypatch):
+    """What mla_absorbed_auto calls on a GPU, per the table (the kernels replaced by recorders)."""
+    from research.attention import ops
+
+    kind = jax.devices()[0].device_kind
+    launch = {"block_t": 16, "num_warps": 4, "num_stages": 3}
+    row = lambda ms: {"batch": 2, "context": 4096, "heads": 16, "kv_rank": 512, "ms": ms, "triton_options": launch}
+    calls = []
+    record = lambda name: lambda *a, scale, **k: calls.append((name, a[2].shape[1], k)) or jnp.zeros(a[0].shape)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(ops, "mla_absorbed_pallas", record("triton"))
+    monkeypatch.setattr(ops, "_mla_absorbed_mosaic_gpu", record("mosaic_gpu"))
+
+    def decode(ms, context=4096):
+        monkeypatch.setattr(dispatch, "load_table", lambda: {kind: [row(ms)]})
+        q_lat, q_pe = jnp.zeros((2, 1, 16, 512), jnp.bfloat16), jnp.zeros((2, 1, 16, 64), jnp.bfloat16)
+        c_kv, k_pe = jnp.zeros((2, context, 512), jnp.bfloat16), jnp.zeros((2, context, 1, 64), jnp.bfloat16)
+        ops.mla_absorbed_auto(q_lat, q_pe, c_kv, k_pe, jnp.zeros((2, 1), jnp.int32), scale=0.1)
+        return calls.pop() if calls else "xla"
+
+    assert decode({"xla": 1.0, "triton": 0.5, "mosaic_gpu": 0.7}) == ("triton", 4096, {"launch": launch})
+    assert decode({"xla": 1.0, "triton": 0.5, "mosaic_gpu": 0.4}) == ("mosaic_gpu", 4096, {})
+    # S = 4000 is no multiple of the Mosaic kernel's 64-slot tile: the next fastest runs instead
+    assert decode({"xla": 1.0, "triton": 0.5, "mosaic_gpu": 0.4}, context=4000) == ("triton", 4000, {"launch": launch})
+    assert decode({"xla": 1.0, "triton": 1.5}) == "xla"
 
 
 def test_a_malformed_table_fails_naming_the_file(tmp_path):

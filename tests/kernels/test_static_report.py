@@ -28,8 +28,10 @@ $L__BB0_3:
 
 def test_wait_groups_and_shared_stores_are_counted_only_inside_a_loop():
     assert kernel_report.loop_wait_groups(LOOP_PTX.format(inside=2)) == (2,)
-    ptx = LOOP_PTX.format(inside=2).replace("bra.uni", "st.shared.v4.b32 [%r1], {%r2, %r3, %r4, %r5};\n\tbra.uni")
-    assert kernel_report.loop_shared_store_bytes("\tst.shared.v2.b32 [%r1], {%r2, %r3};\n" + ptx) == 16
+    ptx = LOOP_PTX.format(inside=2).replace("bra.uni", "st.shared.v4.b32 [%r1], {%r2, %r3, %r4, %r5};\n"
+                                            "\tstmatrix.sync.aligned.m8n8.x4.shared.b16 [%r6], {%r7, %r8, %r9, %r10};\n"
+                                            "\tst.shared::cta.b16 [%r11], %rs1;\n\tbra.uni")
+    assert kernel_report.loop_shared_store_bytes("\tst.shared.v2.b32 [%r1], {%r2, %r3};\n" + ptx) == 16 + 2
     stats = kernel_report.KernelStats(93_184, 101, 0, kernel_report.loop_wait_groups(LOOP_PTX.format(inside=0)), 8)
     assert stats.in_flight == 0 and stats.problems == ["waits for every load each iteration"]
 
@@ -40,14 +42,6 @@ def test_ctas_per_sm_follow_shared_memory_and_registers():
     assert stats(165_888, 255, 4).ctas_per_sm == 1       # the first kernel's default launch
     assert stats(37_376, 128, 8).ctas_per_sm == 2        # registers bind: 8 warps x 4,096 per warp
     assert stats(241_664, 100, 8).problems == ["shared memory 241,664 B > 232,448"]
-
-
-def test_the_tuning_grid_holds_only_launches_the_report_accepted():
-    accepted = kernel_module.occupancy_keys()
-    grid = tune_grid(heads=16, kv_rank=512, rope_dim=64)
-    assert DEFAULT in grid and len(grid) >= 4
-    for launch in grid:
-        assert kernel_report.occupancy_key("deepseek_h16", *launch, "bfloat16") in accepted
 
 
 @needs_compiler
@@ -62,6 +56,17 @@ def test_default_launch_fits_spills_nothing_and_keeps_a_tile_in_flight(shape):
     # the split rule sizes one wave from this figure: the committed table must agree with the compiler
     key = kernel_report.occupancy_key(shape, *DEFAULT, "bfloat16")
     assert kernel_module.ctas_per_sm(*_key_args(key)) == stats.ctas_per_sm
+
+
+@needs_compiler
+@pytest.mark.slow  # one sm_90 compile per launch (about 1 s each)
+@pytest.mark.filterwarnings("ignore")
+def test_every_launch_of_the_tuning_grid_is_accepted_by_the_compiler():
+    grid = tune_grid(heads=16, kv_rank=512, rope_dim=64)
+    assert DEFAULT in grid and len(grid) >= 4
+    for launch in grid:
+        stats = kernel_report.decode_stats("deepseek_h16", *launch)
+        assert stats.problems == [], (launch, stats.problems)
 
 
 @needs_compiler

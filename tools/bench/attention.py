@@ -118,8 +118,14 @@ def decode_row(batch: int, context: int, heads: int, kv_rank: int, rope_dim: int
         if only and name not in only:
             continue
         fn = lambda *a, kernel=kernel: kernel(*a, scale=scale, **(options if name == "triton" else {}))
-        row[f"{name}_max_abs_error"] = float(jnp.abs(jax.jit(fn)(*arg_sets[0]).astype(jnp.float32) - want).max())
-        row.update(_timed(name, fn, arg_sets, repeats, fragment, nbytes))
+        try:
+            row[f"{name}_max_abs_error"] = float(jnp.abs(jax.jit(fn)(*arg_sets[0]).astype(jnp.float32) - want).max())
+            row.update(_timed(name, fn, arg_sets, repeats, fragment, nbytes))
+        except Exception as e:  # noqa: BLE001 -- one kernel's failure is recorded, the others still run
+            if only:
+                raise  # tuning reports a failed launch itself
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            continue
         row[f"{name}_vs_xla"] = row["xla_ms"] / row[f"{name}_ms"]
         row[f"{name}_pct_roofline"] = 100 * row["read_ms"] / row[f"{name}_ms"]
     return row
@@ -135,22 +141,25 @@ def _timed(name, fn, arg_sets, repeats, fragment, nbytes) -> dict:
     return out
 
 
-def best_launch(path: str) -> dict:
-    """The launch of a ``--tune`` run's rows (JSON at ``path``) with the least Triton time summed
-    over the cells where it ran; a missing or empty file raises naming it."""
+def best_launch(path: str) -> tuple[dict, str]:
+    """(the launch of a ``--tune`` run's rows, JSON at ``path``, with the least Triton time summed
+    over the cells where it ran, a line saying where it came from); ({}, why) -- the kernel's
+    defaults -- when the file is missing, unreadable or has no launch timed on every cell (a
+    tuning step that timed out must not stop the grid)."""
     try:
         with open(path) as f:
             rows = [r for r in json.load(f) if "triton_ms" in r]
     except (OSError, ValueError) as e:
-        raise ValueError(f"--kernel-options-from: cannot read {path} ({type(e).__name__}); run --tune first") from e
+        return {}, f"the default launch: cannot read {path} ({type(e).__name__})"
     cells = {(r["batch"], r["context"]) for r in rows}
     totals: dict[tuple, list[float]] = {}
     for r in rows:
         totals.setdefault(tuple(sorted(r["kernel_options"].items())), []).append(r["triton_ms"])
     complete = {launch: sum(ms) for launch, ms in totals.items() if len(ms) == len(cells)}
     if not complete:
-        raise ValueError(f"--kernel-options-from: {path} holds no launch timed on every cell")
-    return dict(min(complete, key=complete.get))
+        return {}, f"the default launch: {path} holds no launch timed on every cell"
+    launch = dict(min(complete, key=complete.get))
+    return launch, f"{launch}, the fastest over the {len(cells)} cells of {path}"
 
 
 def tune_rows(batch: int, context: int, heads: int, kv_rank: int, rope_dim: int, repeats: int) -> list[dict]:
@@ -177,11 +186,13 @@ def write_dispatch(rows: list[dict], path: str, device: str) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             table = json.load(f)["devices"]
-    measured = [{"batch": r["batch"], "context": r["context"], "heads": r["heads"], "kv_rank": r["kv_rank"],
-                      "ms": {name: r.get(f"{name}_ms") for name in ("xla", "triton", "mosaic_gpu")}}
-                for r in rows if "xla_ms" in r and r.get("timer") == "cupti"]
-    if measured:  # wall-clock figures (a CPU) never enter the table
-        table[device] = measured
+    cell = lambda r: (r["batch"], r["context"], r["heads"], r["kv_rank"])
+    measured = {cell(r): {"batch": r["batch"], "context": r["context"], "heads": r["heads"], "kv_rank": r["kv_rank"],
+                          "ms": {name: r.get(f"{name}_ms") for name in ("xla", "triton", "mosaic_gpu")},
+                          "triton_options": r.get("kernel_options") or {}}
+                for r in rows if "xla_ms" in r and r.get("timer") == "cupti"}
+    if measured:  # wall-clock figures (a CPU) never enter the table; other cells of this device are kept
+        table[device] = sorted({**{cell(r): r for r in table.get(device, [])}, **measured}.values(), key=cell)
     document = {"about": "device time (CUPTI) of absorbed MLA decode per implementation and cell, bfloat16, "
                          "d_r 64; written by python -m tools.bench.attention --write-dispatch", "devices": table}
     with open(path + ".tmp", "w") as f:
@@ -267,11 +278,13 @@ def main(argv=None) -> list[dict]:
     try:
         options = parse_options(args.kernel_options)
         if args.kernel_options_from:
-            options = {**best_launch(args.kernel_options_from), **options}
+            tuned, source = best_launch(args.kernel_options_from)
+            print(f"Triton launch: {source}", flush=True)
+            options = {**tuned, **options}
     except ValueError as e:
         command_line.error(str(e))
     if args.write_dispatch and args.tune:
-        command_line.error("--write-dispatch records the default launch's grid; run it without --tune")
+        command_line.error("--write-dispatch records a grid at one launch per kernel; run it without --tune")
     device = jax.devices()[0].device_kind
     print(f"{device}: absorbed MLA decode, H={args.heads}, r_kv={args.kv_rank}, d_r={args.rope_dim}, bfloat16"
           + (" -- CPU: the kernel is emulated (interpret mode) and timed by the wall clock; these are not kernel "
@@ -284,11 +297,13 @@ def main(argv=None) -> list[dict]:
                     rows.append({**row, "device": device})
                     print(format_row(row) + f" | {row['kernel_options']}" if "error" not in row
                           else f"B={batch} S={context} {row['kernel_options']}: {row['error']}", flush=True)
+                write_rows(rows, args.out)  # after every cell: a step killed by its time limit keeps them
                 continue
             row = decode_row(batch, context, args.heads, args.kv_rank, args.rope_dim, args.repeats, options=options)
             row["device"] = device
             rows.append(row)
             print(format_row(row), flush=True)
+            write_rows(rows, args.out)
     for length in (int(n) for n in args.prefill_lengths.split(",") if n and not args.tune):
         row = prefill_row(length, args.heads, args.repeats)
         row["device"] = device

@@ -198,10 +198,12 @@ def loop_wait_groups(ptx: str) -> tuple[int, ...]:
 
 
 def loop_shared_store_bytes(ptx: str) -> int:
-    """Bytes one thread stores to shared memory per loop iteration (``st.shared[.vN].bW`` in the loop)."""
+    """Bytes one thread stores to shared memory per loop iteration with ``st.shared[::cta][.vN].bW``:
+    how a tile loaded into registers goes back. ``stmatrix`` is left out: it stores MMA fragments
+    (the scores converted for the value dot), never a loaded tile."""
     total = 0
     for line in _loop_lines(ptx):
-        if m := re.search(r"\bst\.shared(?:\.v(\d))?\.[bfsu](\d+)", line):
+        if m := re.search(r"\bst\.shared(?:::cta)?(?:\.v(\d))?\.[bfsu](\d+)", line):
             total += int(m.group(1) or 1) * int(m.group(2)) // 8
     return total
 
@@ -306,7 +308,8 @@ def write_occupancy(rows: list[dict]) -> None:
     if os.path.exists(path):
         with open(path) as f:
             table = {r["key"]: r for r in json.load(f)["launches"]}
-    for row in rows:
+    for row in rows:  # a launch measured now replaces what was recorded of it, a rejected one goes
+        table.pop(row["key"], None)
         if row.get("accepted"):
             table[row["key"]] = {"key": row["key"], "ctas_per_sm": row["ctas_per_sm"], "smem": row["smem"],
                                  "registers": row["registers"]}

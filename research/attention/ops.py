@@ -3,7 +3,7 @@
 Every layer calls these functions and nothing else for the score/softmax/value part, so a kernel
 (Pallas) can replace them by name: ``attention_ops(impl)`` returns the set chosen by a config's
 ``attention_impl``:
-  xla     the references (``research.attention.reference``);
+  xla     the references (``research.kernels.reference``);
   pallas  research.kernels: the Pallas absorbed-MLA decode kernel (Triton on a GPU, Mosaic on a
           TPU, interpret mode elsewhere: slow, exact, for tests), and tokamax's attention kernels
           for prefill and training where tokamax is installed and the device is a GPU or TPU (the
@@ -16,7 +16,7 @@ A kernel implementation keeps these signatures and agrees with ``xla`` on values
 where it is differentiated).
 
 The references, their shapes and the visibility rule (positions, not lengths) are in
-``research.attention.reference``; imports flow reference -> kernels -> ops.
+``research.kernels.reference``, below the kernels that must equal them; ops sits above both.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 
-from research.attention.reference import (gqa_attention, mla_absorbed_attention, mla_attention,  # noqa: F401
+from research.kernels.reference import (gqa_attention, mla_absorbed_attention, mla_attention,  # noqa: F401
                                           visible_keys)
 
 

@@ -1,1 +1,1 @@
-"""Pallas kernels, each beside the pure-XLA reference it must equal (research.attention.reference)."""
+"""Pallas kernels, each beside the pure-XLA reference it must equal (research.kernels.reference)."""

@@ -29,7 +29,7 @@ What keeps the loop memory-bound (read off the compiled kernel by ``tools/bench/
 
 The lowering is Pallas on Triton (``jax.experimental.pallas.triton``), whose CompilerParams are
 passed explicitly (without them jax 0.10.2 lowers a pallas_call to Mosaic GPU). ``interpret=True``
-runs the same kernel on any backend; the tests compare it with ``research.attention.reference``.
+runs the same kernel on any backend; the tests compare it with ``research.kernels.reference``.
 float32 dots follow jax's default matmul precision, as XLA's do: TF32 on an NVIDIA GPU, IEEE under
 ``jax.default_matmul_precision("highest")`` (which the tests use there).
 """
@@ -46,10 +46,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from research.kernels.flash_decode import (attend_tile, check_pages, check_queries, choose_splits, combine_splits,
-                                           finish_split, gather_pages, init_carry, next_pow2, prepare_queries)
+                                           finish_split, init_carry, next_pow2, prepare_queries)
 
-__all__ = ["mla_decode", "mla_decode_paged", "combine_splits", "gather_pages", "ctas_per_sm", "DEFAULT_LAUNCH",
-           "occupancy_key", "occupancy_keys"]
+__all__ = ["mla_decode", "mla_decode_paged", "block_dims", "ctas_per_sm", "DEFAULT_LAUNCH", "occupancy_key",
+           "occupancy_keys"]
 
 # block_t 32 / 8 warps / 3 stages: no spills, the next tile in flight and 2 CTAs per SM at
 # H 16, r 512 (tools/bench/kernel_report.py; the tests check it where ptxas is installed).
@@ -65,6 +65,12 @@ def _occupancy_table() -> dict[str, int]:
         return {}
     with open(_OCCUPANCY_FILE) as f:
         return {row["key"]: row["ctas_per_sm"] for row in json.load(f)["launches"]}
+
+
+def block_dims(heads: int, rank: int, rope_width: int, block_h: int = 64) -> tuple[int, int, int]:
+    """(head block bh, r_pad, p_pad): the kernel's block sizes for H heads, rank r and R d_r,
+    powers of 2 >= 16 as Triton needs them."""
+    return min(next_pow2(heads), next_pow2(block_h)), next_pow2(rank), next_pow2(rope_width)
 
 
 def occupancy_keys() -> set[str]:
@@ -134,9 +140,9 @@ def _paged_kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_pool_ref, k_poo
 def _queries(q_lat, q_pe, scale, rope_heads, dtype, block_h):
     """Scaled, widened, padded queries -> q_lat (B, H_pad, r_pad), q_pe (B, H_pad, p_pad), head block bh."""
     b, h, r = q_lat.shape
-    bh = min(next_pow2(h), next_pow2(block_h))
-    q_lat, q_pe = prepare_queries(q_lat, q_pe, scale, rope_heads, dtype, h_pad=-(-h // bh) * bh,
-                                  r_pad=next_pow2(r), p_pad=next_pow2(rope_heads * q_pe.shape[-1]))
+    bh, r_pad, p_pad = block_dims(h, r, rope_heads * q_pe.shape[-1], block_h)
+    q_lat, q_pe = prepare_queries(q_lat, q_pe, scale, rope_heads, dtype, h_pad=-(-h // bh) * bh, r_pad=r_pad,
+                                  p_pad=p_pad)
     return q_lat, q_pe, bh
 
 

@@ -7,7 +7,7 @@ cuDNN, or XLA) with a forward and a backward, and takes d_v != d_qk; jax's own
 extra): where it is missing, or the device is a CPU, ``research.attention.ops`` keeps the XLA
 reference and says so once in the log.
 
-The visibility rule of ``research.attention.reference`` is passed as a boolean mask (B, 1, T, S): key s
+The visibility rule of ``research.kernels.reference`` is passed as a boolean mask (B, 1, T, S): key s
 is visible from query t when kv_positions[b, s] <= q_positions[b, t]. Shapes as in ops:
 q (B, T, H, D), k (B, S, K, D), v (B, S, K, Dv) -> (B, T, H, Dv); MLA's RoPE keys (B, S, R, d_r)
 are repeated to the H query heads (head h uses key h // (H / R)).
@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from research.attention.reference import visible_keys
+from research.kernels.reference import visible_keys
 
 
 @functools.cache

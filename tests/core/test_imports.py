@@ -47,7 +47,7 @@ def test_models_build_outside_a_mesh_without_a_global_switch():
 
 def test_the_library_imports_one_way():
     """No two files import each other, even through others (lazy and type-only imports count), and
-    the only circle of sub-packages is attention's reference <- kernels <- ops (tools/import_circles.py)."""
+    no sub-packages do either (tools/import_circles.py)."""
     from tools import import_circles
 
     files, packages, _ = import_circles.report("research")

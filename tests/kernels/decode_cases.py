@@ -2,11 +2,11 @@
 import jax
 import jax.numpy as jnp
 
-from research.attention.reference import mla_absorbed_attention
+from research.kernels.reference import mla_absorbed_attention
 
 
 def reference(q_lat, q_pe, c_kv, k_pe, lengths, scale):
-    """research.attention.reference's absorbed attention for one query at position length - 1."""
+    """research.kernels.reference's absorbed attention for one query at position length - 1."""
     positions = (jnp.asarray(lengths) - 1)[:, None]
     return mla_absorbed_attention(q_lat[:, None], q_pe[:, None], c_kv, k_pe, positions, scale=scale)[:, 0]
 

@@ -40,20 +40,19 @@ import jax
 import jax.numpy as jnp
 
 from research.attention.ops import mla_absorbed_attention
-from research.kernels.flash_decode import next_pow2
-from research.kernels.mla_decode import DEFAULT_LAUNCH, mla_decode, occupancy_key, occupancy_keys
+from research.kernels.mla_decode import DEFAULT_LAUNCH, block_dims, mla_decode, occupancy_key, occupancy_keys
 from research.kernels.mla_decode_tpu import mla_decode_tpu
 from tools.bench.device_time import device_ms, sets_for
+from tools.bench.kernel_report import GRID
 from tools.bench.kv_decode import median_seconds, write_rows
 
 def tune_grid(heads: int, kv_rank: int, rope_dim: int, dtype: str = "bfloat16", block_h: int = 64) -> list[tuple]:
     """(block_t, num_warps, num_stages) of every launch the static report accepted at this shape
     (it fits the shared memory, spills nothing and keeps a tile in flight), the default first."""
     accepted = occupancy_keys()
-    bh, r_pad, p_pad = min(next_pow2(heads), next_pow2(block_h)), next_pow2(kv_rank), next_pow2(rope_dim)
+    dims = block_dims(heads, kv_rank, rope_dim, block_h)
     default = tuple(DEFAULT_LAUNCH[k] for k in ("block_t", "num_warps", "num_stages"))
-    grid = [(bt, w, s) for bt in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-            if occupancy_key(bt, w, s, bh, r_pad, p_pad, dtype) in accepted]
+    grid = [launch for launch in GRID if occupancy_key(*launch, *dims, dtype) in accepted]
     return sorted(grid, key=lambda launch: launch != default)
 
 

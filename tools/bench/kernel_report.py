@@ -211,8 +211,7 @@ def loop_shared_store_bytes(ptx: str) -> int:
 def decode_stats(shape: str, block_t: int, num_warps: int, num_stages: int, dtype=jnp.bfloat16,
                  block_h: int = 64) -> KernelStats:
     """The compiled dense decode kernel at one shape of SHAPES and one launch."""
-    from research.kernels.flash_decode import next_pow2
-    from research.kernels.mla_decode import mla_decode
+    from research.kernels.mla_decode import block_dims, mla_decode
 
     b, h, r, d_r, rope_heads, s = SHAPES[shape]
     spec = lambda *shape, dtype=dtype: jax.ShapeDtypeStruct(shape, dtype)
@@ -220,18 +219,17 @@ def decode_stats(shape: str, block_t: int, num_warps: int, num_stages: int, dtyp
                            block_h=block_h)
     [module] = triton_modules(fn, spec(b, h, r), spec(b, h, d_r), spec(b, s, r), spec(b, s, rope_heads, d_r),
                               spec(b, dtype=jnp.int32))
-    tile_bytes = block_t * (next_pow2(r) + next_pow2(rope_heads * d_r)) * jnp.dtype(dtype).itemsize
+    _, r_pad, p_pad = block_dims(h, r, rope_heads * d_r, block_h)
+    tile_bytes = block_t * (r_pad + p_pad) * jnp.dtype(dtype).itemsize
     return compile_stats(module, num_warps, num_stages, tile_bytes)[0]
 
 
 def occupancy_key(shape: str, block_t: int, num_warps: int, num_stages: int, dtype, block_h: int = 64) -> str:
     """The key ``research.kernels.mla_decode.ctas_per_sm`` looks up for this launch and shape."""
-    from research.kernels.flash_decode import next_pow2
-    from research.kernels.mla_decode import occupancy_key as key
+    from research.kernels.mla_decode import block_dims, occupancy_key as key
 
     _, h, r, d_r, rope_heads, _ = SHAPES[shape]
-    return key(block_t, num_warps, num_stages, min(next_pow2(h), next_pow2(block_h)), next_pow2(r),
-               next_pow2(rope_heads * d_r), dtype)
+    return key(block_t, num_warps, num_stages, *block_dims(h, r, rope_heads * d_r, block_h), dtype)
 
 
 def report_rows(shapes, launches, dtype=jnp.bfloat16) -> list[dict]:

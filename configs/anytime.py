@@ -21,7 +21,7 @@ from research.core import config as config_lib
 from research.recipes.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
-from research.data.sections import AnytimeData
+from research.anytime.train import AnytimeData
 from research.models import ModelConfig
 
 PRESETS = ("smoke", "fashion_mnist")

@@ -24,7 +24,7 @@ from research.core import config as config_lib
 from research.recipes.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
-from research.data.sections import FinetuneData
+from research.recipes.classify import FinetuneData
 from research.models import ModelConfig
 
 PRESETS = ("smoke", "mobilenet_v2", "vit")

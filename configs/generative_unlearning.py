@@ -20,43 +20,18 @@ import ml_collections
 
 from configs import train_generator
 from research.core import config as config_lib
-from research.core.mesh import MeshConfig
-from research.unlearning.generative import GenerativeUnlearnConfig
+from research.unlearning.generative_benchmark import GenerativeUnlearning
 
 PRESETS = ("smoke", "cifar10")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/generative_unlearning.py")
-    c = ml_collections.ConfigDict()
-    c.seeds = (0,)                         # the unlearning runs repeat per seed; the generator is shared
-    c.forget_classes = (0, 1, 2, 3, 4)
-    c.retain_classes = (5, 6, 7, 8, 9)
-    c.alphas = (0.05, 0.1, 0.2, 0.5, 1.0)  # ours: the forget term's weight
-    c.baselines = ("max_loss", "noisy_label", "retain_label", "random_encoder")  # () = none
-    c.target_rows = ("ours", "noisy_label")  # rows without training: each image's output as if that method's
-                                           # forget target were reached exactly (its ceiling); () = none
-    c.baseline_alphas = ()                 # each baseline also at these alphas ("NAME (alpha A)" rows): the
-                                           # baselines' own trade-off, to compare at matched retain FID
-
-    c.generator = train_generator.get_config(",".join(p for p in presets if p in train_generator.PRESETS))
-    c.generator.workdir = ""               # "" = WORKDIR/generator (trained there when missing)
-
-    c.unlearn = config_lib.section(GenerativeUnlearnConfig)
-    c.proxy = ml_collections.ConfigDict()
-    c.proxy.name = "mnist"                 # images used as D_r instead of the retain classes ("" = no such row)
-    c.proxy.alpha = 0.2
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.images_per_set = 500            # test images of the retain classes, and of the forget classes
-    c.eval.masks = ("center",)             # center | outpaint | center_box (the centre box alone): a block of
-                                           # metrics per view
-    c.eval.image_size = 64                 # EfficientNet-Lite0's input side for FID / IS / cosine
-    c.eval.weights = ""                    # "" = the installed ImageNet weights package, or a converted folder
-    c.eval.tsne_points = 200               # per set and row in the 2-D embedding plot (0 = no plot)
-    c.progress = True
-    c.mesh = config_lib.section(MeshConfig)
-
+    # The defaults (research/unlearning/generative_benchmark.py): forget Fashion-MNIST's classes 0-4,
+    # keep 5-9; ours at five alphas, four baselines, two target rows, MNIST as the proxy retain set;
+    # 500 test images per set under the centre mask.
+    c = config_lib.section(GenerativeUnlearning)
+    train_generator.apply_presets(c.generator, [p for p in presets if p in train_generator.PRESETS])
     if "cifar10" in presets:
         c.proxy.name = "cifar100_sample"
     if "smoke" in presets:

@@ -29,60 +29,18 @@ CIFAR-100 with the full data: ``--config.data.name=cifar100 --config.data.source
 """
 import ml_collections
 
-from research.adapters.online_lora import OnlineLoraConfig
-from research.adapters.selection import SelectionConfig
+from research.adapters.online_stream import OnlineLearning
 from research.core import config as config_lib
-from research.recipes.classify import PretrainConfig
-from research.core.mesh import MeshConfig
-from research.data.sections import StreamData
-from research.data.streams import StreamConfig
-from research.models import ModelConfig
-from research.models.efficientnet_lite import PrefixBackboneConfig
 
 PRESETS = ("smoke", "cifar10", "cifar10_160", "cifar10_224")
-METHODS = ("online_lora", "online_lora_batches", "lora", "sequential_ft", "online_ewc", "er")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/online_lora.py")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.methods = METHODS
-
-    c.data = config_lib.section(StreamData)  # Fashion-MNIST, 2,000 images per class in the stream
-
-    c.stream = config_lib.section(StreamConfig)  # 5 tasks of 2 classes, sharp boundaries, batches of 64
-
-    c.backbone = config_lib.section(PrefixBackboneConfig)  # pretrain: the stage below; or imagenet weights
-
-    c.model = config_lib.section(ModelConfig, name="vit_tiny", depth=4, patch_size=7)
-
-    # The backbone's own training, on another data set.
-    c.pretrain = config_lib.section(PretrainConfig, data="mnist", train=dict(eval_batch_size=500, epochs=2), optim=dict(
-        name="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=100, grad_clip_norm=1.0))
-
-    c.online_lora = config_lib.section(OnlineLoraConfig, lr=1e-3)
-
-    c.baselines = ml_collections.ConfigDict()
-    c.baselines.lr = 1e-4            # sequential_ft, online_ewc, er (all parameters); lora uses online_lora.lr
-    c.baselines.ewc_lambda = 100.0
-    c.baselines.ewc_alpha = 0.5
-    c.baselines.ewc_every = 20
-    c.baselines.replay_size = 200
-    c.baselines.replay_batch = 32
-
-    # Each method's Adam lr chosen on a held-out slice of the training images (experiments/online_lora.py
-    # choose_settings); the test split is never used for it.
-    c.select = config_lib.section(SelectionConfig)  # lrs=(): no selection, the configured lrs
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.points_per_task = 2       # evaluations inside each task segment, besides its end (for the plot)
-    c.eval.auc_every = 0             # > 0: seen-class accuracy every N images -> A_auc, A_last (Si-Blurry: 1000)
-    c.eval.batch_size = 500
-    c.log_every = 10
-    c.progress = True
-
-    c.mesh = config_lib.section(MeshConfig)
+    # The defaults (research/adapters/online_stream.py): a Fashion-MNIST stream of 2,000 images per
+    # class in 5 tasks of 2 classes (sharp boundaries, batches of 64), a ViT pre-trained on MNIST,
+    # every method; select.lrs=() uses the configured lrs (no selection on held-out images).
+    c = config_lib.section(OnlineLearning)
 
     cifar = [p for p in presets if p.startswith("cifar10")]
     if len(cifar) > 1:

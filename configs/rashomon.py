@@ -25,7 +25,7 @@ from research.core import config as config_lib
 from research.recipes.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
-from research.data.sections import RashomonData
+from research.multiplicity.data import RashomonData
 from research.models import ModelConfig
 from research.multiplicity.baselines import AWPConfig
 from research.multiplicity.rashomon import RashomonConfig

@@ -19,7 +19,7 @@ from research.core import config as config_lib
 from research.recipes.classify import ClassifierTrainConfig
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
-from research.data.sections import ClassifierData
+from research.recipes.classify import ClassifierData
 from research.models import ModelConfig
 
 PRESETS = ("smoke", "fashion_mnist", "cifar10_sample", "cifar10_sample_vit")

@@ -14,28 +14,21 @@ tokens. The generator is the starting point of experiments/generative_unlearning
 import ml_collections
 
 from research.core import config as config_lib
-from research.recipes.classify import ClassifierTrainConfig
-from research.core.mesh import MeshConfig
-from research.core.optim import OptimConfig
-from research.data.sections import GeneratorData
-from research.models.mae import MAEConfig, MaskConfig
+from research.recipes.mae_train import GeneratorTraining
 
 PRESETS = ("smoke", "cifar10")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/train_generator.py")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.data = config_lib.section(GeneratorData)  # Fashion-MNIST padded to 32 x 32
-    c.model = config_lib.section(MAEConfig)
-    c.masks = config_lib.section(MaskConfig)
-    c.optim = config_lib.section(OptimConfig, name="adamw", lr=1e-3, b2=0.95, weight_decay=0.05,
-                                 warmup_steps=200, grad_clip_norm=1.0)
-    c.train = config_lib.section(ClassifierTrainConfig, batch_size=128, eval_batch_size=500, epochs=2,
-                                 log_every=50, checkpoint_every=500)
-    c.mesh = config_lib.section(MeshConfig)
+    # The defaults (research/recipes/mae_train.py): Fashion-MNIST padded to 32 x 32, the MAE, AdamW
+    # lr 1e-3 for 2 epochs in batches of 128.
+    c = config_lib.section(GeneratorTraining)
+    return apply_presets(c, presets)
 
+
+def apply_presets(c: ml_collections.ConfigDict, presets: list[str]) -> ml_collections.ConfigDict:
+    """The presets of this file on a generator's settings ``c`` (here, or another experiment's stage)."""
     if "cifar10" in presets:
         c.data.update(name="cifar10_sample", flip=True)
         c.train.update(epochs=30, eval_every_epochs=10)

@@ -29,13 +29,13 @@ from research.anytime import sampling, supernet
 from research.anytime import train as anytime_train
 from research.anytime.sampling import SamplerConfig
 from research.anytime.train import SandwichConfig
-from research.core import cli, experiment
+from research.core import cli, experiment, report
 from research.core import config as cfg
 from research.recipes.classify import ClassifierTrainConfig
 from research.core.optim import OptimConfig
 from research.data import pipeline
 from research.data.augment import make_preprocess
-from research.data.sections import AnytimeData
+from research.anytime.train import AnytimeData
 from research.models import ModelConfig, build_from_config
 from research.models.resnet import ResNet
 
@@ -117,11 +117,8 @@ def table_md(results: dict) -> str:
 
 
 def plot(results: dict, workdir: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = report.figure(panel=(6, 4))
+    ax = axes[0, 0]
     for kind, block in results["samplers"].items():
         rows = block["candidates"]
         line, = ax.plot([p["flops"] / 1e6 for p in block["curve"] if p["flops"]],
@@ -131,9 +128,7 @@ def plot(results: dict, workdir: str) -> None:
     ax.set(xlabel="MFLOPs (multiply-accumulates) per image", ylabel="test accuracy",
            title="anytime supernet: each candidate (dots) and the best per budget")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "anytime.png"), dpi=110)
-    plt.close(fig)
+    report.save(fig, os.path.join(workdir, "anytime.png"))
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:

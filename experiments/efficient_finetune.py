@@ -16,28 +16,23 @@ import os
 import re
 import time
 
-import matplotlib
 import ml_collections
 from flax import nnx
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from research.backprop.apply import (enable_gradient_filter, enable_lbp_wht, layer_params_filter,  # noqa: E402
+from research.backprop.apply import (enable_gradient_filter, enable_lbp_wht, layer_params_filter,
                                      select_layers, trace_layers)
-from research.backprop.cost import finetune_backward_cost  # noqa: E402
-from research.backprop.measure import backward_profile  # noqa: E402
-from research.core import cli, experiment  # noqa: E402
-from research.core import config as cfg  # noqa: E402
-from research.recipes.classify import ClassifierTrainConfig, fit_classifier  # noqa: E402
-from research.core.mesh import shard_batch  # noqa: E402
-from research.core.optim import OptimConfig  # noqa: E402
-from research.core.records import read_signed, write_signed  # noqa: E402
-from research.core.train import classification_loss  # noqa: E402
-from research.data import pipeline  # noqa: E402
-from research.data.augment import make_preprocess  # noqa: E402
-from research.data.sections import FinetuneData  # noqa: E402
-from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config  # noqa: E402
+from research.backprop.cost import finetune_backward_cost
+from research.backprop.measure import backward_profile
+from research.core import cli, experiment, report
+from research.core import config as cfg
+from research.core.mesh import shard_batch
+from research.core.optim import OptimConfig
+from research.core.records import read_signed, write_signed
+from research.core.train import classification_loss
+from research.data import pipeline
+from research.data.augment import make_preprocess
+from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config
+from research.recipes.classify import ClassifierTrainConfig, FinetuneData, fit_classifier
 
 VARIANT = re.compile(r"^(vanilla|head_only|filter_r(?P<r>[1-9]\d*)|lbp_k(?P<k>[1-9]\d*))$")
 UNITS = ("layers", "blocks")
@@ -231,9 +226,9 @@ def results_table(results: dict) -> str:
 def plot_tradeoff(results: dict, path: str) -> None:
     names = list(results["variants"])
     acc = [100 * results["variants"][n]["test_acc"] for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "backward_flops", "backward FLOPs per step (XLA)"),
-                           (axes[1], "backward_seconds_per_step", "backward seconds per step")):
+    fig, axes = report.figure(2, panel=(5, 4))
+    for ax, key, label in ((axes[0, 0], "backward_flops", "backward FLOPs per step (XLA)"),
+                           (axes[0, 1], "backward_seconds_per_step", "backward seconds per step")):
         xs = [results["variants"][n][key] for n in names]
         ax.scatter(xs, acc)
         for x, y, n in zip(xs, acc, names, strict=True):
@@ -243,9 +238,7 @@ def plot_tradeoff(results: dict, path: str) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{results['model']} fine-tuned on {results['data']} ({results['split']} split)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

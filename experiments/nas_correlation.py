@@ -23,7 +23,7 @@ from flax import nnx
 from scipy import stats
 from tqdm import tqdm
 
-from research.core import cli, experiment
+from research.core import cli, experiment, report
 from research.core import config as cfg
 from research.core.records import write_json_atomic
 from research.nas import nb201, proxies, scoring
@@ -94,13 +94,8 @@ def correlations(values: np.ndarray, accuracy: np.ndarray) -> tuple[float, float
 
 
 def plot(workdir: str, names, table: dict, accuracy: np.ndarray, summary: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = min(4, len(names))
-    rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = report.figure(cols, -(-len(names) // cols), panel=(3.2, 2.8))
     for ax, name in zip(axes.ravel(), names):
         ax.scatter(table[name], accuracy, s=6, alpha=0.6)
         ax.set_title(f"{name}  rho={summary['spearman'][name]:.2f}", fontsize=9)
@@ -112,9 +107,7 @@ def plot(workdir: str, names, table: dict, accuracy: np.ndarray, summary: dict) 
             ax.set_xscale("log")
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "correlation.png"), dpi=110)
-    plt.close(fig)
+    report.save(fig, os.path.join(workdir, "correlation.png"))
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:

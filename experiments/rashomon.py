@@ -24,14 +24,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from research.core import cli, experiment
+from research.core import cli, experiment, report
 from research.core import config as cfg
 from research.recipes.classify import ClassifierTrainConfig, fit_classifier
 from research.core.optim import OptimConfig
 from research.core.records import write_json_atomic
 from research.data import pipeline, tabular
 from research.data.augment import make_preprocess
-from research.data.sections import RashomonData
+from research.multiplicity.data import RashomonData
 from research.models import ModelConfig, build_from_config
 from research.multiplicity import baselines, metrics, rashomon
 from research.multiplicity.baselines import AWPConfig
@@ -108,22 +108,17 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, exploration: rashomon.Exploration, retrain_losses, workdir: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics.METRICS), figsize=(4 * len(metrics.METRICS), 3.4))
-    for ax, metric in zip(axes, metrics.METRICS):
+    fig, axes = report.figure(len(metrics.METRICS), panel=(4, 3.4))
+    for ax, metric in zip(axes[0], metrics.METRICS):
         for method, block in results["methods"].items():
             rows = block["by_eps"]
             ax.plot([r["eps"] for r in rows], [r[metric] for r in rows], marker="o", label=method)
         ax.set(xlabel="eps (loss above the reference)", title=metric)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "multiplicity.png"), dpi=110)
-    plt.close(fig)
+    axes[0, 0].legend()
+    report.save(fig, os.path.join(workdir, "multiplicity.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, axes = report.figure(panel=(6, 3.6))
+    ax = axes[0, 0]
     bins = np.linspace(min(exploration.losses.min(), exploration.reference_loss),
                        np.quantile(exploration.losses, 0.98), 40)
     for rate in np.unique(exploration.rates):
@@ -133,9 +128,7 @@ def plot(results: dict, exploration: rashomon.Exploration, retrain_losses, workd
         ax.axvline(loss, color="tab:red", ls=":", label="re-trained" if i == 0 else None)
     ax.set(xlabel="cross-entropy on the evaluation points", ylabel="models")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "losses.png"), dpi=110)
-    plt.close(fig)
+    report.save(fig, os.path.join(workdir, "losses.png"))
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -15,14 +15,14 @@ import jax
 import ml_collections
 from flax import nnx
 
-from research.core import cli, experiment
+from research.core import cli, experiment, report
 from research.core import config as cfg
 from research.recipes.classify import ClassifierTrainConfig, fit_classifier
 from research.core.optim import OptimConfig
-from research.core.records import plot_curves, write_json_atomic
+from research.core.records import write_json_atomic
 from research.data import pipeline
 from research.data.augment import make_preprocess
-from research.data.sections import ClassifierData
+from research.recipes.classify import ClassifierData
 from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config
 
 
@@ -79,7 +79,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     if experiment.main_process():
         write_json_atomic(results_path, results)
-        plot_curves(run.history, os.path.join(workdir, "curves.png"),
+        report.curves(run.history, os.path.join(workdir, "curves.png"),
                     title=f"{config.model.name} on {results['data']}")
         print(f"test accuracy {results['test_accuracy']:.4f} after {results['steps']} steps "
               f"in {results['wall_time_s']:.1f} s; results in {results_path}")

@@ -14,32 +14,22 @@ import time
 import jax.numpy as jnp
 import ml_collections
 
-from research.core import cli, experiment
+from research.core import cli, experiment, report
 from research.core import config as cfg
-from research.recipes.classify import ClassifierTrainConfig
-from research.core.optim import OptimConfig
-from research.core.records import plot_curves, write_png
-from research.data.sections import GeneratorData
+from research.core.records import write_png
 from research.models import mae
-from research.models.mae import MAEConfig, MaskConfig
-from research.recipes.mae_train import fit_generator, load_images, sample_grid, to_unit
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    for cls, key in ((MAEConfig, "model"), (MaskConfig, "masks"), (OptimConfig, "optim"),
-                     (ClassifierTrainConfig, "train"), (GeneratorData, "data")):
-        cfg.build(cls, config, key)
+from research.recipes.mae_train import GeneratorTraining, fit_generator, load_images, sample_grid, to_unit
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    validate(config)
-    train, test = load_images(cfg.build(GeneratorData, config, "data"))
+    exp = cfg.build(GeneratorTraining, config)
+    train, test = load_images(exp.data)
     mesh = experiment.start(config, workdir)
     start = time.perf_counter()
-    model = mae.build(train.images.shape[1:], cfg.build(MAEConfig, config, "model"), config.seed)
-    run = fit_generator(model, train, test, config, mesh=mesh, workdir=workdir, seed=config.seed,
-                        flip=config.data.flip, rules=experiment.mesh_config(config).logical)
-    results = {"data": config.data.name, "image_shape": list(train.images.shape[1:]),
+    model = mae.build(train.images.shape[1:], exp.model, exp.seed)
+    run = fit_generator(model, train, test, exp, mesh=mesh, workdir=workdir, seed=exp.seed, flip=exp.data.flip,
+                        rules=exp.mesh.logical)
+    results = {"data": exp.data.name, "image_shape": list(train.images.shape[1:]),
                "train_images": len(train), "test_images": len(test), "steps": run.steps,
                "train_loss": run.train_metrics.get("train/loss"),
                "test_mse_center": run.eval_metrics.get("test/mse_center"),
@@ -48,9 +38,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "devices": experiment.device_summary(mesh)}
     if experiment.main_process():
         experiment.write_results(workdir, results)
-        grid = sample_grid(run.model, to_unit(jnp.asarray(test.images[:8])), cfg.build(MaskConfig, config, "masks"))
+        grid = sample_grid(run.model, to_unit(jnp.asarray(test.images[:8])), exp.masks)
         write_png(os.path.join(workdir, "samples.png"), grid)
-        plot_curves(run.history, os.path.join(workdir, "curves.png"), title=f"generator on {config.data.name}")
+        report.curves(run.history, os.path.join(workdir, "curves.png"), title=f"generator on {exp.data.name}")
         print(f"test MSE on hidden pixels: centre {results['test_mse_center']:.4f}, "
               f"outpaint {results['test_mse_outpaint']:.4f} after {run.steps} steps in {results['wall_time_s']:.0f} s")
     return results

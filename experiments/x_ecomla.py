@@ -26,13 +26,13 @@ from flax import nnx
 
 from research.upcycling.reconstruct import ReconstructConfig, reconstruct_layers
 from research.upcycling.upcycle import UpcycleConfig, upcycle_gqa_to_mla
-from research.core import cli, experiment, optim
+from research.core import cli, experiment, optim, report
 from research.core import config as cfg
 from research.core.checkpoint import Checkpointer, array_digest
 from research.core.loop import fit
 from research.core.mesh import batch_sharding, replicated, state_shardings
 from research.core.optim import OptimConfig
-from research.core.records import MetricWriter, plot_curves, write_json_atomic
+from research.core.records import MetricWriter, write_json_atomic
 from research.core.train import create_train_state, place_on_mesh
 from research.data.sources import default_cache_dir
 from research.data.text import KJVWindows, kjv_windows
@@ -65,9 +65,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_shardings = state_shardings(teacher_state, mesh, rules)  # a mesh that cannot hold the heads fails here
     train_windows, heldout_windows = kjv_windows(data, tokenizer)
     calibration = train_windows[:data.calibration_windows, :-1]
-    student, report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
+    student, upcycle_report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
     if experiment.main_process():
-        write_json_atomic(os.path.join(workdir, "upcycle.json"), report)
+        write_json_atomic(os.path.join(workdir, "upcycle.json"), upcycle_report)
 
     eval_batch = config.train.batch_size
     teacher_top1 = top1_predictions(teacher, heldout_windows, eval_batch)
@@ -162,14 +162,14 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "heldout_tokens": int(heldout_windows.shape[0] * data.seq_len),
         "steps": int(jax.device_get(state.step)),
         "num_trainable_params": int(num_trainable),
-        "layer_kinds": report["layer_kinds"],
-        "kv_rank": report["kv_rank"],
+        "layer_kinds": upcycle_report["layer_kinds"],
+        "kv_rank": upcycle_report["kv_rank"],
         "wall_time_s": time.perf_counter() - start_time,
         "devices": experiment.device_summary(mesh),
     }
     if experiment.main_process():
         write_json_atomic(os.path.join(workdir, "results.json"), results)
-        plot_curves(writer.history, os.path.join(workdir, "curves.png"),
+        report.curves(writer.history, os.path.join(workdir, "curves.png"),
                     title=f"KD of the MLA student (KV {100 * results['kv_ratio']:.1f}% of GQA)")
         print(f"KV cache {kv_student}/{kv_teacher} values per token ({100 * results['kv_ratio']:.1f}%); "
               f"held-out perplexity teacher {results['ppl_teacher']:.3f}, student init {results['ppl_student_init']:.3f}, "

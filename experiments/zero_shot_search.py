@@ -20,7 +20,7 @@ import os
 import ml_collections
 import numpy as np
 
-from research.core import cli, experiment
+from research.core import cli, experiment, report
 from research.core import config as cfg
 from research.data import sources
 from research.nas import proxies, search
@@ -119,11 +119,8 @@ def table(summary: dict) -> list[str]:
 
 
 def plot(workdir: str, summary: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, axes = report.figure(panel=(5, 3.4))
+    ax = axes[0, 0]
     for (method, r), style in zip(summary["methods"].items(), ("-", "--")):
         steps = np.array(r["history"], np.float64).reshape(-1, 2)
         ax.step(steps[:, 0], steps[:, 1], style, where="post", label=method)  # dashed: overlaps
@@ -132,9 +129,7 @@ def plot(workdir: str, summary: dict) -> None:
     ax.set_title(f"{summary['space']}, {summary['budget_kind']} <= {summary['budget']:g} "
                  f"{search.UNITS[summary['budget_kind']]}", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "search.png"), dpi=110)
-    plt.close(fig)
+    report.save(fig, os.path.join(workdir, "search.png"))
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from experiments.online_lora import LABELS, METHODS, lr_key
+from research.adapters.online_stream import LABELS, METHODS, lr_key
 
 NO_REPLAY = ("online_lora", "online_lora_batches", "lora", "sequential_ft", "online_ewc")
 COLUMNS = (("avg acc", "avg_acc"), ("forgetting", "forgetting"), ("learning acc", "learning_acc"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping
+from typing import ClassVar, Literal
 
 import flax.struct
 import jax
@@ -31,12 +32,30 @@ from research.anytime.sampling import SubnetTable
 from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer
-from research.recipes.classify import ClassifierTrainConfig, total_steps, training_settings
 from research.core.loop import fit
 from research.core.mesh import LogicalRules, batch_sharding, replicated, to_local_device
 from research.core.records import MetricWriter
 from research.core.train import ModelDefs, TrainState, create_train_state, make_train_step, place_on_mesh
-from research.data import pipeline
+from research.data import pipeline, sources
+from research.data.sections import DataSource
+from research.recipes.classify import ClassifierTrainConfig, total_steps, training_settings
+
+
+@dataclasses.dataclass(frozen=True)
+class AnytimeData(DataSource):
+    """anytime: the first ``train_limit`` training images, of which the last ``val_size`` are held
+    out to pick each budget's subnetwork; the first ``eval_limit`` test images."""
+    COUNTS: ClassVar[tuple[str, ...]] = ("train_limit", "eval_limit")
+
+    name: Literal[sources.IMAGE_DATASETS] = "cifar10_sample"
+    train_limit: int = 0
+    val_size: int = 500
+    eval_limit: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        config_lib.require(self, "val_size", self.val_size >= 1,
+                           "an int >= 1 (the held-out images that pick subnetworks)")
 
 
 @dataclasses.dataclass(frozen=True)

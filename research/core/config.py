@@ -56,8 +56,16 @@ class FieldError(ValueError):
     (``"= 'x' is not allowed; choose one of: a, b"``)."""
 
     def __init__(self, owner: str, field: str, detail: str):
-        super().__init__(f"{owner}.{field} {detail}")
+        super().__init__(f"{owner}.{field}{self._gap(detail)}{detail}")
         self.field, self.detail = field, detail
+
+    @staticmethod
+    def _gap(detail: str) -> str:
+        return "" if detail.startswith(":") else " "
+
+    def on_key(self, key: str) -> ConfigError:
+        """This error as the one-line `ConfigError` on config key ``key`` (the field's full path)."""
+        return ConfigError(f"config key '{key}'{self._gap(self.detail)}{self.detail}")
 
 
 @contextlib.contextmanager
@@ -67,7 +75,7 @@ def under_key(key: str):
     try:
         yield
     except FieldError as e:
-        raise ConfigError(f"config key '{key}.{e.field}' {e.detail}") from None
+        raise e.on_key(f"{key}.{e.field}") from None
 
 
 @functools.cache
@@ -126,6 +134,15 @@ def require(obj, field: str, ok: bool, allowed: str) -> None:
     """A `FieldError` naming ``field`` of ``obj`` unless ``ok``; ``allowed`` says what is."""
     if not ok:
         raise FieldError(type(obj).__name__, field, f"= {getattr(obj, field)!r} is not allowed; expected {allowed}")
+
+
+def require_names(obj, field: str, allowed: Iterable[str]) -> None:
+    """A `FieldError` unless the tuple ``field`` of ``obj`` is non-empty and names only ``allowed``."""
+    allowed, names = list(allowed), getattr(obj, field)
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise FieldError(type(obj).__name__, field, f": unknown or empty {unknown or list(names)!r}; choose a tuple "
+                         f"of: {', '.join(allowed)} (on the command line: a,b)")
 
 
 def choices(cls, field: str) -> tuple:
@@ -191,9 +208,29 @@ def _build(cls, values: dict, key: str):
     try:
         return cls(**{k: _convert(v, hints[k]) for k, v in values.items()})
     except FieldError as e:
-        raise ConfigError(f"config key '{prefix}{e.field}' {e.detail}") from None
+        raise e.on_key(prefix + e.field) from None
+    except ConfigError:
+        raise  # a check across sections, already one line naming its key
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config key '{key or cls.__name__}': {str(e).splitlines()[0]}") from None
+
+
+def override(obj, updates: Mapping[str, Any]):
+    """A copy of the dataclass ``obj`` with the dotted fields of ``updates`` replaced
+    (``{"online_lora.lr": 1e-4}``), converted and checked as `build` does: an unknown key or a value
+    that is not allowed is one `ConfigError` line naming the key."""
+    values = dataclasses.asdict(obj)
+    for key, value in updates.items():
+        *path, leaf = key.split(".")
+        parent = values
+        for part in path:
+            if not isinstance(parent.get(part), dict):
+                raise ConfigError(f"unknown config key '{key}' in {type(obj).__name__}")
+            parent = parent[part]
+        if leaf not in parent:
+            raise ConfigError(f"unknown config key '{key}' in {type(obj).__name__}")
+        parent[leaf] = value
+    return _build(type(obj), values, "")
 
 
 def load_module(path: str):

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from research.core import config as config_lib
 from research.core.mesh import MeshConfig, initialize_distributed, make_mesh
-from research.core.records import write_json_atomic
+from research.core.records import write_json_atomic, write_text_atomic
 
 
 def main_process() -> bool:
@@ -49,8 +49,7 @@ def device_summary(mesh: Mesh) -> str:
 
 
 def write_results(workdir: str, results: dict, table: str = "") -> None:
-    """``workdir/results.json`` (atomic) and, with a ``table``, ``workdir/results.md``."""
+    """``workdir/results.json`` and, with a ``table``, ``workdir/results.md``, each written atomically."""
     write_json_atomic(os.path.join(workdir, "results.json"), results)
     if table:
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(table + "\n")
+        write_text_atomic(os.path.join(workdir, "results.md"), table + "\n")

@@ -56,6 +56,16 @@ def write_npy_atomic(path: str, array: np.ndarray) -> None:
     _write_atomic(path, "wb", lambda f: np.save(f, array))
 
 
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """``data`` at ``path``, written atomically."""
+    _write_atomic(path, "wb", lambda f: f.write(data))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """``text`` at ``path``, written atomically."""
+    _write_atomic(path, "w", lambda f: f.write(text))
+
+
 def write_npz_atomic(path: str, **arrays) -> None:
     """``np.savez`` of ``arrays`` at ``path`` (no suffix added), written atomically."""
     _write_atomic(path, "wb", lambda f: np.savez(f, **arrays))
@@ -107,9 +117,9 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def write_png(path: str, image: np.ndarray) -> None:
-    """An (H, W), (H, W, 1) or (H, W, 3) image as a PNG file; floats are rescaled to 0-255."""
-    with open(path, "wb") as f:
-        f.write(_png(image))
+    """An (H, W), (H, W, 1) or (H, W, 3) image as a PNG file, written atomically; floats are rescaled
+    to 0-255."""
+    write_bytes_atomic(path, _png(image))
 
 
 class MetricWriter:
@@ -175,33 +185,3 @@ def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
         r, col = divmod(i, columns)
         grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
     return grid
-
-
-def plot_curves(history: Mapping[str, list[tuple[int, float]]], path: str, title: str = "") -> None:
-    """One PNG with a panel per metric family (loss, accuracy, learning rate)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    families = {"loss": [k for k in history if "loss" in k],
-                "accuracy": [k for k in history if "accuracy" in k],
-                "learning rate": [k for k in history if k.endswith("lr")]}
-    families = {k: v for k, v in families.items() if v}
-    if not families:
-        return
-    fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 3.6), squeeze=False)
-    for ax, (family, keys) in zip(axes[0], families.items()):
-        for key in sorted(keys):
-            steps, values = zip(*history[key])
-            ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3)
-        ax.set_xlabel("step")
-        ax.set_title(family)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,28 @@ from research.core.train import (ModelDefs, TrainState, classification_loss, cre
                                  jit_train_step, make_eval_step, make_train_step, place_on_mesh)
 from research.core.optim import OptimConfig
 from research.data import pipeline, sources
+from research.data.sections import DataSource
 from research.models.filters import PARAM_SUBSETS, param_filter
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierData(DataSource):
+    """train_classifier: the first ``train_limit`` training images; random crops with
+    ``crop_padding`` pixels of padding (0 = none) and horizontal ``flip`` while training."""
+    COUNTS: ClassVar[tuple[str, ...]] = ("train_limit", "crop_padding")
+
+    train_limit: int = 0
+    crop_padding: int = 0
+    flip: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneData(ClassifierData):
+    """efficient_finetune: ``split`` classes (pre-train on the first half of the classes, fine-tune
+    on the rest: a non-IID split) or samples (two random halves); ``train_limit`` caps each half."""
+    name: Literal[sources.IMAGE_DATASETS] = "fashion_mnist"
+    crop_padding: int = 2
+    split: Literal["classes", "samples"] = "classes"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +136,14 @@ def training_settings(opt: OptimConfig, train_config: ClassifierTrainConfig, ste
             "data": array_digest(train.images, train.labels), **extra}
 
 
+def stage_settings(config) -> tuple[optim.OptimConfig, ClassifierTrainConfig]:
+    """The (optim, train) settings of a training stage: a dataclass's fields, or built from a config
+    section (one `ConfigError` line naming a bad key)."""
+    if dataclasses.is_dataclass(config):
+        return config.optim, config.train
+    return config_lib.build(optim.OptimConfig, config, "optim"), config_lib.build(ClassifierTrainConfig, config, "train")
+
+
 def fit_classifier(model: nnx.Module, train: pipeline.ImageArrays, test: pipeline.ImageArrays,
                    config: ml_collections.ConfigDict, *, preprocess, mesh: Mesh, workdir: str,
                    trainable: nnx.filterlib.Filter | None = None, train_mode: bool = True,
@@ -123,9 +152,9 @@ def fit_classifier(model: nnx.Module, train: pipeline.ImageArrays, test: pipelin
     on ``train``, evaluates on ``test``; resumes from ``workdir/checkpoints`` when a run was
     interrupted. ``preprocess(images, rng, train)`` runs on the device. ``train_mode=False`` trains
     with BatchNorm in eval mode. ``config`` holds an ``optim`` and a ``train`` section; ``rules``
-    lay the parameters out on ``mesh`` (the experiment's ``MeshConfig.logical``)."""
-    opt = config_lib.build(optim.OptimConfig, config, "optim")
-    train_config = config_lib.build(ClassifierTrainConfig, config, "train")
+    lay the parameters out on ``mesh`` (the experiment's ``MeshConfig.logical``): a config section,
+    or a built dataclass with those two fields (`PretrainConfig`)."""
+    opt, train_config = stage_settings(config)
     if trainable is None:
         trainable = param_filter(model, train_config.trainable)
     steps_per_epoch = pipeline.steps_per_epoch(len(train), train_config.batch_size)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -26,16 +27,61 @@ from jax.sharding import Mesh
 from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer
-from research.recipes.classify import ClassifierTrainConfig, total_steps, training_settings
 from research.core.loop import evaluate, fit
-from research.core.mesh import LogicalRules
+from research.core.mesh import LogicalRules, MeshConfig
 from research.core.records import MetricWriter, image_grid
 from research.core.train import (create_train_state, jit_eval_step, jit_train_step, make_eval_step, make_train_step,
                                  place_on_mesh)
-from research.data import pipeline
-from research.data.sections import GeneratorData
+from research.data import pipeline, sources
+from research.data.sections import DataSource
 from research.models import mae
-from research.models.mae import MaskConfig
+from research.models.mae import MAEConfig, MaskConfig
+from research.recipes.classify import ClassifierTrainConfig, total_steps, training_settings
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorData(DataSource):
+    """train_generator, generative_unlearning: images zero-padded to ``pad_to`` (0 = as stored; 28 ->
+    32 gives an 8 x 8 token grid), the first ``train_limit`` / ``test_limit`` of each split, random
+    horizontal ``flip`` while training."""
+    COUNTS: ClassVar[tuple[str, ...]] = ("pad_to", "train_limit", "test_limit")
+
+    name: Literal[sources.IMAGE_DATASETS] = "fashion_mnist"
+    pad_to: int = 32
+    train_limit: int = 0
+    test_limit: int = 0
+    flip: bool = False
+
+
+def _optim() -> optim.OptimConfig:
+    return optim.OptimConfig(name="adamw", lr=1e-3, b2=0.95, weight_decay=0.05, warmup_steps=200, grad_clip_norm=1.0)
+
+
+def _train() -> ClassifierTrainConfig:
+    return ClassifierTrainConfig(batch_size=128, eval_batch_size=500, epochs=2, log_every=50, checkpoint_every=500)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorTraining:
+    """The generator's training (the train_generator experiment): the MAE ``model`` trained on
+    ``data`` under ``masks`` with ``optim`` and ``train`` from ``seed``."""
+    seed: int = 0
+    data: GeneratorData = GeneratorData()
+    model: MAEConfig = MAEConfig()
+    masks: MaskConfig = MaskConfig()
+    optim: optim.OptimConfig = dataclasses.field(default_factory=_optim)
+    train: ClassifierTrainConfig = dataclasses.field(default_factory=_train)
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorStage(GeneratorTraining):
+    """`GeneratorTraining` as another experiment's stage: ``workdir`` "" = WORKDIR/generator (trained
+    there when it has no finished checkpoint), or another run's folder to restore."""
+    workdir: str = ""
 
 
 def pad_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -113,10 +159,13 @@ def fit_generator(model: mae.MaskedAutoencoder, train: pipeline.ImageArrays, tes
                   rules: LogicalRules = LogicalRules(), shown: int = 8) -> GeneratorRun:
     """Trains every parameter of ``model`` on ``train`` (uint8 images at the model's size), resuming
     from ``workdir/checkpoints``; returns the trained model and its metrics. ``config`` holds the
-    sections ``optim``, ``train`` and ``masks``."""
-    opt = config_lib.build(optim.OptimConfig, config, "optim")
-    train_config = config_lib.build(ClassifierTrainConfig, config, "train")
-    mask_config = config_lib.build(MaskConfig, config, "masks")
+    sections ``optim``, ``train`` and ``masks`` (a config, or a `GeneratorTraining`)."""
+    if dataclasses.is_dataclass(config):
+        opt, train_config, mask_config = config.optim, config.train, config.masks
+    else:
+        opt = config_lib.build(optim.OptimConfig, config, "optim")
+        train_config = config_lib.build(ClassifierTrainConfig, config, "train")
+        mask_config = config_lib.build(MaskConfig, config, "masks")
     if train.images.shape[1:] != model.image_shape:
         raise ValueError(f"fit_generator: images of shape {train.images.shape[1:]}, the model takes {model.image_shape}")
     steps = total_steps(train_config, len(train))

@@ -7,7 +7,8 @@ import ml_collections
 import pytest
 
 from research.core.config import (ConfigError, FieldError, apply_overrides, build, check, check_choice, check_fields,
-                                  choices, get, load_config, load_sweep, require, section, split_override_args)
+                                  choices, get, load_config, load_sweep, override, require, section,
+                                  split_override_args)
 from research.unlearning.ntk_scrub import NTKScrubConfig
 
 CONFIG = "configs/train_classifier.py"
@@ -168,3 +169,16 @@ def test_every_config_section_made_from_a_dataclass_builds_back():
         config = load_config(spec)
         for key, cls in sections.items():
             assert dataclasses.asdict(build(cls, config, key)) == get(config, key).to_dict()
+
+
+def test_override_replaces_dotted_fields_of_a_built_schema_with_the_same_checks():
+    from research.unlearning.benchmark import Unlearning
+
+    exp = Unlearning()
+    changed = override(exp, {"unlearn.lr": 1, "seeds": [1, 2]})
+    assert changed.unlearn.lr == 1.0 and isinstance(changed.unlearn.lr, float) and changed.seeds == (1, 2)
+    assert exp.unlearn.lr == 0.01  # the original is unchanged
+    with pytest.raises(ConfigError, match="unknown config key 'unlearn.lrr'"):
+        override(exp, {"unlearn.lrr": 1})
+    with pytest.raises(ConfigError, match="config key 'forget_fraction' = 2.0 is not allowed"):
+        override(exp, {"forget_fraction": 2.0})

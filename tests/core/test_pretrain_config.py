@@ -5,7 +5,7 @@ import pytest
 from research.core import config as config_lib
 from research.recipes.classify import PretrainConfig
 from research.core.optim import OptimConfig
-from research.data.sections import UnlearningData
+from research.unlearning.benchmark import UnlearningData
 
 
 def test_the_section_builds_back_with_its_nested_optim_and_train():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from research.core.records import (MetricWriter, image_grid, plot_curves, read_signed, temp_dir_beside,
+from research.core import report
+from research.core.records import (MetricWriter, image_grid, read_signed, temp_dir_beside,
                                    write_json_atomic, write_npy_atomic, write_npz_atomic, write_signed)
 
 
@@ -33,7 +34,7 @@ def test_json_is_replaced_atomically_and_plots_are_written(tmp_path):
     write_json_atomic(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
-    plot_curves({"train/loss": [(1, 1.0), (2, 0.5)], "test/accuracy": [(2, 0.9)]}, str(tmp_path / "c.png"))
+    report.curves({"train/loss": [(1, 1.0), (2, 0.5)], "test/accuracy": [(2, 0.9)]}, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 

@@ -10,12 +10,17 @@ import pytest
 
 from research.core import config as config_lib
 from research.data import pipeline, sources
-from research.data import sections as S
+from research.adapters.online_stream import StreamData
+from research.anytime.train import AnytimeData
+from research.multiplicity.data import RashomonData
+from research.recipes.classify import ClassifierData, FinetuneData
+from research.recipes.mae_train import GeneratorData
+from research.unlearning.benchmark import UnlearningData
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SECTION_OF = {"train_classifier": S.ClassifierData, "efficient_finetune": S.FinetuneData,
-              "anytime": S.AnytimeData, "rashomon": S.RashomonData, "online_lora": S.StreamData,
-              "unlearning": S.UnlearningData, "train_generator": S.GeneratorData}
+SECTION_OF = {"train_classifier": ClassifierData, "efficient_finetune": FinetuneData,
+              "anytime": AnytimeData, "rashomon": RashomonData, "online_lora": StreamData,
+              "unlearning": UnlearningData, "train_generator": GeneratorData}
 
 
 @pytest.mark.parametrize("name, cls", SECTION_OF.items())
@@ -28,14 +33,14 @@ def test_every_preset_of_a_config_builds_its_data_section(name, cls):
 
 
 @pytest.mark.parametrize("cls, values, message", [
-    (S.ClassifierData, {"name": "imagenet"}, "config key 'data.name' = 'imagenet' is not allowed; choose one of: digits"),
-    (S.ClassifierData, {"source": "web"}, "config key 'data.source' = 'web' is not allowed; choose one of: auto, offline, hub"),
-    (S.ClassifierData, {"crop_padding": -1}, "config key 'data.crop_padding' = -1 is not allowed; expected an int >= 0"),
-    (S.StreamData, {"image_size": -32}, "config key 'data.image_size' = -32 is not allowed"),
-    (S.UnlearningData, {"classes": "0,1"}, "config key 'data.classes' = '0,1' is not allowed; expected a tuple"),
-    (S.AnytimeData, {"val_size": 0}, "config key 'data.val_size' = 0 is not allowed; expected an int >= 1"),
-    (S.GeneratorData, {"flips": True}, "unknown config key 'data.flips' (did you mean 'data.flip'?)"),
-    (S.FinetuneData, {"split": "random"}, "config key 'data.split' = 'random' is not allowed; choose one of: classes, samples"),
+    (ClassifierData, {"name": "imagenet"}, "config key 'data.name' = 'imagenet' is not allowed; choose one of: digits"),
+    (ClassifierData, {"source": "web"}, "config key 'data.source' = 'web' is not allowed; choose one of: auto, offline, hub"),
+    (ClassifierData, {"crop_padding": -1}, "config key 'data.crop_padding' = -1 is not allowed; expected an int >= 0"),
+    (StreamData, {"image_size": -32}, "config key 'data.image_size' = -32 is not allowed"),
+    (UnlearningData, {"classes": "0,1"}, "config key 'data.classes' = '0,1' is not allowed; expected a tuple"),
+    (AnytimeData, {"val_size": 0}, "config key 'data.val_size' = 0 is not allowed; expected an int >= 1"),
+    (GeneratorData, {"flips": True}, "unknown config key 'data.flips' (did you mean 'data.flip'?)"),
+    (FinetuneData, {"split": "random"}, "config key 'data.split' = 'random' is not allowed; choose one of: classes, samples"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key(cls, values, message):
     with pytest.raises(config_lib.ConfigError) as e:
@@ -44,13 +49,13 @@ def test_a_bad_value_is_one_line_naming_the_key(cls, values, message):
 
 
 def test_only_the_rashomon_section_takes_a_tabular_data_set():
-    assert config_lib.build(S.RashomonData, {"data": {"name": "breast_cancer"}}, "data").name == "breast_cancer"
+    assert config_lib.build(RashomonData, {"data": {"name": "breast_cancer"}}, "data").name == "breast_cancer"
     with pytest.raises(config_lib.ConfigError, match="'data.name' = 'breast_cancer'"):
-        config_lib.build(S.ClassifierData, {"data": {"name": "breast_cancer"}}, "data")
+        config_lib.build(ClassifierData, {"data": {"name": "breast_cancer"}}, "data")
 
 
 def test_splits_are_the_sources_arrays_and_first_keeps_a_prefix():
-    train, test = S.ClassifierData(name="digits").splits()
+    train, test = ClassifierData(name="digits").splits()
     ds = sources.load("digits")
     expected = pipeline.to_arrays(ds["train"])
     np.testing.assert_array_equal(train.images, expected.images)
@@ -62,7 +67,7 @@ def test_splits_are_the_sources_arrays_and_first_keeps_a_prefix():
 def test_a_data_dir_that_does_not_exist_is_named(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(config_lib.PathNotFoundError, match="data.data_dir .*nope' does not exist"):
-        S.AnytimeData(data_dir=missing).splits()
+        AnytimeData(data_dir=missing).splits()
 
 
 def test_every_experiment_data_section_is_listed():

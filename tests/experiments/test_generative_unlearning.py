@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 
 from experiments import generative_unlearning
-from research.core.config import ConfigError, load_config
+from research.core.config import ConfigError, build, load_config
 from research.models.mae import MaskConfig
-from research.unlearning import generative
+from research.unlearning import generative, generative_benchmark, generative_report
+from research.unlearning.generative_benchmark import GenerativeUnlearning
+
+
+def smoke(**overrides) -> GenerativeUnlearning:
+    return build(GenerativeUnlearning, load_config("configs/generative_unlearning.py:smoke", {**DIGITS, **overrides}))
 
 DIGITS = {"generator.data.name": "digits", "generator.data.pad_to": 16, "proxy.name": "digits",
           "eval.image_size": 32, "eval.masks": ("center", "center_box")}
@@ -66,30 +71,27 @@ def test_target_rows_are_untrained_ceilings_kept_out_of_the_matched_comparison(f
 
 
 def test_center_box_scores_the_hidden_box_and_the_whole_views_the_whole_image():
-    config = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, "eval.masks": ("center", "center_box",
-                                                                                             "outpaint")})
+    exp = smoke(**{"eval.masks": ("center", "center_box", "outpaint")})
     images = (np.arange(2 * 16 * 16).reshape(2, 16, 16, 1) % 256).astype(np.uint8)
 
     class Pixels:  # the "features" are the pixels scored, to see the crop
         @staticmethod
         def features_and_logits(x):
             return x, None
-    ref = generative_unlearning.reference_features({"retain": images}, Pixels, config, (4, 4), 4, MaskConfig())
+    ref = generative_benchmark.reference_features({"retain": images}, Pixels, exp, (4, 4), 4, MaskConfig())
     np.testing.assert_array_equal(ref["center_box"]["retain"][0], images[:, 4:12, 4:12] / np.float32(255))
     for kind in ("center", "outpaint"):
         np.testing.assert_array_equal(ref[kind]["retain"][0], images / np.float32(255))
 
 
 def test_baseline_alphas_give_each_baseline_a_row_per_alpha():
-    config = load_config("configs/generative_unlearning.py:smoke",
-                         {**DIGITS, "baselines": ("noisy_label", "max_loss"), "baseline_alphas": (0.1, 0.5)})
-    rows = {name: (c.method, c.alpha) if c else None for name, c, _ in generative_unlearning.method_rows(config)}
+    exp = smoke(baselines=("noisy_label", "max_loss"), baseline_alphas=(0.1, 0.5))
+    rows = {name: (c.method, c.alpha) if c else None for name, c, _ in generative_benchmark.method_rows(exp)}
     assert rows["noisy_label (alpha 0.1)"] == ("noisy_label", 0.1) and rows["max_loss (alpha 0.5)"] == ("max_loss", 0.5)
     # original, ours, proxy, 2 x 2 baselines, 2 target rows
     assert "noisy_label" not in rows and len(rows) == 1 + 1 + 1 + 2 * 2 + 2
-    alone = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, "baselines": (), "target_rows": ()})
-    generative_unlearning.validate(alone)  # () = ours alone
-    assert [name for name, _, _ in generative_unlearning.method_rows(alone)] == [
+    alone = smoke(baselines=(), target_rows=())  # () = ours alone
+    assert [name for name, _, _ in generative_benchmark.method_rows(alone)] == [
         "original", "ours (alpha 0.2)", "ours, proxy retain digits (alpha 0.2)"]
 
 
@@ -104,18 +106,18 @@ def test_fid_ratios_are_per_seed_over_the_original_and_the_tradeoff_plot_is_writ
             "noisy_label (alpha 0.5)": {"method": "noisy_label", "alpha": 0.5, "retain": "classes",
                                         "per_seed": seeds((15, 50), (30, 80))}}
     results = {"data": "digits", "rows": rows}
-    ratios = generative_unlearning.fid_ratios(results, "center")
+    ratios = generative_report.fid_ratios(results, "center")
     np.testing.assert_allclose(ratios["ours (alpha 0.2)"]["retain"], [1.1, 1.1])
     np.testing.assert_allclose(ratios["ours (alpha 0.2)"]["forget"], [3.0, 2.5])
     np.testing.assert_allclose(ratios["noisy_label (alpha 0.5)"]["forget"], [2.5, 2.0])
     assert "original" not in ratios
     # Read at retain 1.1: ours (one alpha, exactly 1.1 in both seeds) gives 3.0 and 2.5; noisy label's
     # seed 0 spans 1.2-1.5 (not reached), seed 1 spans 1.0-1.5: 1.0 + (1.1 - 1.0) / 0.5 * (2.0 - 1.0).
-    matched = generative_unlearning.matched_forget_ratio(results, "center", 1.1)
+    matched = generative_report.matched_forget_ratio(results, "center", 1.1)
     assert matched["ours"]["seeds"] == 2 and matched["ours"]["mean"] == pytest.approx(2.75)
     assert matched["noisy_label"]["seeds"] == 1 and matched["noisy_label"]["mean"] == pytest.approx(1.2)
-    assert generative_unlearning.matched_forget_ratio(results, "center", 2.0)["ours"]["seeds"] == 0
-    generative_unlearning.tradeoff_plot(str(tmp_path / "t.png"), results, "center")
+    assert generative_report.matched_forget_ratio(results, "center", 2.0)["ours"]["seeds"] == 0
+    generative_report.tradeoff_plot(str(tmp_path / "t.png"), results, "center")
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
@@ -144,9 +146,9 @@ def test_a_rerun_reads_finished_rows_and_recomputes_only_a_row_saved_with_other_
 
 def test_the_row_signature_changes_with_the_rows_settings_and_not_with_the_progress_bar():
     def signatures(**overrides):
-        config = load_config("configs/generative_unlearning.py:smoke", {**DIGITS, **overrides})
-        return {name: generative_unlearning.row_signature(config, c, source)
-                for name, c, source in generative_unlearning.method_rows(config)}
+        exp = smoke(**overrides)
+        return {name: generative_benchmark.row_signature(exp, c, source)
+                for name, c, source in generative_benchmark.method_rows(exp)}
     base = signatures()
     assert signatures(progress=True, seeds=(0, 1), **{"generator.train.progress": True}) == base
     steps = signatures(**{"unlearn.steps": 4})

@@ -8,7 +8,9 @@ import pytest
 from flax import nnx
 
 from experiments import online_lora
-from research.core.config import ConfigError, load_config
+from research.adapters import online_stream
+from research.adapters.online_stream import OnlineLearning
+from research.core.config import ConfigError, build, load_config
 from research.data import streams
 
 KEYS = ("avg_acc", "forgetting", "n_plateaus", "seconds")
@@ -19,7 +21,7 @@ DIGITS = {"data.name": "digits", "pretrain.data": "digits", "data.test_per_class
 def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
     config = load_config("configs/online_lora.py:smoke", DIGITS)
     results = online_lora.main(config, str(tmp_path))
-    assert list(results["methods"]) == list(online_lora.METHODS)
+    assert list(results["methods"]) == list(online_stream.METHODS)
     for r in results["methods"].values():
         assert all(key in r for key in KEYS) and 0 <= r["avg_acc"] <= 1
         assert np.asarray(r["task_end_accs"]).shape == (5, 5)
@@ -38,7 +40,7 @@ def test_every_method_writes_its_record_and_a_rerun_reuses_it(tmp_path, capsys):
         os.listdir(tmp_path))
     capsys.readouterr()
     again = online_lora.main(config, str(tmp_path))
-    assert capsys.readouterr().out.count("reusing") == len(online_lora.METHODS)
+    assert capsys.readouterr().out.count("reusing") == len(online_stream.METHODS)
     assert again["methods"] == json.loads((tmp_path / "results.json").read_text())["methods"]
     # a changed setting runs the method again
     changed = load_config("configs/online_lora.py:smoke", {**DIGITS, "methods": ("lora",), "online_lora.lr": 0.01})
@@ -76,10 +78,11 @@ def test_each_method_runs_at_the_lr_chosen_on_a_held_out_slice_and_a_seed_sweep_
 
 
 def test_the_batches_method_is_online_lora_with_the_official_buffer():
-    config = load_config("configs/online_lora.py:smoke", DIGITS)
-    assert online_lora.method_config(config, "online_lora_batches").online_lora.buffer == "batches"
-    assert online_lora.method_config(config, "online_lora").online_lora.buffer == "samples"
-    assert online_lora.lr_key("lora") == "online_lora.lr" and online_lora.lr_key("er") == "baselines.lr"
+    exp = build(OnlineLearning, load_config("configs/online_lora.py:smoke", DIGITS))
+    assert exp.for_method("online_lora_batches").online_lora.buffer == "batches"
+    assert exp.for_method("online_lora").online_lora.buffer == "samples"
+    assert exp.for_method("er", {"baselines.lr": 3e-4}).baseline_config("er").lr == 3e-4
+    assert online_stream.lr_key("lora") == "online_lora.lr" and online_stream.lr_key("er") == "baselines.lr"
 
 
 def test_imagenet_backbone_with_a_frozen_prefix_a_fresh_head_and_lora_on_the_tails_pointwise_convolutions(
@@ -94,7 +97,8 @@ def test_imagenet_backbone_with_a_frozen_prefix_a_fresh_head_and_lora_on_the_tai
     monkeypatch.setenv("RESEARCH_CACHE_DIR", str(tmp_path / "cache"))  # where the prefix features are kept
     workdir = tmp_path / "run"
     workdir.mkdir()
-    backbone = online_lora.make_backbone(config, make_mesh(), str(workdir), 10, (32, 32, 3))
+    exp = build(OnlineLearning, config)
+    backbone = online_lora.make_backbone(exp, make_mesh(), str(workdir), 10, (32, 32, 3))
     assert backbone.info["source"] == "imagenet" and not os.listdir(workdir)  # no pre-training stage
     model = backbone.new_model()
     assert isinstance(model, effnet.EfficientNetTail) and model.start == 11 and len(model.blocks) == 5
@@ -118,7 +122,7 @@ def test_imagenet_backbone_with_a_frozen_prefix_a_fresh_head_and_lora_on_the_tai
     def layers(kind):
         return {path: m for path, m in nnx.iter_graph(model) if isinstance(m, kind)}
     pointwise = {path for path, conv in layers(nnx.Conv).items() if conv.kernel_size == (1, 1)}
-    online_lora.make_learner("online_lora", model, config, backbone.preprocess)
+    online_lora.make_learner("online_lora", model, exp, backbone.preprocess)
     adapted = layers(lora.LoraLayer)
     # the expand and project convolutions of blocks 11-15 and the last convolution
     assert set(adapted) == pointwise and len(pointwise) == 2 * 5 + 1
@@ -155,19 +159,19 @@ def test_metrics_on_a_known_matrix():
     acc = [[0.9, 0.0, 0.0],
            [0.7, 0.8, 0.0],
            [0.5, 0.8, 0.9]]
-    avg, forgetting = online_lora.continual_metrics(acc)
+    avg, forgetting = online_stream.continual_metrics(acc)
     assert avg == pytest.approx((0.5 + 0.8 + 0.9) / 3)
     assert forgetting == pytest.approx(((0.9 - 0.5) + (0.8 - 0.8)) / 2)
-    assert online_lora.continual_metrics([[0.7]]) == (0.7, 0.0)
+    assert online_stream.continual_metrics([[0.7]]) == (0.7, 0.0)
     with pytest.raises(ValueError, match="square"):
-        online_lora.continual_metrics([[0.1, 0.2]])
+        online_stream.continual_metrics([[0.1, 0.2]])
 
 
 def test_evaluation_positions_cover_every_task_end():
     train_labels = np.repeat(np.arange(4), 25)
     data = type("Data", (), {"labels": train_labels, "num_classes": 4, "__len__": lambda self: 100})()
     stream = streams.make_stream(data, [(0, 1), (2, 3)], kind="sharp")
-    positions = online_lora.eval_positions(stream, points_per_task=1)
+    positions = online_stream.eval_positions(stream, points_per_task=1)
     assert positions == {25: False, 50: True, 75: False, 100: True}
 
 

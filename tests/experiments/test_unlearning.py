@@ -9,10 +9,11 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from experiments import unlearning
-from research.core.config import ConfigError, load_config
+from research.core.config import ConfigError, build, load_config
 from research.data.pipeline import ImageArrays
 from research.models import build_model
 from research.unlearning.model import Unlearnable
+from research.unlearning.benchmark import METHODS, Unlearning
 from research.unlearning.recipe import TrainRecipe
 
 KEYS = ("retain_acc", "forget_acc", "test_acc", "mia", "gap_to_retrain", "seconds")
@@ -25,7 +26,7 @@ def test_every_method_and_scenario_is_recorded_and_a_rerun_reuses_them(tmp_path,
     results = unlearning.main(config, str(tmp_path))
     assert list(results["scenarios"]) == ["class", "random"]
     for block in results["scenarios"].values():
-        assert list(block["methods"]) == ["original", *unlearning.METHOD_NAMES]
+        assert list(block["methods"]) == ["original", *METHODS]
         for row in block["methods"].values():
             assert all(k in row for k in KEYS)
             assert all(0 <= row[k] <= 100 for k in ("retain_acc", "forget_acc", "test_acc", "mia"))
@@ -131,11 +132,11 @@ def test_fast_ntk_effnet_unlearns_the_bn_affine_parameters_and_a_fresh_head_of_t
 
     config = load_config("configs/unlearning.py:fast_ntk_effnet,smoke")
     skip_without_imagenet_weights_or_data(config)
-    _, _, recipe, _ = unlearning.validate(config)
-    shape = unlearning.model_input_shape(config, (32, 32, 3))
-    state, preprocess, info = unlearning.pretrained_backbone(config, None, str(tmp_path), shape)
+    exp = build(Unlearning, config)
+    shape = exp.input_shape((32, 32, 3))
+    state, preprocess, info = unlearning.pretrained_backbone(exp, None, str(tmp_path), shape)
     assert info["data"] == "imagenet" and not os.listdir(tmp_path)  # no pre-training stage
-    model, subset = unlearning.model_at_init(config, recipe, state, 10, shape, seed=0)
+    model, subset = unlearning.model_at_init(exp, state, 10, shape, seed=0)
     torch_state = effnet.pretrained_state_dict()
     np.testing.assert_array_equal(model.blocks[5].depthwise.bn.scale[...], torch_state["_blocks.5._bn1.weight"])
     np.testing.assert_array_equal(model.last_conv.bn.mean[...], torch_state["_bn1.running_mean"])

@@ -15,39 +15,17 @@ The sweep runs seeds 0-4.
 """
 import ml_collections
 
-from research.anytime.sampling import SamplerConfig
-from research.anytime.train import SandwichConfig
+from research.anytime.benchmark import Anytime
 from research.core import config as config_lib
-from research.recipes.classify import ClassifierTrainConfig
-from research.core.mesh import MeshConfig
-from research.core.optim import OptimConfig
-from research.anytime.train import AnytimeData
-from research.models import ModelConfig
 
 PRESETS = ("smoke", "fashion_mnist")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/anytime.py")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.samplers = ("uniform", "tps")   # one supernet per sampler kind (sampler.kind is set per run)
-    c.progress = True
-
-    c.data = config_lib.section(AnytimeData)  # the CIFAR-10 sample; 500 training images pick the subnetworks
-
-    c.model = config_lib.section(ModelConfig, name="resnet20")
-    c.optim = config_lib.section(OptimConfig, name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
-    c.train = config_lib.section(ClassifierTrainConfig, batch_size=128, epochs=15, log_every=20,
-                                 checkpoint_every=200)
-    c.sampler = config_lib.section(SamplerConfig)
-    c.sandwich = config_lib.section(SandwichConfig)
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.budgets = (0.15, 0.3, 0.5, 0.75, 1.0)  # fractions of the largest subnetwork's FLOPs
-    c.eval.calibration_batches = 8    # training batches that re-estimate BatchNorm per subnetwork
-    c.eval.batch_size = 500
-    c.mesh = config_lib.section(MeshConfig)
+    # The defaults (research/anytime/benchmark.py): a ResNet-20 supernet on the CIFAR-10 sample (500
+    # training images pick the subnetworks), SGD for 15 epochs, the uniform and the TPS sampler.
+    c = config_lib.section(Anytime)
 
     for preset in presets:
         if preset == "fashion_mnist":

@@ -19,43 +19,20 @@ The Rashomon set is measured on the evaluation (test) points: R(eps) = models wh
 cross-entropy there is within eps of the reference model's.
 """
 import ml_collections
-import numpy as np
 
 from research.core import config as config_lib
-from research.recipes.classify import ClassifierTrainConfig
-from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
-from research.multiplicity.data import RashomonData
 from research.models import ModelConfig
-from research.multiplicity.baselines import AWPConfig
-from research.multiplicity.rashomon import RashomonConfig
+from research.multiplicity.benchmark import Multiplicity, eps_grid
 
 PRESETS = ("smoke", "fashion_mnist", "cifar10")
 
 
-def _grid(top: float, n: int) -> tuple[float, ...]:
-    """linspace(0, top, n) as plain floats."""
-    return tuple(round(float(e), 6) for e in np.linspace(0.0, top, n))
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/rashomon.py")
-    c = ml_collections.ConfigDict()
-    c.seed = 0                        # the reference model's seed; dropout keys derive from it
-    c.retrain_seeds = tuple(range(1, 11))  # the re-training baseline: one model per seed
-    c.methods = ("dropout", "retrain", "awp")
-    c.progress = True
-
-    c.data = config_lib.section(RashomonData)  # breast_cancer | fashion_mnist | cifar10_sample
-
-    c.model = config_lib.section(ModelConfig, name="mlp", hidden_sizes=(64, 64))
-    c.optim = config_lib.section(OptimConfig, name="adam", lr=1e-3, schedule="constant", weight_decay=0.0)
-    c.train = config_lib.section(ClassifierTrainConfig, batch_size=32, epochs=30, log_every=50,
-                                 checkpoint_every=0)
-    c.rashomon = config_lib.section(RashomonConfig, kind="bernoulli", max_rate=0.2, num_rates=20,
-                                    models_per_rate=100, epsilons=_grid(0.04, 11))
-    c.awp = config_lib.section(AWPConfig, points=0)
-    c.mesh = config_lib.section(MeshConfig)
+    # The defaults (research/multiplicity/benchmark.py): an MLP (64, 64) on breast cancer, Adam;
+    # 20 dropout rates up to 0.2 x 100 models, 10 re-trained models, AWP on every point.
+    c = config_lib.section(Multiplicity)
 
     for preset in presets:
         if preset == "fashion_mnist":
@@ -63,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.model.hidden_sizes = (256, 128)
             c.train.update(batch_size=128, epochs=5)
             c.rashomon.update(max_rate=0.1, num_rates=5, models_per_rate=50,
-                              epsilons=_grid(0.05, 6))
+                              epsilons=eps_grid(0.05, 6))
             c.awp.points = 20
         elif preset == "cifar10":
             c.data.name, c.data.eval_limit = "cifar10_sample", 500
@@ -72,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.train.update(batch_size=128, epochs=8)
             c.retrain_seeds = (1, 2, 3, 4, 5)
             c.rashomon.update(max_rate=0.05, num_rates=5, models_per_rate=50,
-                              epsilons=_grid(0.05, 6), models_per_chunk=10, batch_size=250)
+                              epsilons=eps_grid(0.05, 6), models_per_chunk=10, batch_size=250)
             c.awp.update(points=5, steps=10, step_size=1e-4, targets_per_chunk=2)  # 1e-3 left every set at step 1
     if "smoke" in presets:
         c.data.train_limit = min(c.data.train_limit or 256, 256)

@@ -16,27 +16,15 @@ Presets:
 import ml_collections
 
 from research.core import config as config_lib
-from research.recipes.classify import ClassifierTrainConfig
-from research.core.mesh import MeshConfig
-from research.core.optim import OptimConfig
-from research.recipes.classify import ClassifierData
-from research.models import ModelConfig
+from research.recipes.classify import ClassifierTraining
 
 PRESETS = ("smoke", "fashion_mnist", "cifar10_sample", "cifar10_sample_vit")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/train_classifier.py")
-
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-
-    c.data = config_lib.section(ClassifierData)
-
-    c.model = config_lib.section(ModelConfig)
-    c.optim = config_lib.section(OptimConfig)
-    c.train = config_lib.section(ClassifierTrainConfig)
-    c.mesh = config_lib.section(MeshConfig)
+    # The defaults (research/recipes/classify.py): a ResNet-20 on the embedded digits, SGD.
+    c = config_lib.section(ClassifierTraining)
 
     for preset in presets:
         if preset == "fashion_mnist":

@@ -27,34 +27,18 @@ from flax import nnx
 
 from research.anytime import sampling, supernet
 from research.anytime import train as anytime_train
-from research.anytime.sampling import SamplerConfig
-from research.anytime.train import SandwichConfig
+from research.anytime.benchmark import Anytime
 from research.core import cli, experiment, report
 from research.core import config as cfg
-from research.recipes.classify import ClassifierTrainConfig
-from research.core.optim import OptimConfig
 from research.data import pipeline
 from research.data.augment import make_preprocess
-from research.anytime.train import AnytimeData
-from research.models import ModelConfig, build_from_config
+from research.models import build_from_config
 from research.models.resnet import ResNet
 
-SAMPLERS = ("uniform", "tps")
 
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    for cls, key in ((ModelConfig, "model"), (OptimConfig, "optim"), (ClassifierTrainConfig, "train"),
-                     (SamplerConfig, "sampler"), (SandwichConfig, "sandwich"), (AnytimeData, "data")):
-        cfg.build(cls, config, key)
-    cfg.check_names(config, "samplers", SAMPLERS)
-    cfg.check(config, "model.name", lambda v: v in ("resnet20", "resnet18"), "resnet20 or resnet18 (a CIFAR ResNet)")
-    cfg.check(config, "eval.budgets", lambda v: len(v) > 0 and all(0 < b <= 1 for b in v), "fractions in (0, 1]")
-    cfg.check(config, "eval.calibration_batches", lambda v: v >= 1, "an int >= 1")
-
-
-def load_data(config):
+def load_data(exp: Anytime):
     """(train, held-out, test) arrays and preprocess(images, rng, train)."""
-    data = cfg.build(AnytimeData, config, "data")
+    data = exp.data
     train, test = data.splits()
     train, test = train.first(data.train_limit), test.first(data.eval_limit)
     if data.val_size >= len(train):
@@ -77,30 +61,30 @@ def candidates(table: sampling.SubnetTable, model: ResNet, widths) -> list[int]:
     return sorted(set(out), key=lambda i: table.flops[i])
 
 
-def run_sampler(kind: str, config, data, mesh, workdir: str) -> dict:
+def run_sampler(kind: str, exp: Anytime, data, mesh, workdir: str) -> dict:
     train, held_out, test, preprocess = data
-    sampler_config = dataclasses.replace(cfg.build(SamplerConfig, config, "sampler"), kind=kind)
-    model = build_from_config(config.model, num_classes=train.num_classes, input_shape=train.images.shape[1:],
-                              rngs=nnx.Rngs(config.seed))
+    sampler_config = dataclasses.replace(exp.sampler, kind=kind)
+    model = build_from_config(exp.model, num_classes=train.num_classes, input_shape=train.images.shape[1:],
+                              rngs=nnx.Rngs(exp.seed))
     if not isinstance(model, ResNet):
-        raise cfg.ConfigError(f"config key 'model.name' = {config.model.name!r} is not a ResNet supernet")
-    table = sampling.enumerate_subnets(model, train.images.shape[1:3], sampler_config, seed=config.seed)
+        raise cfg.ConfigError(f"config key 'model.name' = {exp.model.name!r} is not a ResNet supernet")
+    table = sampling.enumerate_subnets(model, train.images.shape[1:3], sampler_config, seed=exp.seed)
     start = time.perf_counter()
     defs, state, train_metrics = anytime_train.fit_supernet(
-        model, train, config, table, sampling.make_sampler(table, sampler_config), preprocess=preprocess, mesh=mesh,
-        workdir=os.path.join(workdir, kind), seed=config.seed, rules=experiment.mesh_config(config).logical,
+        model, train, exp, table, sampling.make_sampler(table, sampler_config), preprocess=preprocess, mesh=mesh,
+        workdir=os.path.join(workdir, kind), seed=exp.seed, rules=exp.mesh.logical,
         settings={"sampler": dataclasses.asdict(sampler_config)})
     seconds = time.perf_counter() - start
     trained = nnx.merge(defs.eval, state.train.params, state.train.frozen, state.train.rest)
-    calibration = [preprocess(jax.numpy.asarray(pipeline.train_batch(train, config.train.batch_size, config.seed + 1,
+    calibration = [preprocess(jax.numpy.asarray(pipeline.train_batch(train, exp.train.batch_size, exp.seed + 1,
                                                                       i)["images"]), None, False)
-                   for i in range(config.eval.calibration_batches)]
+                   for i in range(exp.eval.calibration_batches)]
     rows = anytime_train.evaluate_subnets(
         trained, candidates(table, model, sampler_config.widths), table, calibration,
         {"val": (held_out.images, held_out.labels), "test": (test.images, test.labels)}, preprocess,
-        config.eval.batch_size)
+        exp.eval.batch_size)
     largest = int(table.flops[table.largest])
-    curve = anytime_train.anytime_curve(rows, [b * largest for b in config.eval.budgets])
+    curve = anytime_train.anytime_curve(rows, [b * largest for b in exp.eval.budgets])
     return {"train_seconds": seconds, "train_loss": train_metrics.get("train/loss"), "largest_flops": largest,
             "subnetworks": len(table), "candidates": rows, "curve": curve}
 
@@ -132,19 +116,19 @@ def plot(results: dict, workdir: str) -> None:
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    validate(config)
-    data = load_data(config)  # before the workdir is made: a bad data.val_size writes nothing
+    exp = cfg.build(Anytime, config)
+    data = load_data(exp)  # before the workdir is made: a bad data.val_size writes nothing
     mesh = experiment.start(config, workdir)
-    results = {"data": config.data.name, "model": config.model.name, "seed": config.seed,
-               "budgets": list(config.eval.budgets),
-               "samplers": {kind: run_sampler(kind, config, data, mesh, workdir) for kind in config.samplers},
+    results = {"data": exp.data.name, "model": exp.model.name, "seed": exp.seed,
+               "budgets": list(exp.eval.budgets),
+               "samplers": {kind: run_sampler(kind, exp, data, mesh, workdir) for kind in exp.samplers},
                "devices": experiment.device_summary(mesh)}
     if experiment.main_process():
         experiment.write_results(workdir, results, table_md(results))
         plot(results, workdir)
         for kind, block in results["samplers"].items():
             accs = ", ".join(f"{p['test_accuracy']:.3f}" if p["flops"] else "-" for p in block["curve"])
-            print(f"{kind}: test accuracy at budgets {config.eval.budgets}: {accs}; trained in {block['train_seconds']:.0f} s")
+            print(f"{kind}: test accuracy at budgets {exp.eval.budgets}: {accs}; trained in {block['train_seconds']:.0f} s")
     return results
 
 

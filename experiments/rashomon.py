@@ -26,35 +26,20 @@ from flax import nnx
 
 from research.core import cli, experiment, report
 from research.core import config as cfg
-from research.recipes.classify import ClassifierTrainConfig, fit_classifier
-from research.core.optim import OptimConfig
 from research.core.records import write_json_atomic
 from research.data import pipeline, tabular
 from research.data.augment import make_preprocess
-from research.multiplicity.data import RashomonData
-from research.models import ModelConfig, build_from_config
+from research.models import build_from_config
 from research.multiplicity import baselines, metrics, rashomon
-from research.multiplicity.baselines import AWPConfig
-from research.multiplicity.rashomon import RashomonConfig
-
-METHODS = ("dropout", "retrain", "awp")
+from research.multiplicity.benchmark import Multiplicity
+from research.recipes.classify import fit_classifier
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    for cls, key in ((ModelConfig, "model"), (OptimConfig, "optim"), (ClassifierTrainConfig, "train"),
-                     (RashomonConfig, "rashomon"), (AWPConfig, "awp"), (RashomonData, "data")):
-        cfg.build(cls, config, key)
-    cfg.check_names(config, "methods", METHODS)
-    cfg.check(config, "methods", lambda v: "dropout" in v, "a tuple that includes dropout")
-    cfg.check(config, "retrain_seeds", lambda v: all(isinstance(s, int) for s in v) and len(set(v)) == len(v)
-              and config.seed not in v, f"distinct ints other than seed ({config.seed})")
-
-
-def load_data(config):
+def load_data(exp: Multiplicity):
     """(train, evaluation points, preprocess(images, rng, train) for training, preprocess(x) for eval)."""
-    data = cfg.build(RashomonData, config, "data")
+    data = exp.data
     if data.name in tabular.TABULAR_DATASETS:
-        train, test = tabular.breast_cancer(seed=config.seed)
+        train, test = tabular.breast_cancer(seed=exp.seed)
         mean, std = (0.0,), (1.0,)
     else:
         train, test = data.splits()
@@ -64,14 +49,14 @@ def load_data(config):
     return train, test, preprocess, lambda x: preprocess(x, None, False)
 
 
-def train_model(config, train, test, preprocess, seed: int, workdir: str, mesh) -> tuple[nnx.Module, float]:
+def train_model(exp: Multiplicity, train, test, preprocess, seed: int, workdir: str, mesh) -> tuple[nnx.Module, float]:
     """(eval-mode model trained with ``seed``, seconds of its first training, kept in workdir)."""
     record = os.path.join(workdir, "train_seconds.json")
     start = time.perf_counter()
-    model = build_from_config(config.model, num_classes=train.num_classes, input_shape=train.images.shape[1:],
+    model = build_from_config(exp.model, num_classes=train.num_classes, input_shape=train.images.shape[1:],
                               rngs=nnx.Rngs(seed))
-    run = fit_classifier(model, train, test, config, preprocess=preprocess, mesh=mesh, workdir=workdir,
-                         seed=seed, rules=experiment.mesh_config(config).logical)
+    run = fit_classifier(model, train, test, exp, preprocess=preprocess, mesh=mesh, workdir=workdir,
+                         seed=seed, rules=exp.mesh.logical)
     seconds = time.perf_counter() - start
     if os.path.exists(record):
         with open(record) as f:
@@ -132,39 +117,39 @@ def plot(results: dict, exploration: rashomon.Exploration, retrain_losses, workd
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    validate(config)
+    exp = cfg.build(Multiplicity, config)
     mesh = experiment.start(config, workdir)
-    rc = cfg.build(RashomonConfig, config, "rashomon")
-    train, test, preprocess, eval_preprocess = load_data(config)
+    rc = exp.rashomon
+    train, test, preprocess, eval_preprocess = load_data(exp)
 
-    reference, reference_seconds = train_model(config, train, test, preprocess, config.seed,
+    reference, reference_seconds = train_model(exp, train, test, preprocess, exp.seed,
                                                os.path.join(workdir, "reference"), mesh)
     exploration = rashomon.explore(reference, test.images, test.labels, rc, preprocess=eval_preprocess,
-                                   mesh=mesh, progress=config.progress)
+                                   mesh=mesh, progress=exp.progress)
     labels, reference_pred = test.labels, exploration.reference_pred
     dropout = baselines.ModelSet({float(e): exploration.set_probs(e) for e in rc.epsilons}, exploration.losses,
                                  exploration.seconds, len(exploration.losses))
     blocks = {"dropout": method_block(dropout, rc.epsilons, labels, reference_pred)}
     retrain_losses = []
-    if "retrain" in config.methods:
+    if "retrain" in exp.methods:
         retrained = baselines.retrained_set(
-            lambda s: train_model(config, train, test, preprocess, s, os.path.join(workdir, "retrain", f"seed_{s}"),
+            lambda s: train_model(exp, train, test, preprocess, s, os.path.join(workdir, "retrain", f"seed_{s}"),
                                   mesh),
-            config.retrain_seeds, test.images, test.labels, exploration.reference_probs, exploration.reference_loss,
+            exp.retrain_seeds, test.images, test.labels, exploration.reference_probs, exploration.reference_loss,
             rc.epsilons, preprocess=eval_preprocess, batch_size=rc.batch_size, mesh=mesh)
         blocks["retrain"] = method_block(retrained, rc.epsilons, labels, reference_pred)
         retrain_losses = retrained.losses.tolist()
-    if "awp" in config.methods:
-        awp_config = cfg.build(AWPConfig, config, "awp")
+    if "awp" in exp.methods:
+        awp_config = exp.awp
         points = np.arange(awp_config.points or len(test))
         awp = baselines.awp_set(reference, test.images, test.labels, points, exploration.reference_probs,
                                 exploration.reference_loss, rc.epsilons, awp_config, preprocess=eval_preprocess,
-                                progress=config.progress)
+                                progress=exp.progress)
         blocks["awp"] = method_block(awp, rc.epsilons, labels, reference_pred)
 
     dropout_per_model = blocks["dropout"]["seconds_per_model"]
     results = {
-        "data": config.data.name, "model": config.model.name,
+        "data": exp.data.name, "model": exp.model.name,
         "train_examples": len(train), "evaluation_points": len(test),
         "reference_loss": exploration.reference_loss,
         "reference_accuracy": float(np.mean(reference_pred == labels)),

@@ -17,24 +17,16 @@ from flax import nnx
 
 from research.core import cli, experiment, report
 from research.core import config as cfg
-from research.recipes.classify import ClassifierTrainConfig, fit_classifier
-from research.core.optim import OptimConfig
 from research.core.records import write_json_atomic
 from research.data import pipeline
 from research.data.augment import make_preprocess
-from research.recipes.classify import ClassifierData
-from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config
-
-
-def validate(config: ml_collections.ConfigDict) -> ClassifierData:
-    cfg.build(ModelConfig, config, "model")
-    cfg.build(OptimConfig, config, "optim")
-    cfg.build(ClassifierTrainConfig, config, "train")
-    return cfg.build(ClassifierData, config, "data")
+from research.models import COMPUTE_DTYPES, build_from_config
+from research.recipes.classify import ClassifierTraining, fit_classifier
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    data = validate(config)
+    exp = cfg.build(ClassifierTraining, config)
+    data = exp.data
     start_time = time.perf_counter()
     mesh = experiment.start(config, workdir)
 
@@ -43,14 +35,14 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train = pipeline.to_arrays(ds["train"]).first(data.train_limit)
     test = pipeline.to_arrays(ds["test"])
     mean, std = pipeline.channel_stats(train.images)
-    dtype = COMPUTE_DTYPES[config.model.dtype]
+    dtype = COMPUTE_DTYPES[exp.model.dtype]
     preprocess = make_preprocess(mean, std, data.crop_padding, data.flip, dtype)
 
-    model = build_from_config(config.model, num_classes=train.num_classes, input_shape=train.images.shape[1:],
-                              rngs=nnx.Rngs(config.seed))
+    model = build_from_config(exp.model, num_classes=train.num_classes, input_shape=train.images.shape[1:],
+                              rngs=nnx.Rngs(exp.seed))
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    run = fit_classifier(model, train, test, config, preprocess=preprocess, mesh=mesh, workdir=workdir,
-                         seed=config.seed, rules=experiment.mesh_config(config).logical)
+    run = fit_classifier(model, train, test, exp, preprocess=preprocess, mesh=mesh, workdir=workdir,
+                         seed=exp.seed, rules=exp.mesh.logical)
     state, train_metrics, eval_metrics = run.state, run.train_metrics, run.eval_metrics
     results_path = os.path.join(workdir, "results.json")
     if not train_metrics and os.path.exists(results_path):  # a finished run resumed: keep its training record
@@ -68,7 +60,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "epochs": int(jax.device_get(state.step)) / run.steps_per_epoch,
         "wall_time_s": time.perf_counter() - start_time,
         "examples_per_s": train_metrics.get("train/examples_per_s"),
-        "model": config.model.name,
+        "model": exp.model.name,
         "num_params": int(num_params),
         "num_trainable_params": int(run.num_trainable),
         "data": ds["train"].info.description or data.name,
@@ -80,7 +72,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if experiment.main_process():
         write_json_atomic(results_path, results)
         report.curves(run.history, os.path.join(workdir, "curves.png"),
-                    title=f"{config.model.name} on {results['data']}")
+                    title=f"{exp.model.name} on {results['data']}")
         print(f"test accuracy {results['test_accuracy']:.4f} after {results['steps']} steps "
               f"in {results['wall_time_s']:.1f} s; results in {results_path}")
     return results

@@ -184,9 +184,12 @@ def fit_supernet(model: nnx.Module, train: pipeline.ImageArrays, config: ml_coll
     workdir/checkpoints) with the ``optim`` (OptimConfig), ``train`` (ClassifierTrainConfig) and
     ``sandwich`` (SandwichConfig) sections of ``config``. ``settings``: what else shapes the weights
     (the sampler's section), kept beside the checkpoints. Returns (defs, state, last train metrics)."""
-    opt = config_lib.build(optim.OptimConfig, config, "optim")
-    train_config = config_lib.build(ClassifierTrainConfig, config, "train")
-    sandwich = config_lib.build(SandwichConfig, config, "sandwich")
+    if dataclasses.is_dataclass(config):
+        opt, train_config, sandwich = config.optim, config.train, config.sandwich
+    else:
+        opt = config_lib.build(optim.OptimConfig, config, "optim")
+        train_config = config_lib.build(ClassifierTrainConfig, config, "train")
+        sandwich = config_lib.build(SandwichConfig, config, "sandwich")
     steps = total_steps(train_config, len(train))
     tx = optim.make_optimizer(opt, steps)
     defs, train_state = create_train_state(model, tx, seed=seed)

@@ -22,13 +22,14 @@ from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer, array_digest
 from research.core.loop import evaluate, fit
-from research.core.mesh import LogicalRules
+from research.core.mesh import LogicalRules, MeshConfig
 from research.core.records import MetricWriter, image_grid
 from research.core.train import (ModelDefs, TrainState, classification_loss, create_train_state, jit_eval_step,
                                  jit_train_step, make_eval_step, make_train_step, place_on_mesh)
 from research.core.optim import OptimConfig
 from research.data import pipeline, sources
 from research.data.sections import DataSource
+from research.models import ModelConfig
 from research.models.filters import PARAM_SUBSETS, param_filter
 
 
@@ -97,6 +98,21 @@ class PretrainConfig:
     def __post_init__(self):
         config_lib.check_fields(self)
         config_lib.require(self, "crop_padding", self.crop_padding >= 0, "an int >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierTraining:
+    """An image classifier trained from scratch (the train_classifier experiment): ``model`` on
+    ``data`` with ``optim`` and ``train`` from ``seed``, laid out on ``mesh``."""
+    seed: int = 0
+    data: ClassifierData = ClassifierData()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: ClassifierTrainConfig = ClassifierTrainConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        config_lib.check_fields(self)
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from research.core import config as config_lib
 from research.data import pipeline, sources
 from research.adapters.online_stream import StreamData
 from research.anytime.train import AnytimeData
-from research.multiplicity.data import RashomonData
+from research.multiplicity.benchmark import RashomonData
 from research.recipes.classify import ClassifierData, FinetuneData
 from research.recipes.mae_train import GeneratorData
 from research.unlearning.benchmark import UnlearningData

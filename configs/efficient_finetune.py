@@ -20,44 +20,26 @@ Presets (comma-separated, ``smoke`` shrinks any of them to seconds):
 """
 import ml_collections
 
+from research.backprop.finetune import EfficientFinetune, FinetuneStage, PretrainStage
 from research.core import config as config_lib
-from research.recipes.classify import ClassifierTrainConfig
-from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
-from research.recipes.classify import FinetuneData
-from research.models import ModelConfig
+from research.recipes.classify import ClassifierTrainConfig
 
 PRESETS = ("smoke", "mobilenet_v2", "vit")
 
 
-def _stage(lr: float, epochs: int, name: str = "sgd") -> ml_collections.ConfigDict:
-    """The ``optim`` and ``train`` sections of one training stage."""
-    return ml_collections.ConfigDict({
-        "optim": config_lib.section(OptimConfig, name=name, lr=lr),
-        "train": config_lib.section(ClassifierTrainConfig, eval_batch_size=500, epochs=epochs)})
+def _stage(cls, lr: float, epochs: int, name: str = "sgd", **fields) -> ml_collections.ConfigDict:
+    """A training stage's section with its optimiser ``name`` at ``lr`` for ``epochs``."""
+    return config_lib.section(cls, optim=OptimConfig(name=name, lr=lr),
+                              train=ClassifierTrainConfig(eval_batch_size=500, epochs=epochs), **fields)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/efficient_finetune.py")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-
-    c.data = config_lib.section(FinetuneData)  # classes 0-4 -> 5-9 of Fashion-MNIST, 2-pixel crops
-
-    c.model = config_lib.section(ModelConfig)
-
-    c.pretrain = _stage(lr=0.1, epochs=3)
-    c.pretrain.workdir = ""         # "" = WORKDIR/pretrain; another run's folder reuses (or resumes) its pre-training
-
-    c.finetune = _stage(lr=0.05, epochs=2)
-    c.finetune.unit = "layers"      # layers: the last N conv (CNN) / token-linear (ViT) layers; blocks: model.blocks
-    c.finetune.last_n = 2
-    c.finetune.variants = ("vanilla", "filter_r2", "filter_r4", "head_only")
-
-    c.measure = ml_collections.ConfigDict()
-    c.measure.repeats = 5           # timed backward passes per variant (median), at finetune.train.batch_size
-
-    c.mesh = config_lib.section(MeshConfig)
+    # The defaults (research/backprop/finetune.py): a ResNet-20 pre-trained on Fashion-MNIST's classes
+    # 0-4 (SGD lr 0.1, 3 epochs), its last 2 convolutions fine-tuned on 5-9 (lr 0.05, 2 epochs) with
+    # vanilla backprop, gradient filtering at R 2 and 4, and the head alone.
+    c = config_lib.section(EfficientFinetune)
 
     if "mobilenet_v2" in presets:
         c.data.name = "cifar10_sample"
@@ -69,13 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "vit" in presets:
         c.model.name = "vit_tiny"
         c.model.depth = 4
-        c.pretrain = _stage(lr=1e-3, epochs=3, name="adamw")
-        c.pretrain.workdir = ""
+        c.pretrain = _stage(PretrainStage, lr=1e-3, epochs=3, name="adamw")
         c.pretrain.optim.update(weight_decay=0.05, warmup_steps=100, grad_clip_norm=1.0)
-        c.finetune = _stage(lr=5e-4, epochs=1, name="adamw")
-        c.finetune.unit = "blocks"
-        c.finetune.last_n = 2
-        c.finetune.variants = ("vanilla", "lbp_k2", "lbp_k4", "lbp_k6", "head_only")
+        c.finetune = _stage(FinetuneStage, lr=5e-4, epochs=1, name="adamw", unit="blocks", last_n=2,
+                            variants=("vanilla", "lbp_k2", "lbp_k4", "lbp_k6", "head_only"))
     if "smoke" in presets:
         c.data.train_limit = 256
         for stage in (c.pretrain, c.finetune):

@@ -12,30 +12,16 @@ stopped run resumes where it was.
 import ml_collections
 
 from research.core import config as config_lib
-from research.nas.proxies import PROXY_NAMES
+from research.nas.benchmark import NASCorrelation
 
 PRESETS = ("smoke", "cifar100")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/nas_correlation.py")
-    c = ml_collections.ConfigDict()
-    c.seed = 0                        # network initialisation (the same for every cell)
-    c.dataset = "cifar10"             # cifar10 | cifar100 (key of the ground-truth file)
-    c.ground_truth = ""               # zc_nasbench201.json ("" = $RESEARCH_DATA_DIR/nasbench201/)
-    c.num_cells = 0                   # 0 = every cell the file has for the dataset
-    c.proxies = PROXY_NAMES
-    c.mode = "exact"                  # exact: one network per cell, op by op | masked: super-network, vmapped
-    c.chunk = 4                       # cells per vmapped call (mode=masked)
-    c.width = 16                      # NB201's C
-    c.cells_per_stage = 5             # NB201's N
-    c.progress = True
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "auto"            # auto | offline | hub
-    c.data.data_dir = ""
-    c.data.num_images = 256           # fixed training images every proxy reads from
-    c.data.seed = 0
+    # The defaults (research/nas/benchmark.py): every NB201 cell of the CIFAR-10 ground truth, every
+    # proxy, one network per cell at NB201's size (C 16, N 5), 256 fixed training images.
+    c = config_lib.section(NASCorrelation)
     if "cifar100" in presets:
         c.dataset = "cifar100"
     if "smoke" in presets:

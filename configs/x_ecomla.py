@@ -26,37 +26,17 @@ reference's plain SVD), ``rank_energy=0.95``, ``gqa_layers=0,29``, ``--config.re
 """
 import ml_collections
 
-from research.upcycling.reconstruct import ReconstructConfig
-from research.upcycling.upcycle import UpcycleConfig
 from research.core import config as config_lib
-from research.core.mesh import MeshConfig
-from research.core.optim import OptimConfig
-from research.data.text import KJVWindows
-from research.distill import DistillConfig
-from research.models.pretrained import LlamaSource
+from research.upcycling.xecomla import XEcoMLA
 
 PRESETS = ("smoke", "kv25", "kv50", "gpu", "budget", "mean_key", "no_layerwise", "hybrid")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/x_ecomla.py")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-
-    c.model = config_lib.section(LlamaSource)
-    c.data = config_lib.section(KJVWindows)
-    c.upcycle = config_lib.section(UpcycleConfig, kv_rank=56, rope_dim=4, activation_aware=True, rope_key="shared_fit")
-    c.reconstruct = config_lib.section(ReconstructConfig, steps=100, lr=1e-3)  # layer-wise fitting before KD
-    c.distill = config_lib.section(DistillConfig)
-    c.optim = config_lib.section(OptimConfig, name="adamw", lr=2e-4, weight_decay=0.0, warmup_steps=10,
-                                 grad_clip_norm=1.0)
-
-    # budget_minutes: held-out evaluation when the KD steps' own time reaches each mark; the run
-    # ends at the last one (one uninterrupted run: a resumed run's clock would restart).
-    c.train = ml_collections.ConfigDict(dict(steps=120, batch_size=4, grad_accum_steps=1, log_every=10,
-                                             checkpoint_every=20, progress=True, budget_minutes=()))
-
-    c.mesh = config_lib.section(MeshConfig)
+    # The defaults (research/upcycling/xecomla.py): SmolLM2-135M-Instruct upcycled at r_kv 56 + a
+    # shared d_r 4 key (6.4x), 100 steps of layer-wise fitting, then 120 KD steps of 4 windows.
+    c = config_lib.section(XEcoMLA)
 
     for preset in presets:
         if preset == "kv25":

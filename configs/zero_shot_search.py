@@ -19,39 +19,16 @@ the mobilenet space from about 13 to 210 M multiply-adds (MobileNetV2 itself: 88
 import ml_collections
 
 from research.core import config as config_lib
+from research.nas.benchmark import ZeroShotSearch
 
 PRESETS = ("smoke", "cifar100", "mobilenet")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_lib.parse_presets(arg, PRESETS, "configs/zero_shot_search.py")
-    c = ml_collections.ConfigDict()
-    c.space = "nb201"                 # nb201 | mobilenet
-    c.proxy = "zico"                  # any name of research.nas.proxies
-    c.budget_kind = "flops"           # flops | params | latency
-    c.budget = 100.0                  # MFLOPs | M params | ms
-    c.population = 20                 # P
-    c.steps = 100                     # mutations tried by evolution
-    c.seed = 0                        # search, network initialisation (one for all) and proxy key
-    c.num_images = 256                # fixed CIFAR training images the proxy reads from
-    c.dataset = "cifar10"             # cifar10 | cifar100: images, classes, ground truth
-    c.jit = False                     # compile each candidate's proxy whole (else op by op)
-    c.progress = True
-    # NB201
-    c.candidates = "file"             # file: only the ground-truth file's cells | all: 15,625
-    c.ground_truth = ""               # zc_nasbench201.json ("" = $RESEARCH_DATA_DIR/nasbench201/)
-    c.width = 16                      # NB201's C
-    c.cells_per_stage = 5             # NB201's N
-    # mobilenet
-    c.width_multiplier = 1.0          # scales every width of the space (1.0: MobileNetV2's)
-    # budget_kind=latency
-    c.latency_batch = 1
-    c.latency_runs = 5                # median of this many timed forward passes
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "auto"            # auto | offline | hub
-    c.data.data_dir = ""
-    c.data.seed = 0                   # which training images
+    # The defaults (research/nas/benchmark.py): NB201's file cells, ZiCo, 100 MFLOPs, a population
+    # of 20 and 100 mutations, 256 fixed CIFAR-10 images.
+    c = config_lib.section(ZeroShotSearch)
     if "cifar100" in presets:
         c.dataset = "cifar100"
     if "mobilenet" in presets:

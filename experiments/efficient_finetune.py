@@ -12,8 +12,8 @@ a setting that shapes it changed.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 import time
 
 import ml_collections
@@ -22,101 +22,55 @@ from flax import nnx
 from research.backprop.apply import (enable_gradient_filter, enable_lbp_wht, layer_params_filter,
                                      select_layers, trace_layers)
 from research.backprop.cost import finetune_backward_cost
+from research.backprop.finetune import EfficientFinetune, layer_kind
 from research.backprop.measure import backward_profile
 from research.core import cli, experiment, report
 from research.core import config as cfg
 from research.core.mesh import shard_batch
-from research.core.optim import OptimConfig
 from research.core.records import read_signed, write_signed
 from research.core.train import classification_loss
 from research.data import pipeline
 from research.data.augment import make_preprocess
-from research.models import COMPUTE_DTYPES, ModelConfig, build_from_config
-from research.recipes.classify import ClassifierTrainConfig, FinetuneData, fit_classifier
-
-VARIANT = re.compile(r"^(vanilla|head_only|filter_r(?P<r>[1-9]\d*)|lbp_k(?P<k>[1-9]\d*))$")
-UNITS = ("layers", "blocks")
+from research.models import COMPUTE_DTYPES, build_from_config
+from research.recipes.classify import fit_classifier
 
 
-def parse_variants(names: tuple[str, ...]) -> list[tuple[str, str, int | None]]:
-    """("vanilla", "filter_r2", "lbp_k6") -> [(name, method, setting)] with method vanilla|head_only|filter|lbp."""
-    variants = []
-    for name in names:
-        match = VARIANT.match(str(name))
-        if not match:
-            raise cfg.ConfigError(f"finetune.variants: unknown variant {name!r}; allowed: vanilla, head_only, "
-                                  "filter_rR (R >= 1), lbp_kK (1 <= K <= 15)")
-        if match["r"]:
-            variants.append((name, "filter", int(match["r"])))
-        elif match["k"]:
-            if int(match["k"]) > 15:
-                raise cfg.ConfigError(f"finetune.variants: {name}: K must be in 1..15")
-            variants.append((name, "lbp", int(match["k"])))
-        else:
-            variants.append((name, name, None))
-    return variants
-
-
-def validate(config: ml_collections.ConfigDict) -> list[tuple[str, str, int | None]]:
-    model = cfg.build(ModelConfig, config, "model")
-    cfg.build(FinetuneData, config, "data")
-    cfg.check_choice(config, "finetune.unit", UNITS)
-    cfg.check(config, "finetune.last_n", lambda v: v > 0, "a positive int")
-    cfg.check(config, "measure.repeats", lambda v: v > 0, "a positive int")
-    for stage in ("pretrain", "finetune"):
-        cfg.build(OptimConfig, config, f"{stage}.optim")
-        cfg.build(ClassifierTrainConfig, config, f"{stage}.train")
-    variants = parse_variants(config.finetune.variants)
-    if not variants:
-        raise cfg.ConfigError("finetune.variants: empty; give a tuple such as (vanilla, filter_r2)")
-    kind = layer_kind(model.name)
-    for name, method, _ in variants:
-        if (method, kind) in (("filter", "linear"), ("lbp", "conv")):
-            raise cfg.ConfigError(f"finetune.variants: {name} does not apply to {model.name} "
-                                  f"(its fine-tuned layers are {kind} layers)")
-    return variants
-
-
-def layer_kind(model_name: str) -> str:
-    return "linear" if model_name.startswith("vit") else "conv"
-
-
-def finetuned_layers(model: nnx.Module, input_shape, config: ml_collections.ConfigDict):
+def finetuned_layers(model: nnx.Module, input_shape, exp: EfficientFinetune):
     """The conv (CNN) or token-linear (ViT) layers that fine-tuning trains, in execution order."""
     calls = trace_layers(model, input_shape)
-    kind = layer_kind(config.model.name)
-    if config.finetune.unit == "blocks":
+    kind = layer_kind(exp.model.name)
+    if exp.finetune.unit == "blocks":
         num_blocks = len(model.blocks)
-        if config.finetune.last_n > num_blocks:
-            raise cfg.ConfigError(f"finetune.last_n: {config.model.name} has {num_blocks} blocks, "
-                                  f"got {config.finetune.last_n}")
-        ids = range(num_blocks - config.finetune.last_n, num_blocks)
+        if exp.finetune.last_n > num_blocks:
+            raise cfg.ConfigError(f"finetune.last_n: {exp.model.name} has {num_blocks} blocks, "
+                                  f"got {exp.finetune.last_n}")
+        ids = range(num_blocks - exp.finetune.last_n, num_blocks)
         return select_layers(calls, kind, pattern="^blocks/(" + "|".join(map(str, ids)) + ")/")
-    return select_layers(calls, kind, pattern="^blocks/" if kind == "linear" else "", last_n=config.finetune.last_n)
+    return select_layers(calls, kind, pattern="^blocks/" if kind == "linear" else "", last_n=exp.finetune.last_n)
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    variants = validate(config)
+    exp = cfg.build(EfficientFinetune, config)
     start_time = time.perf_counter()
     mesh = experiment.start(config, workdir)
-    rules = experiment.mesh_config(config).logical
+    rules = exp.mesh.logical
 
-    data = cfg.build(FinetuneData, config, "data")
-    (pre_train, pre_test), (fine_train, fine_test) = pipeline.split_halves(*data.splits(), data.split, config.seed)
+    data = exp.data
+    (pre_train, pre_test), (fine_train, fine_test) = pipeline.split_halves(*data.splits(), data.split, exp.seed)
     pre_train, fine_train = pre_train.first(data.train_limit), fine_train.first(data.train_limit)
     mean, std = pipeline.channel_stats(pre_train.images)  # the backbone's normalisation, kept for fine-tuning
-    dtype = COMPUTE_DTYPES[config.model.dtype]
+    dtype = COMPUTE_DTYPES[exp.model.dtype]
     preprocess = make_preprocess(mean, std, data.crop_padding, data.flip, dtype)
     input_shape = pre_train.images.shape[1:]
 
     def new_model(seed: int, num_classes: int) -> nnx.Module:
-        return build_from_config(config.model, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(seed))
+        return build_from_config(exp.model, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(seed))
 
     # Stage 1: pre-train the whole network on the first half (or reuse a finished pre-training).
     t0 = time.perf_counter()
-    pretrain_dir = config.pretrain.workdir or os.path.join(workdir, "pretrain")
-    pre = fit_classifier(new_model(config.seed, pre_train.num_classes), pre_train, pre_test, config.pretrain,
-                         preprocess=preprocess, mesh=mesh, workdir=pretrain_dir, seed=config.seed, rules=rules)
+    pretrain_dir = exp.pretrain.workdir or os.path.join(workdir, "pretrain")
+    pre = fit_classifier(new_model(exp.seed, pre_train.num_classes), pre_train, pre_test, exp.pretrain,
+                         preprocess=preprocess, mesh=mesh, workdir=pretrain_dir, seed=exp.seed, rules=rules)
     pretrained = nnx.state(pre.model())
     results = {"pretrain": {"test_acc": pre.eval_metrics.get("test/accuracy"), "steps": int(pre.state.step),
                             "seconds": time.perf_counter() - t0, "train_examples": len(pre_train),
@@ -126,25 +80,25 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # gets a freshly initialised head; a new sample of the same classes keeps the pre-trained one.
     if data.split == "classes":
         pretrained = pretrained.filter(nnx.Not(lambda path, value: "head" in path))
-    measure_batch = pipeline.train_batch(fine_train, config.finetune.train.batch_size, config.seed, 0)
+    measure_batch = pipeline.train_batch(fine_train, exp.finetune.train.batch_size, exp.seed, 0)
     # A finished variant is reused only if everything that shapes it is unchanged (not its timing:
     # a rerun keeps the backward time it measured).
-    signature = config.to_dict()
+    signature = dataclasses.asdict(exp)
     signature["finetune"].pop("variants")
     for stage in ("pretrain", "finetune"):
         signature[stage]["train"].pop("progress")
     variant_results = {}
     layer_paths = []
-    for name, method, setting in variants:
+    for name, method, setting in exp.variants:
         record = os.path.join(workdir, "finetune", name, "variant.json")
         saved = read_signed(record, signature)
         if saved is not None:
             variant_results[name], layer_paths = saved["result"], saved["layers"]
             print(f"{name}: reusing {record}")
             continue
-        model = new_model(config.seed + 1, fine_train.num_classes)
+        model = new_model(exp.seed + 1, fine_train.num_classes)
         nnx.update(model, pretrained)
-        layers = finetuned_layers(model, input_shape, config)
+        layers = finetuned_layers(model, input_shape, exp)
         layer_paths = [c.path for c in layers]
         if method == "filter":
             enable_gradient_filter(model, layers, setting)
@@ -152,12 +106,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             enable_lbp_wht(model, layers, setting)
         trained = [] if method == "head_only" else layers
         t0 = time.perf_counter()
-        run = fit_classifier(model, fine_train, fine_test, config.finetune, preprocess=preprocess, mesh=mesh,
+        run = fit_classifier(model, fine_train, fine_test, exp.finetune, preprocess=preprocess, mesh=mesh,
                              workdir=os.path.join(workdir, "finetune", name), trainable=layer_params_filter(trained),
-                             train_mode=False, seed=config.seed, rules=rules)
+                             train_mode=False, seed=exp.seed, rules=rules)
         seconds = time.perf_counter() - t0
-        profile = _profile_backward(run, preprocess, measure_batch, mesh, config.measure.repeats)
-        analytic = finetune_backward_cost(trained, batch=config.finetune.train.batch_size,
+        profile = _profile_backward(run, preprocess, measure_batch, mesh, exp.measure.repeats)
+        analytic = finetune_backward_cost(trained, batch=exp.finetune.train.batch_size,
                                           patch_size=setting if method == "filter" else None,
                                           lbp_k=setting if method == "lbp" else None)
         variant_results[name] = {
@@ -179,12 +133,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results.update({
         "variants": variant_results,
         "finetuned_layers": layer_paths,
-        "model": config.model.name,
+        "model": exp.model.name,
         "data": data.name,
         "split": data.split,
         "finetune_examples": len(fine_train),
         "test_examples": len(fine_test),
-        "measure_batch_size": config.finetune.train.batch_size,
+        "measure_batch_size": exp.finetune.train.batch_size,
         "wall_time_s": time.perf_counter() - start_time,
         "devices": experiment.device_summary(mesh),
     })

@@ -12,6 +12,7 @@ stored in the file, for reference), results.md and correlation.png.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -27,37 +28,23 @@ from research.core import cli, experiment, report
 from research.core import config as cfg
 from research.core.records import write_json_atomic
 from research.nas import nb201, proxies, scoring
-from research.nas.benchmark import DATASETS, ground_truth_path, load_ground_truth, naslib_cell, proxy_batch
+from research.nas.benchmark import DATASETS, NASCorrelation, ground_truth_path, load_ground_truth, naslib_cell
 
 NASLIB_STORED = ("flops", "params", "synflow", "grasp", "fisher", "grad_norm", "snip", "jacov", "nwot")
 
 
-def validate(config: ml_collections.ConfigDict) -> list[str]:
-    cfg.check_choice(config, "dataset", DATASETS)
-    cfg.check_choice(config, "mode", ("exact", "masked"))
-    cfg.check(config, "num_cells", lambda n: n >= 0, "an integer >= 0 (0 = all)")
-    cfg.check(config, "chunk", lambda n: n >= 1, "an integer >= 1")
-    cfg.check(config, "data.num_images", lambda n: n >= 1, "an integer >= 1")
-    names = cfg.check_names(config, "proxies", proxies.PROXY_NAMES)
-    need = max(proxies.get(n).batch_size for n in names)
-    if config.data.num_images < need:
-        raise cfg.ConfigError(f"data.num_images={config.data.num_images}: the proxies chosen read "
-                              f"up to {need} images; allowed: >= {need}")
-    return names
-
-
-def score_exact(config, names, cells, batch, done: dict, save, bar) -> None:
+def score_exact(exp: NASCorrelation, names, cells, batch, done: dict, save, bar) -> None:
     """One network per cell, run op by op: each NB201 operation compiles once per shape and is
     reused by every cell (``research.models.compiled.run_compiled``), where compiling a whole
     program per cell would cost more than running it."""
-    _, classes = DATASETS[config.dataset]
-    key = jax.random.key(config.seed)
+    _, classes = DATASETS[exp.dataset]
+    key = jax.random.key(exp.seed)
     for k in cells:
         todo = [n for n in names if n not in done.get(k, {})]
         if not todo:
             continue
-        model = nb201.NB201Network(naslib_cell(k), num_classes=classes, C=config.width,
-                                   N=config.cells_per_stage, rngs=nnx.Rngs(config.seed))
+        model = nb201.NB201Network(naslib_cell(k), num_classes=classes, C=exp.width,
+                                   N=exp.cells_per_stage, rngs=nnx.Rngs(exp.seed))
         for name in todo:
             start = time.perf_counter()
             value = float(proxies.score(name, model, batch, key, jit=False))
@@ -66,18 +53,18 @@ def score_exact(config, names, cells, batch, done: dict, save, bar) -> None:
         bar.update(1)
 
 
-def score_masked(config, names, cells, batch, done: dict, save, bar) -> None:
+def score_masked(exp: NASCorrelation, names, cells, batch, done: dict, save, bar) -> None:
     """The masked super-network: one compilation per proxy, ``chunk`` cells per vmapped call."""
-    _, classes = DATASETS[config.dataset]
-    model = nb201.NB201Network(None, num_classes=classes, C=config.width, N=config.cells_per_stage,
-                               rngs=nnx.Rngs(config.seed))
+    _, classes = DATASETS[exp.dataset]
+    model = nb201.NB201Network(None, num_classes=classes, C=exp.width, N=exp.cells_per_stage,
+                               rngs=nnx.Rngs(exp.seed))
     for name in names:
         todo = [k for k in cells if name not in done.get(k, {})]
         if not todo:
             continue
         start = time.perf_counter()
         values = scoring.score_cells(name, model, [naslib_cell(k) for k in todo], batch,
-                                     jax.random.key(config.seed), chunk=config.chunk)
+                                     jax.random.key(exp.seed), chunk=exp.chunk)
         seconds = (time.perf_counter() - start) / len(todo)  # compilation included, amortised
         for k, v in zip(todo, values):
             done.setdefault(k, {})[name] = {"value": float(v), "seconds": seconds}
@@ -111,15 +98,15 @@ def plot(workdir: str, names, table: dict, accuracy: np.ndarray, summary: dict) 
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    names = validate(config)
-    cells = load_ground_truth(ground_truth_path(config.ground_truth, config.data.data_dir), config.dataset,
-                              config.num_cells, config.seed)
-    batch = proxy_batch(config.dataset, config.data.num_images, config.data.seed, source=config.data.source,
-                        data_dir=config.data.data_dir or None)
+    exp = cfg.build(NASCorrelation, config)
+    names = list(exp.proxies)
+    cells = load_ground_truth(ground_truth_path(exp.ground_truth, exp.data.data_dir), exp.dataset, exp.num_cells,
+                              exp.seed)
+    batch = exp.data.batch(exp.dataset, exp.data.num_images)
     experiment.start(config, workdir)
     # Scores are reusable only under the same protocol (seed, images, network size).
-    signature = {k: config[k] for k in ("seed", "dataset", "width", "cells_per_stage")}
-    signature["data"] = config.data.to_dict()
+    settings = dataclasses.asdict(exp)
+    signature = {k: settings[k] for k in ("seed", "dataset", "width", "cells_per_stage", "data")}
     path = os.path.join(workdir, "scores.json")
     done = {}
     if os.path.exists(path):
@@ -133,16 +120,16 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             write_json_atomic(path, {"signature": signature, "cells": done})
 
     scored = sum(all(n in done.get(k, {}) for n in names) for k in cells)
-    print(f"{len(cells)} NB201 cells ({config.dataset}), proxies: {', '.join(names)}; "
-          f"{config.mode} mode; {scored} already scored", flush=True)
+    print(f"{len(cells)} NB201 cells ({exp.dataset}), proxies: {', '.join(names)}; "
+          f"{exp.mode} mode; {scored} already scored", flush=True)
     # A seeded random order: the cells an interrupted run has scored are a uniform sample.
-    order = [str(k) for k in np.random.default_rng(config.seed).permutation(list(cells))]
-    with tqdm(total=len(cells), initial=scored, disable=not config.progress, desc="cells") as bar:
-        (score_exact if config.mode == "exact" else score_masked)(config, names, order, batch, done,
+    order = [str(k) for k in np.random.default_rng(exp.seed).permutation(list(cells))]
+    with tqdm(total=len(cells), initial=scored, disable=not exp.progress, desc="cells") as bar:
+        (score_exact if exp.mode == "exact" else score_masked)(exp, names, order, batch, done,
                                                                    save, bar)
     accuracy = np.array([cells[k]["val_accuracy"] for k in cells])
     table = {n: np.array([done[k][n]["value"] for k in cells]) for n in names}
-    summary = {"dataset": config.dataset, "n_cells": len(cells), "mode": config.mode,
+    summary = {"dataset": exp.dataset, "n_cells": len(cells), "mode": exp.mode,
                "spearman": {}, "kendall": {}, "seconds_per_cell": {},
                "naslib_stored": {"spearman": {}, "kendall": {}}}
     for n in names:
@@ -152,11 +139,11 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stored = np.array([cells[k][n]["score"] for k in cells])
         rho, tau = correlations(stored, accuracy)
         summary["naslib_stored"]["spearman"][n], summary["naslib_stored"]["kendall"][n] = rho, tau
-    lines = [f"{len(cells)} NB201 cells, {config.dataset}; {config.mode} mode", "",
-             "| proxy | Spearman | Kendall | s / cell |", "|---|---|---|---|"]
-    for n in sorted(names, key=lambda n: -np.nan_to_num(summary["spearman"][n], nan=-9)):
-        lines.append(f"| {n} | {summary['spearman'][n]:.3f} | {summary['kendall'][n]:.3f} | "
-                     f"{summary['seconds_per_cell'][n]:.2f} |")
+    ranked = sorted(names, key=lambda n: -np.nan_to_num(summary["spearman"][n], nan=-9))
+    lines = [f"{len(cells)} NB201 cells, {exp.dataset}; {exp.mode} mode", "",
+             *report.table(["proxy", "Spearman", "Kendall", "s / cell"],
+                           [[n, f"{summary['spearman'][n]:.3f}", f"{summary['kendall'][n]:.3f}",
+                             f"{summary['seconds_per_cell'][n]:.2f}"] for n in ranked])]
     if experiment.main_process():
         experiment.write_results(workdir, summary, "\n".join(lines))
         plot(workdir, names, table, accuracy, summary)

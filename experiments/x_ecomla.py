@@ -24,43 +24,31 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from research.upcycling.reconstruct import ReconstructConfig, reconstruct_layers
-from research.upcycling.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core import cli, experiment, optim, report
 from research.core import config as cfg
 from research.core.checkpoint import Checkpointer, array_digest
 from research.core.loop import fit
 from research.core.mesh import batch_sharding, replicated, state_shardings
-from research.core.optim import OptimConfig
 from research.core.records import MetricWriter, write_json_atomic
 from research.core.train import create_train_state, place_on_mesh
 from research.data.sources import default_cache_dir
-from research.data.text import KJVWindows, kjv_windows
-from research.distill import DistillConfig, make_kd_train_step
+from research.data.text import kjv_windows
+from research.distill import make_kd_train_step
 from research.distill.evaluate import lm_metrics, top1_predictions
-from research.models.pretrained import LlamaSource, load_llama
-
-
-def validate(config: ml_collections.ConfigDict):
-    """The sections, built (each checks itself), and the training loop's own settings."""
-    for key in ("train.steps", "train.batch_size"):
-        cfg.check(config, key, lambda v: v > 0, "a positive int")
-    cfg.check(config, "train.grad_accum_steps", lambda v: v > 0 and config.train.batch_size % v == 0,
-              "a positive divisor of train.batch_size")
-    cfg.check(config, "train.budget_minutes", lambda v: all(b > 0 for b in v) and list(v) == sorted(v),
-              "positive minutes in increasing order")
-    return (cfg.build(LlamaSource, config, "model"), cfg.build(KJVWindows, config, "data"),
-            cfg.build(UpcycleConfig, config, "upcycle"), cfg.build(ReconstructConfig, config, "reconstruct"),
-            cfg.build(DistillConfig, config, "distill"), cfg.build(OptimConfig, config, "optim"))
+from research.models.pretrained import load_llama
+from research.upcycling.reconstruct import reconstruct_layers
+from research.upcycling.upcycle import upcycle_gqa_to_mla
+from research.upcycling.xecomla import XEcoMLA
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    source, data, upcycle, reconstruct, distill, opt = validate(config)
+    exp = cfg.build(XEcoMLA, config)
+    source, data, upcycle, reconstruct, distill = exp.model, exp.data, exp.upcycle, exp.reconstruct, exp.distill
     start_time = time.perf_counter()
     mesh = experiment.start(config, workdir)
 
-    teacher_config, teacher, tokenizer = load_llama(source, seed=config.seed, default_cache_root=default_cache_dir())
-    rules = experiment.mesh_config(config).logical
+    teacher_config, teacher, tokenizer = load_llama(source, seed=exp.seed, default_cache_root=default_cache_dir())
+    rules = exp.mesh.logical
     teacher_graphdef, teacher_state = nnx.split(teacher)
     teacher_shardings = state_shardings(teacher_state, mesh, rules)  # a mesh that cannot hold the heads fails here
     train_windows, heldout_windows = kjv_windows(data, tokenizer)
@@ -69,7 +57,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if experiment.main_process():
         write_json_atomic(os.path.join(workdir, "upcycle.json"), upcycle_report)
 
-    eval_batch = config.train.batch_size
+    eval_batch = exp.train.batch_size
     teacher_top1 = top1_predictions(teacher, heldout_windows, eval_batch)
     teacher_eval = lm_metrics(teacher, heldout_windows, eval_batch)
     init_eval = lm_metrics(student, heldout_windows, eval_batch, teacher_top1)
@@ -80,27 +68,27 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ValueError(f"reconstruct.windows={reconstruct.windows} but there are only {len(train_windows)} "
                              "training windows")
         layerwise_report = reconstruct_layers(teacher, student, train_windows[:reconstruct.windows, :-1], reconstruct,
-                                              seed=config.seed, progress=config.train.progress)
+                                              seed=exp.seed, progress=exp.train.progress)
         if experiment.main_process():
             write_json_atomic(os.path.join(workdir, "reconstruct.json"), layerwise_report)
         layerwise_eval = lm_metrics(student, heldout_windows, eval_batch, teacher_top1)
         print(f"after layer-wise reconstruction ({layerwise_report['seconds'] / 60:.1f} min): held-out perplexity "
               f"{layerwise_eval['ppl']:.3f}")
 
-    steps = config.train.steps
-    tx = optim.make_optimizer(opt, steps)
-    defs, state = create_train_state(student, tx, distill.trainable_filter(), config.seed)
+    steps = exp.train.steps
+    tx = optim.make_optimizer(exp.optim, steps)
+    defs, state = create_train_state(student, tx, distill.trainable_filter(), exp.seed)
     state, shardings = place_on_mesh(state, mesh, rules)
     teacher_state = jax.device_put(teacher_state, teacher_shardings)
     kd_step = jax.jit(
         make_kd_train_step(defs, tx, teacher_graphdef, temperature=distill.temperature,
-                           ce_weight=distill.ce_weight, accum_steps=config.train.grad_accum_steps),
+                           ce_weight=distill.ce_weight, accum_steps=exp.train.grad_accum_steps),
         in_shardings=(shardings, teacher_shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
     def next_batch(step: int) -> dict[str, np.ndarray]:
-        rows = np.random.default_rng([config.seed, step]).choice(len(train_windows), config.train.batch_size,
-                                                                   replace=len(train_windows) < config.train.batch_size)
+        rows = np.random.default_rng([exp.seed, step]).choice(len(train_windows), exp.train.batch_size,
+                                                                   replace=len(train_windows) < exp.train.batch_size)
         windows = train_windows[rows]
         return {"inputs": windows[:, :-1], "labels": windows[:, 1:], "mask": np.ones(windows[:, 1:].shape, np.float32)}
 
@@ -112,7 +100,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         host = jax.device_get(state)
         figures = lm_metrics(nnx.merge(defs.eval, host.params, host.frozen, host.rest), heldout_windows, eval_batch,
                              teacher_top1)
-        budgets.append({"minutes": seconds / 60, "step": step, "tokens": step * config.train.batch_size * data.seq_len,
+        budgets.append({"minutes": seconds / 60, "step": step, "tokens": step * exp.train.batch_size * data.seq_len,
                         "ppl": figures["ppl"], "top1_agreement": figures["top1_agreement"]})
         writer.scalars(step, {"budget/ppl": figures["ppl"], "budget/top1_agreement": figures["top1_agreement"]})
         if experiment.main_process():
@@ -122,18 +110,18 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # What decides the student's weights; resuming under other values is refused (research/core/checkpoint.py).
     settings = {key: config[key].to_dict() for key in ("model", "data", "upcycle", "reconstruct", "distill", "optim")}
-    settings.update(seed=config.seed, data_digest=array_digest(train_windows),
-                    train={k: config.train[k] for k in ("steps", "batch_size", "grad_accum_steps")})
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every or steps,
+    settings.update(seed=exp.seed, data_digest=array_digest(train_windows),
+                    train={k: getattr(exp.train, k) for k in ("steps", "batch_size", "grad_accum_steps")})
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), exp.train.checkpoint_every or steps,
                                 settings=settings)
-    if config.train.budget_minutes and checkpointer.latest_step():
+    if exp.train.budget_minutes and checkpointer.latest_step():
         raise ValueError(f"train.budget_minutes times one uninterrupted run, but {workdir} holds a checkpoint at step "
                          f"{checkpointer.latest_step()}; use a new --workdir")
     state, train_metrics, _ = fit(
         state, lambda s, batch: kd_step(s, teacher_state, batch), next_batch, steps, mesh=mesh, writer=writer,
-        checkpointer=checkpointer, learning_rate=optim.make_schedule(opt, steps),
-        log_every=config.train.log_every, progress=config.train.progress,
-        time_budgets=[60 * m for m in config.train.budget_minutes], on_budget=on_budget)
+        checkpointer=checkpointer, learning_rate=optim.make_schedule(exp.optim, steps),
+        log_every=exp.train.log_every, progress=exp.train.progress,
+        time_budgets=[60 * m for m in exp.train.budget_minutes], on_budget=on_budget)
     checkpointer.close()
 
     host = jax.device_get(state)
@@ -158,7 +146,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "reconstruct_s": layerwise_report["seconds"] if layerwise_report else 0.0,
         "budgets": budgets,
         "train_loss": train_metrics.get("train/loss"),
-        "train_tokens": int(jax.device_get(state.step)) * config.train.batch_size * data.seq_len,
+        "train_tokens": int(jax.device_get(state.step)) * exp.train.batch_size * data.seq_len,
         "heldout_tokens": int(heldout_windows.shape[0] * data.seq_len),
         "steps": int(jax.device_get(state.step)),
         "num_trainable_params": int(num_trainable),

@@ -23,64 +23,45 @@ import numpy as np
 from research.core import cli, experiment, report
 from research.core import config as cfg
 from research.data import sources
-from research.nas import proxies, search
-from research.nas.benchmark import DATASETS, ground_truth_path, load_ground_truth, naslib_cell, proxy_batch
+from research.nas import search
+from research.nas.benchmark import DATASETS, ZeroShotSearch, ground_truth_path, load_ground_truth, naslib_cell
 from research.nas.macro_space import MobileNetSpace
 
-SPACES = ("nb201", "mobilenet")
 METHODS = ("evolution", "random")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    cfg.check_choice(config, "space", SPACES)
-    cfg.check_choice(config, "proxy", proxies.PROXY_NAMES)
-    cfg.check_choice(config, "budget_kind", search.COST_KINDS)
-    cfg.check_choice(config, "dataset", DATASETS)
-    cfg.check_choice(config, "candidates", ("file", "all"))
-    unit = search.UNITS[config.budget_kind]
-    cfg.check(config, "budget", lambda b: b > 0, f"a number > 0 ({unit})")
-    cfg.check(config, "population", lambda n: n >= 1, "an integer >= 1")
-    cfg.check(config, "steps", lambda n: n >= 0, "an integer >= 0")
-    need = max(proxies.get(config.proxy).batch_size, 1)
-    cfg.check(config, "num_images", lambda n: n >= need,
-              f">= {need} (the images proxy {config.proxy} reads)")
-    for key in ("width", "cells_per_stage", "latency_batch", "latency_runs"):
-        cfg.check(config, key, lambda n: n >= 1, "an integer >= 1")
-    cfg.check(config, "width_multiplier", lambda m: m > 0, "a number > 0")
-
-
-def accuracies(config) -> dict:
+def accuracies(exp: ZeroShotSearch) -> dict:
     """{cell: val_accuracy} of the ground-truth file for ``dataset``; {} when the file is absent
     and not needed (``candidates=all``)."""
     try:
-        cells = load_ground_truth(ground_truth_path(config.ground_truth, config.data.data_dir), config.dataset)
+        cells = load_ground_truth(ground_truth_path(exp.ground_truth, exp.data.data_dir), exp.dataset)
     except sources.DataSourceError:
-        if config.candidates == "file":
+        if exp.candidates == "file":
             raise
         return {}
     return {naslib_cell(k): float(v["val_accuracy"]) for k, v in cells.items()}
 
 
-def make_space(config, accuracy: dict):
-    _, classes = DATASETS[config.dataset]
-    latency = {"latency_batch": config.latency_batch, "latency_runs": config.latency_runs}
-    if config.space == "mobilenet":
-        return MobileNetSpace(width_multiplier=config.width_multiplier, num_classes=classes,
+def make_space(exp: ZeroShotSearch, accuracy: dict):
+    _, classes = DATASETS[exp.dataset]
+    latency = {"latency_batch": exp.latency_batch, "latency_runs": exp.latency_runs}
+    if exp.space == "mobilenet":
+        return MobileNetSpace(width_multiplier=exp.width_multiplier, num_classes=classes,
                               **latency)
-    cells = sorted(accuracy) if config.candidates == "file" else None
-    return search.NB201Space(C=config.width, N=config.cells_per_stage, num_classes=classes,
+    cells = sorted(accuracy) if exp.candidates == "file" else None
+    return search.NB201Space(C=exp.width, N=exp.cells_per_stage, num_classes=classes,
                              cells=cells, **latency)
 
 
-def oracle(config, space, accuracy: dict) -> dict | None:
+def oracle(exp: ZeroShotSearch, space, accuracy: dict) -> dict | None:
     """The most accurate file cell within the budget (NB201, flops and params budgets)."""
-    if config.space != "nb201" or config.budget_kind == "latency" or not accuracy:
+    if exp.space != "nb201" or exp.budget_kind == "latency" or not accuracy:
         return None
-    feasible = [c for c in accuracy if space.cost(c, config.budget_kind) <= config.budget]
+    feasible = [c for c in accuracy if space.cost(c, exp.budget_kind) <= exp.budget]
     if not feasible:
         return None
     best = max(feasible, key=lambda c: (accuracy[c], c))
-    return {"best": space.describe(best), "cost": space.cost(best, config.budget_kind),
+    return {"best": space.describe(best), "cost": space.cost(best, exp.budget_kind),
             "val_accuracy": accuracy[best], "feasible_cells": len(feasible)}
 
 
@@ -133,36 +114,35 @@ def plot(workdir: str, summary: dict) -> None:
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    validate(config)
-    accuracy = accuracies(config) if config.space == "nb201" else {}
-    space = make_space(config, accuracy)
+    exp = cfg.build(ZeroShotSearch, config)
+    accuracy = accuracies(exp) if exp.space == "nb201" else {}
+    space = make_space(exp, accuracy)
     try:  # an impossible budget fails here, before any data is read
-        first, _ = search.sample_feasible(space, np.random.default_rng(config.seed),
-                                          config.budget_kind, config.budget)
+        first, _ = search.sample_feasible(space, np.random.default_rng(exp.seed),
+                                          exp.budget_kind, exp.budget)
     except search.BudgetError as e:
-        raise cfg.ConfigError(f"config key 'budget' = {config.budget!r}: {e}") from None
-    batch = proxy_batch(config.dataset, config.num_images, config.data.seed, source=config.data.source,
-                        data_dir=config.data.data_dir or None)
+        raise cfg.ConfigError(f"config key 'budget' = {exp.budget!r}: {e}") from None
+    batch = exp.data.batch(exp.dataset, exp.num_images)
     experiment.start(config, workdir)
-    _, classes = DATASETS[config.dataset]
-    score = search.proxy_scorer(space, config.proxy, batch, classes, config.seed, jit=config.jit)
-    common = {"kind": config.budget_kind, "budget": config.budget, "seed": config.seed,
-              "progress": config.progress}
+    _, classes = DATASETS[exp.dataset]
+    score = search.proxy_scorer(space, exp.proxy, batch, classes, exp.seed, jit=exp.jit)
+    common = {"kind": exp.budget_kind, "budget": exp.budget, "seed": exp.seed,
+              "progress": exp.progress}
     listed = f" ({len(space.cells)} file cells)" if getattr(space, "cells", None) else ""
-    print(f"{config.space} space{listed}, {config.budget_kind} <= {config.budget:g} "
-          f"{search.UNITS[config.budget_kind]}, proxy {config.proxy}", flush=True)
+    print(f"{exp.space} space{listed}, {exp.budget_kind} <= {exp.budget:g} "
+          f"{search.UNITS[exp.budget_kind]}, proxy {exp.proxy}", flush=True)
     # One untimed evaluation first: run op by op, a proxy compiles each new primitive on first use,
     # and that one-off cost would otherwise be charged to whichever method runs first.
     score(first)
-    evolution = search.evolution_search(space, score, population=config.population,
-                                        steps=config.steps, **common)
+    evolution = search.evolution_search(space, score, population=exp.population,
+                                        steps=exp.steps, **common)
     random = search.random_search(space, score, evaluations=evolution.evaluations, **common)
-    summary = {k: config[k] for k in ("space", "proxy", "dataset", "budget_kind", "budget",
-                                      "population", "steps", "seed")}
-    summary["units"] = search.UNITS[config.budget_kind]
+    summary = {k: getattr(exp, k) for k in ("space", "proxy", "dataset", "budget_kind", "budget", "population",
+                                            "steps", "seed")}
+    summary["units"] = search.UNITS[exp.budget_kind]
     summary["methods"] = {"evolution": row(space, evolution, accuracy),
                           "random": row(space, random, accuracy)}
-    summary["oracle"] = oracle(config, space, accuracy)
+    summary["oracle"] = oracle(exp, space, accuracy)
     lines = table(summary)
     if experiment.main_process():
         experiment.write_results(workdir, summary, "\n".join(lines))

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from experiments import efficient_finetune
-from research.core.config import ConfigError, load_config
+from research.backprop.finetune import EfficientFinetune
+from research.core.config import ConfigError, build, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYS = ("test_acc", "backward_flops", "activation_bytes", "backward_seconds_per_step")
@@ -63,7 +64,7 @@ def test_vit_lbp_wht_variants(tmp_path):
 def test_bad_config_is_rejected_before_any_work(overrides, message):
     config = load_config("configs/efficient_finetune.py:smoke", overrides)
     with pytest.raises(ConfigError, match=message):
-        efficient_finetune.validate(config)
+        build(EfficientFinetune, config)
 
 
 def test_cli_reports_one_line(tmp_path):

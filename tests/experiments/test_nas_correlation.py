@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from experiments import nas_correlation
-from research.core.config import ConfigError, load_config
+from research.core.config import ConfigError, build, load_config
+from research.nas.benchmark import NASCorrelation
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.path.join(os.environ.get("RESEARCH_DATA_DIR", ""), "nasbench201",
@@ -41,4 +42,4 @@ def test_smoke_run_records_every_proxy_and_a_rerun_reuses_the_scores(tmp_path, c
 def test_bad_config_values_are_rejected(key, value, message):
     config = load_config("configs/nas_correlation.py:smoke", {key: value})
     with pytest.raises(ConfigError, match=message):
-        nas_correlation.validate(config)
+        build(NASCorrelation, config)

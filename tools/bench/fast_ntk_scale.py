@@ -24,21 +24,22 @@ import time
 import jax
 import numpy as np
 
-from research.core.config import load_config
+from research.core.config import build, load_config
 from research.unlearning import ntk
 from research.unlearning.model import Unlearnable
 from research.unlearning.train import fit
 
 
 def _setup(images: int):
-    from experiments import unlearning as exp
-    config = load_config("configs/unlearning.py:fast_ntk_effnet", {"data.train_total": images})
-    train, _ = exp.data_of_d(config, 0)
-    shape = exp.model_input_shape(config, train.images.shape[1:])
-    backbone_state, preprocess, _ = exp.imagenet_backbone(config, shape)
-    recipe = exp.validate(config)[2]
-    model, subset = exp.model_at_init(config, recipe, backbone_state, train.num_classes, shape, 0)
-    return Unlearnable.from_model(model, subset, preprocess), train, recipe
+    from experiments import unlearning
+    from research.unlearning.benchmark import Unlearning
+
+    exp = build(Unlearning, load_config("configs/unlearning.py:fast_ntk_effnet", {"data.train_total": images}))
+    train, _ = exp.data.draw(0)
+    shape = exp.input_shape(train.images.shape[1:])
+    backbone_state, preprocess, _ = unlearning.imagenet_backbone(exp, shape)
+    model, subset = unlearning.model_at_init(exp, backbone_state, train.num_classes, shape, 0)
+    return Unlearnable.from_model(model, subset, preprocess), train, exp.unlearn
 
 
 def main(argv=None) -> dict:

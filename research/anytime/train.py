@@ -38,7 +38,7 @@ from research.core.records import MetricWriter
 from research.core.train import ModelDefs, TrainState, create_train_state, make_train_step, place_on_mesh
 from research.data import pipeline, sources
 from research.data.sections import DataSource
-from research.recipes.classify import ClassifierTrainConfig, total_steps, training_settings
+from research.recipes.classify import stage_settings, total_steps, training_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,12 +184,8 @@ def fit_supernet(model: nnx.Module, train: pipeline.ImageArrays, config: ml_coll
     workdir/checkpoints) with the ``optim`` (OptimConfig), ``train`` (ClassifierTrainConfig) and
     ``sandwich`` (SandwichConfig) sections of ``config``. ``settings``: what else shapes the weights
     (the sampler's section), kept beside the checkpoints. Returns (defs, state, last train metrics)."""
-    if dataclasses.is_dataclass(config):
-        opt, train_config, sandwich = config.optim, config.train, config.sandwich
-    else:
-        opt = config_lib.build(optim.OptimConfig, config, "optim")
-        train_config = config_lib.build(ClassifierTrainConfig, config, "train")
-        sandwich = config_lib.build(SandwichConfig, config, "sandwich")
+    opt, train_config = stage_settings(config)
+    sandwich = config_lib.section_of(config, "sandwich", SandwichConfig)
     steps = total_steps(train_config, len(train))
     tx = optim.make_optimizer(opt, steps)
     defs, train_state = create_train_state(model, tx, seed=seed)

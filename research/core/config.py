@@ -8,9 +8,12 @@ function, `apply_overrides`, so a bad key or value fails the same way everywhere
 
 A component's settings have one schema: a frozen dataclass of the library owns the fields, their
 defaults, their allowed values (``Literal[...]`` annotations) and their checks (``__post_init__``
-calling `check_fields`). A config file makes its section from it, ``c.ntk = section(NTKScrubConfig,
-chunk_size=32)``, and the experiment builds it back, ``build(NTKScrubConfig, config, "ntk")``, as
-big_vision passes ``Model(**config.model)``. Adding an option is then one edit, in the dataclass.
+calling `check_fields`). An experiment's whole config is one such dataclass composed of its
+sections (``Unlearning(data=..., model=..., ntk=...)``), with the checks across sections in its own
+``__post_init__``: the config file makes it, ``c = section(Unlearning)``, sets its presets, and the
+experiment builds it once, ``exp = build(Unlearning, config)``, and passes typed pieces down
+(``exp.ntk``). ``override(exp, {"ntk.chunk_size": 8})`` is a changed, re-checked copy. Adding an
+option is then one edit, in the dataclass.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import importlib.util
 import os
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import ml_collections
@@ -192,6 +195,12 @@ def build(cls, config: ml_collections.ConfigDict | Mapping, key: str = ""):
     check is one `ConfigError` line naming ``key`` and what is allowed."""
     node = get(config, key) if key else config
     return _build(cls, node.to_dict() if isinstance(node, ml_collections.ConfigDict) else dict(node), key)
+
+
+def section_of(config, key: str, cls):
+    """``config``'s section ``key`` as a ``cls``: taken as it is from a built schema (a dataclass),
+    else built from the config section (`build`). Lets a trainer take either."""
+    return getattr(config, key) if dataclasses.is_dataclass(config) else build(cls, config, key)
 
 
 def _build(cls, values: dict, key: str):
@@ -383,34 +392,6 @@ def get(config: ml_collections.ConfigDict, key: str) -> Any:
     for part in key.split("."):
         value = value[part]
     return value
-
-
-def check_choice(config: ml_collections.ConfigDict, key: str, allowed: Iterable[str]) -> None:
-    """Raises a one-line ConfigError when `config[key]` is not one of `allowed`."""
-    allowed = list(allowed)
-    value = get(config, key)
-    if value not in allowed:
-        raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
-
-
-def check(config: ml_collections.ConfigDict, key: str, predicate: Callable[[Any], bool], allowed: str) -> None:
-    """Raises a one-line ConfigError when `predicate(config[key])` fails; `allowed` says what is."""
-    value = get(config, key)
-    if not predicate(value):
-        raise ConfigError(f"config key '{key}' = {value!r} is not allowed; expected {allowed}")
-
-
-def check_names(config: ml_collections.ConfigDict, key: str, allowed: Iterable[str]) -> list[str]:
-    """The names in the tuple ``config[key]``; a one-line ConfigError when it is not a tuple, is
-    empty or names something not in ``allowed``."""
-    allowed = list(allowed)
-    value = get(config, key)
-    names = list(value) if isinstance(value, (tuple, list)) else None
-    unknown = [m for m in names or [] if m not in allowed]
-    if names is None or unknown or not names:
-        raise ConfigError(f"config key '{key}': unknown or empty {unknown or value!r}; "
-                          f"choose a tuple of: {', '.join(allowed)} (on the command line: a,b)")
-    return names
 
 
 def parse_presets(arg: str | None, allowed: Iterable[str], config_file: str) -> list[str]:

@@ -155,9 +155,8 @@ def training_settings(opt: OptimConfig, train_config: ClassifierTrainConfig, ste
 def stage_settings(config) -> tuple[optim.OptimConfig, ClassifierTrainConfig]:
     """The (optim, train) settings of a training stage: a dataclass's fields, or built from a config
     section (one `ConfigError` line naming a bad key)."""
-    if dataclasses.is_dataclass(config):
-        return config.optim, config.train
-    return config_lib.build(optim.OptimConfig, config, "optim"), config_lib.build(ClassifierTrainConfig, config, "train")
+    optim_config = config_lib.section_of(config, "optim", optim.OptimConfig)
+    return optim_config, config_lib.section_of(config, "train", ClassifierTrainConfig)
 
 
 def fit_classifier(model: nnx.Module, train: pipeline.ImageArrays, test: pipeline.ImageArrays,

@@ -36,7 +36,7 @@ from research.data import pipeline, sources
 from research.data.sections import DataSource
 from research.models import mae
 from research.models.mae import MAEConfig, MaskConfig
-from research.recipes.classify import ClassifierTrainConfig, total_steps, training_settings
+from research.recipes.classify import ClassifierTrainConfig, stage_settings, total_steps, training_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +160,8 @@ def fit_generator(model: mae.MaskedAutoencoder, train: pipeline.ImageArrays, tes
     """Trains every parameter of ``model`` on ``train`` (uint8 images at the model's size), resuming
     from ``workdir/checkpoints``; returns the trained model and its metrics. ``config`` holds the
     sections ``optim``, ``train`` and ``masks`` (a config, or a `GeneratorTraining`)."""
-    if dataclasses.is_dataclass(config):
-        opt, train_config, mask_config = config.optim, config.train, config.masks
-    else:
-        opt = config_lib.build(optim.OptimConfig, config, "optim")
-        train_config = config_lib.build(ClassifierTrainConfig, config, "train")
-        mask_config = config_lib.build(MaskConfig, config, "masks")
+    opt, train_config = stage_settings(config)
+    mask_config = config_lib.section_of(config, "masks", MaskConfig)
     if train.images.shape[1:] != model.image_shape:
         raise ValueError(f"fit_generator: images of shape {train.images.shape[1:]}, the model takes {model.image_shape}")
     steps = total_steps(train_config, len(train))

@@ -6,7 +6,7 @@ from typing import Literal
 import ml_collections
 import pytest
 
-from research.core.config import (ConfigError, FieldError, apply_overrides, build, check, check_choice, check_fields,
+from research.core.config import (ConfigError, FieldError, apply_overrides, build, check_fields,
                                   choices, get, load_config, load_sweep, override, require, section,
                                   split_override_args)
 from research.unlearning.ntk_scrub import NTKScrubConfig
@@ -52,14 +52,6 @@ def test_wrong_type_names_the_key_and_the_expected_type():
     # From Python, text for a tuple of numbers is not split: it is an error, not ("0,1",).
     with pytest.raises(ConfigError, match=r"config key 'optim.decay_boundaries' expects tuple, got '0.3'"):
         apply_overrides(load_config(CONFIG), {"optim.decay_boundaries": "0.3"})
-
-
-def test_choice_and_predicate_checks():
-    c = apply_overrides(load_config(CONFIG), {"model.name": "resnet99"})
-    with pytest.raises(ConfigError, match=r"'model.name' = 'resnet99' is not allowed; choose one of: a, b"):
-        check_choice(c, "model.name", ["a", "b"])
-    with pytest.raises(ConfigError, match=r"'train.batch_size' = 128 is not allowed; expected odd"):
-        check(c, "train.batch_size", lambda v: v % 2 == 1, "odd")
 
 
 def test_split_override_args():

@@ -255,4 +255,4 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run(main, default_workdir="runs/unlearning")
+    cli.run(main)

@@ -152,4 +152,4 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run(main, default_workdir="runs/zero_shot_search")
+    cli.run(main)

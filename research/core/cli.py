@@ -1,25 +1,29 @@
 """Command-line entry for experiments: `python -m experiments.NAME --config configs/NAME.py[:ARG]
 --config.key=value --workdir DIR`.
 
-The config file is loaded through ml_collections' config flag; `--config.*` overrides go through
-`research.core.config.apply_overrides`, which names a bad key or value in one line. Known user
-errors (bad config, missing data, checkpoint mismatch) end the program with that line and exit
-status 2, not a traceback; so does a path the user gave that does not exist.
+The config file is loaded with `research.core.config.load_config` and the `--config.*` overrides go
+through `apply_overrides`, which names a bad key or value in one line. Known user errors end the
+program with that one line on stderr and exit status 2, not a traceback: a bad config key, value or
+preset, a config file or another path the user gave that does not exist, data that is not here, a
+checkpoint of other settings, a workdir that cannot be written. Without ``--workdir`` the run goes to
+``runs/NAME`` and the first line says so.
 """
 from __future__ import annotations
 
+import inspect
+import os
 import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from research.core.config import (ConfigError, DataSourceError, PathNotFoundError, apply_overrides,
+from research.core.config import (ConfigError, DataSourceError, PathNotFoundError, apply_overrides, load_config,
                                   split_override_args)
 from research.core.mesh import initialize_distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file: configs/NAME.py[:ARG].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, logs, checkpoints and results.")
+_CONFIG = flags.DEFINE_string("config", None, "Experiment config file: configs/NAME.py[:ARG].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, logs, checkpoints and results "
+                                                "(default: runs/NAME).")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -34,7 +38,26 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def run(main: Callable, default_workdir: str = "runs/latest") -> None:
+def check_writable(workdir: str) -> None:
+    """A `ConfigError` unless ``workdir`` is, or can be made, a folder this process can write; nothing
+    is created here (a bad config must leave no folder behind)."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--workdir {workdir!r} is a file, not a folder; choose a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir!r} cannot be written ({existing!r} is not writable by this user); "
+                          f"choose a folder you can write")
+
+
+def default_workdir(main: Callable) -> str:
+    """``runs/NAME`` for the experiment file ``experiments/NAME.py`` that defines ``main``."""
+    return os.path.join("runs", os.path.splitext(os.path.basename(inspect.getfile(main)))[0])
+
+
+def run(main: Callable, default: str | None = None) -> None:
     """Runs `main(config, workdir)` from the command line, with linear-time tracing of NNX
     Variable writes installed (research/core/tracing.py)."""
     from research.core import tracing
@@ -46,7 +69,6 @@ def run(main: Callable, default_workdir: str = "runs/latest") -> None:
         try:
             rest, found = split_override_args(argv)
             overrides.update(found)
-            sys.argv = rest  # ml_collections reads overrides from sys.argv itself; they are ours
             return flags.FLAGS(rest)
         except ConfigError as e:
             _fail(str(e))
@@ -59,11 +81,16 @@ def run(main: Callable, default_workdir: str = "runs/latest") -> None:
             _fail(f"unexpected arguments: {' '.join(argv[1:])}")
         if _CONFIG.value is None:
             _fail("--config is required, e.g. --config configs/train_classifier.py:smoke")
+        workdir = _WORKDIR.value
+        if workdir is None:
+            workdir = default or default_workdir(main)
+            print(f"workdir: {workdir} (the default; set --workdir DIR for another)", file=sys.stderr, flush=True)
         try:
-            config = apply_overrides(_CONFIG.value, overrides, from_strings=True)
+            config = apply_overrides(load_config(_CONFIG.value), overrides, from_strings=True)
+            check_writable(workdir)
             # Before the experiment touches JAX (many load and check their data before start()).
             initialize_distributed()
-            main(config, _WORKDIR.value or default_workdir)
+            main(config, workdir)
         except user_errors() as e:
             _fail(str(e))
 

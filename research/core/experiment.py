@@ -37,7 +37,11 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, subdirs: tuple[str
               f"of {jax.device_count()}", flush=True)
     mesh = make_mesh(mesh_config(config))
     for folder in (workdir, *(os.path.join(workdir, d) for d in subdirs)):
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise config_lib.ConfigError(f"workdir {workdir!r}: cannot create {folder!r} ({e.strerror}); "
+                                         f"choose a folder you can write") from None
     if main_process():
         write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     return mesh

@@ -26,7 +26,7 @@ def cell_scorer(name: str, model: nb201.NB201Network, batch: dict, key=None,
     if model.cell is not None:
         raise ValueError("cell_scorer needs the masked network: NB201Network(None, ...)")
     proxy = proxies.get(name)
-    batch = proxies.take(batch, max(proxy.batch_size if batch_size is None else batch_size, 1))
+    batch = proxies.read_batch(proxy, batch, batch_size)
     graphdef, state = nnx.split(model)
 
     def one(ops, state, batch, key):

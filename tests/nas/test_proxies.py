@@ -117,7 +117,34 @@ def test_every_proxy_runs_on_other_classifiers(model_name, kwargs):
 
 def test_score_reads_its_batch_size_and_rejects_a_short_batch(networks):
     masked, _ = networks
-    with pytest.raises(ValueError, match="reads 256"):
+    with pytest.raises(ValueError, match=r"the batch has 8 images and proxy zico reads 256: .*batch_size=8"):
         proxies.score("zico", masked, _batch())
     with pytest.raises(ValueError, match="unknown proxy 'zicoo'"):
         proxies.get("zicoo")
+
+
+class PlainReluNet(nnx.Module):
+    """A network that calls jax.nn.relu itself: no activation taps."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(4, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jax.nn.relu(self.conv(x)).mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("name", ["naswot", "fisher"])
+def test_a_proxy_that_reads_activations_says_so_on_a_network_without_taps(name):
+    with pytest.raises(ValueError, match=f"proxy {name} reads the network's activations through research.models.taps"):
+        proxies.score(name, PlainReluNet(nnx.Rngs(0)), _batch(), jit=False, batch_size=8)
+
+
+def test_a_training_batch_is_read_under_its_own_names_and_raw_images_are_refused():
+    batch = _batch()
+    named = {"images": batch["image"], "labels": batch["label"]}
+    assert proxies.as_proxy_batch(named).keys() == {"image", "label"}
+    with pytest.raises(ValueError, match=r"images are uint8: normalise them to floats first"):
+        proxies.as_proxy_batch({"images": np.zeros((2, 8, 8, 3), np.uint8), "labels": np.zeros(2, np.int32)})
+    with pytest.raises(ValueError, match=r"holds 'image' .* and 'label' .*; got keys \['x', 'y'\]"):
+        proxies.as_proxy_batch({"x": 1, "y": 2})

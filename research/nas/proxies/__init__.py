@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from research.nas.proxies.activation import jacob_cov, naswot
@@ -58,11 +59,35 @@ def get(name: str) -> Proxy:
     return PROXIES[name]
 
 
-def take(batch: dict, n: int) -> dict:
+def as_proxy_batch(batch: dict) -> dict:
+    """``batch`` as the proxies read it: ``image`` (N, H, W, C) floats, normalised, and ``label`` (N,)
+    ints. A training batch's ``images`` / ``labels`` are taken under those names; raw uint8 images or
+    other keys are a ValueError saying what is expected."""
+    batch = {{"images": "image", "labels": "label"}.get(k, k): v for k, v in batch.items()}
+    if "image" not in batch or "label" not in batch:
+        raise ValueError(f"a proxy batch holds 'image' (N, H, W, C) floats and 'label' (N,) ints; got keys "
+                         f"{sorted(batch)}")
+    if not jnp.issubdtype(batch["image"].dtype, jnp.floating):
+        raise ValueError(f"the proxy batch's images are {batch['image'].dtype}: normalise them to floats first "
+                         f"(research.data.augment.normalize, or research.nas.benchmark.proxy_batch)")
+    return batch
+
+
+def take(batch: dict, n: int, name: str = "this proxy") -> dict:
     """The first ``n`` images of ``batch`` (all of them for n = 0)."""
-    if n and batch["image"].shape[0] < n:
-        raise ValueError(f"batch has {batch['image'].shape[0]} images; this proxy reads {n}")
+    have = batch["image"].shape[0]
+    if n and have < n:
+        raise ValueError(f"the batch has {have} images and {name} reads {n}: pass {n} or more, or "
+                         f"score(..., batch_size={have}) to read fewer (its scores then differ from the paper's "
+                         f"setting)")
     return {k: v[:n] for k, v in batch.items()} if n else batch
+
+
+def read_batch(proxy: Proxy, batch: dict, batch_size: int | None = None) -> dict:
+    """What ``proxy`` reads of ``batch``: `as_proxy_batch`, then its first ``batch_size`` images
+    (default: the proxy's own count)."""
+    return take(as_proxy_batch(batch), max(proxy.batch_size if batch_size is None else batch_size, 1),
+                f"proxy {proxy.name}")
 
 
 def score(name: str, model, batch: dict, key=None, jit: bool = True,
@@ -70,7 +95,7 @@ def score(name: str, model, batch: dict, key=None, jit: bool = True,
     """Proxy ``name`` on ``model``, reading ``batch_size`` images of ``batch`` (default: the
     proxy's own); compiled as one program unless ``jit=False`` (op by op)."""
     proxy = get(name)
-    batch = take(batch, max(proxy.batch_size if batch_size is None else batch_size, 1))
+    batch = read_batch(proxy, batch, batch_size)
     fn = proxy.fn
     if jit:  # state, batch and key as arguments: as closed-over constants XLA would fold them
         graphdef, state = nnx.split(model)
@@ -80,4 +105,4 @@ def score(name: str, model, batch: dict, key=None, jit: bool = True,
         return fn(model, batch, key)
 
 
-__all__ = ["PROXIES", "PROXY_NAMES", "Proxy", "get", "score", "take"]
+__all__ = ["PROXIES", "PROXY_NAMES", "Proxy", "as_proxy_batch", "get", "read_batch", "score", "take"]

@@ -31,6 +31,16 @@ def train_copy(graphdef, *states) -> nnx.Module:
     return model
 
 
+def require_taps(recorded: list, proxy: str) -> list:
+    """``recorded`` (the taps a forward pass recorded); a ValueError naming ``proxy`` when the network
+    called none: it reads activations through ``research.models.taps``, and a network that calls
+    ``jax.nn.relu`` directly would otherwise score -inf or 0 without a word."""
+    if not recorded:
+        raise ValueError(f"proxy {proxy} reads the network's activations through research.models.taps, and this "
+                         f"network records none: call taps.relu (relu6, gelu) in its __call__ instead of jax.nn.relu")
+    return recorded
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models import taps
-from research.nas.proxies._common import train_copy
+from research.nas.proxies._common import require_taps, train_copy
 
 
 def naswot(model: nnx.Module, batch: dict, key=None) -> jax.Array:
@@ -22,6 +22,7 @@ def naswot(model: nnx.Module, batch: dict, key=None) -> jax.Array:
     with taps.recording() as recorder:
         model_copy = train_copy(*nnx.split(model))
         model_copy(images)
+    require_taps(recorder.taps, "naswot")
     n = images.shape[0]
     kernel = jnp.zeros((n, n), jnp.float32)
     for tap in recorder.taps:

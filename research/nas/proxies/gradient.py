@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models import taps
-from research.nas.proxies._common import cross_entropy, flat, kernel_grads, kernel_loss, train_copy
+from research.nas.proxies._common import cross_entropy, flat, kernel_grads, kernel_loss, require_taps, train_copy
 
 
 def grad_norm(model: nnx.Module, batch: dict, key=None) -> jax.Array:
@@ -50,7 +50,7 @@ def fisher(model: nnx.Module, batch: dict, key=None) -> jax.Array:
         return loss, recorder.taps
 
     _, shapes = jax.eval_shape(lambda: run(None))
-    probes = taps.zeros_like_outputs(shapes)
+    probes = taps.zeros_like_outputs(require_taps(shapes, "fisher"))
     (_, recorded), grads = jax.value_and_grad(run, has_aux=True)(probes)
     total = jnp.zeros(())
     for tap, g in zip(recorded, grads):

@@ -16,6 +16,7 @@ top1_agreement_init / _reconstructed / _kd, train_tokens, budgets, wall_time_s, 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -52,6 +53,20 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_graphdef, teacher_state = nnx.split(teacher)
     teacher_shardings = state_shardings(teacher_state, mesh, rules)  # a mesh that cannot hold the heads fails here
     train_windows, heldout_windows = kjv_windows(data, tokenizer)
+    # What decides the student's weights: a workdir holding checkpoints of other settings is refused
+    # here, before minutes of upcycling and layer-wise fitting (research/core/checkpoint.py).
+    settings = {key: value for key, value in dataclasses.asdict(exp).items()
+                if key in ("model", "data", "upcycle", "reconstruct", "distill", "optim")}
+    settings.update(seed=exp.seed, data_digest=array_digest(train_windows),
+                    train={k: getattr(exp.train, k) for k in ("steps", "batch_size", "grad_accum_steps")})
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), exp.train.checkpoint_every or exp.train.steps,
+                                settings=settings)
+    if exp.train.budget_minutes and checkpointer.latest_step():
+        raise cfg.ConfigError(f"train.budget_minutes times one uninterrupted run, but {workdir} holds a checkpoint at "
+                              f"step {checkpointer.latest_step()}; use a new --workdir")
+    if reconstruct.steps and len(train_windows) < reconstruct.windows:
+        raise cfg.ConfigError(f"config key 'reconstruct.windows' = {reconstruct.windows}: there are only "
+                              f"{len(train_windows)} training windows")
     calibration = train_windows[:data.calibration_windows, :-1]
     student, upcycle_report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
     if experiment.main_process():
@@ -64,9 +79,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"held-out perplexity: teacher {teacher_eval['ppl']:.3f}, student at initialisation {init_eval['ppl']:.3f}")
     layerwise_eval, layerwise_report = init_eval, None
     if reconstruct.steps:
-        if len(train_windows) < reconstruct.windows:
-            raise ValueError(f"reconstruct.windows={reconstruct.windows} but there are only {len(train_windows)} "
-                             "training windows")
         layerwise_report = reconstruct_layers(teacher, student, train_windows[:reconstruct.windows, :-1], reconstruct,
                                               seed=exp.seed, progress=exp.train.progress)
         if experiment.main_process():
@@ -108,15 +120,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"\nKD budget {seconds / 60:.1f} min (step {step}): held-out perplexity {figures['ppl']:.3f}, "
               f"top-1 agreement {figures['top1_agreement']:.3f}", flush=True)
 
-    # What decides the student's weights; resuming under other values is refused (research/core/checkpoint.py).
-    settings = {key: config[key].to_dict() for key in ("model", "data", "upcycle", "reconstruct", "distill", "optim")}
-    settings.update(seed=exp.seed, data_digest=array_digest(train_windows),
-                    train={k: getattr(exp.train, k) for k in ("steps", "batch_size", "grad_accum_steps")})
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), exp.train.checkpoint_every or steps,
-                                settings=settings)
-    if exp.train.budget_minutes and checkpointer.latest_step():
-        raise ValueError(f"train.budget_minutes times one uninterrupted run, but {workdir} holds a checkpoint at step "
-                         f"{checkpointer.latest_step()}; use a new --workdir")
     state, train_metrics, _ = fit(
         state, lambda s, batch: kd_step(s, teacher_state, batch), next_batch, steps, mesh=mesh, writer=writer,
         checkpointer=checkpointer, learning_rate=optim.make_schedule(exp.optim, steps),

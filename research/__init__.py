@@ -5,3 +5,5 @@ the whole trace on ``.sharding`` (see research/core/tracing.py), call
 ``research.core.tracing.install()`` once for linear-time tracing of networks with many BatchNorm
 layers; the command-line entry (``research.core.cli.run``) does.
 """
+
+__version__ = "0.2.0"

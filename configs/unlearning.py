@@ -22,7 +22,7 @@ Presets (comma-separated; ``smoke`` shrinks any of them to seconds):
                10-class head (``unlearn.subset``) trained on 5,000 CIFAR-10 images; the kernel is
                over those parameters alone.
   fast_ntk_effnet  Fast-NTK on an ImageNet-pretrained CNN: EfficientNet-Lite0 with the ImageNet weights
-               of DATA.md (``backbone.source=imagenet``; no pre-training stage), its BatchNorm affine
+               of research/data/README.md (``backbone.source=imagenet``; no pre-training stage), its BatchNorm affine
                parameters and a fresh head trained on 5,000 CIFAR-10 images at 32 px (the paper's
                scale). The kernel is over 54,826 parameters and 50,000 outputs: the Jacobian alone is
                11 GB in float32, so on a small machine use ``five_classes``.

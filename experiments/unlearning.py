@@ -55,7 +55,7 @@ BACKBONE_SEED = 0
 # ---------------------------------------------------------------------------------------- models
 
 def imagenet_backbone(exp: Unlearning, input_shape):
-    """EfficientNet-Lite0's ImageNet weights (DATA.md): (state without the head, preprocess, info)."""
+    """EfficientNet-Lite0's ImageNet weights (research/data/README.md): (state without the head, preprocess, info)."""
     # Any class count: the head is dropped, the model at w_init gets a fresh one for D's classes.
     model = build_from_config(exp.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(BACKBONE_SEED),
                               conv_init=effnet.placeholder_init)

@@ -42,6 +42,8 @@ class ImageArrays:
 
 def to_arrays(ds: hf.Dataset, label_column: str = "label") -> ImageArrays:
     """A split with an `image` column (Array3D, or Image from the hub) -> ImageArrays."""
+    if getattr(ds, "_indices", None) is not None:  # a select()ed split: ds.data is still the whole table
+        ds = ds.flatten_indices()
     feature = ds.features["image"]
     if isinstance(feature, (hf.Array2D, hf.Array3D)):
         column = ds.data.column("image").combine_chunks()

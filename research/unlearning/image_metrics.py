@@ -3,7 +3,7 @@ embedding cosine, computed with an ImageNet classifier's features and logits.
 
 The paper uses Inception-v3 (clean-fid) for FID and IS and CLIP for the cosine; none is available
 offline here, so one network plays every part: EfficientNet-Lite0 with its ImageNet weights
-(DATA.md), images resized to ``image_size`` (grey images repeated to 3 channels). Its pooled
+(research/data/README.md), images resized to ``image_size`` (grey images repeated to 3 channels). Its pooled
 features f (1280-d) give
 
     FID(A, B) = |mu_A - mu_B|^2 + tr(S_A + S_B - 2 (S_A S_B)^{1/2})     (Heusel et al. 2017)

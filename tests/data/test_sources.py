@@ -37,6 +37,43 @@ def test_cifar10_sample_matches_its_documented_sizes():
     assert "5,170-image training sample" in ds["train"].info.description
 
 
+@pytest.mark.skipif(not os.environ.get("RESEARCH_DATA_DIR"), reason="RESEARCH_DATA_DIR (the shared data folder) is not set")
+def test_the_cifar10_sample_file_holds_exactly_its_rows_of_the_full_set():
+    stored = np.load(os.path.join(os.environ["RESEARCH_DATA_DIR"], "cifar", "cifar10_subset.npz"))
+    rows = sources.sample_rows("cifar10_sample")
+    np.testing.assert_array_equal(stored["train_index"], rows["train"])
+    np.testing.assert_array_equal(stored["test_index"], rows["test"])
+
+
+def _fake_hub_cifar10():
+    """CIFAR-10's shape on the hub (``img`` / ``label``, 50,000 + 10,000 rows), each image's pixel
+    its row number, so a selected row can be told apart."""
+    def split(n):
+        rows = np.arange(n)
+        images = np.stack([rows % 256, rows // 256 % 256, rows // 65536], -1).astype(np.uint8)[:, None, None, :]
+        return hf.Dataset.from_dict({"img": images, "label": rows % 10}, features=hf.Features(
+            {"img": hf.Array3D((1, 1, 3), "uint8"), "label": hf.ClassLabel(names=[str(c) for c in range(10)])}))
+    return hf.DatasetDict({"train": split(50_000), "test": split(10_000)})
+
+
+def test_a_missing_sample_is_drawn_from_the_hub_and_prepare_data_writes_the_same_file(tmp_path, monkeypatch):
+    from tools.prepare_data import write_sample
+
+    monkeypatch.delenv("RESEARCH_DATA_DIR", raising=False)
+    monkeypatch.setattr(hf, "load_dataset", lambda name: _fake_hub_cifar10() if name == "uoft-cs/cifar10" else None)
+    ds = sources.load("cifar10_sample", source="auto")  # no file anywhere: the hub's rows
+    rows = sources.sample_rows("cifar10_sample")
+    for split in ("train", "test"):
+        data = pipeline.to_arrays(ds[split])
+        pixel = data.images[:, 0, 0].astype(np.int64)
+        seen = pixel[:, 0] + 256 * pixel[:, 1] + 65536 * pixel[:, 2]
+        np.testing.assert_array_equal(seen, rows[split])
+        np.testing.assert_array_equal(data.labels, rows[split] % 10)
+    write_sample("cifar10_sample", ds, str(tmp_path))
+    again = sources.load("cifar10_sample", source="offline", data_dir=str(tmp_path))
+    np.testing.assert_array_equal(pipeline.to_arrays(again["train"]).images, pipeline.to_arrays(ds["train"]).images)
+
+
 @pytest.mark.skipif(not os.path.isdir(sources.FASHION_MNIST_DIR), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_from_debian_idx_files():
     ds = sources.load("fashion_mnist", source="offline")

@@ -102,6 +102,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether `save` would write ``step`` (it is on the interval, or ``force``)."""
+        return force or self.manager.should_save(step)
+
     def save(self, step: int, state: Any, force: bool = False) -> bool:
         """Saves when `step` is on the interval (or `force`); returns whether it saved."""
         return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)

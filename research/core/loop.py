@@ -3,6 +3,11 @@
 The loop knows nothing of the task: it is handed a jitted step, a function that returns the host
 batch of a given step (so resuming needs no iterator state), and an evaluation function.
 Metric sums stay on the device between log steps, so the loop does not wait on every step.
+
+A non-finite training loss, or a non-finite number in the state about to be checkpointed, stops
+the run with `NonFiniteLossError` before anything of it is saved: the checkpoints on disk stay the
+last good ones, and a rerun (with a lower learning rate, gradient clipping, other data) resumes
+from them.
 """
 from __future__ import annotations
 
@@ -11,12 +16,37 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from research.core.checkpoint import Checkpointer
+from research.core.config import ConfigError
 from research.core.mesh import shard_batch
 from research.core.records import MetricWriter
+
+
+class NonFiniteLossError(ConfigError):
+    """Training produced a non-finite loss or state; the message is one line naming the steps."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _check_finite(window, state, first: int, last: int, saved: int | None, what: str) -> None:
+    """A `NonFiniteLossError` when the loss summed since the last log (``window``; finite up to step
+    ``first`` - 1) or the ``state`` holds a non-finite number; ``saved``: the last step on disk."""
+    loss = float(window["loss"]) if window is not None and "loss" in window else 0.0
+    if np.isfinite(loss) and (state is None or bool(_all_finite(state))):
+        return
+    where = f"the training loss was {loss} over steps {first}-{last}" if not np.isfinite(loss) else \
+        f"the state after step {last} holds a non-finite number (the loss was finite)"
+    kept = f"the last checkpoint, step {saved}, is kept and a rerun resumes from it" if saved else "nothing was saved"
+    raise NonFiniteLossError(f"{where}; stopped before {what}: {kept}. Lower optim.lr, set optim.grad_clip_norm, "
+                             f"or check the data")
 
 
 def mean_metrics(sums: Mapping[str, float], prefix: str = "") -> dict[str, float]:
@@ -65,6 +95,7 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     window, window_start = None, time.perf_counter()
+    checked, saved = start, checkpointer.latest_step() if checkpointer is not None else None  # finite up to / on disk
     train_seconds = 0.0
     bar = tqdm(total=total_steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
@@ -86,8 +117,13 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
                 window_start += time.perf_counter() - paused  # the throughput figure counts steps only
             if not budgets:
                 end = done  # the last budget ends the run
-        if done % log_every == 0 or done == end:
+        saving = checkpointer is not None and checkpointer.due(done, force=done == end)
+        if done % log_every == 0 or done == end or saving:
             window = jax.device_get(window)
+            _check_finite(window, state if saving else None, checked + 1, done, saved, "saving" if saving else
+                          "logging")
+            checked = done
+        if done % log_every == 0 or done == end:
             train_metrics = mean_metrics(window, "train/")
             seconds = time.perf_counter() - window_start
             train_metrics["train/examples_per_s"] = float(window["count"]) / max(seconds, 1e-9)
@@ -100,8 +136,8 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
             eval_metrics = evaluate(state)
             writer.scalars(done, eval_metrics)
             writer.flush()
-        if checkpointer is not None:
-            checkpointer.save(done, state, force=done == end)
+        if saving and checkpointer.save(done, state, force=done == end):
+            saved = done
         bar.update(1)
         if done == end:
             break

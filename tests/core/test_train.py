@@ -163,3 +163,27 @@ def test_time_budgets_call_back_at_each_mark_count_steps_only_and_end_the_run():
     assert int(state.step) == calls[-1][0] < 1000                           # the last mark ends the run
     with pytest.raises(ValueError, match="time_budgets"):
         fit(state, slow_step, lambda s: {}, 10, mesh=mesh(), writer=MetricWriter(None), time_budgets=(2, 1))
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_is_saved_and_the_last_good_checkpoint_is_kept(tmp_path):
+    import flax
+
+    from research.core.loop import NonFiniteLossError
+
+    @flax.struct.dataclass
+    class Counter:
+        step: jax.Array
+        w: jax.Array
+
+    def step_fn(state, batch):  # the loss turns NaN at step 5 (0-based step 4)
+        loss = jnp.where(state.step == 4, jnp.nan, 1.0)
+        return Counter(state.step + 1, state.w + loss), {"loss": loss, "count": jnp.float32(1.0)}
+
+    ckpt = Checkpointer(str(tmp_path), 3)
+    start = Counter(jnp.zeros((), jnp.int32), jnp.zeros(()))
+    with pytest.raises(NonFiniteLossError, match=r"the training loss was nan over steps 4-6; stopped before saving: "
+                                                 r"the last checkpoint, step 3, is kept"):
+        fit(start, step_fn, lambda s: {}, 10, mesh=mesh(), writer=MetricWriter(None), checkpointer=ckpt, log_every=100,
+            progress=False)
+    ckpt.wait()
+    assert ckpt.latest_step() == 3 and bool(jnp.isfinite(ckpt.restore(start).w))

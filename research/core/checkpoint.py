@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,6 +68,21 @@ def first_change(saved: Mapping, wanted: Mapping) -> str | None:
     return None
 
 
+def remove_unfinished_saves(directory: str) -> list[str]:
+    """Removes the temporary folders a save killed half-way leaves (``*.orbax-checkpoint-tmp*``) from
+    ``directory``, on process 0; returns their names. Left in place they would fail every resume."""
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return []
+    leftovers = sorted(name for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name)
+    for name in leftovers:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    return leftovers
+
+
+class CheckpointDamagedError(CheckpointMismatchError):
+    """No checkpoint of a directory reads back; the message is one line naming it."""
+
+
 class Checkpointer:
     """Saves and restores a TrainState under `directory` (one subdirectory per step). With
     ``settings`` (a JSON-able mapping), a directory holding checkpoints written under other
@@ -73,6 +90,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, every_steps: int, keep: int = 2, settings: Mapping | None = None):
         self.directory = os.path.abspath(directory)
+        remove_unfinished_saves(self.directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(save_interval_steps=max(every_steps, 1), max_to_keep=keep, create=True),
@@ -126,8 +144,29 @@ class Checkpointer:
                     f"this run's model expects {shape}; use a new --workdir or the config the checkpoint was written with")
 
     def restore(self, target: Any, step: int | None = None) -> Any:
-        """Restores into the structure, shardings and dtypes of `target` (arrays or ShapeDtypeStructs)."""
-        step = self.latest_step() if step is None else step
+        """Restores into the structure, shardings and dtypes of `target` (arrays or ShapeDtypeStructs).
+        Without ``step``: the newest checkpoint that reads back. One that does not (a truncated file,
+        flipped bytes, an empty metadata file) is moved aside to ``damaged-STEP`` with a line saying so,
+        and the one before it is tried; a checkpoint of another model is not damage and fails at once."""
+        if step is not None:
+            return self._restore(target, step)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self._restore(target, step)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read a step's files is damage
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                aside = os.path.join(self.directory, f"damaged-{step}")
+                if jax.process_index() == 0:  # one process moves it; each goes on to the step before
+                    os.rename(os.path.join(self.directory, str(step)), aside)
+                self.manager.reload()
+                print(f"checkpoint step {step} of {self.directory} cannot be read ({reason}); moved to {aside}, "
+                      f"trying the step before it", file=sys.stderr, flush=True)
+        raise CheckpointDamagedError(f"no checkpoint under {self.directory} can be read (the damaged ones are kept as "
+                                     f"damaged-STEP); remove the folder to start over")
+
+    def _restore(self, target: Any, step: int) -> Any:
         self.check_compatible(step, target)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)

@@ -187,3 +187,29 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved_and_the_last_good_ch
             progress=False)
     ckpt.wait()
     assert ckpt.latest_step() == 3 and bool(jnp.isfinite(ckpt.restore(start).w))
+
+
+def test_a_damaged_latest_checkpoint_is_moved_aside_a_killed_save_cleared_and_the_run_resumes_from_the_step_before(
+        tmp_path, capsys):
+    import os
+
+    from research.core.checkpoint import CheckpointDamagedError
+
+    directory = str(tmp_path / "ckpt")
+    _fit(directory, 6)  # checkpoints at steps 3 (every 3) and 6 (the end); keep 2
+    for root, _, files in os.walk(os.path.join(directory, "6")):
+        for name in files:  # every file of step 6 truncated, as a kill during a copy would leave it
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(max(os.path.getsize(f.name) // 2 - 1, 0))
+    os.makedirs(os.path.join(directory, "9.orbax-checkpoint-tmp-1765000000"))  # what a save killed half-way leaves
+    resumed = _fit(directory, 7)
+    assert int(resumed.step) == 7 and not [n for n in os.listdir(directory) if "tmp" in n]
+    assert "checkpoint step 6" in capsys.readouterr().err and os.path.isdir(os.path.join(directory, "damaged-6"))
+    straight = _fit(None, 7)  # steps 4-7 were trained again from step 3: the same weights as a run never stopped
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for step in [name for name in os.listdir(directory) if name.isdigit()]:  # only unreadable steps are left
+        os.rename(os.path.join(directory, step), os.path.join(directory, f"elsewhere-{step}"))
+    os.makedirs(os.path.join(directory, "9"))
+    with pytest.raises(CheckpointDamagedError, match="no checkpoint under .* can be read"):
+        _fit(directory, 10)

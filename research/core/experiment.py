@@ -2,13 +2,15 @@
 
 ``mesh = start(config, workdir)``: joins a multi-process run when launched as one
 (``jax.distributed``), makes the mesh of ``config.mesh`` (a ``MeshConfig`` section; all devices on
-``data`` when the config has none), creates ``workdir`` and writes the resolved config to
+``data`` when the config has none), creates ``workdir``, takes its lock (a second run in the same
+workdir, from another process, stops at once with one line) and writes the resolved config to
 ``workdir/config.json``. ``mesh_config(config).logical`` are the rules that lay parameters out.
 Files that every process would write alike (results, tables, plots) are written by process 0
 alone: guard them with ``if main_process():``.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 
 import jax
@@ -18,6 +20,32 @@ from jax.sharding import Mesh
 from research.core import config as config_lib
 from research.core.mesh import MeshConfig, initialize_distributed, make_mesh
 from research.core.records import write_json_atomic, write_text_atomic
+
+
+_LOCKS: dict[str, object] = {}  # workdir -> its open lock file, held until the process ends
+
+
+def lock_workdir(workdir: str) -> None:
+    """Holds ``workdir/.lock`` for this process (process 0 of a multi-process run); a `ConfigError`
+    naming the other run's pid when another process holds it. The same process may start again in
+    the same workdir (a rerun from a notebook or a test)."""
+    path = os.path.join(os.path.abspath(workdir), ".lock")
+    if path in _LOCKS or not main_process():
+        return
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise config_lib.ConfigError(f"workdir {workdir!r} is in use by another run ({holder}); wait for it to end, "
+                                     f"or use another --workdir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _LOCKS[path] = handle
 
 
 def main_process() -> bool:
@@ -42,6 +70,7 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, subdirs: tuple[str
         except OSError as e:
             raise config_lib.ConfigError(f"workdir {workdir!r}: cannot create {folder!r} ({e.strerror}); "
                                          f"choose a folder you can write") from None
+    lock_workdir(workdir)
     if main_process():
         write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     return mesh

@@ -66,3 +66,25 @@ def test_a_workdir_that_cannot_be_created_is_a_config_error_naming_it(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"workdir '.*file/run': cannot create .* choose a folder you can write"):
         experiment.start(load_config(CONFIG), str(tmp_path / "file" / "run"))
+
+
+def test_a_second_run_in_a_workdir_held_by_another_process_stops_at_once(tmp_path):
+    import subprocess
+    import textwrap
+
+    from research.core import experiment
+    from research.core.config import ConfigError, load_config
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        f = open({str(tmp_path / '.lock')!r}, "a+"); fcntl.flock(f, fcntl.LOCK_EX); f.write(f"pid {{os.getpid()}}")
+        f.flush(); print("locked", flush=True); time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"workdir .* is in use by another run \(pid {holder.pid}\)"):
+            experiment.start(load_config(CONFIG), str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    experiment.start(load_config(CONFIG), str(tmp_path))  # free again: this process takes it
+    experiment.start(load_config(CONFIG), str(tmp_path))  # and may start again itself

@@ -6,7 +6,8 @@ through `apply_overrides`, which names a bad key or value in one line. Known use
 program with that one line on stderr and exit status 2, not a traceback: a bad config key, value or
 preset, a config file or another path the user gave that does not exist, data that is not here, a
 checkpoint of other settings, a workdir that cannot be written. Without ``--workdir`` the run goes to
-``runs/NAME`` and the first line says so.
+``runs/NAME`` and the first line says so. SIGTERM (a preempted VM) checkpoints the step in flight and
+exits with status 75 (EX_TEMPFAIL): the same command resumes.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from research.core.mesh import initialize_distributed
 _CONFIG = flags.DEFINE_string("config", None, "Experiment config file: configs/NAME.py[:ARG].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, logs, checkpoints and results "
                                                 "(default: runs/NAME).")
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM with its checkpoint saved; run it again to resume
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -85,6 +89,8 @@ def run(main: Callable, default: str | None = None) -> None:
         if workdir is None:
             workdir = default or default_workdir(main)
             print(f"workdir: {workdir} (the default; set --workdir DIR for another)", file=sys.stderr, flush=True)
+        from research.core.loop import Preempted
+
         try:
             config = apply_overrides(load_config(_CONFIG.value), overrides, from_strings=True)
             check_writable(workdir)
@@ -93,5 +99,8 @@ def run(main: Callable, default: str | None = None) -> None:
             main(config, workdir)
         except user_errors() as e:
             _fail(str(e))
+        except Preempted as e:  # a sweep engine requeues on 75 (EX_TEMPFAIL)
+            print(f"preempted: {e}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT)
 
     app.run(entry, flags_parser=parse)

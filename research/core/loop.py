@@ -7,10 +7,15 @@ Metric sums stay on the device between log steps, so the loop does not wait on e
 A non-finite training loss, or a non-finite number in the state about to be checkpointed, stops
 the run with `NonFiniteLossError` before anything of it is saved: the checkpoints on disk stay the
 last good ones, and a rerun (with a lower learning rate, gradient clipping, other data) resumes
-from them.
+from them. SIGTERM (what a preempted cloud VM receives some seconds before it is stopped) ends a
+single-process run after the step in flight: the state is checkpointed and `Preempted` raised, which
+the command line turns into exit status 75 (EX_TEMPFAIL: run the same command again to resume).
 """
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -47,6 +52,34 @@ def _check_finite(window, state, first: int, last: int, saved: int | None, what:
     kept = f"the last checkpoint, step {saved}, is kept and a rerun resumes from it" if saved else "nothing was saved"
     raise NonFiniteLossError(f"{where}; stopped before {what}: {kept}. Lower optim.lr, set optim.grad_clip_norm, "
                              f"or check the data")
+
+
+class Preempted(Exception):
+    """SIGTERM ended the run after ``step``; its state is checkpointed there."""
+
+    def __init__(self, step: int, saved: bool):
+        super().__init__(f"stopped by SIGTERM after step {step}; " + (
+            "its checkpoint is saved: run the same command again to resume" if saved else "no checkpointer: not saved"))
+        self.step, self.saved = step, saved
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """A list that holds True once SIGTERM arrives, while the block runs; the previous handler is
+    restored after. Only a single-process run in the main thread asks for it (a multi-process run
+    would need every process to stop at the same step)."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag[0] = True
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def mean_metrics(sums: Mapping[str, float], prefix: str = "") -> dict[str, float]:
@@ -92,55 +125,67 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
         state = checkpointer.restore(state)
     start = int(jax.device_get(state.step))
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+    saved = checkpointer.latest_step() if checkpointer is not None else None  # the last step on disk
+    checked = start  # the loss is known finite up to this step
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     window, window_start = None, time.perf_counter()
-    checked, saved = start, checkpointer.latest_step() if checkpointer is not None else None  # finite up to / on disk
     train_seconds = 0.0
     bar = tqdm(total=total_steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
-    for step in range(start, end):
-        step_start = time.perf_counter()
-        batch = shard_batch(next_batch(step), mesh)
-        state, sums = train_step(state, batch)
-        if budgets:
-            jax.block_until_ready(sums)
-            train_seconds += time.perf_counter() - step_start
-        window = sums if window is None else jax.tree.map(jnp.add, window, sums)
-        done = step + 1
-        if budgets and train_seconds >= budgets[0]:
-            while budgets and train_seconds >= budgets[0]:
-                budgets.pop(0)
-            if on_budget is not None:
-                paused = time.perf_counter()
-                on_budget(state, done, train_seconds)
-                window_start += time.perf_counter() - paused  # the throughput figure counts steps only
-            if not budgets:
-                end = done  # the last budget ends the run
-        saving = checkpointer is not None and checkpointer.due(done, force=done == end)
-        if done % log_every == 0 or done == end or saving:
-            window = jax.device_get(window)
-            _check_finite(window, state if saving else None, checked + 1, done, saved, "saving" if saving else
-                          "logging")
-            checked = done
-        if done % log_every == 0 or done == end:
-            train_metrics = mean_metrics(window, "train/")
-            seconds = time.perf_counter() - window_start
-            train_metrics["train/examples_per_s"] = float(window["count"]) / max(seconds, 1e-9)
-            if learning_rate is not None:
-                train_metrics["train/lr"] = float(learning_rate(step))
-            writer.scalars(done, train_metrics)
-            bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}", refresh=False)
-            window, window_start = None, time.perf_counter()
-        if evaluate is not None and ((eval_every and done % eval_every == 0) or done == total_steps):
-            eval_metrics = evaluate(state)
-            writer.scalars(done, eval_metrics)
-            writer.flush()
-        if saving and checkpointer.save(done, state, force=done == end):
-            saved = done
-        bar.update(1)
-        if done == end:
-            break
+    with sigterm_flag() as stop:
+        for step in range(start, end):
+            step_start = time.perf_counter()
+            batch = shard_batch(next_batch(step), mesh)
+            state, sums = train_step(state, batch)
+            if budgets:
+                jax.block_until_ready(sums)
+                train_seconds += time.perf_counter() - step_start
+            window = sums if window is None else jax.tree.map(jnp.add, window, sums)
+            done = step + 1
+            if budgets and train_seconds >= budgets[0]:
+                while budgets and train_seconds >= budgets[0]:
+                    budgets.pop(0)
+                if on_budget is not None:
+                    paused = time.perf_counter()
+                    on_budget(state, done, train_seconds)
+                    window_start += time.perf_counter() - paused  # the throughput figure counts steps only
+                if not budgets:
+                    end = done  # the last budget ends the run
+            saving = checkpointer is not None and checkpointer.due(done, force=done == end)
+            if done % log_every == 0 or done == end or saving:
+                window = jax.device_get(window)
+                _check_finite(window, state if saving else None, checked + 1, done, saved, "saving" if saving else
+                              "logging")
+                checked = done
+            if done % log_every == 0 or done == end:
+                train_metrics = mean_metrics(window, "train/")
+                seconds = time.perf_counter() - window_start
+                train_metrics["train/examples_per_s"] = float(window["count"]) / max(seconds, 1e-9)
+                if learning_rate is not None:
+                    train_metrics["train/lr"] = float(learning_rate(step))
+                writer.scalars(done, train_metrics)
+                bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}", refresh=False)
+                window, window_start = None, time.perf_counter()
+            if evaluate is not None and ((eval_every and done % eval_every == 0) or done == total_steps):
+                eval_metrics = evaluate(state)
+                writer.scalars(done, eval_metrics)
+                writer.flush()
+            if saving and checkpointer.save(done, state, force=done == end):
+                saved = done
+            bar.update(1)
+            if stop[0] and done < end:  # SIGTERM: this step's state becomes the checkpoint, then stop
+                if checkpointer is not None:
+                    if saved != done:
+                        window = jax.device_get(window) if window is not None else None
+                        _check_finite(window, state, checked + 1, done, saved, "saving")
+                        checkpointer.save(done, state, force=True)
+                    checkpointer.wait()
+                writer.flush()
+                bar.close()
+                raise Preempted(done, checkpointer is not None)
+            if done == end:
+                break
     bar.close()
     if evaluate is not None and start >= total_steps:  # resumed a finished run: report it again
         eval_metrics = evaluate(state)

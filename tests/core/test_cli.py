@@ -88,3 +88,17 @@ def test_a_second_run_in_a_workdir_held_by_another_process_stops_at_once(tmp_pat
         holder.wait()
     experiment.start(load_config(CONFIG), str(tmp_path))  # free again: this process takes it
     experiment.start(load_config(CONFIG), str(tmp_path))  # and may start again itself
+
+
+def test_a_preempted_run_exits_with_status_75(monkeypatch, capsys, tmp_path):
+    from research.core.loop import Preempted
+
+    def preempted(config, workdir):
+        raise Preempted(7, True)
+    flags.FLAGS.unparse_flags()
+    monkeypatch.setattr(sys, "argv", ["experiment", "--config", CONFIG, "--workdir", str(tmp_path)])
+    with pytest.raises(SystemExit) as done:
+        cli.run(preempted)
+    assert done.value.code == cli.PREEMPTED_EXIT == 75
+    assert capsys.readouterr().err.strip() == ("preempted: stopped by SIGTERM after step 7; its checkpoint is saved: "
+                                               "run the same command again to resume")

@@ -213,3 +213,34 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_a_killed_save_cleared_and_th
     os.makedirs(os.path.join(directory, "9"))
     with pytest.raises(CheckpointDamagedError, match="no checkpoint under .* can be read"):
         _fit(directory, 10)
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_the_rerun_resumes_there(tmp_path):
+    import os
+    import signal
+
+    import flax
+
+    from research.core.loop import Preempted
+
+    @flax.struct.dataclass
+    class Counter:
+        step: jax.Array
+
+    def step_fn(state, batch):
+        if int(state.step) == 4:  # the VM is being preempted during step 5
+            os.kill(os.getpid(), signal.SIGTERM)
+        return Counter(state.step + 1), {"loss": jnp.float32(1.0), "count": jnp.float32(1.0)}
+
+    def run():
+        ckpt = Checkpointer(str(tmp_path), 100)  # no save is due before the end
+        try:
+            return fit(Counter(jnp.zeros((), jnp.int32)), step_fn, lambda s: {}, 20, mesh=mesh(),
+                       writer=MetricWriter(None), checkpointer=ckpt, log_every=100, progress=False)[0]
+        finally:
+            ckpt.close()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="stopped by SIGTERM after step 5; its checkpoint is saved") as stopped:
+        run()
+    assert stopped.value.step == 5 and signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone
+    assert int(run().step) == 20  # resumed at step 5 (no second SIGTERM: step 4 is not run again)

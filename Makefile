@@ -4,9 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The offline CIFAR samples and the NAS-Bench-201 file live in the project's shared data folder.
-RESEARCH_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
-export RESEARCH_DATA_DIR
+# $RESEARCH_DATA_DIR, when set, names the folder of the CIFAR samples and the NAS-Bench-201 file
+# (research/data/README.md); the tests that need them skip, saying why, without it.
 
 # The static kernel report's compiler (jax's CUDA plugin at jaxlib's version, and ptxas) lives in its
 # own folder: beside jax the plugin would make every process log that it found no CUDA driver.

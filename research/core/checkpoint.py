@@ -68,15 +68,14 @@ def first_change(saved: Mapping, wanted: Mapping) -> str | None:
     return None
 
 
-def remove_unfinished_saves(directory: str) -> list[str]:
+def remove_unfinished_saves(directory: str) -> None:
     """Removes the temporary folders a save killed half-way leaves (``*.orbax-checkpoint-tmp*``) from
-    ``directory``, on process 0; returns their names. Left in place they would fail every resume."""
+    ``directory``, on process 0. Left in place they would fail every resume."""
     if jax.process_index() != 0 or not os.path.isdir(directory):
-        return []
-    leftovers = sorted(name for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name)
-    for name in leftovers:
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    return leftovers
+        return
+    for name in os.listdir(directory):
+        if ".orbax-checkpoint-tmp" in name:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 class CheckpointDamagedError(CheckpointMismatchError):

@@ -61,7 +61,7 @@ def default_workdir(main: Callable) -> str:
     return os.path.join("runs", os.path.splitext(os.path.basename(inspect.getfile(main)))[0])
 
 
-def run(main: Callable, default: str | None = None) -> None:
+def run(main: Callable) -> None:
     """Runs `main(config, workdir)` from the command line, with linear-time tracing of NNX
     Variable writes installed (research/core/tracing.py)."""
     from research.core import tracing
@@ -87,7 +87,7 @@ def run(main: Callable, default: str | None = None) -> None:
             _fail("--config is required, e.g. --config configs/train_classifier.py:smoke")
         workdir = _WORKDIR.value
         if workdir is None:
-            workdir = default or default_workdir(main)
+            workdir = default_workdir(main)
             print(f"workdir: {workdir} (the default; set --workdir DIR for another)", file=sys.stderr, flush=True)
         from research.core.loop import Preempted
 

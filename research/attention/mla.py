@@ -8,7 +8,8 @@ With hidden size D, H query heads and the dims of ``MLAConfig``:
     q_pe, k_pe <- RoPE;  score_h = (q_nope_h . k_nope_h + q_pe_h . k_pe_{g(h)}) * scale
     y = W_o concat_h(softmax(score_h) v_h)
 
-(r_q = 0: no query compression, q = W_q x.) ``k_pe`` has R heads: R = 1 is DeepSeek's single
+(r_q = 0: no query compression, q = W_q x.) With ``latent_norm`` (DeepSeek's layout) c_q and c_kv
+pass an RMSNorm with a learnt gain before W_qb / W_kvb, and the cache holds the normed c_kv. ``k_pe`` has R heads: R = 1 is DeepSeek's single
 shared RoPE key; R = the former KV heads keeps GQA's per-group RoPE keys (MHA2MLA), and query head
 h uses RoPE key g(h) = h // (H / R). The KV cache holds only c_kv and k_pe: r_kv + R d_r numbers
 per token and layer.
@@ -48,7 +49,8 @@ class MLAConfig:
     v_dim: int                   # d_v
     q_rank: int = 0              # r_q; 0 = no query compression
     rope_heads: int = 1          # R: 1 = one shared RoPE key; num_kv_heads = one per former KV head
-    latent_norm: bool = False    # RMSNorm on c_q and c_kv (DeepSeek); X-EcoMLA upcycling has none
+    latent_norm: bool = False    # RMSNorm on c_q and c_kv (DeepSeek; X-EcoMLA's target "deepseek_v3")
+    latent_norm_eps: float = 1e-6  # DeepSeek-V3's q_a_layernorm / kv_a_layernorm eps (fixed in transformers)
     decode: str = "absorbed"     # absorbed | naive
     scale: float = 0.0           # 0 = (d_n + d_r)^-1/2
 
@@ -84,12 +86,12 @@ class MLAttention(nnx.Module):
         heads = ("q_heads", "head_dim")
         if m.q_rank:
             self.q_a = linear(c.dim, m.q_rank, ("embed", None), dtype, rngs)
-            self.q_norm = RMSNorm(m.q_rank, c.rms_eps) if m.latent_norm else None
+            self.q_norm = RMSNorm(m.q_rank, m.latent_norm_eps) if m.latent_norm else None
             self.q_b = head_projection(m.q_rank, h, m.qk_dim, (None, *heads), dtype, rngs)
         else:
             self.q = head_projection(c.dim, h, m.qk_dim, ("embed", *heads), dtype, rngs)
         self.kv_a = linear(c.dim, m.kv_rank + m.rope_heads * m.rope_dim, ("embed", None), dtype, rngs)
-        self.kv_norm = RMSNorm(m.kv_rank, c.rms_eps) if m.latent_norm else None
+        self.kv_norm = RMSNorm(m.kv_rank, m.latent_norm_eps) if m.latent_norm else None
         self.kv_b = head_projection(m.kv_rank, h, m.nope_dim + m.v_dim, (None, *heads), dtype, rngs)
         self.o = head_output(h, m.v_dim, c.dim, (*heads, "embed"), dtype, rngs)
         freqs = inverse_frequencies(m.rope_dim, c.rope_theta, c.rope_scaling)

@@ -60,7 +60,7 @@ def config_from_hf(hf: Mapping) -> LlamaConfig:
     )
 
 
-def _safetensors_reader(directory: str) -> Callable[[str], np.ndarray]:
+def safetensors_reader(directory: str) -> Callable[[str], np.ndarray]:
     from safetensors import safe_open
 
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -123,5 +123,5 @@ def load_hf_llama(directory: str, **overrides) -> tuple[LlamaConfig, Llama]:
     with open(config_path) as f:
         config = config_from_hf(json.load(f))
     config = dataclasses.replace(config, **overrides)
-    model = fill_llama(abstract_llama(config), _safetensors_reader(directory))
+    model = fill_llama(abstract_llama(config), safetensors_reader(directory))
     return config, model

@@ -178,6 +178,17 @@ def tokenizer_from_hf(directory: str) -> Tokenizer:
     return Tokenizer(backend, bos_id=special("bos"), eos_id=special("eos"), pad_id=special("pad"), source=directory)
 
 
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: str) -> None:
+    """Writes ``tokenizer`` as transformers reads it: tokenizer.json (the ``tokenizers`` backend) and
+    tokenizer_config.json naming its special tokens (``PreTrainedTokenizerFast``)."""
+    tokenizer.backend.save(os.path.join(directory, "tokenizer.json"))
+    names = {f"{kind}_token": tokenizer.token(i) for kind, i in
+             (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)) if i is not None}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **names}, f,
+                  indent=2)
+
+
 def _read_json(path: str) -> dict:
     if not os.path.exists(path):
         return {}

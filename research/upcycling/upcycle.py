@@ -28,6 +28,19 @@ Activation-aware (TransMLA-style): with calibration inputs X (N, D) of the layer
 C = X^T X / N = L L^T, U_r is taken from the SVD of W L instead of W, which minimises
 ||(W - U_r U_r^T W) X^T||_F, the error on the actual activations, rather than on the weights.
 
+Target "deepseek_v3" builds what stock DeepSeek-V3 code runs (transformers, vLLM, SGLang;
+``research.models.deepseek_hf`` exports it): every layer MLA at one rank, one shared RoPE key, a
+standard RoPE at one theta ("uniform" keeps pairs i * (d_h / d_r): theta itself; "high" keeps the
+first d_r / 2 pairs: theta^(d_r / d_h); "split": theta), and DeepSeek's RMSNorm on the latents c_kv
+(and c_q when r_q > 0). That norm divides each token's latent by the token's own RMS, which no
+weight can undo, so the student carries it from the start: its gain is the per-channel
+least-squares fit, on calibration inputs, of the normed latent n_t = c_t / rms(c_t) to c_t,
+
+    g_j = sum_t c_tj n_tj / sum_t n_tj^2,
+
+which (W_kvb = U_r has orthonormal columns) also minimises the error of every head's [k_nope ; v];
+the layer-wise reconstruction and KD then train with the norm in place.
+
 Hybrid models keep ``gqa_layers`` as GQA; ``auto_gqa_layers = k`` keeps the k layers whose KV
 factorisation has the largest relative error ||(W_kv - U_r U_r^T W_kv) L||_F / ||W_kv L||_F.
 """
@@ -53,6 +66,11 @@ from research.core.params import set_param, zeros_module
 if TYPE_CHECKING:  # upcycling works on the model it is handed; it imports no model
     from research.models.llama import Llama
 
+DEEPSEEK_ROPE_KEYS = ("shared", "shared_fit")
+DEEPSEEK_ROPE_MODES = ("uniform", "high", "split")  # one standard RoPE for every layer (see the docstring)
+LATENT_NORM_EPS = 1e-6                                # DeepSeek-V3's eps of the latent norms
+
+
 @dataclasses.dataclass(frozen=True)
 class UpcycleConfig:
     """How each GQA layer becomes MLA; the ``upcycle`` section of configs/x_ecomla.py."""
@@ -67,6 +85,7 @@ class UpcycleConfig:
     kv_svd_rows: Literal["used", "all"] = "used"  # all: the reference's SVD also factors the RoPE rows
     gqa_layers: tuple[int, ...] = ()      # layers that stay GQA
     auto_gqa_layers: int = 0              # and this many more, by largest KV factorisation error
+    target: Literal["mla", "deepseek_v3"] = "mla"  # deepseek_v3: what stock DeepSeek-V3 code can run (below)
 
     def __post_init__(self):
         config_lib.check_fields(self)
@@ -75,6 +94,15 @@ class UpcycleConfig:
         config_lib.require(self, "rope_dim", self.rope_dim >= 2 and self.rope_dim % 2 == 0, "an even int >= 2")
         config_lib.require(self, "rank_energy", 0 <= self.rank_energy <= 1, "a fraction in [0, 1]")
         config_lib.require(self, "auto_gqa_layers", self.auto_gqa_layers >= 0, "an int >= 0")
+        if self.target == "deepseek_v3":  # one layout for every layer, one RoPE key, standard frequencies
+            why = "for target 'deepseek_v3'"
+            config_lib.require(self, "rope_key", self.rope_key in DEEPSEEK_ROPE_KEYS,
+                               f"one of {', '.join(DEEPSEEK_ROPE_KEYS)} {why} (one shared RoPE key per token)")
+            config_lib.require(self, "rope_mode", self.rope_mode in DEEPSEEK_ROPE_MODES,
+                               f"one of {', '.join(DEEPSEEK_ROPE_MODES)} {why} (a standard RoPE at one theta)")
+            config_lib.require(self, "rank_energy", self.rank_energy == 0, f"0 {why} (one rank for every layer)")
+            config_lib.require(self, "gqa_layers", not self.gqa_layers, f"() {why} (every layer MLA)")
+            config_lib.require(self, "auto_gqa_layers", self.auto_gqa_layers == 0, f"0 {why} (every layer MLA)")
 
     def validate(self, head_dim: int, num_layers: int) -> None:
         """The checks that need the model: rope_dim <= head_dim, layer indices in range."""
@@ -82,6 +110,9 @@ class UpcycleConfig:
             raise ValueError(f"upcycle: {msg}")
         if self.rope_dim > head_dim:
             fail(f"rope_dim must be even and in [2, head_dim={head_dim}], got {self.rope_dim}")
+        if self.target == "deepseek_v3" and self.rope_mode == "uniform" and (head_dim // 2) % (self.rope_dim // 2):
+            fail(f"rope_mode 'uniform' for target 'deepseek_v3' needs rope_dim / 2 to divide head_dim / 2 = "
+                 f"{head_dim // 2} (evenly spaced pairs are then a standard RoPE), got rope_dim {self.rope_dim}")
         bad = [i for i in (*self.gqa_layers, *self.fixed_rank_layers) if not 0 <= i < num_layers]
         if bad or not 0 <= self.auto_gqa_layers + len(set(self.gqa_layers)) <= num_layers:
             fail(f"layer indices must lie in [0, {num_layers}) and GQA layers be at most {num_layers}: {self}")
@@ -255,7 +286,8 @@ def layer_io(model: Llama, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 # ----------------------------------------------------------------------------- one layer
 def upcycle_layer(weights: dict[str, np.ndarray], cfg: UpcycleConfig, config, x: np.ndarray | None,
                   kv_rank: int, q_rank: int, energy: float):
-    """MLA parameters (kernels in flattened (in, out) form; set_param splits the heads), RoPE
+    """MLA parameters (kernels in flattened (in, out) form; set_param splits the heads), the latent
+    norms' gains (target "deepseek_v3": "kv_norm" (r_kv,), "q_norm" (r_q,); else none), RoPE
     frequencies and the KV error of one layer.
 
     weights: "q" (H d_h, D), "k" and "v" (K d_h, D) in (out, in) form; x: calibration inputs or None."""
@@ -309,7 +341,19 @@ def upcycle_layer(weights: dict[str, np.ndarray], cfg: UpcycleConfig, config, x:
         rope_rows = rope_rows.mean(axis=0) if groups == 1 else rope_rows.reshape(k * dr, -1)
     out["kv_a"] = np.concatenate([b, rope_rows.reshape(-1, b.shape[1])]).T
     out["kv_b"] = a.reshape(h * (dn + dh), -1).T
-    return out, freqs, err
+    norms = {}
+    if cfg.target == "deepseek_v3":
+        norms["kv_norm"] = latent_norm_gain(x @ b.T)
+        if q_rank:
+            norms["q_norm"] = latent_norm_gain(x @ out["q_a"])
+    return out, norms, freqs, err
+
+
+def latent_norm_gain(latent: np.ndarray, eps: float = LATENT_NORM_EPS) -> np.ndarray:
+    """Per-channel gain g (r,) with g * n_t closest to c_t in least squares, n_t = c_t / rms(c_t):
+    latent (N, r) -> g_j = sum_t c_tj n_tj / sum_t n_tj^2."""
+    normed = latent / np.sqrt((latent ** 2).mean(axis=-1, keepdims=True) + eps)
+    return (latent * normed).sum(axis=0) / np.maximum((normed ** 2).sum(axis=0), 1e-30)
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -346,10 +390,11 @@ def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.
     if len(model.segments) != 1 or set(model.layer_kinds) != {"gqa"}:
         raise ValueError("upcycle_gqa_to_mla expects an all-GQA model")
     cfg.validate(config.head_dim, config.num_layers)
-    needs_x = cfg.rope_mode == "2norm" or cfg.activation_aware or cfg.auto_gqa_layers or cfg.rope_key == "shared_fit"
+    needs_x = (cfg.rope_mode == "2norm" or cfg.activation_aware or cfg.auto_gqa_layers or cfg.rope_key == "shared_fit"
+               or cfg.target == "deepseek_v3")
     if needs_x and calibration_tokens is None:
-        raise ValueError("upcycle: rope_mode='2norm', rope_key='shared_fit', activation_aware and auto_gqa_layers "
-                         "need calibration tokens")
+        raise ValueError("upcycle: rope_mode='2norm', rope_key='shared_fit', activation_aware, auto_gqa_layers and "
+                         "target='deepseek_v3' need calibration tokens")
     xs = None
     if needs_x:
         inputs = layer_io(model, np.asarray(calibration_tokens))[0]            # (L, B, T, D)
@@ -360,12 +405,13 @@ def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.
     for i in range(config.num_layers):
         fixed = i in cfg.fixed_rank_layers
         energy = 0.0 if fixed else cfg.rank_energy
-        params, freqs, err = upcycle_layer(_layer_weights(model, i), cfg, config, None if xs is None else xs[i],
+        params, norms, freqs, err = upcycle_layer(_layer_weights(model, i), cfg, config, None if xs is None else xs[i],
                                            cfg.kv_rank, cfg.q_rank, energy)
         mla = MLAConfig(kv_rank=params["kv_b"].shape[0], rope_dim=cfg.rope_dim,
                         nope_dim=config.head_dim - cfg.rope_dim, v_dim=config.head_dim,
-                        q_rank=params["q_a"].shape[1] if "q_a" in params else 0, rope_heads=rope_heads)
-        layers.append(dict(params=params, freqs=freqs, error=err, mla=mla))
+                        q_rank=params["q_a"].shape[1] if "q_a" in params else 0, rope_heads=rope_heads,
+                        latent_norm=cfg.target == "deepseek_v3", latent_norm_eps=LATENT_NORM_EPS)
+        layers.append(dict(params=params, norms=norms, freqs=freqs, error=err, mla=mla))
 
     gqa = set(cfg.gqa_layers)
     if cfg.auto_gqa_layers:
@@ -391,6 +437,8 @@ def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.
         else:
             for name in layers[idx[0]]["params"]:
                 set_param(state, ("attn", name, "kernel"), np.stack([layers[i]["params"][name] for i in idx]))
+            for name in layers[idx[0]]["norms"]:
+                set_param(state, ("attn", name, "scale"), np.stack([layers[i]["norms"][name] for i in idx]))
             set_param(state, ("attn", "rope_inv_freq"), np.stack([layers[i]["freqs"] for i in idx]))
         nnx.update(segment, state)
         segments.append(segment)

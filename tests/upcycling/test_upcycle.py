@@ -4,7 +4,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from research.upcycling.upcycle import (UpcycleConfig, energy_rank, fit_shared_rope_key, low_rank,
+from research.upcycling.upcycle import (UpcycleConfig, energy_rank, fit_shared_rope_key, latent_norm_gain, low_rank,
                                         select_rope_pairs, upcycle_gqa_to_mla)
 from tests.models.tiny_llama import TINY, random_llama
 
@@ -102,6 +102,34 @@ def test_fitted_shared_key_reproduces_the_grouped_rope_scores_better_than_the_me
     fitted = rope_score_error(q_rope, k_rope, queries, shared, x)
     mean = rope_score_error(q_rope, k_rope, q_rope, k_rope.mean(0), x)
     assert fitted < 0.7 * mean
+
+
+def test_latent_norm_gain_is_the_least_squares_gain_and_exact_when_every_token_has_one_rms():
+    rng = np.random.default_rng(0)
+    same_rms = rng.normal(size=(50, 8))
+    same_rms *= 3.0 / np.sqrt((same_rms ** 2).mean(axis=1, keepdims=True))
+    normed = same_rms / np.sqrt((same_rms ** 2).mean(axis=1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(latent_norm_gain(same_rms) * normed, same_rms, rtol=1e-6)
+    latent = rng.normal(size=(200, 8)) * rng.uniform(0.1, 5, (200, 1))      # token RMS spread 50x
+    normed = latent / np.sqrt((latent ** 2).mean(axis=1, keepdims=True) + 1e-6)
+    gain = latent_norm_gain(latent)
+    error = lambda g: ((g * normed - latent) ** 2).sum()                      # noqa: E731
+    assert all(error(gain) < error(gain * (1 + d)) for d in (-0.01, 0.01))
+
+
+def test_deepseek_target_puts_the_fitted_latent_norm_in_every_layer(teacher):
+    student, report = upcycle_gqa_to_mla(teacher, UpcycleConfig(kv_rank=8, rope_dim=4, rope_mode="uniform", q_rank=16,
+                                                                target="deepseek_v3"), TOKENS)
+    attn = student.segments[0].attn
+    assert attn.mla.latent_norm and report["layer_kinds"] == ["mla"] * TINY.num_layers
+    for norm in (attn.kv_norm, attn.q_norm):
+        scale = np.asarray(norm.scale[...])
+        assert scale.shape[0] == TINY.num_layers and np.all(np.isfinite(scale)) and not np.allclose(scale, 1.0)
+    with pytest.raises(ValueError, match="calibration tokens"):
+        upcycle_gqa_to_mla(teacher, UpcycleConfig(kv_rank=8, rope_dim=4, rope_mode="uniform", target="deepseek_v3"))
+    with pytest.raises(ValueError, match="rope_dim / 2 to divide"):
+        upcycle_gqa_to_mla(teacher, UpcycleConfig(kv_rank=8, rope_dim=6, rope_mode="uniform", target="deepseek_v3"),
+                           TOKENS)
 
 
 def test_hybrid_keeps_the_worst_factorised_layers_as_gqa(teacher):

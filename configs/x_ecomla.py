@@ -16,6 +16,8 @@ with the lowest held-out perplexity at initialisation that we measured for its b
   kv25    25%: 96 values = r_kv 72 + a RoPE key of d_r 8 per former KV head (3 x 8)
   kv50    50%: 192 values = r_kv 144 + a RoPE key of d_r 16 per former KV head (3 x 16)
   hybrid  6.5x: the 2 layers with the largest KV factorisation error stay GQA, 28 MLA layers of 32 + 4
+  deepseek  6.4x in DeepSeek-V3's architecture (target deepseek_v3: the latent RMSNorm, one standard
+          RoPE), exported at the end to DIR/deepseek_v3 (transformers loads it; see research/upcycling)
   budget  760 KD steps (about an hour on 2 CPU cores), held-out figures at 15, 30 and 60 KD minutes
   mean_key      the earlier pipeline: the mean of the KV heads' RoPE rows, no layer-wise step
   no_layerwise  the fitted key without the layer-wise step
@@ -29,7 +31,7 @@ import ml_collections
 from research.core import config as config_lib
 from research.upcycling.xecomla import XEcoMLA
 
-PRESETS = ("smoke", "kv25", "kv50", "gpu", "budget", "mean_key", "no_layerwise", "hybrid")
+PRESETS = ("smoke", "kv25", "kv50", "gpu", "budget", "mean_key", "no_layerwise", "hybrid", "deepseek")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -49,6 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.upcycle.rope_key, c.reconstruct.steps = "shared", 0
         elif preset == "no_layerwise":
             c.reconstruct.steps = 0
+        elif preset == "deepseek":  # r_kv 56 + d_r 4 as the default; pairs 0 and 16 (uniform) are RoPE at theta
+            c.upcycle.update(target="deepseek_v3", rope_mode="uniform")
         elif preset == "hybrid":  # 2 GQA layers (2 x 384) + 28 MLA layers of r_kv 32 + d_r 4: 1,776 (6.5x)
             c.upcycle.update(kv_rank=32, auto_gqa_layers=2)
         elif preset == "gpu":

@@ -12,7 +12,10 @@ reconstruct.json (per-layer held-out errors before / after), budgets.json (one r
 budget: minutes, step, tokens, ppl, top1_agreement), TensorBoard events (tb/), checkpoints of the
 student (checkpoints/, resumed when present), curves.png and results.json (kv_values_per_token_teacher
 / _student, kv_ratio, ppl_teacher, ppl_student_init, ppl_student_reconstructed, ppl_student_kd,
-top1_agreement_init / _reconstructed / _kd, train_tokens, budgets, wall_time_s, ...).
+top1_agreement_init / _reconstructed / _kd, train_tokens, budgets, wall_time_s, ...). With
+``upcycle.target=deepseek_v3`` (the ``deepseek`` preset) also deepseek_v3/: the distilled student as a
+Hugging Face DeepSeek-V3 checkpoint (research.models.deepseek_hf; tools/export_deepseek.py does the
+same from any run's latest checkpoint).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from research.data.sources import default_cache_dir
 from research.data.text import kjv_windows
 from research.distill import make_kd_train_step
 from research.distill.evaluate import lm_metrics, top1_predictions
+from research.models.deepseek_hf import save_deepseek_v3
 from research.models.pretrained import load_llama
 from research.upcycling.reconstruct import reconstruct_layers
 from research.upcycling.upcycle import upcycle_gqa_to_mla
@@ -158,6 +162,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_time_s": time.perf_counter() - start_time,
         "devices": experiment.device_summary(mesh),
     }
+    if upcycle.target == "deepseek_v3" and experiment.main_process():  # what transformers / vLLM / SGLang load
+        results["export"] = save_deepseek_v3(distilled, os.path.join(workdir, "deepseek_v3"), tokenizer, force=True)
+        print(f"exported the student as a DeepSeek-V3 checkpoint: {results['export']}")
     if experiment.main_process():
         write_json_atomic(os.path.join(workdir, "results.json"), results)
         report.curves(writer.history, os.path.join(workdir, "curves.png"),

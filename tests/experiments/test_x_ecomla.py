@@ -61,6 +61,39 @@ def test_time_budget_evaluates_and_ends_the_run(tmp_path):
         x_ecomla.main(config, str(tmp_path))
 
 
+def test_export_tool_refuses_a_native_mla_run_in_one_line(smoke_run, tmp_path, capsys):
+    from tools import export_deepseek
+
+    with pytest.raises(SystemExit) as stop:
+        export_deepseek.main(["--workdir", smoke_run[1], "--out", str(tmp_path / "export")])
+    assert stop.value.code == 2 and "target 'deepseek_v3'" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
+
+
+def test_deepseek_preset_exports_what_transformers_loads_and_the_tool_exports_the_same(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from tools import export_deepseek
+
+    config = load_config("configs/x_ecomla.py:smoke,deepseek", {"reconstruct.steps": 0})
+    results = x_ecomla.main(config, str(tmp_path / "run"))
+    out = export_deepseek.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+    at_end, by_tool = (load_file(os.path.join(d, "model.safetensors")) for d in (results["export"], out))
+    assert at_end.keys() == by_tool.keys() and all(np.array_equal(at_end[k], by_tool[k]) for k in at_end)
+    student, tokenizer, step = export_deepseek.restore_student(str(tmp_path / "run"))
+    ids = np.asarray([tokenizer.encode("In the beginning God created the heaven and the earth.")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(ids)).logits.numpy()
+    ours = np.asarray(student(ids)[0])
+    assert step == config.train.steps and np.abs(ours - theirs).max() <= 1e-5 * np.abs(ours).max()
+    with pytest.raises(SystemExit):  # --out exists
+        export_deepseek.main(["--workdir", str(tmp_path / "run"), "--out", out])
+
+
 def test_gpu_preset_needs_a_model_directory_and_runs_smoke_sized(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.path"):
         x_ecomla.main(load_config("configs/x_ecomla.py:gpu"), str(tmp_path / "gpu"))

@@ -49,7 +49,7 @@ ADAPTABLE = (nnx.Linear, nnx.Conv, nnx.Einsum)
 CHECKPOINT_FORMAT = "research.adapters.lora/1"
 
 __all__ = ["LoraAdapter", "LoraLayer", "LoraSpec", "adapter_names", "add_lora", "delete_adapter", "load_adapters",
-           "lora_filter", "merge", "merge_and_unload", "read_adapter_config", "save_adapters", "set_active",
+           "lora_filter", "lora_layers", "merge", "merge_and_unload", "read_adapter_config", "save_adapters", "set_active",
            "trainable_filter", "unmerge"]
 
 
@@ -93,6 +93,10 @@ class LoraAdapter(nnx.Module):
         self.b = nnx.LoRAParam(jnp.zeros(b_shape, dtype), adapter=name, **_sharding(names_b))
         # Own "dropout" stream forked from rngs; no RNG state at all when dropout is off.
         self.dropout = nnx.Dropout(spec.dropout, rngs=rngs if spec.dropout > 0 else None)
+        if spec.dropout > 0 and lead:  # stacked layers: one key per layer, so lax.scan can slice them
+            stream, layers = self.dropout.rngs, tuple(a_shape[:lead])
+            stream.key.set_value(jax.random.split(stream.key[...], layers))
+            stream.count.set_value(jnp.zeros(layers, stream.count[...].dtype))
         self.active = True
         self.merged = False
 
@@ -299,19 +303,20 @@ def _set_child(model: nnx.Module, path: tuple, new) -> None:
         setattr(parent, path[-1], new)
 
 
-def _lora_layers(model: nnx.Module) -> list[tuple[tuple, LoraLayer]]:
+def lora_layers(model: nnx.Module) -> list[tuple[tuple, LoraLayer]]:
+    """(path, layer) of every LoraLayer in ``model``."""
     return [(tuple(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, LoraLayer)]
 
 
 def _adaptable_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
     """(path, layer) of every adaptable layer: LoraLayers at their own path, bare layers otherwise."""
-    wrapped = {p for p, _ in _lora_layers(model)}
+    wrapped = {p for p, _ in lora_layers(model)}
     return [(tuple(p), n) for p, n in nnx.iter_graph(model)
             if isinstance(n, LoraLayer) or (isinstance(n, ADAPTABLE) and tuple(p[:-1]) not in wrapped)]
 
 
 def _with_adapter(model: nnx.Module, name: str) -> list[tuple[tuple, LoraLayer]]:
-    layers = [(p, layer) for p, layer in _lora_layers(model) if name in layer.lora]
+    layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora]
     if not layers:
         raise ValueError(f"no LoRA adapter named {name!r} in the model; adapters: {adapter_names(model)}")
     return layers
@@ -327,7 +332,7 @@ def _check_name(name: str) -> None:
 def adapter_names(model: nnx.Module) -> list[str]:
     """Names of the adapters present anywhere in ``model``, in order of first appearance."""
     names: dict[str, None] = {}
-    for _, layer in _lora_layers(model):
+    for _, layer in lora_layers(model):
         names.update(dict.fromkeys(layer.lora))
     return list(names)
 
@@ -409,7 +414,7 @@ def set_active(model: nnx.Module, names: str | Sequence[str]) -> None:
     unknown = sorted(set(names) - set(adapter_names(model)))
     if unknown:
         raise ValueError(f"unknown LoRA adapter(s) {unknown}; the model has {adapter_names(model)}")
-    for _, layer in _lora_layers(model):
+    for _, layer in lora_layers(model):
         for key, adapter in layer.lora.items():
             adapter.active = key in names
 
@@ -431,7 +436,7 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
 
     The model's parameter paths are the original ones again; inactive, unmerged adapters are dropped.
     """
-    for path, layer in _lora_layers(model):
+    for path, layer in lora_layers(model):
         for key, adapter in layer.lora.items():
             if adapter.active and not adapter.merged:
                 layer.merge(key)
@@ -491,7 +496,7 @@ def save_adapters(model: nnx.Module, directory: str, name: str | None = None, *,
     never leaves a half-written checkpoint under ``directory``. Returns the saved param paths.
     """
     entries, arrays = [], []
-    for path, layer in _lora_layers(model):
+    for path, layer in lora_layers(model):
         for key, adapter in layer.lora.items():
             if name is None or key == name:
                 entries.append({"path": path_str(path), "name": key, "kind": type(layer.base).__name__,
@@ -530,7 +535,7 @@ def load_adapters(model: nnx.Module, directory: str, name: str | None = None) ->
     entries = [stored[i] for i in selected]
     if not entries:
         raise CheckpointMismatchError(f"checkpoint {directory} has no LoRA adapter named {name!r}")
-    layers = {path_str(p): layer for p, layer in _lora_layers(model)}
+    layers = {path_str(p): layer for p, layer in lora_layers(model)}
     targets = []
     for e in entries:
         where = f"LoRA adapter {e['name']!r} of layer '{e['path']}' (rank {e['rank']})"

@@ -120,15 +120,22 @@ def stacked_layers(config: LlamaConfig, make_attention: AttentionFactory, num_la
 
 
 def scan_layers(layers: nnx.Module, x: jax.Array, positions: jax.Array, cache: Any, ops) -> tuple[jax.Array, Any]:
-    """Runs stacked layers with lax.scan: x (B, T, D) -> (B, T, D), cache sliced per layer."""
-    graphdef, state = nnx.split(layers)
+    """Runs stacked layers with lax.scan: x (B, T, D) -> (B, T, D), cache sliced per layer.
+
+    State other than parameters that a layer changes (the RNG counters of adapter dropout) comes
+    out of the scan and is written back, so the next call draws new masks."""
+    graphdef, params, others = nnx.split(layers, nnx.Param, ...)
 
     def body(h, layer):
-        layer_state, layer_cache = layer
-        h, layer_cache = nnx.merge(graphdef, layer_state)(h, positions, layer_cache, ops)
-        return h, layer_cache
+        layer_params, layer_others, layer_cache = layer
+        module = nnx.merge(graphdef, layer_params, layer_others)
+        h, layer_cache = module(h, positions, layer_cache, ops)
+        return h, (layer_cache, nnx.state(module, nnx.RngState))
 
-    return jax.lax.scan(body, x, (state, cache))
+    x, (cache, rng_state) = jax.lax.scan(body, x, (params, others, cache))
+    if jax.tree.leaves(rng_state):
+        nnx.update(layers, rng_state)
+    return x, cache
 
 
 class Llama(nnx.Module):

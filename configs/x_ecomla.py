@@ -22,6 +22,9 @@ with the lowest held-out perplexity at initialisation that we measured for its b
   mean_key      the earlier pipeline: the mean of the KV heads' RoPE rows, no layer-wise step
   no_layerwise  the fitted key without the layer-wise step
   gpu     a larger Llama from a local HF directory (--config.model.path=DIR), bf16, 20k KD steps
+  llama3_8b  with gpu: Llama-3-8B's 6.4x, r_kv 256 + d_r 64 (320 of 2,048 values per token and layer),
+          the size vLLM's compressed MLA serves; with deepseek, attention-only KD (the optimizer
+          state of 8B parameters would not fit beside both models on one 141 GB GPU)
 Other choices: ``--config.upcycle.rope_mode=split`` (the reference), ``activation_aware=False`` (the
 reference's plain SVD), ``rank_energy=0.95``, ``gqa_layers=0,29``, ``--config.reconstruct.inputs=student``,
 ``--config.distill.trainable=attention``.
@@ -31,7 +34,7 @@ import ml_collections
 from research.core import config as config_lib
 from research.upcycling.xecomla import XEcoMLA
 
-PRESETS = ("smoke", "kv25", "kv50", "gpu", "budget", "mean_key", "no_layerwise", "hybrid", "deepseek")
+PRESETS = ("smoke", "kv25", "kv50", "gpu", "budget", "mean_key", "no_layerwise", "hybrid", "deepseek", "llama3_8b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -65,6 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.reconstruct.update(windows=256, heldout_windows=32, batch_windows=16)
             c.train.update(steps=20_000, batch_size=32, log_every=50, checkpoint_every=500)
             c.optim.update(warmup_steps=200)
+    if "llama3_8b" in presets:  # 8 KV heads x 128 dims x 2 = 2,048 values per token and layer
+        c.upcycle.update(kv_rank=256, rope_dim=64)
+        c.distill.trainable = "attention"
     if "smoke" in presets:
         c.model.source = "random"
         c.upcycle.kv_rank, c.upcycle.rope_dim = 8, 4

@@ -21,3 +21,15 @@ def test_the_library_in_code_runs_and_prints_what_its_comments_say():
     assert lines[0] == "['blocks/0/attn/q', 'blocks/0/attn/v']"
     assert lines[1] == "32 of 128 KV values per token"
     assert len(lines) == 4 and float(lines[3]) > 0
+
+
+@pytest.mark.slow  # about 15 s: an upcycled Llama through transformers, a LoRA adapter through PEFT's format
+def test_the_hugging_face_section_runs_and_prints_what_its_comments_say():
+    pytest.importorskip("transformers")
+    with open(os.path.join(REPO, "README.md")) as f:
+        section = f.read().split("## Into the Hugging Face ecosystem", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["True", "True", "['segments/0/attn/q', 'segments/0/attn/v']"]

@@ -7,10 +7,12 @@ The first load of a GGUF or HF checkpoint can be cached as a converted orbax dir
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from typing import Literal
 
+import numpy as np
 from flax import nnx
 
 from research.attention.ops import ATTENTION_IMPLS
@@ -66,7 +68,8 @@ def resolve_hub_model(repo_id: str) -> str:
 
 def load_llama(spec: LlamaSource, *, seed: int = 0, default_cache_root: str = "") -> tuple[LlamaConfig, Llama, Tokenizer]:
     """(config, model, tokenizer) of ``spec``. ``cache_dir="auto"`` keeps one converted copy per
-    source file under ``default_cache_root/llama``; ``source="random"`` builds a tiny random GQA
+    source file under ``default_cache_root/llama`` (named by ``converted_name``: a rewritten or
+    different file of the same name is converted anew); ``source="random"`` builds a tiny random GQA
     model (D 64, 2 layers, 4 query / 2 KV heads) with SmolLM2's tokenizer: a real run's code path
     in seconds."""
     from research.models.llama_gguf import smollm2_gguf_path
@@ -79,13 +82,37 @@ def load_llama(spec: LlamaSource, *, seed: int = 0, default_cache_root: str = ""
         small = LlamaConfig(vocab_size=tokenizer.vocab_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                             head_dim=16, mlp_dim=128, **overrides)
         return small, Llama(small, rngs=nnx.Rngs(seed)), tokenizer
+    path = spec.path
+    if spec.source == "hf" and not os.path.exists(path) and HUB_ID.fullmatch(path):
+        path = resolve_hub_model(path)
     cache_dir = spec.cache_dir
     if cache_dir == "auto":
-        name = os.path.splitext(os.path.basename(os.path.normpath(spec.path or smollm2_gguf_path())))[0]
+        source_path = require_path(path or smollm2_gguf_path(), "model.path")
         cache_dir = "" if spec.source == "converted" or not default_cache_root else os.path.join(
-            default_cache_root, "llama", name)
-    return load_pretrained_llama(spec.source, spec.path, cache_dir=cache_dir, tokenizer_path=spec.tokenizer_path,
+            default_cache_root, "llama", converted_name(source_path))
+    return load_pretrained_llama(spec.source, path, cache_dir=cache_dir, tokenizer_path=spec.tokenizer_path,
                                  num_layers=spec.num_layers, **overrides)
+
+
+def converted_name(path: str) -> str:
+    """The cache folder name of a GGUF file or HF directory: its name and a digest of its files'
+    sizes and modification times, so another file of the same name (or the same file rewritten)
+    is converted anew instead of loading the old copy."""
+    path = os.path.normpath(path)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".json", ".safetensors", ".gguf")))
+    stamp = ";".join(f"{os.path.basename(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return f"{name}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+
+
+def check_finite(model: Llama, source: str) -> None:
+    """A ValueError naming the first parameter with NaN or infinite values (a damaged weights file)."""
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        bad = int(np.size(value[...]) - np.isfinite(np.asarray(value[...])).sum())
+        if bad:
+            raise ValueError(f"{source}: parameter '{'/'.join(map(str, path))}' has {bad:,} non-finite values; "
+                             "the weights file is damaged (download or convert it again)")
 
 
 def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", tokenizer_path: str = "",
@@ -120,9 +147,10 @@ def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", t
     else:
         tokenizer = tokenizer_from_hf(tokenizer_path)
 
+    loaded_from = cache_dir if source != "converted" and cache_dir and os.path.isdir(cache_dir) else path
     if source == "converted":
         config, model = load_converted(path, **overrides)
-    elif cache_dir and os.path.isdir(cache_dir):
+    elif loaded_from == cache_dir:
         config, model = load_converted(cache_dir, **overrides)
     else:
         config, model = (load_gguf_llama if source == "gguf" else load_hf_llama)(path, **overrides)
@@ -132,6 +160,7 @@ def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", t
             except OSError:  # FileExistsError included: another process wrote the same copy first
                 if not os.path.isdir(cache_dir):
                     raise
+    check_finite(model, loaded_from)
     if num_layers:
         model = first_layers(model, num_layers)
         config = model.config

@@ -12,7 +12,8 @@ override to every point; ``--only 0,3`` picks points by index). A point whose ``
 running the same command again resumes a sweep: finished points stay, failed ones run again, and
 one that was cut off resumes from its checkpoint. A failed point is reported with the end of its
 log (``DIR/NNN/sweep.log``) and does not stop the others; the exit code is the number of points
-that failed. ``--processes N`` runs each point as N JAX processes (``jax.distributed``) on this
+that failed. A point stopped by SIGTERM with its checkpoint saved (exit 75: a preempted VM) is run
+again at once and resumes, up to 3 times, on every backend. ``--processes N`` runs each point as N JAX processes (``jax.distributed``) on this
 machine or on each Ray worker.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import shlex
 import sys
 
 from research.core.config import ConfigError
+from research.core.records import write_json_atomic
 from tools.sweeps import local, points as points_lib, tpu_pod
 from tools.sweeps.progress import Progress
 
@@ -135,8 +137,7 @@ def summarize(workdir: str, points: list[points_lib.Point]) -> None:
                 summary.append({"workdir": p.workdir, "overrides": p.overrides, **json.load(f)})
     if not summary:
         return
-    with open(os.path.join(workdir, "sweep.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(os.path.join(workdir, "sweep.json"), summary)  # a killed sweep leaves the old one whole
     for row in summary:
         accuracy = f"test_accuracy={row['test_accuracy']} " if "test_accuracy" in row else ""
         print(f"{row['workdir']}: {accuracy}{' '.join(f'{k}={v}' for k, v in row['overrides'].items())}")

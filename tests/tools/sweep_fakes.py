@@ -4,7 +4,8 @@ tests exercise the engines (failures, retries, resuming) in about a second each.
 The script counts its runs in ``WORKDIR/runs.txt``; it fails (exit 3, "boom" on stderr) while
 ``WORKDIR/fail`` exists; while ``WORKDIR/hang`` exists it writes its parent's pid (the engine's
 worker) to ``WORKDIR/parent.pid`` and its own to ``WORKDIR/child.pid`` and sleeps; otherwise it
-writes ``results.json`` with its run count.
+writes ``results.json`` with its run count. While ``WORKDIR/preempt`` holds a number n > 0 it
+counts it down and exits 75, as a run stopped by SIGTERM with its checkpoint saved does.
 """
 import os
 import sys
@@ -17,6 +18,11 @@ d = sys.argv[1]
 runs = int(open(os.path.join(d, "runs.txt")).read()) + 1 if os.path.exists(os.path.join(d, "runs.txt")) else 1
 open(os.path.join(d, "runs.txt"), "w").write(str(runs))
 print("run", runs, flush=True)
+preempt = os.path.join(d, "preempt")
+left = int(open(preempt).read()) if os.path.exists(preempt) else 0
+if left > 0:
+    open(preempt, "w").write(str(left - 1))
+    sys.exit(75)
 if os.path.exists(os.path.join(d, "fail")):
     print("boom", file=sys.stderr)
     sys.exit(3)

@@ -93,6 +93,19 @@ def test_a_point_runs_as_two_jax_processes_that_join_one_run(tmp_path):
     assert os.path.exists(tmp_path / "000" / "sweep.p1.log")
 
 
+def test_a_preempted_point_is_run_again_and_resumes_up_to_the_requeue_limit(tmp_path):
+    from research.core import cli
+
+    assert local.PREEMPTED_EXIT == cli.PREEMPTED_EXIT
+    twice, always = fake_points(tmp_path, 2)
+    open(os.path.join(twice.workdir, "preempt"), "w").write("2")
+    open(os.path.join(always.workdir, "preempt"), "w").write("99")
+    outcome = local.run_point(twice)
+    assert outcome.ok and outcome.attempts == 3 and runs(twice) == 3
+    outcome = local.run_point(always, requeues=2)
+    assert outcome.returncode == 75 and outcome.attempts == 3 and not always.done
+
+
 def test_when_one_process_of_a_point_fails_the_other_is_stopped(tmp_path):
     script = ("import os, sys, time; i = int(os.environ['JAX_PROCESS_ID']); "
               "sys.exit(5) if i == 1 else time.sleep(120)")

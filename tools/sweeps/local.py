@@ -23,6 +23,7 @@ from tools.sweeps.points import Point
 from tools.sweeps.progress import Outcome, Progress
 
 RUN_HEADER = "=== run "  # starts the log lines that open each attempt
+PREEMPTED_EXIT = 75      # research.core.cli's exit status after SIGTERM with the checkpoint saved (a test ties them)
 
 
 # Sets PR_SET_PDEATHSIG (1) to SIGTERM, gives up if the launcher is already gone, then becomes the
@@ -53,9 +54,21 @@ def distributed_env(process_id: int, num_processes: int, port: int) -> dict[str,
 
 
 def run_point(point: Point, processes: int = 1, python: str = sys.executable, env: dict | None = None,
-              cwd: str | None = None, command: Sequence[str] | None = None) -> Outcome:
+              cwd: str | None = None, command: Sequence[str] | None = None, requeues: int = 3) -> Outcome:
     """Runs one point to its end (blocking) and returns how it ended. ``command`` replaces the
-    point's own (``python *point.args``), e.g. a launcher that runs it elsewhere."""
+    point's own (``python *point.args``), e.g. a launcher that runs it elsewhere. A run stopped by
+    SIGTERM with its checkpoint saved (exit ``PREEMPTED_EXIT``, 75) is run again, resuming, up to
+    ``requeues`` times; ``attempts`` counts the runs."""
+    for attempt in range(1, requeues + 2):
+        outcome = _run_once(point, processes, python, env, cwd, command)
+        outcome.attempts = attempt
+        if outcome.returncode != PREEMPTED_EXIT:
+            break
+    return outcome
+
+
+def _run_once(point: Point, processes: int, python: str, env: dict | None, cwd: str | None,
+              command: Sequence[str] | None) -> Outcome:
     point.record()
     command = list(command) if command is not None else [python, *point.args]
     env = dict(os.environ if env is None else env)

@@ -122,8 +122,31 @@ def write_png(path: str, image: np.ndarray) -> None:
     write_bytes_atomic(path, _png(image))
 
 
+def _logged_scalars(logdir: str):
+    """(name, step, value) of every scalar in the TensorBoard event files of ``logdir``, in the
+    order written; an unreadable file (a truncated last record of a killed run) stops at its damage."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+
+    files = sorted((f for f in os.listdir(logdir) if "tfevents" in f),
+                   key=lambda f: os.path.getmtime(os.path.join(logdir, f)))
+    for name in files:
+        try:
+            for record in RawEventFileLoader(os.path.join(logdir, name)).Load():
+                event = event_pb2.Event.FromString(record)
+                for value in event.summary.value:
+                    if value.WhichOneof("value") == "simple_value":
+                        yield value.tag, int(event.step), float(value.simple_value)
+        except Exception:  # noqa: BLE001 - a damaged tail ends that file's history, not the run
+            continue
+
+
 class MetricWriter:
-    """Scalars and images to TensorBoard under `logdir`, and a history kept for plots/results."""
+    """Scalars and images to TensorBoard under `logdir`, and a history kept for plots/results.
+
+    The history starts with the scalars already in `logdir` (an earlier attempt of a resumed run),
+    and a scalar logged at a step the history already passed replaces the entries from that step
+    on (the resumed run redoes the steps after its checkpoint): plots show the whole run once."""
 
     def __init__(self, logdir: str | None):
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -132,7 +155,15 @@ class MetricWriter:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
             os.makedirs(logdir, exist_ok=True)
+            for name, step, value in _logged_scalars(logdir):
+                self._record(name, step, value)
             self._writer = EventFileWriter(logdir)
+
+    def _record(self, name: str, step: int, value: float) -> None:
+        series = self.history[name]
+        if series and series[-1][0] >= step:
+            series[:] = [(s, v) for s, v in series if s < step]
+        series.append((step, value))
 
     def _event(self, step: int, values):
         from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -146,7 +177,7 @@ class MetricWriter:
         values = []
         for name, value in scalars.items():
             value = float(value)
-            self.history[name].append((int(step), value))
+            self._record(name, int(step), value)
             values.append(summary_pb2.Summary.Value(tag=name, simple_value=value))
         if self._writer:
             self._event(step, values)

@@ -28,6 +28,18 @@ def test_scalars_and_images_are_readable_by_tensorboard(tmp_path):
     assert writer.history["test/accuracy"][-1] == (3, 0.8)
 
 
+def test_a_resumed_runs_history_holds_every_step_once(tmp_path):
+    first = MetricWriter(str(tmp_path))
+    for step in range(1, 6):  # checkpointed at step 3, killed after step 5
+        first.scalars(step, {"train/loss": float(step)})
+    first.close()
+    resumed = MetricWriter(str(tmp_path))
+    for step in range(4, 8):  # resumes after step 3
+        resumed.scalars(step, {"train/loss": 10.0 * step})
+    resumed.close()
+    assert resumed.history["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0), (7, 70.0)]
+
+
 def test_json_is_replaced_atomically_and_plots_are_written(tmp_path):
     path = tmp_path / "results.json"
     write_json_atomic(str(path), {"a": np.float32(1.5), "b": (1, 2)})

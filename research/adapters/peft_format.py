@@ -14,7 +14,9 @@ loads as alpha' = lora_alpha sqrt(r). Layer i of our stacked ``segments/s`` is H
     mlp/gate, mlp/up, mlp/down      ->  mlp.{gate,up,down}_proj
 
 Every layer of the model carries the adapter (PEFT's ``layers_to_transform`` is not supported),
-with one rank, alpha and dropout (no ``rank_pattern``); anything else fails naming the field.
+with one rank, alpha and dropout (no ``rank_pattern``), on Llama (GQA) layers only (an upcycled
+MLA layer has other tensors); a setting beyond that fails naming the field, a tensor of the file
+that is not read fails naming it, and the shapes are checked before the model changes.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import re
 import shutil
 
 import numpy as np
+from flax import nnx
 
 from research.adapters.lora import LoraLayer, LoraSpec, add_lora, lora_layers
 from research.core.params import path_str
@@ -43,6 +46,17 @@ def _segment_offsets(model) -> list[int]:
     return [sum(sizes[:s]) for s in range(len(sizes))]
 
 
+def _check_llama_layers(model, segments) -> None:
+    """A ValueError unless every layer of ``segments`` is a Llama (GQA) layer: an MLA layer's q and
+    o are laid out otherwise in a DeepSeek checkpoint (RoPE rows, scale), so PEFT's names mislead."""
+    offsets, sizes = _segment_offsets(model), model.segment_sizes()
+    for s in sorted(set(segments)):
+        kinds = set(model.layer_kinds[offsets[s]:offsets[s] + sizes[s]])
+        if kinds != {"gqa"}:
+            raise ValueError(f"segments/{s} holds {sorted(kinds)} layers; the PEFT format here covers Llama (GQA) "
+                             "layers only")
+
+
 def _adapted_layers(model, name: str) -> list[tuple[int, str, LoraLayer]]:
     """(segment, module, layer) of every LoraLayer holding adapter ``name``; ValueError for a
     layer PEFT's Llama has no name for."""
@@ -57,6 +71,7 @@ def _adapted_layers(model, name: str) -> list[tuple[int, str, LoraLayer]]:
         found.append((int(match.group(1)), match.group(2), layer))
     if not found:
         raise ValueError(f"no LoRA adapter named {name!r} in the model")
+    _check_llama_layers(model, [segment for segment, _, _ in found])
     return found
 
 
@@ -118,7 +133,10 @@ def read_peft_config(directory: str) -> dict:
                    "bias": config.get("bias", "none") != "none", "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
                    "layers_to_transform": config.get("layers_to_transform") is not None,
                    "rank_pattern": bool(config.get("rank_pattern")), "alpha_pattern": bool(config.get("alpha_pattern")),
-                   "modules_to_save": bool(config.get("modules_to_save"))}
+                   "modules_to_save": bool(config.get("modules_to_save")),
+                   **{key: bool(config.get(key)) for key in ("lora_bias", "trainable_token_indices", "layer_replication",
+                                                             "target_parameters", "alora_invocation_tokens",
+                                                             "exclude_modules", "megatron_config")}}
     bad = [key for key, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ValueError(f"{path}: {bad[0]} = {config.get(bad[0])!r} is not supported (plain LoRA on every layer)")
@@ -129,13 +147,22 @@ def _target_modules(config: dict) -> list[str]:
     """Our module paths ("attn/q") named by PEFT's ``target_modules`` (a list of names or a regex)."""
     targets = config.get("target_modules")
     if isinstance(targets, str):    # a regex over the full module names
-        names = [short for short, ours in OUR_MODULES.items() if re.fullmatch(targets, f"model.layers.0.{HF_MODULES[ours]}")]
+        names = [short for short, ours in OUR_MODULES.items()
+                 if re.fullmatch(targets, f"model.layers.0.{HF_MODULES[ours]}")]
     else:
         names = [t.split(".")[-1] for t in targets or []]
     unknown = [n for n in names if n not in OUR_MODULES]
     if unknown or not names:
         raise ValueError(f"target_modules {targets!r}: PEFT import covers {', '.join(OUR_MODULES)}")
     return [OUR_MODULES[n] for n in names]
+
+
+def _in_out(module: str, kernel_shape) -> tuple[int, int]:
+    """Input and output widths of a stacked kernel: attention q/k/v (L, D, heads, Dh), o (L, heads,
+    Dh, D), MLP (L, in, out)."""
+    if module == "attn/o":
+        return int(np.prod(kernel_shape[1:-1])), kernel_shape[-1]
+    return kernel_shape[1], int(np.prod(kernel_shape[2:]))
 
 
 def load_peft_adapter(model, directory: str, name: str = "default", *, rngs) -> list[str]:
@@ -153,17 +180,31 @@ def load_peft_adapter(model, directory: str, name: str = "default", *, rngs) -> 
     alpha = float(config["lora_alpha"]) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
     modules = _target_modules(config)
     offsets, sizes = _segment_offsets(model), model.segment_sizes()
-    arrays = {}
+    _check_llama_layers(model, range(len(sizes)))
+    kernels = {path_str(p[:-1]): node[...].shape for p, node in nnx.iter_graph(model)
+               if isinstance(node, nnx.Param) and p[-1] == "kernel"}
+    arrays, used = {}, set()
     for segment, (offset, size) in enumerate(zip(offsets, sizes)):
         for module in modules:
+            d_in, d_out = _in_out(module, kernels[f"segments/{segment}/{module}"])
             pairs = []
             for i in range(offset, offset + size):
                 prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[module]}"
-                missing = [k for k in (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight") if k not in weights]
+                names = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight")
+                missing = [k for k in names if k not in weights]
                 if missing:
                     raise KeyError(f"{weights_path} has no tensor {missing[0]!r} (every layer must carry the adapter)")
-                pairs.append((weights[f"{prefix}.lora_A.weight"], weights[f"{prefix}.lora_B.weight"]))
+                a, b = (weights[k] for k in names)
+                if a.shape != (rank, d_in) or b.shape != (d_out, rank):
+                    raise ValueError(f"{weights_path}: {prefix} has lora_A {a.shape} and lora_B {b.shape}; this model "
+                                     f"and r = {rank} need {(rank, d_in)} and {(d_out, rank)}")
+                pairs.append((a, b))
+                used.update(names)
             arrays[f"segments/{segment}/{module}"] = pairs
+    unused = sorted(set(weights) - used)
+    if unused:
+        raise ValueError(f"{weights_path} holds tensors this LoRA reading does not use, e.g. {unused[0]!r} "
+                         f"({len(unused)} in all): an adapter of another model or with parts not supported")
     pattern = r"^segments/\d+/(" + "|".join(re.escape(m) for m in modules) + r")$"
     paths = add_lora(model, LoraSpec(pattern, rank=rank, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0))),
                      name=name, rngs=rngs)

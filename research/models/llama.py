@@ -122,18 +122,21 @@ def stacked_layers(config: LlamaConfig, make_attention: AttentionFactory, num_la
 def scan_layers(layers: nnx.Module, x: jax.Array, positions: jax.Array, cache: Any, ops) -> tuple[jax.Array, Any]:
     """Runs stacked layers with lax.scan: x (B, T, D) -> (B, T, D), cache sliced per layer.
 
-    State other than parameters that a layer changes (the RNG counters of adapter dropout) comes
-    out of the scan and is written back, so the next call draws new masks."""
+    With active dropout (adapter dropout in train mode) the layers' RNG counters come out of the
+    scan and are written back, so the next call draws new masks; otherwise nothing is written
+    (a model called inside another trace, as by ``generate``, must not be changed)."""
     graphdef, params, others = nnx.split(layers, nnx.Param, ...)
+    drawing = any(isinstance(node, nnx.Dropout) and not node.deterministic and node.rate > 0
+                  for _, node in nnx.iter_graph(layers))
 
     def body(h, layer):
         layer_params, layer_others, layer_cache = layer
         module = nnx.merge(graphdef, layer_params, layer_others)
         h, layer_cache = module(h, positions, layer_cache, ops)
-        return h, (layer_cache, nnx.state(module, nnx.RngState))
+        return h, (layer_cache, nnx.state(module, nnx.RngState) if drawing else None)
 
     x, (cache, rng_state) = jax.lax.scan(body, x, (params, others, cache))
-    if jax.tree.leaves(rng_state):
+    if drawing:
         nnx.update(layers, rng_state)
     return x, cache
 

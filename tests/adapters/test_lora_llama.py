@@ -72,3 +72,12 @@ def test_adapter_dropout_on_stacked_layers_draws_one_mask_per_layer_and_call():
     assert not np.allclose(first, second)
     model.eval()
     np.testing.assert_array_equal(model(TOKENS)[0], model(TOKENS)[0])
+
+
+def test_generate_runs_a_model_with_adapter_dropout_in_eval_mode():
+    from research.models.generate import generate
+
+    model = random_llama(TINY)
+    lora.add_lora(model, lora.LoraSpec(r"attn/(q|v)$", rank=4, dropout=0.1), rngs=nnx.Rngs(params=1, dropout=2))
+    model.eval()
+    assert generate(model, [[1, 2, 3]], 4).shape == (1, 4)

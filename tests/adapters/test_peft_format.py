@@ -41,7 +41,7 @@ def train_lora(model, steps=3):
     opt = tx.init(params)
 
     def loss(p):
-        logits, _ = nnx.merge(graphdef, p, rest)(jnp.asarray(TOKENS[:, :-1]))
+        logits, _ = nnx.merge(graphdef, p, rest, copy=True)(jnp.asarray(TOKENS[:, :-1]))  # as research.core.train
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(TOKENS[:, 1:])).mean()
 
     for _ in range(steps):
@@ -100,4 +100,22 @@ def test_unsupported_adapters_fail_naming_the_field_and_leave_the_model_unchange
         save_peft_adapter(model, str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_peft_adapter(model, str(tmp_path), rngs=nnx.Rngs(0))
+    from safetensors.numpy import load_file, save_file
+
+    peft.get_peft_model(hf_llama(base_dir), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path / "extra"))
+    weights = load_file(str(tmp_path / "extra" / "adapter_model.safetensors"))
+    weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"] = np.zeros(32, np.float32)
+    save_file(weights, str(tmp_path / "extra" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="lora_B.bias"):
+        load_peft_adapter(model, str(tmp_path / "extra"), rngs=nnx.Rngs(0))
     assert not any("lora" in "/".join(map(str, p)) for p, _ in nnx.iter_graph(model))
+
+
+def test_an_upcycled_mla_models_adapter_is_refused(tmp_path, checkpoint):
+    from research.upcycling import UpcycleConfig, upcycle_gqa_to_mla
+
+    student, _ = upcycle_gqa_to_mla(checkpoint[1], UpcycleConfig(kv_rank=4, rope_dim=4, rope_mode="uniform"))
+    add_lora(student, LoraSpec(r"attn/o$", rank=2), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="Llama \\(GQA\\) layers only"):
+        save_peft_adapter(student, str(tmp_path / "adapter"))

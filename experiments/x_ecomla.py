@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 
 import jax
@@ -163,8 +164,14 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "devices": experiment.device_summary(mesh),
     }
     if upcycle.target == "deepseek_v3" and experiment.main_process():  # what transformers / vLLM / SGLang load
-        results["export"] = save_deepseek_v3(distilled, os.path.join(workdir, "deepseek_v3"), tokenizer, force=True)
-        print(f"exported the student as a DeepSeek-V3 checkpoint: {results['export']}")
+        try:
+            results["export"] = save_deepseek_v3(distilled, os.path.join(workdir, "deepseek_v3"), tokenizer, force=True)
+            print(f"exported the student as a DeepSeek-V3 checkpoint: {results['export']}")
+        except (OSError, ValueError) as e:  # the run's results are kept; tools/export_deepseek.py retries
+            results["export_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"export to {workdir}/deepseek_v3 failed ({results['export_error']}); the results are saved and "
+                  f"python -m tools.export_deepseek --workdir {workdir} --out DIR exports the checkpoint",
+                  file=sys.stderr)
     if experiment.main_process():
         write_json_atomic(os.path.join(workdir, "results.json"), results)
         report.curves(writer.history, os.path.join(workdir, "curves.png"),

@@ -23,9 +23,8 @@ from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer
 from research.core.train import create_train_state
-from research.data.sources import default_cache_dir
 from research.models.deepseek_hf import LATENT_NORM_EPS, mla_llama, save_deepseek_v3
-from research.models.pretrained import load_llama
+from research.models.pretrained import llama_architecture
 from research.upcycling.xecomla import XEcoMLA
 
 
@@ -44,7 +43,7 @@ def restore_student(workdir: str):
         raise config_lib.ConfigError(f"{workdir} was upcycled with target {exp.upcycle.target!r}; only target "
                                      "'deepseek_v3' runs export (configs/x_ecomla.py:deepseek)")
     layout = _read_json(workdir, "upcycle.json")
-    teacher_config, _, tokenizer = load_llama(exp.model, seed=exp.seed, default_cache_root=default_cache_dir())
+    teacher_config, tokenizer = llama_architecture(exp.model)  # shapes only: the teacher's weights stay on disk
     u = exp.upcycle
     mla = MLAConfig(kv_rank=layout["kv_rank"][0], rope_dim=u.rope_dim, nope_dim=teacher_config.head_dim - u.rope_dim,
                     v_dim=teacher_config.head_dim, q_rank=layout["q_rank"][0] or 0, latent_norm=True,
@@ -67,12 +66,15 @@ def main(argv=None) -> str:
     parser.add_argument("--workdir", required=True, help="an X-EcoMLA run with target deepseek_v3")
     parser.add_argument("--out", required=True, help="output directory (the Hugging Face checkpoint)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--max-position-embeddings", type=int, default=8192,
+                        help="the context length engines allow (vLLM caps max_model_len there)")
     args = parser.parse_args(argv)
     try:
         if os.path.exists(args.out) and not args.force:
             raise config_lib.ConfigError(f"--out {args.out} exists; pass --force to overwrite it")
         student, tokenizer, step = restore_student(args.workdir)
-        out = save_deepseek_v3(student, args.out, tokenizer, force=args.force)
+        out = save_deepseek_v3(student, args.out, tokenizer, force=args.force,
+                               max_position_embeddings=args.max_position_embeddings)
     except (config_lib.ConfigError, config_lib.PathNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -49,7 +49,8 @@ ADAPTABLE = (nnx.Linear, nnx.Conv, nnx.Einsum)
 CHECKPOINT_FORMAT = "research.adapters.lora/1"
 
 __all__ = ["LoraAdapter", "LoraLayer", "LoraSpec", "adapter_names", "add_lora", "delete_adapter", "load_adapters",
-           "lora_filter", "lora_layers", "merge", "merge_and_unload", "read_adapter_config", "save_adapters", "set_active",
+           "lora_filter", "lora_layers", "merge", "merge_and_unload", "read_adapter_config", "save_adapters",
+           "set_active",
            "trainable_filter", "unmerge"]
 
 

@@ -38,6 +38,8 @@ HF_MODULES = {"attn/q": "self_attn.q_proj", "attn/k": "self_attn.k_proj", "attn/
               "attn/o": "self_attn.o_proj", "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj",
               "mlp/down": "mlp.down_proj"}
 OUR_MODULES = {hf.split(".")[-1]: ours for ours, hf in HF_MODULES.items()}   # q_proj -> attn/q
+UNSUPPORTED_EXTRAS = ("lora_bias", "trainable_token_indices", "layer_replication", "target_parameters",
+                      "alora_invocation_tokens", "exclude_modules", "megatron_config")  # refused when set
 _LAYER_PATH = re.compile(r"^segments/(\d+)/(attn/[qkvo]|mlp/(?:gate|up|down))$")
 
 
@@ -134,9 +136,7 @@ def read_peft_config(directory: str) -> dict:
                    "layers_to_transform": config.get("layers_to_transform") is not None,
                    "rank_pattern": bool(config.get("rank_pattern")), "alpha_pattern": bool(config.get("alpha_pattern")),
                    "modules_to_save": bool(config.get("modules_to_save")),
-                   **{key: bool(config.get(key)) for key in ("lora_bias", "trainable_token_indices", "layer_replication",
-                                                             "target_parameters", "alora_invocation_tokens",
-                                                             "exclude_modules", "megatron_config")}}
+                   **{key: bool(config.get(key)) for key in UNSUPPORTED_EXTRAS}}
     bad = [key for key, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ValueError(f"{path}: {bad[0]} = {config.get(bad[0])!r} is not supported (plain LoRA on every layer)")

@@ -8,9 +8,9 @@ With hidden size D, H query heads and the dims of ``MLAConfig``:
     q_pe, k_pe <- RoPE;  score_h = (q_nope_h . k_nope_h + q_pe_h . k_pe_{g(h)}) * scale
     y = W_o concat_h(softmax(score_h) v_h)
 
-(r_q = 0: no query compression, q = W_q x.) With ``latent_norm`` (DeepSeek's layout) c_q and c_kv
-pass an RMSNorm with a learnt gain before W_qb / W_kvb, and the cache holds the normed c_kv. ``k_pe`` has R heads: R = 1 is DeepSeek's single
-shared RoPE key; R = the former KV heads keeps GQA's per-group RoPE keys (MHA2MLA), and query head
+(r_q = 0: no query compression, q = W_q x.) With ``latent_norm`` (DeepSeek's layout) c_q and
+c_kv pass an RMSNorm with a learnt gain before W_qb / W_kvb; the cache holds the normed c_kv.
+``k_pe`` has R heads: R = 1 is DeepSeek's single shared RoPE key; R = the former KV heads keeps GQA's per-group RoPE keys (MHA2MLA), and query head
 h uses RoPE key g(h) = h // (H / R). The KV cache holds only c_kv and k_pe: r_kv + R d_r numbers
 per token and layer.
 
@@ -35,6 +35,7 @@ from research.attention.rope import apply_rope, inverse_frequencies
 from research.attention.layers import RMSNorm, head_output, head_projection, linear, write_cache
 
 MLA_DECODE = ("absorbed", "naive")
+LATENT_NORM_EPS = 1e-6  # DeepSeek-V3's q_a_layernorm / kv_a_layernorm eps (fixed in transformers)
 
 
 class RopeFrequencies(nnx.Variable):
@@ -50,7 +51,7 @@ class MLAConfig:
     q_rank: int = 0              # r_q; 0 = no query compression
     rope_heads: int = 1          # R: 1 = one shared RoPE key; num_kv_heads = one per former KV head
     latent_norm: bool = False    # RMSNorm on c_q and c_kv (DeepSeek; X-EcoMLA's target "deepseek_v3")
-    latent_norm_eps: float = 1e-6  # DeepSeek-V3's q_a_layernorm / kv_a_layernorm eps (fixed in transformers)
+    latent_norm_eps: float = LATENT_NORM_EPS
     decode: str = "absorbed"     # absorbed | naive
     scale: float = 0.0           # 0 = (d_n + d_r)^-1/2
 

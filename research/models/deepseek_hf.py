@@ -26,21 +26,21 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from flax import nnx
 
-from research.attention.mla import MLAConfig, MLAttention
+from research.attention.mla import LATENT_NORM_EPS, MLAConfig, MLAttention
 from research.attention.rope import Llama3RopeScaling, inverse_frequencies
 from research.core.params import set_param, zeros_module
 from research.core.records import temp_dir_beside
 from research.models.llama import Llama, LlamaConfig
 from research.models.llama_hf import safetensors_reader
 
-LATENT_NORM_EPS = 1e-6           # transformers builds q_a_layernorm / kv_a_layernorm with this eps
 SHARD_BYTES = 2 * 1024 ** 3
-# (kv_lora_rank, qk_rope_head_dim) that vLLM's compressed MLA backends take (FlashMLA and others).
+# (kv_lora_rank, qk_rope_head_dim) that vLLM's compressed MLA backends were written for (read from
+# vLLM's sources; not run here).
 VLLM_MLA_SIZES = ((512, 64), (256, 64))
 
 # Our path inside a segment -> HF name inside model.layers.{i} for the tensors copied as they are
@@ -91,7 +91,8 @@ def rope_theta_of(model: Llama, mla: MLAConfig) -> float:
         if not bad:
             return float(theta)
     raise ValueError(f"layer {bad[0]}'s RoPE frequencies are no standard RoPE at theta {candidates[0]:g} or "
-                     f"{candidates[1]:g}: DeepSeek-V3 needs one theta for every layer (rope_mode uniform, high or split)")
+                     f"{candidates[1]:g}: DeepSeek-V3 needs one theta for every layer "
+                     "(rope_mode uniform, high or split)")
 
 
 def deepseek_v3_config(model: Llama, *, max_position_embeddings: int = 8192, bos_id: int | None = None,
@@ -148,27 +149,31 @@ def _attention_tensors(attn: dict, mla: MLAConfig, heads: int, q_gain: float) ->
     return out
 
 
-def deepseek_v3_tensors(model: Llama) -> dict[str, np.ndarray]:
-    """Every tensor of ``model`` under its DeepSeek-V3 name, float32, HF layout."""
+def deepseek_v3_tensors(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
+    """(DeepSeek-V3 name, float32 array in HF's (out, in) layout) of every tensor of ``model``, one
+    layer at a time: e.g. ``self_attn.kv_a_proj_with_mqa.weight`` (r_kv + d_r, D),
+    ``self_attn.kv_b_proj.weight`` (H (d_n + d_v), r_kv), ``self_attn.o_proj.weight`` (D, H d_v)."""
     c, mla = model.config, _mla_layout(model)
     params = nnx.state(model, nnx.Param).to_pure_dict()
     layers = params["segments"][0]
     # HF scales scores by (d_n + d_r)^-1/2; a model with another scale has it folded into q.
     q_gain = mla.attention_scale() / mla.qk_dim ** -0.5
-    tensors = {}
+
+    def out(name, w):
+        return name, np.ascontiguousarray(np.asarray(w), np.float32)
+
     for i in range(c.num_layers):
-        layer = {k: v for k, v in _index_tree(layers, i).items()}
+        layer = _index_tree(layers, i)
         prefix = f"model.layers.{i}."
         for path, name in DENSE_TENSORS.items():
             w = _at(layer, path)
-            tensors[prefix + name] = w.T if path[-1] == "kernel" else w
+            yield out(prefix + name, w.T if path[-1] == "kernel" else w)
         for name, w in _attention_tensors(layer["attn"], mla, c.num_heads, q_gain).items():
-            tensors[prefix + "self_attn." + name] = w
-    embed = np.asarray(params["embed"]["embedding"])
-    tensors["model.embed_tokens.weight"] = embed
-    tensors["model.norm.weight"] = np.asarray(params["norm"]["scale"])
-    tensors["lm_head.weight"] = embed if c.tie_embeddings else np.asarray(params["lm_head"]["kernel"]).T
-    return {name: np.ascontiguousarray(w, np.float32) for name, w in tensors.items()}
+            yield out(prefix + "self_attn." + name, w)
+    embed = params["embed"]["embedding"]
+    yield out("model.embed_tokens.weight", embed)
+    yield out("model.norm.weight", params["norm"]["scale"])
+    yield out("lm_head.weight", embed if c.tie_embeddings else np.asarray(params["lm_head"]["kernel"]).T)
 
 
 def _index_tree(tree, i: int):
@@ -196,25 +201,30 @@ def save_deepseek_v3(model: Llama, directory: str, tokenizer=None, *, max_positi
         raise FileExistsError(f"{directory} exists; pass force=True (--force) to overwrite it")
     config = deepseek_v3_config(model, max_position_embeddings=max_position_embeddings,
                                 bos_id=getattr(tokenizer, "bos_id", None), eos_id=getattr(tokenizer, "eos_id", None))
-    tensors = deepseek_v3_tensors(model)
     tmp = temp_dir_beside(directory)
     try:
-        shards, size = [[]], 0
-        for name, w in tensors.items():
-            if shards[-1] and size + w.nbytes > shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += w.nbytes
-        weight_map = {}
-        for k, names in enumerate(shards):
-            file = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: tensors[n] for n in names}, os.path.join(tmp, file), metadata={"format": "pt"})
-            weight_map.update({n: file for n in names})
-        if len(shards) > 1:
-            total = sum(w.nbytes for w in tensors.values())
-            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                        {"metadata": {"total_size": total}, "weight_map": weight_map})
+        # One shard in memory at a time, written under a provisional name, renamed once the count is known.
+        files, weight_map, shard, total = [], {}, {}, 0
+
+        def flush():
+            files.append(f"shard-{len(files)}")
+            save_file(shard, os.path.join(tmp, files[-1]), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, files[-1]))
+            shard.clear()
+
+        for name, w in deepseek_v3_tensors(model):
+            if shard and sum(x.nbytes for x in shard.values()) + w.nbytes > shard_bytes:
+                flush()
+            shard[name] = w
+            total += w.nbytes
+        flush()
+        final = {f: "model.safetensors" if len(files) == 1 else f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+                 for k, f in enumerate(files)}
+        for provisional, name in final.items():
+            os.rename(os.path.join(tmp, provisional), os.path.join(tmp, name))
+        if len(files) > 1:
+            _write_json(os.path.join(tmp, "model.safetensors.index.json"), {
+                "metadata": {"total_size": total}, "weight_map": {n: final[f] for n, f in weight_map.items()}})
         _write_json(os.path.join(tmp, "config.json"), config)
         _write_json(os.path.join(tmp, "generation_config.json"),
                     {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]})
@@ -242,11 +252,14 @@ def serving_notes(config: dict) -> str:
     r, dr = config["kv_lora_rank"], config["qk_rope_head_dim"]
     cached, per_head = r + dr, config["num_attention_heads"] * (config["qk_nope_head_dim"] + dr + config["v_head_dim"])
     fits = (r, dr) in VLLM_MLA_SIZES
-    vllm = ("served compressed by its MLA backends (FlashMLA and the others take this size)" if fits else
-            f"not served compressed: its MLA backends take kv_lora_rank + qk_rope_head_dim = 512 + 64 or 256 + 64 "
-            f"only. Start it with `VLLM_MLA_DISABLE=1`, which caches full per-head keys and values "
+    vllm = ("a size its MLA backends were written for (512 + 64, 256 + 64): served with the compressed cache"
+            if fits else
+            f"its MLA backends were written for kv_lora_rank + qk_rope_head_dim = 512 + 64 or 256 + 64; for "
+            f"{r} + {dr} start it with `VLLM_MLA_DISABLE=1`, which caches full per-head keys and values "
             f"({per_head} numbers per token and layer instead of {cached})")
-    scaled = config["rope_scaling"] is not None
+    scaled = ("- The RoPE is Llama-3-scaled; vLLM turns any non-default RoPE type of a DeepSeek model into\n"
+              "  deepseek_yarn, which is another function: check the logits before serving with it.\n"
+              if config["rope_scaling"] is not None else "")
     return f"""# Serving this checkpoint
 
 A dense DeepSeek-V3-format model (`model_type: deepseek_v3`, every layer dense, no `auto_map`):
@@ -255,15 +268,18 @@ token and layer.
 
 | engine | how |
 |---|---|
-| transformers (4.51 or later) | `AutoModelForCausalLM.from_pretrained(DIR)`: the same logits as the framework's model (float32) |
+| transformers (4.51 or later) | `AutoModelForCausalLM.from_pretrained(DIR)`: the framework's logits (float32) |
 | vLLM | {vllm} |
 | SGLang | `--attention-backend triton` masks any latent size and serves it compressed |
 
 Notes:
+- The transformers row is tested; the vLLM and SGLang rows come from reading their sources and
+  were not run (a vLLM release that requires a MoE layer in every DeepSeek model refuses this one).
+- `max_position_embeddings` is {config["max_position_embeddings"]} (engines cap the context there).
 - Weights are float32; engines cast them (`--dtype bfloat16`).
 - vLLM reads the latent norms' eps from `rms_norm_eps` ({config["rms_norm_eps"]:g}); transformers and
   the framework use 1e-6. The difference moves a latent by about eps / (2 mean(c^2)) of itself.
-{"- The RoPE is Llama-3-scaled; vLLM turns any non-default RoPE type of a DeepSeek model into" + chr(10) + "  deepseek_yarn, which is another function: check the logits before serving with it." + chr(10) if scaled else ""}"""
+{scaled}"""
 
 
 # ----------------------------------------------------------------------------- reading
@@ -276,6 +292,8 @@ def config_from_deepseek_v3(hf: dict) -> tuple[LlamaConfig, MLAConfig]:
                          "MoE layers are not supported, only dense DeepSeek-V3 checkpoints")
     if hf.get("attention_bias"):
         raise ValueError("attention_bias = true is not supported (no biases in the MLA layer)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act = {hf['hidden_act']!r} is not supported (the MLP is SwiGLU: silu)")
     heads = hf["num_attention_heads"]
     if (hf.get("num_key_value_heads") or heads) != heads:
         raise ValueError(f"num_key_value_heads = {hf['num_key_value_heads']} must equal num_attention_heads = {heads}")

@@ -12,7 +12,7 @@ import os
 import re
 from typing import Literal
 
-import numpy as np
+import jax.numpy as jnp
 from flax import nnx
 
 from research.attention.ops import ATTENTION_IMPLS
@@ -44,6 +44,17 @@ class LlamaSource:
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")   # "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_FILES = ("*.json", "*.safetensors", "tokenizer*")
+
+
+def local_path(source: str, path: str) -> str:
+    """``path``, or for an ``hf`` source a hub id's folder in the Hugging Face cache. A hub id is
+    "owner/name" that is no existing path and does not start like one ("./", "/", "~", a folder
+    that exists): a mistyped local path fails as a missing path, not as a hub lookup."""
+    parent = os.path.dirname(path)
+    looks_local = path.startswith((".", "/", "~")) or (bool(parent) and os.path.isdir(parent))
+    if source == "hf" and not os.path.exists(path) and HUB_ID.fullmatch(path) and not looks_local:
+        return resolve_hub_model(path)
+    return path
 
 
 def resolve_hub_model(repo_id: str) -> str:
@@ -82,9 +93,7 @@ def load_llama(spec: LlamaSource, *, seed: int = 0, default_cache_root: str = ""
         small = LlamaConfig(vocab_size=tokenizer.vocab_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                             head_dim=16, mlp_dim=128, **overrides)
         return small, Llama(small, rngs=nnx.Rngs(seed)), tokenizer
-    path = spec.path
-    if spec.source == "hf" and not os.path.exists(path) and HUB_ID.fullmatch(path):
-        path = resolve_hub_model(path)
+    path = local_path(spec.source, spec.path)
     cache_dir = spec.cache_dir
     if cache_dir == "auto":
         source_path = require_path(path or smollm2_gguf_path(), "model.path")
@@ -109,10 +118,62 @@ def converted_name(path: str) -> str:
 def check_finite(model: Llama, source: str) -> None:
     """A ValueError naming the first parameter with NaN or infinite values (a damaged weights file)."""
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        bad = int(np.size(value[...]) - np.isfinite(np.asarray(value[...])).sum())
+        bad = int(jnp.size(value[...]) - jnp.isfinite(value[...]).sum())   # counted where the array lives
         if bad:
             raise ValueError(f"{source}: parameter '{'/'.join(map(str, path))}' has {bad:,} non-finite values; "
                              "the weights file is damaged (download or convert it again)")
+
+
+def _source_and_tokenizer(source: str, path: str, tokenizer_path: str, cache_dir: str) -> tuple[str, Tokenizer]:
+    """The local weights path of a pretrained source and its tokenizer (a GGUF's cached beside
+    ``cache_dir``); errors name the config key."""
+    from research.models.llama_gguf import smollm2_gguf_path
+    from research.models.tokenizer import tokenizer_from_gguf, tokenizer_from_hf
+
+    if source not in LLAMA_SOURCES:
+        raise ValueError(f"unknown model source {source!r}; choose one of: {', '.join(LLAMA_SOURCES)}")
+    if source == "gguf":
+        path = path or smollm2_gguf_path()
+    elif not path:
+        raise ValueError(f"model source {source!r} needs a path")
+    path = local_path(source, path)
+    require_path(path, "model.path")
+    if tokenizer_path:
+        require_path(tokenizer_path, "model.tokenizer_path")
+    tokenizer_path = tokenizer_path or path
+    if source == "converted" and tokenizer_path == path:
+        raise ValueError("a converted model needs tokenizer_path (the GGUF file or HF directory it came from)")
+    if tokenizer_path.endswith(".gguf"):  # kept beside the converted model's copy, when there is one
+        tokenizer_cache = os.path.join(os.path.dirname(os.path.normpath(cache_dir)), "tokenizers") if cache_dir else ""
+        return path, tokenizer_from_gguf(tokenizer_path, cache_dir=tokenizer_cache)
+    return path, tokenizer_from_hf(tokenizer_path)
+
+
+def llama_architecture(spec: LlamaSource) -> tuple[LlamaConfig, Tokenizer]:
+    """The LlamaConfig and tokenizer of ``spec`` without reading its weights (what a tool that
+    only needs the shapes reads: an 8B model's weights stay on disk)."""
+    import json
+
+    from research.models.llama_convert import CONFIG_FILE, config_from_json
+    from research.models.llama_gguf import config_from_gguf, open_gguf
+    from research.models.llama_hf import config_from_hf
+
+    overrides = dict(dtype=spec.dtype, attention_impl=spec.attention_impl)
+    if spec.source == "random":
+        config, _, tokenizer = load_llama(spec)
+        return config, tokenizer
+    path, tokenizer = _source_and_tokenizer(spec.source, spec.path, spec.tokenizer_path, "")
+    if spec.source == "gguf":
+        config = config_from_gguf(open_gguf(path)[0], path, **overrides)
+    else:
+        name = "config.json" if spec.source == "hf" else CONFIG_FILE
+        with open(os.path.join(path, name)) as f:
+            data = json.load(f)
+        config = config_from_hf(data) if spec.source == "hf" else config_from_json(data)
+        config = dataclasses.replace(config, **overrides)
+    if spec.num_layers:
+        config = dataclasses.replace(config, num_layers=spec.num_layers)
+    return config, tokenizer
 
 
 def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", tokenizer_path: str = "",
@@ -123,30 +184,10 @@ def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", t
     first decoder layers (``llama.first_layers``: a smoke-size model with the real embeddings and
     tokenizer); the cache always holds the whole model. ``overrides``: dtype, attention_impl."""
     from research.models.llama_convert import load_converted, save_converted
-    from research.models.llama_gguf import load_gguf_llama, smollm2_gguf_path
+    from research.models.llama_gguf import load_gguf_llama
     from research.models.llama_hf import load_hf_llama
-    from research.models.tokenizer import tokenizer_from_gguf, tokenizer_from_hf
 
-    if source not in LLAMA_SOURCES:
-        raise ValueError(f"unknown model source {source!r}; choose one of: {', '.join(LLAMA_SOURCES)}")
-    if source == "gguf":
-        path = path or smollm2_gguf_path()
-    elif not path:
-        raise ValueError(f"model source {source!r} needs a path")
-    if source == "hf" and not os.path.exists(path) and HUB_ID.fullmatch(path):
-        path = resolve_hub_model(path)
-    require_path(path, "model.path")
-    if tokenizer_path:
-        require_path(tokenizer_path, "model.tokenizer_path")
-    tokenizer_path = tokenizer_path or path
-    if source == "converted" and tokenizer_path == path:
-        raise ValueError("a converted model needs tokenizer_path (the GGUF file or HF directory it came from)")
-    if tokenizer_path.endswith(".gguf"):  # kept beside the converted model's copy, when there is one
-        tokenizer_cache = os.path.join(os.path.dirname(os.path.normpath(cache_dir)), "tokenizers") if cache_dir else ""
-        tokenizer = tokenizer_from_gguf(tokenizer_path, cache_dir=tokenizer_cache)
-    else:
-        tokenizer = tokenizer_from_hf(tokenizer_path)
-
+    path, tokenizer = _source_and_tokenizer(source, path, tokenizer_path, cache_dir)
     loaded_from = cache_dir if source != "converted" and cache_dir and os.path.isdir(cache_dir) else path
     if source == "converted":
         config, model = load_converted(path, **overrides)

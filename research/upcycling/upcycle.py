@@ -38,7 +38,8 @@ least-squares fit, on calibration inputs, of the normed latent n_t = c_t / rms(c
 
     g_j = sum_t c_tj n_tj / sum_t n_tj^2,
 
-which (W_kvb = U_r has orthonormal columns) also minimises the error of every head's [k_nope ; v];
+which (W_kvb = U_r has orthonormal columns, with ``kv_svd_rows="used"``) also minimises the error
+of every head's [k_nope ; v];
 the layer-wise reconstruction and KD then train with the norm in place.
 
 Hybrid models keep ``gqa_layers`` as GQA; ``auto_gqa_layers = k`` keeps the k layers whose KV
@@ -56,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.attention.mla import MLAConfig, MLAttention
+from research.attention.mla import LATENT_NORM_EPS, MLAConfig, MLAttention
 from research.attention.ops import attention_ops
 from research.attention.rope import inverse_frequencies
 from research.attention.gqa import GQAttention
@@ -68,7 +69,6 @@ if TYPE_CHECKING:  # upcycling works on the model it is handed; it imports no mo
 
 DEEPSEEK_ROPE_KEYS = ("shared", "shared_fit")
 DEEPSEEK_ROPE_MODES = ("uniform", "high", "split")  # one standard RoPE for every layer (see the docstring)
-LATENT_NORM_EPS = 1e-6                                # DeepSeek-V3's eps of the latent norms
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,22 @@ def test_transformers_loads_the_export_with_our_logits(tmp_path, rope_mode, q_ra
     assert relative_error(np.asarray(student(jnp.asarray(TOKENS))[0]), theirs) <= 1e-5
 
 
+def test_another_attention_scale_is_folded_into_q_and_a_sharded_export_loads_the_same(tmp_path):
+    from flax import nnx
+
+    from research.attention.mla import MLAttention
+
+    student = upcycled("high", q_rank=16)
+    for _, node in nnx.iter_graph(student):
+        if isinstance(node, MLAttention):
+            node.mla = dataclasses.replace(node.mla, scale=0.2)          # not (d_n + d_r)^-1/2 = 0.354
+    out = save_deepseek_v3(student, str(tmp_path / "export"), shard_bytes=20_000)
+    assert (tmp_path / "export" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "export").glob("model-*-of-*.safetensors"))) > 1
+    theirs, _ = hf_logits(out, TOKENS)
+    assert relative_error(np.asarray(student(jnp.asarray(TOKENS))[0]), theirs) <= 1e-5
+
+
 def test_a_wrong_rope_row_order_fails_the_logit_check(tmp_path, monkeypatch):
     student = upcycled()
     monkeypatch.setattr(deepseek_hf, "interleave_order", lambda d: np.arange(d))  # rotate-half rows left as they are

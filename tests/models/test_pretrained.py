@@ -82,3 +82,14 @@ def test_non_finite_weights_fail_naming_the_parameter(tmp_path):
     save_file(tensors, str(tmp_path / "tiny" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"segments/0/mlp/up/kernel' has .* non-finite values"):
         load_pretrained_llama("hf", str(tmp_path / "tiny"))
+
+
+def test_the_architecture_alone_is_the_loaded_models_and_a_mistyped_local_path_is_no_hub_id(tmp_path):
+    from research.models.pretrained import llama_architecture
+
+    save_checkpoint(tmp_path / "tiny")
+    config, tokenizer = llama_architecture(LlamaSource(source="hf", path=str(tmp_path / "tiny"), num_layers=2))
+    loaded, _, _ = load_pretrained_llama("hf", str(tmp_path / "tiny"), num_layers=2)
+    assert config == loaded and tokenizer.encode("w5") == [5]
+    with pytest.raises(PathNotFoundError, match="does not exist"):
+        load_pretrained_llama("hf", str(tmp_path / "tiny-typo"))  # an absolute path: never a hub lookup

@@ -51,7 +51,6 @@ def finetuned_layers(model: nnx.Module, input_shape, exp: EfficientFinetune):
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exp = cfg.build(EfficientFinetune, config)
-    start_time = time.perf_counter()
     mesh = experiment.start(config, workdir)
     rules = exp.mesh.logical
 
@@ -139,7 +138,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "finetune_examples": len(fine_train),
         "test_examples": len(fine_test),
         "measure_batch_size": exp.finetune.train.batch_size,
-        "wall_time_s": time.perf_counter() - start_time,
+        "wall_time_s": experiment.wall_time_s(workdir),
         "devices": experiment.device_summary(mesh),
     })
     if experiment.main_process():

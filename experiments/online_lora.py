@@ -240,7 +240,6 @@ def choose_settings(method: str, exp: OnlineLearning, train: pipeline.ImageArray
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exp = cfg.build(OnlineLearning, config)
-    start_time = time.perf_counter()
     train, test = stream_data(exp)
     with cfg.under_key("select"):  # before anything is written: every class keeps images outside the slice
         exp.select.check_holdout(train.labels, train.num_classes)
@@ -287,7 +286,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {"methods": method_results, "selection": selection, "ncm_backbone": ncm_backbone,
                "backbone": backbone.info, "model": exp.model.name,
                "data": exp.data.name, "stream": stream_info,
-               "test_examples": [len(t) for t in tests], "wall_time_s": time.perf_counter() - start_time,
+               "test_examples": [len(t) for t in tests], "wall_time_s": experiment.wall_time_s(workdir),
                "devices": experiment.device_summary(mesh)}
     if experiment.main_process():
         table = results_table(results)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax
 import ml_collections
@@ -27,7 +26,6 @@ from research.recipes.classify import ClassifierTraining, fit_classifier
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exp = cfg.build(ClassifierTraining, config)
     data = exp.data
-    start_time = time.perf_counter()
     mesh = experiment.start(config, workdir)
 
     # Data: arrays in host memory; augmentation runs on the device inside the step.
@@ -58,7 +56,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "train_accuracy": train_metrics.get("train/accuracy"),
         "steps": int(jax.device_get(state.step)),
         "epochs": int(jax.device_get(state.step)) / run.steps_per_epoch,
-        "wall_time_s": time.perf_counter() - start_time,
+        "wall_time_s": experiment.wall_time_s(workdir),
         "examples_per_s": train_metrics.get("train/examples_per_s"),
         "model": exp.model.name,
         "num_params": int(num_params),

@@ -9,7 +9,6 @@ input, outpainting), curves.png and results.json (test MSE on the hidden pixels 
 from __future__ import annotations
 
 import os
-import time
 
 import jax.numpy as jnp
 import ml_collections
@@ -25,7 +24,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exp = cfg.build(GeneratorTraining, config)
     train, test = load_images(exp.data)
     mesh = experiment.start(config, workdir)
-    start = time.perf_counter()
     model = mae.build(train.images.shape[1:], exp.model, exp.seed)
     run = fit_generator(model, train, test, exp, mesh=mesh, workdir=workdir, seed=exp.seed, flip=exp.data.flip,
                         rules=exp.mesh.logical)
@@ -34,7 +32,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "train_loss": run.train_metrics.get("train/loss"),
                "test_mse_center": run.eval_metrics.get("test/mse_center"),
                "test_mse_outpaint": run.eval_metrics.get("test/mse_outpaint"),
-               "wall_time_s": time.perf_counter() - start,
+               "wall_time_s": experiment.wall_time_s(workdir),
                "devices": experiment.device_summary(mesh)}
     if experiment.main_process():
         experiment.write_results(workdir, results)

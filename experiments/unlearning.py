@@ -229,7 +229,6 @@ def mean_over_seeds(per_seed: list[dict]) -> dict:
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exp = cfg.build(Unlearning, config)
-    start = time.perf_counter()
     mesh = experiment.start(config, workdir)
     train, _ = exp.data.draw(exp.seeds[0])
     backbone = pretrained_backbone(exp, mesh, workdir, exp.input_shape(train.images.shape[1:]))
@@ -243,7 +242,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "num_params": per_seed[0]["num_params"], "data": exp.data.name, "n_train": per_seed[0]["n_train"],
                "pretrain": backbone[2], "train_seconds": float(np.mean([run["train_seconds"] for run in per_seed])),
                "ntk_seconds_over_retrain_seconds": speed,
-               "wall_time_s": time.perf_counter() - start, "devices": experiment.device_summary(mesh)}
+               "wall_time_s": experiment.wall_time_s(workdir), "devices": experiment.device_summary(mesh)}
     table = results_table(summary)
     if experiment.main_process():
         experiment.write_results(workdir, summary, table)

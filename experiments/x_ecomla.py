@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 
 import jax
 import ml_collections
@@ -50,7 +49,6 @@ from research.upcycling.xecomla import XEcoMLA
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exp = cfg.build(XEcoMLA, config)
     source, data, upcycle, reconstruct, distill = exp.model, exp.data, exp.upcycle, exp.reconstruct, exp.distill
-    start_time = time.perf_counter()
     mesh = experiment.start(config, workdir)
 
     teacher_config, teacher, tokenizer = load_llama(source, seed=exp.seed, default_cache_root=default_cache_dir())
@@ -160,7 +158,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "num_trainable_params": int(num_trainable),
         "layer_kinds": upcycle_report["layer_kinds"],
         "kv_rank": upcycle_report["kv_rank"],
-        "wall_time_s": time.perf_counter() - start_time,
+        "wall_time_s": experiment.wall_time_s(workdir),
         "devices": experiment.device_summary(mesh),
     }
     if upcycle.target == "deepseek_v3" and experiment.main_process():  # what transformers / vLLM / SGLang load

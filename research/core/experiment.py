@@ -3,15 +3,18 @@
 ``mesh = start(config, workdir)``: joins a multi-process run when launched as one
 (``jax.distributed``), makes the mesh of ``config.mesh`` (a ``MeshConfig`` section; all devices on
 ``data`` when the config has none), creates ``workdir``, takes its lock (a second run in the same
-workdir, from another process, stops at once with one line) and writes the resolved config to
-``workdir/config.json``. ``mesh_config(config).logical`` are the rules that lay parameters out.
+workdir, from another process, stops at once with one line), records the attempt
+(``wall_time_s(workdir)``: the run's seconds over every attempt of a resumed run) and writes the
+resolved config to ``workdir/config.json``. ``mesh_config(config).logical`` are the rules that lay parameters out.
 Files that every process would write alike (results, tables, plots) are written by process 0
 alone: guard them with ``if main_process():``.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import time
 
 import jax
 import ml_collections
@@ -48,6 +51,55 @@ def lock_workdir(workdir: str) -> None:
     _LOCKS[path] = handle
 
 
+ATTEMPTS_FILE = "attempts.json"
+_STARTED: dict[str, tuple[float, float]] = {}  # workdir -> (perf_counter at this attempt's start, earlier seconds)
+
+
+def _newest_write(workdir: str) -> float:
+    """The latest modification time of the run's files (not the lock or the attempts record)."""
+    newest = 0.0
+    for root, _, files in os.walk(workdir):
+        for name in files:
+            if name not in (".lock", ATTEMPTS_FILE):
+                try:
+                    newest = max(newest, os.path.getmtime(os.path.join(root, name)))
+                except OSError:  # removed meanwhile (a checkpoint rotated out)
+                    pass
+    return newest
+
+
+def record_attempt(workdir: str) -> None:
+    """Appends this start to ``workdir/attempts.json`` ({"started", "seconds"} per attempt). An earlier
+    attempt that never reported its time (killed, preempted) counts until its last write."""
+    workdir = os.path.abspath(workdir)
+    path = os.path.join(workdir, ATTEMPTS_FILE)
+    attempts = []
+    if main_process() and os.path.exists(path):
+        with open(path) as f:
+            attempts = json.load(f)
+        last = attempts[-1] if attempts else None
+        if last is not None and last.get("seconds") is None:
+            last["seconds"] = max(0.0, _newest_write(workdir) - last["started"])
+    if main_process():
+        write_json_atomic(path, attempts + [{"started": time.time(), "seconds": None}])
+    _STARTED[workdir] = (time.perf_counter(), sum(a["seconds"] for a in attempts))
+
+
+def wall_time_s(workdir: str) -> float:
+    """Seconds of the run in ``workdir`` over all its attempts (a resumed run's earlier ones
+    included); records this attempt's seconds so far in ``attempts.json``."""
+    workdir = os.path.abspath(workdir)
+    started, earlier = _STARTED[workdir]
+    seconds = time.perf_counter() - started
+    path = os.path.join(workdir, ATTEMPTS_FILE)
+    if main_process() and os.path.exists(path):
+        with open(path) as f:
+            attempts = json.load(f)
+        attempts[-1]["seconds"] = seconds
+        write_json_atomic(path, attempts)
+    return earlier + seconds
+
+
 def main_process() -> bool:
     """True on the process that writes the run's files (process 0)."""
     return jax.process_index() == 0
@@ -71,6 +123,7 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, subdirs: tuple[str
             raise config_lib.ConfigError(f"workdir {workdir!r}: cannot create {folder!r} ({e.strerror}); "
                                          f"choose a folder you can write") from None
     lock_workdir(workdir)
+    record_attempt(workdir)
     if main_process():
         write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     return mesh

@@ -28,6 +28,9 @@ def test_smoke_run_writes_a_complete_record_and_resumes(tmp_path, overrides):
     # Run again in the same workdir: it resumes from the final checkpoint and trains no more.
     again = train_classifier.main(config, str(tmp_path))
     assert again["steps"] == 6 and again["test_accuracy"] == results["test_accuracy"]
+    attempts = json.loads((tmp_path / "attempts.json").read_text())  # wall time counts both attempts
+    assert len(attempts) == 2 and again["wall_time_s"] == pytest.approx(sum(a["seconds"] for a in attempts))
+    assert again["wall_time_s"] > results["wall_time_s"]
 
 
 def run_cli(*args, env=None):

@@ -13,6 +13,7 @@ import re
 from typing import Literal
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from research.attention.ops import ATTENTION_IMPLS
@@ -117,10 +118,16 @@ def converted_name(path: str) -> str:
 
 def check_finite(model: Llama, source: str) -> None:
     """A ValueError naming the first parameter with NaN or infinite values (a damaged weights file)."""
+    offsets = dict(enumerate(np.cumsum([0] + model.segment_sizes()[:-1]).tolist()))
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        bad = int(jnp.size(value[...]) - jnp.isfinite(value[...]).sum())   # counted where the array lives
+        finite = jnp.isfinite(value[...])                                   # counted where the array lives
+        bad = int(finite.size - finite.sum())
         if bad:
-            raise ValueError(f"{source}: parameter '{'/'.join(map(str, path))}' has {bad:,} non-finite values; "
+            where = ""
+            if path[0] == "segments":  # stacked layers: name the decoder layer too
+                layer = int(jnp.argmin(finite.reshape(finite.shape[0], -1).all(axis=1)))
+                where = f" (decoder layer {offsets[path[1]] + layer})"
+            raise ValueError(f"{source}: parameter '{'/'.join(map(str, path))}'{where} has {bad:,} non-finite values; "
                              "the weights file is damaged (download or convert it again)")
 
 

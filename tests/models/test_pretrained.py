@@ -80,7 +80,7 @@ def test_non_finite_weights_fail_naming_the_parameter(tmp_path):
     tensors = load_file(str(tmp_path / "tiny" / "model.safetensors"))
     tensors["model.layers.1.mlp.up_proj.weight"][:3] = np.nan
     save_file(tensors, str(tmp_path / "tiny" / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"segments/0/mlp/up/kernel' has .* non-finite values"):
+    with pytest.raises(ValueError, match=r"segments/0/mlp/up/kernel' \(decoder layer 1\) has 144 non-finite values"):
         load_pretrained_llama("hf", str(tmp_path / "tiny"))
 
 
@@ -93,3 +93,17 @@ def test_the_architecture_alone_is_the_loaded_models_and_a_mistyped_local_path_i
     assert config == loaded and tokenizer.encode("w5") == [5]
     with pytest.raises(PathNotFoundError, match="does not exist"):
         load_pretrained_llama("hf", str(tmp_path / "tiny-typo"))  # an absolute path: never a hub lookup
+
+
+def test_the_converted_copys_name_changes_when_a_file_of_the_same_name_changes(tmp_path):
+    from research.models.pretrained import converted_name
+
+    for parent in ("a", "b"):
+        (tmp_path / parent).mkdir()
+    (tmp_path / "a" / "model.gguf").write_bytes(b"x" * 10)
+    (tmp_path / "b" / "model.gguf").write_bytes(b"y" * 11)
+    first = converted_name(str(tmp_path / "a" / "model.gguf"))
+    assert first.startswith("model-") and first != converted_name(str(tmp_path / "b" / "model.gguf"))
+    (tmp_path / "a" / "model.gguf").write_bytes(b"z" * 10)                  # rewritten in place, same size
+    os.utime(tmp_path / "a" / "model.gguf", ns=(1, 1))
+    assert converted_name(str(tmp_path / "a" / "model.gguf")) != first

@@ -13,6 +13,8 @@ key that changed: otherwise a finished checkpoint would be reported as the resul
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -82,6 +84,20 @@ class CheckpointDamagedError(CheckpointMismatchError):
     """No checkpoint of a directory reads back; the message is one line naming it."""
 
 
+class StorageFullError(OSError):
+    """A checkpoint could not be written for lack of space; the message is one line."""
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a write that found the device full (ENOSPC), however
+    Orbax's writer threads wrapped it."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class Checkpointer:
     """Saves and restores a TrainState under `directory` (one subdirectory per step). With
     ``settings`` (a JSON-able mapping), a directory holding checkpoints written under other
@@ -89,6 +105,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, every_steps: int, keep: int = 2, settings: Mapping | None = None):
         self.directory = os.path.abspath(directory)
+        self._pending: tuple[int, int] | None = None  # (step, bytes) of the newest save handed to Orbax
         remove_unfinished_saves(self.directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -124,8 +141,32 @@ class Checkpointer:
         return force or self.manager.should_save(step)
 
     def save(self, step: int, state: Any, force: bool = False) -> bool:
-        """Saves when `step` is on the interval (or `force`); returns whether it saved."""
-        return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        """Saves when `step` is on the interval (or `force`); returns whether it saved. A full disk
+        (found here or by the next `wait` / `save`, as Orbax writes in the background) ends the run
+        with a `StorageFullError` naming the step, the folder and the size needed; the previous
+        checkpoint stays and the same command resumes from it once there is space."""
+        pending = self._pending
+        self._pending = (step, sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")))
+        with self._full_disk_as_one_line(pending or self._pending):
+            return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    @contextlib.contextmanager
+    def _full_disk_as_one_line(self, pending: tuple[int, int]):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - Orbax reports a full disk as ValueError / OSError from its threads
+            if not _out_of_space(e):
+                raise
+            step, nbytes = pending
+            try:  # the writer threads stopped with the failure; let go of the manager quietly
+                self.manager.close()
+            except Exception:  # noqa: BLE001
+                pass
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            resume = f"resumes from step {max(earlier)}" if earlier else "starts again"
+            raise StorageFullError(f"no space left on the device of {self.directory} while saving step {step} (a "
+                                   f"checkpoint is about {nbytes / 2 ** 20:,.1f} MiB); free space and run the same "
+                                   f"command: it {resume}") from None
 
     def check_compatible(self, step: int, target: Any) -> None:
         stored = array_shapes(self.manager.item_metadata(step))
@@ -172,7 +213,8 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._full_disk_as_one_line(self._pending or (-1, 0)):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()

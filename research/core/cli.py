@@ -32,9 +32,9 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM with its checkpoint saved
 
 def user_errors() -> tuple[type[BaseException], ...]:
     # Imported lazily: the checkpoint module (orbax) is heavier than the CLI.
-    from research.core.checkpoint import CheckpointMismatchError
+    from research.core.checkpoint import CheckpointMismatchError, StorageFullError
 
-    return (ConfigError, PathNotFoundError, DataSourceError, CheckpointMismatchError)
+    return (ConfigError, PathNotFoundError, DataSourceError, CheckpointMismatchError, StorageFullError)
 
 
 def _fail(message: str) -> None:
@@ -98,6 +98,12 @@ def run(main: Callable) -> None:
             initialize_distributed()
             main(config, workdir)
         except user_errors() as e:
+            from research.core.checkpoint import StorageFullError
+
+            if isinstance(e, StorageFullError):  # Orbax's failed writer threads would report again at exit
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(2)
             _fail(str(e))
         except Preempted as e:  # a sweep engine requeues on 75 (EX_TEMPFAIL)
             print(f"preempted: {e}", file=sys.stderr)

@@ -1,0 +1,54 @@
+"""A checkpoint save that finds the disk full ends the run with one line, and the same command
+resumes from the previous step once there is space."""
+import os
+import subprocess
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.core.checkpoint import Checkpointer, StorageFullError
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (needs root; skipped elsewhere), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_in_one_line_and_the_run_resumes_after_space_is_freed(small_disk):
+    state = {"w": jnp.asarray(np.random.default_rng(0).normal(size=100_000), jnp.float32)}  # 0.4 MB, incompressible
+    filler = small_disk / "filler"
+    checkpointer = Checkpointer(str(small_disk / "checkpoints"), every_steps=1, keep=5)
+    checkpointer.save(1, state)
+    checkpointer.wait()
+    used = sum(f.stat().st_size for f in small_disk.rglob("*") if f.is_file())
+    filler.write_bytes(b"\0" * (2 * 2 ** 20 - used - 200_000))                 # leaves half a checkpoint
+    with pytest.raises(StorageFullError) as error:
+        checkpointer.save(2, {"w": state["w"] + 1})
+        checkpointer.wait()                                                     # Orbax writes in the background
+    message = str(error.value)
+    assert "\n" not in message and "step 2" in message and "resumes from step 1" in message
+    filler.unlink()
+    resumed = Checkpointer(str(small_disk / "checkpoints"), every_steps=1, keep=5)  # leftover temp folder removed
+    assert resumed.latest_step() == 1
+    np.testing.assert_array_equal(resumed.restore(state)["w"], state["w"])
+    assert not [d for d in os.listdir(small_disk / "checkpoints") if "tmp" in d]
+    resumed.close()
+
+
+def test_a_full_disk_reported_by_orbax_as_a_value_error_is_recognised(tmp_path, monkeypatch):
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), every_steps=1)
+
+    def full(*args, **kwargs):
+        raise ValueError("RESOURCE_EXHAUSTED: Failed to write 8031 bytes to file 5: No space left on device")
+
+    monkeypatch.setattr(checkpointer.manager, "save", full)
+    with pytest.raises(StorageFullError, match="while saving step 3 .* it starts again"):
+        checkpointer.save(3, {"w": jnp.zeros(4)})

@@ -105,6 +105,7 @@ def test_export_then_import_gives_our_logits_exactly(tmp_path):
     np.testing.assert_array_equal(np.asarray(back(jnp.asarray(TOKENS))[0]), np.asarray(student(jnp.asarray(TOKENS))[0]))
 
 
+@pytest.mark.slow  # about 15 s: SmolLM2's 49k-token embeddings written twice and read by transformers
 def test_smollm2_first_layers_upcycled_and_exported_give_our_logits(tmp_path, smollm2, smollm2_tokenizer):
     teacher = first_layers(smollm2[1], 2)
     tokens = np.asarray([smollm2_tokenizer.encode("In the beginning God created the heaven and the earth. "

@@ -24,14 +24,13 @@ import json
 import math
 import os
 import re
-import shutil
 
 import numpy as np
 from flax import nnx
 
 from research.adapters.lora import LoraLayer, LoraSpec, add_lora, lora_layers
 from research.core.params import path_str
-from research.core.records import temp_dir_beside
+from research.core.records import folder_written_whole
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 HF_MODULES = {"attn/q": "self_attn.q_proj", "attn/k": "self_attn.k_proj", "attn/v": "self_attn.v_proj",
@@ -108,19 +107,10 @@ def save_peft_adapter(model, directory: str, name: str = "default", *, base_mode
         "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
     }
     directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not force:
-        raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
-    tmp = temp_dir_beside(directory)
-    try:
+    with folder_written_whole(directory, force=force) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

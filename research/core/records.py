@@ -5,10 +5,12 @@ protobufs, so TensorFlow is not needed. Only process 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 from collections import defaultdict
@@ -44,6 +46,24 @@ def temp_dir_beside(path: str) -> str:
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.mkdir(tmp, 0o777)
     return tmp
+
+
+@contextlib.contextmanager
+def folder_written_whole(directory: str, *, force: bool = False):
+    """Yields a new folder beside ``directory`` to write into; when the block ends it is renamed onto
+    ``directory`` (replacing it with ``force``), or removed if the block raised: readers never see a
+    half-written folder. A FileExistsError up front when ``directory`` exists and not ``force``."""
+    if os.path.exists(directory) and not force:
+        raise FileExistsError(f"{directory} exists; pass force=True (--force) to overwrite it")
+    tmp = temp_dir_beside(directory)
+    try:
+        yield tmp
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_json_atomic(path: str, obj) -> None:

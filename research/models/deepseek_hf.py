@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -34,7 +33,7 @@ from flax import nnx
 from research.attention.mla import LATENT_NORM_EPS, MLAConfig, MLAttention
 from research.attention.rope import Llama3RopeScaling, inverse_frequencies
 from research.core.params import set_param, zeros_module
-from research.core.records import temp_dir_beside
+from research.core.records import folder_written_whole
 from research.models.llama import Llama, LlamaConfig
 from research.models.llama_hf import safetensors_reader
 
@@ -197,12 +196,9 @@ def save_deepseek_v3(model: Llama, directory: str, tokenizer=None, *, max_positi
     from research.models.tokenizer import save_hf_tokenizer
 
     directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not force:
-        raise FileExistsError(f"{directory} exists; pass force=True (--force) to overwrite it")
     config = deepseek_v3_config(model, max_position_embeddings=max_position_embeddings,
                                 bos_id=getattr(tokenizer, "bos_id", None), eos_id=getattr(tokenizer, "eos_id", None))
-    tmp = temp_dir_beside(directory)
-    try:
+    with folder_written_whole(directory, force=force) as tmp:
         # One shard in memory at a time, written under a provisional name, renamed once the count is known.
         files, weight_map, shard, total = [], {}, {}, 0
 
@@ -232,12 +228,6 @@ def save_deepseek_v3(model: Llama, directory: str, tokenizer=None, *, max_positi
             save_hf_tokenizer(tokenizer, tmp)
         with open(os.path.join(tmp, "SERVING.md"), "w") as f:
             f.write(serving_notes(config))
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

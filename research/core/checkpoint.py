@@ -1,7 +1,8 @@
 """Orbax checkpoints of a TrainState: written atomically every N steps, restored exactly.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
-mid-write leaves the previous checkpoint intact. Before restoring, every array's shape in the
+mid-write leaves the previous checkpoint intact (on a gcsfuse mount, where a folder rename is not
+atomic, it marks a finished step with a commit file instead, as Orbax documents for gcsfuse). Before restoring, every array's shape in the
 checkpoint is compared with the state the run built from its config; a difference fails with
 the array's path and both shapes instead of restoring into the wrong model. Arrays are restored
 in the dtypes of the run's state.
@@ -84,6 +85,29 @@ class CheckpointDamagedError(CheckpointMismatchError):
     """No checkpoint of a directory reads back; the message is one line naming it."""
 
 
+def mount_type(path: str) -> str:
+    """The file-system type of the mount that holds ``path`` (from /proc/mounts; "" when unknown)."""
+    path, best, kind = os.path.realpath(path), "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
+def needs_commit_file(directory: str) -> bool:
+    """Whether ``directory`` is on a bucket mounted by gcsfuse (the tpu-pod sweeps' workdirs), where
+    renaming a folder is not atomic: Orbax then marks a finished step with a commit file instead."""
+    return "gcsfuse" in mount_type(directory)
+
+
 class StorageFullError(OSError):
     """A checkpoint could not be written for lack of space; the message is one line."""
 
@@ -107,9 +131,11 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self._pending: tuple[int, int] | None = None  # (step, bytes) of the newest save handed to Orbax
         remove_unfinished_saves(self.directory)
+        commit_file = ocp.path.atomicity.CommitFileTemporaryPath if needs_commit_file(self.directory) else None
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(save_interval_steps=max(every_steps, 1), max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(save_interval_steps=max(every_steps, 1), max_to_keep=keep, create=True,
+                                                 temporary_path_class=commit_file),
             item_handlers=ocp.StandardCheckpointHandler(),  # lets a new process read the stored shapes
         )
         if settings is not None:

@@ -1,5 +1,5 @@
-"""A checkpoint save that finds the disk full ends the run with one line, and the same command
-resumes from the previous step once there is space."""
+"""Checkpoint storage: a full disk ends the run in one line and the same command resumes once there is
+space; on a gcsfuse mount a finished step is marked by a commit file."""
 import os
 import subprocess
 
@@ -52,3 +52,16 @@ def test_a_full_disk_reported_by_orbax_as_a_value_error_is_recognised(tmp_path, 
     monkeypatch.setattr(checkpointer.manager, "save", full)
     with pytest.raises(StorageFullError, match="while saving step 3 .* it starts again"):
         checkpointer.save(3, {"w": jnp.zeros(4)})
+
+
+def test_on_a_gcsfuse_mount_a_finished_step_carries_a_commit_file_and_restores(tmp_path, monkeypatch):
+    from research.core import checkpoint
+
+    assert checkpoint.mount_type("/proc/self") == "proc" and not checkpoint.needs_commit_file(str(tmp_path))
+    monkeypatch.setattr(checkpoint, "mount_type", lambda path: "fuse.gcsfuse")
+    saver = Checkpointer(str(tmp_path / "checkpoints"), every_steps=1)
+    saver.save(1, {"w": jnp.arange(3.0)})
+    saver.wait()
+    assert "commit_success.txt" in os.listdir(tmp_path / "checkpoints" / "1")
+    np.testing.assert_array_equal(saver.restore({"w": jnp.zeros(3)})["w"], [0.0, 1.0, 2.0])
+    saver.close()

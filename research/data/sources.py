@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import subprocess
+import zipfile
 from collections.abc import Callable
 
 import datasets as hf
@@ -158,14 +159,45 @@ def _find_sample(data_dir, filename: str, name: str) -> str:
                           f"(data.name='{name.removesuffix('_sample')}')")
 
 
+def read_sample_npz(path: str, labels: tuple[str, ...], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays of a CIFAR sample file, checked: images ``x_{train,test}`` (N, 32, 32, 3) uint8, one
+    label per image in each array of ``labels`` (names with ``{split}``, e.g. ``y_{split}``), and the
+    class-name lists ``names``. A damaged file, a missing key or a wrong shape is a `DataSourceError` naming the file
+    and the array."""
+    try:
+        with np.load(path) as z:
+            arrays = {key: z[key] for key in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataSourceError(f"{path} cannot be read ({type(e).__name__}: {e}); the file is damaged or truncated: "
+                              f"write it again (python -m tools.prepare_data)") from None
+    wanted = [f"x_{s}" for s in ("train", "test")] + [y.format(split=s) for y in labels for s in ("train", "test")]
+    wanted += list(names)
+    missing = [key for key in wanted if key not in arrays]
+    if missing:
+        raise DataSourceError(f"{path} has no array '{missing[0]}' (it holds {', '.join(sorted(arrays))}); "
+                              f"write it again (python -m tools.prepare_data)")
+    for split in ("train", "test"):
+        images = arrays[f"x_{split}"]
+        if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
+            raise DataSourceError(f"{path}: array 'x_{split}' is {images.dtype} {images.shape}, expected uint8 "
+                                  f"(N, 32, 32, 3)")
+        for key in (y.format(split=split) for y in labels):
+            if arrays[key].shape != (len(images),):
+                raise DataSourceError(f"{path}: array '{key}' has shape {arrays[key].shape}, expected "
+                                      f"({len(images)},), one label per image of 'x_{split}'")
+    return arrays
+
+
 def _cifar10_sample(data_dir):
-    z = np.load(_find_sample(data_dir, "cifar10_subset.npz", "cifar10_sample"))
+    z = read_sample_npz(_find_sample(data_dir, "cifar10_subset.npz", "cifar10_sample"), ("y_{split}",),
+                        ("label_names",))
     splits = {s: {"image": z[f"x_{s}"], "label": z[f"y_{s}"]} for s in ("train", "test")}
     return image_dataset_dict(splits, [str(n) for n in z["label_names"]], description=SOURCES["cifar10_sample"].description)
 
 
 def _cifar100_sample(data_dir):
-    z = np.load(_find_sample(data_dir, "cifar100_subset.npz", "cifar100_sample"))
+    z = read_sample_npz(_find_sample(data_dir, "cifar100_subset.npz", "cifar100_sample"),
+                        ("y_{split}", "y_{split}_coarse"), ("fine_label_names", "coarse_label_names"))
     splits = {s: {"image": z[f"x_{s}"], "label": z[f"y_{s}"], "coarse_label": z[f"y_{s}_coarse"]} for s in ("train", "test")}
     return image_dataset_dict(splits, [str(n) for n in z["fine_label_names"]], [str(n) for n in z["coarse_label_names"]],
                               description=SOURCES["cifar100_sample"].description)

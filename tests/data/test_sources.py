@@ -136,3 +136,29 @@ def test_kjv_has_every_verse():
     ds = sources.load("kjv")["train"]
     assert ds.num_rows == 31102
     assert ds[0]["text"] == "In the beginning God created the heaven and the earth."
+
+
+def _sample_file(path, **change):
+    """A small CIFAR-10-sample-shaped npz; ``change`` replaces (or with None removes) arrays."""
+    arrays = {"x_train": np.zeros((4, 32, 32, 3), np.uint8), "y_train": np.zeros(4, np.int64),
+              "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, np.int64),
+              "label_names": np.array([str(i) for i in range(10)])}
+    arrays.update(change)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"y_test": None}, "has no array 'y_test'"),
+    ({"x_train": np.zeros((4, 32, 32), np.uint8)}, r"array 'x_train' is uint8 \(4, 32, 32\), expected uint8"),
+    ({"y_train": np.zeros(3, np.int64)}, r"array 'y_train' has shape \(3,\), expected \(4,\)"),
+    ("truncated", "damaged or truncated"),
+], ids=["missing_key", "wrong_image_shape", "labels_of_another_length", "truncated"])
+def test_a_bad_sample_file_fails_in_one_line_naming_the_file_and_the_array(tmp_path, change, message):
+    path = tmp_path / "cifar" / "cifar10_subset.npz"
+    path.parent.mkdir()
+    _sample_file(path, **({} if change == "truncated" else change))
+    if change == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataSourceError, match=message) as error:
+        sources.load("cifar10_sample", source="offline", data_dir=str(tmp_path))
+    assert "\n" not in str(error.value) and "cifar10_subset.npz" in str(error.value)

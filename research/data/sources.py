@@ -160,7 +160,7 @@ def _find_sample(data_dir, filename: str, name: str) -> str:
 
 
 def read_sample_npz(path: str, labels: tuple[str, ...], names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The arrays of a CIFAR sample file, checked: images ``x_{train,test}`` (N, 32, 32, 3) uint8, one
+    """The arrays of a CIFAR sample file, checked: images ``x_{train,test}`` (N, H, W, 3) uint8, one
     label per image in each array of ``labels`` (names with ``{split}``, e.g. ``y_{split}``), and the
     class-name lists ``names``. A damaged file, a missing key or a wrong shape is a `DataSourceError` naming the file
     and the array."""
@@ -178,9 +178,9 @@ def read_sample_npz(path: str, labels: tuple[str, ...], names: tuple[str, ...]) 
                               f"write it again (python -m tools.prepare_data)")
     for split in ("train", "test"):
         images = arrays[f"x_{split}"]
-        if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise DataSourceError(f"{path}: array 'x_{split}' is {images.dtype} {images.shape}, expected uint8 "
-                                  f"(N, 32, 32, 3)")
+                                  f"(N, H, W, 3) (32 x 32 for CIFAR)")
         for key in (y.format(split=split) for y in labels):
             if arrays[key].shape != (len(images),):
                 raise DataSourceError(f"{path}: array '{key}' has shape {arrays[key].shape}, expected "

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from research.core.config import (ConfigError, DataSourceError, PathNotFoundError, apply_overrides, load_config,
-                                  split_override_args)
+from research.core.config import (ConfigError, DamagedFileError, DataSourceError, PathNotFoundError, apply_overrides,
+                                  load_config, split_override_args)
 from research.core.mesh import initialize_distributed
 
 _CONFIG = flags.DEFINE_string("config", None, "Experiment config file: configs/NAME.py[:ARG].")
@@ -34,7 +34,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     # Imported lazily: the checkpoint module (orbax) is heavier than the CLI.
     from research.core.checkpoint import CheckpointMismatchError, StorageFullError
 
-    return (ConfigError, PathNotFoundError, DataSourceError, CheckpointMismatchError, StorageFullError)
+    return (ConfigError, PathNotFoundError, DataSourceError, DamagedFileError, CheckpointMismatchError,
+            StorageFullError)
 
 
 def _fail(message: str) -> None:

@@ -45,6 +45,11 @@ class DataSourceError(FileNotFoundError):
     """A data source that is not available here; the message says what provides it."""
 
 
+class DamagedFileError(ValueError):
+    """A data or weights file that is there but cannot be used as it is (truncated, a missing array,
+    a wrong shape, non-finite weights); the message is one line naming the file and what is wrong."""
+
+
 def require_path(path: str, what: str) -> str:
     """``path`` when it exists; else a `PathNotFoundError` naming ``what`` (e.g. "data.data_dir")."""
     if not os.path.exists(path):

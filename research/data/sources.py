@@ -38,7 +38,7 @@ from collections.abc import Callable
 import datasets as hf
 import numpy as np
 
-from research.core.config import DataSourceError, require_path  # noqa: F401 (DataSourceError: raised here)
+from research.core.config import DamagedFileError, DataSourceError, require_path  # noqa: F401 (DataSourceError: raised here)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's package installs it
 
@@ -162,28 +162,28 @@ def _find_sample(data_dir, filename: str, name: str) -> str:
 def read_sample_npz(path: str, labels: tuple[str, ...], names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The arrays of a CIFAR sample file, checked: images ``x_{train,test}`` (N, H, W, 3) uint8, one
     label per image in each array of ``labels`` (names with ``{split}``, e.g. ``y_{split}``), and the
-    class-name lists ``names``. A damaged file, a missing key or a wrong shape is a `DataSourceError` naming the file
+    class-name lists ``names``. A damaged file, a missing key or a wrong shape is a `DamagedFileError` naming the file
     and the array."""
     try:
         with np.load(path) as z:
             arrays = {key: z[key] for key in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataSourceError(f"{path} cannot be read ({type(e).__name__}: {e}); the file is damaged or truncated: "
+        raise DamagedFileError(f"{path} cannot be read ({type(e).__name__}: {e}); the file is damaged or truncated: "
                               f"write it again (python -m tools.prepare_data)") from None
     wanted = [f"x_{s}" for s in ("train", "test")] + [y.format(split=s) for y in labels for s in ("train", "test")]
     wanted += list(names)
     missing = [key for key in wanted if key not in arrays]
     if missing:
-        raise DataSourceError(f"{path} has no array '{missing[0]}' (it holds {', '.join(sorted(arrays))}); "
+        raise DamagedFileError(f"{path} has no array '{missing[0]}' (it holds {', '.join(sorted(arrays))}); "
                               f"write it again (python -m tools.prepare_data)")
     for split in ("train", "test"):
         images = arrays[f"x_{split}"]
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise DataSourceError(f"{path}: array 'x_{split}' is {images.dtype} {images.shape}, expected uint8 "
+            raise DamagedFileError(f"{path}: array 'x_{split}' is {images.dtype} {images.shape}, expected uint8 "
                                   f"(N, H, W, 3) (32 x 32 for CIFAR)")
         for key in (y.format(split=split) for y in labels):
             if arrays[key].shape != (len(images),):
-                raise DataSourceError(f"{path}: array '{key}' has shape {arrays[key].shape}, expected "
+                raise DamagedFileError(f"{path}: array '{key}' has shape {arrays[key].shape}, expected "
                                       f"({len(images)},), one label per image of 'x_{split}'")
     return arrays
 

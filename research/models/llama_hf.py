@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from research.attention.rope import Llama3RopeScaling
+from research.core.config import DamagedFileError
 from research.core.params import set_param, zeros_module
 from research.models.llama import Llama, LlamaConfig
 
@@ -79,11 +80,18 @@ def safetensors_reader(directory: str) -> Callable[[str], np.ndarray]:
         if file is None:
             raise KeyError(f"tensor {name!r} is not in {index}")
         if file not in handles:
-            handles[file] = safe_open(os.path.join(directory, file), framework="numpy")
+            try:
+                handles[file] = safe_open(os.path.join(directory, file), framework="numpy")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+                raise DamagedFileError(f"{os.path.join(directory, file)} cannot be read ({str(e).splitlines()[0][:160]}); "
+                                       "the file is damaged or truncated: download it again") from None
         if name not in handles[file].keys():
             raise KeyError(f"tensor {name!r} is not in {os.path.join(directory, file)}")
-        # bfloat16 tensors come back as ml_dtypes arrays; compute in float32.
-        return np.asarray(handles[file].get_tensor(name), dtype=np.float32)
+        try:  # bfloat16 tensors come back as ml_dtypes arrays; compute in float32.
+            return np.asarray(handles[file].get_tensor(name), dtype=np.float32)
+        except Exception as e:  # noqa: BLE001 - a truncated data section
+            raise DamagedFileError(f"{os.path.join(directory, file)}: tensor {name!r} cannot be read "
+                                   f"({str(e).splitlines()[0][:160]}); the file is damaged or truncated") from None
 
     return read
 

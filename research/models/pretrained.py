@@ -18,7 +18,7 @@ from flax import nnx
 
 from research.attention.ops import ATTENTION_IMPLS
 from research.core import config as config_lib
-from research.core.config import PathNotFoundError, require_path
+from research.core.config import DamagedFileError, PathNotFoundError, require_path
 from research.models.llama import DTYPES, Llama, LlamaConfig, first_layers
 from research.models.tokenizer import Tokenizer
 
@@ -117,7 +117,7 @@ def converted_name(path: str) -> str:
 
 
 def check_finite(model: Llama, source: str) -> None:
-    """A ValueError naming the first parameter with NaN or infinite values (a damaged weights file)."""
+    """A `DamagedFileError` naming the first parameter (and decoder layer) with NaN or infinite values."""
     offsets = dict(enumerate(np.cumsum([0] + model.segment_sizes()[:-1]).tolist()))
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         finite = jnp.isfinite(value[...])                                   # counted where the array lives
@@ -127,8 +127,8 @@ def check_finite(model: Llama, source: str) -> None:
             if path[0] == "segments":  # stacked layers: name the decoder layer too
                 layer = int(jnp.argmin(finite.reshape(finite.shape[0], -1).all(axis=1)))
                 where = f" (decoder layer {offsets[path[1]] + layer})"
-            raise ValueError(f"{source}: parameter '{'/'.join(map(str, path))}'{where} has {bad:,} non-finite values; "
-                             "the weights file is damaged (download or convert it again)")
+            raise DamagedFileError(f"{source}: parameter '{'/'.join(map(str, path))}'{where} has {bad:,} non-finite "
+                                   "values; the weights file is damaged (download or convert it again)")
 
 
 def _source_and_tokenizer(source: str, path: str, tokenizer_path: str, cache_dir: str) -> tuple[str, Tokenizer]:

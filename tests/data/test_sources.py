@@ -8,6 +8,7 @@ import pytest
 
 from research.data import pipeline, sources
 from research.core.config import PathNotFoundError
+from research.core.config import DamagedFileError
 from research.data.sources import DataSourceError
 
 
@@ -159,6 +160,6 @@ def test_a_bad_sample_file_fails_in_one_line_naming_the_file_and_the_array(tmp_p
     _sample_file(path, **({} if change == "truncated" else change))
     if change == "truncated":
         path.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(DataSourceError, match=message) as error:
+    with pytest.raises(DamagedFileError, match=message) as error:
         sources.load("cifar10_sample", source="offline", data_dir=str(tmp_path))
     assert "\n" not in str(error.value) and "cifar10_subset.npz" in str(error.value)

@@ -107,3 +107,14 @@ def test_the_converted_copys_name_changes_when_a_file_of_the_same_name_changes(t
     (tmp_path / "a" / "model.gguf").write_bytes(b"z" * 10)                  # rewritten in place, same size
     os.utime(tmp_path / "a" / "model.gguf", ns=(1, 1))
     assert converted_name(str(tmp_path / "a" / "model.gguf")) != first
+
+
+def test_a_truncated_weights_file_fails_in_one_line_naming_it(tmp_path):
+    from research.core.config import DamagedFileError
+
+    save_checkpoint(tmp_path / "tiny")
+    weights = tmp_path / "tiny" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DamagedFileError, match="model.safetensors") as error:
+        load_pretrained_llama("hf", str(tmp_path / "tiny"))
+    assert "\n" not in str(error.value)

@@ -7,9 +7,10 @@ Metric sums stay on the device between log steps, so the loop does not wait on e
 A non-finite training loss, or a non-finite number in the state about to be checkpointed, stops
 the run with `NonFiniteLossError` before anything of it is saved: the checkpoints on disk stay the
 last good ones, and a rerun (with a lower learning rate, gradient clipping, other data) resumes
-from them. SIGTERM (what a preempted cloud VM receives some seconds before it is stopped) ends a
-single-process run after the step in flight: the state is checkpointed and `Preempted` raised, which
-the command line turns into exit status 75 (EX_TEMPFAIL: run the same command again to resume).
+from them. SIGTERM (what a preempted cloud VM receives some seconds before it is stopped) ends the
+run after the step in flight (several processes: at the step JAX's preemption sync agrees on): the
+state is checkpointed and `Preempted` raised, which the command line turns into exit status 75
+(EX_TEMPFAIL: run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -64,20 +65,33 @@ class Preempted(Exception):
 
 
 @contextlib.contextmanager
-def sigterm_flag():
-    """A list that holds True once SIGTERM arrives, while the block runs; the previous handler is
-    restored after. Only a single-process run in the main thread asks for it (a multi-process run
-    would need every process to stop at the same step)."""
+def preemption_notice():
+    """A function ``preempted(step) -> bool`` for the block: whether to checkpoint ``step`` and stop.
+
+    One process: True once SIGTERM arrived (a handler that only sets a flag; the previous handler is
+    restored after). Several processes: JAX's preemption sync point, which its coordination service
+    raises on every process once any of them got SIGTERM, at the same step everywhere (a Python
+    handler would replace JAX's own). Outside the main thread: never."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        def synced(step: int) -> bool:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except Exception:  # noqa: BLE001 - no preemption service (jax_enable_preemption_service off)
+                return False
+        yield synced
+        return
     flag = [False]
-    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
-        yield flag
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda step: False
         return
 
     def handler(signum, frame):
         flag[0] = True
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield flag
+        yield lambda step: flag[0]
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -133,7 +147,7 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
     train_seconds = 0.0
     bar = tqdm(total=total_steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
-    with sigterm_flag() as stop:
+    with preemption_notice() as preempted:
         for step in range(start, end):
             step_start = time.perf_counter()
             batch = shard_batch(next_batch(step), mesh)
@@ -174,7 +188,7 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
             if saving and checkpointer.save(done, state, force=done == end):
                 saved = done
             bar.update(1)
-            if stop[0] and done < end:  # SIGTERM: this step's state becomes the checkpoint, then stop
+            if preempted(done) and done < end:  # SIGTERM: this step's state becomes the checkpoint, then stop
                 if checkpointer is not None:
                     if saved != done:
                         window = jax.device_get(window) if window is not None else None

@@ -184,10 +184,6 @@ class Checkpointer:
             if not _out_of_space(e):
                 raise
             step, nbytes = pending
-            try:  # the writer threads stopped with the failure; let go of the manager quietly
-                self.manager.close()
-            except Exception:  # noqa: BLE001
-                pass
             earlier = [s for s in self.manager.all_steps() if s < step]
             resume = f"resumes from step {max(earlier)}" if earlier else "starts again"
             raise StorageFullError(f"no space left on the device of {self.directory} while saving step {step} (a "

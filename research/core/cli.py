@@ -12,6 +12,7 @@ exits with status 75 (EX_TEMPFAIL): the same command resumes.
 from __future__ import annotations
 
 import inspect
+import logging as pylogging
 import os
 import sys
 from collections.abc import Callable
@@ -41,6 +42,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+class _OutOfSpaceNoise(pylogging.Filter):
+    """Drops the log records (with their tracebacks) of Orbax's writer threads and asyncio that
+    report a full disk: the run ends with one line that says so (``StorageFullError``)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return "No space left on device" not in text
 
 
 def check_writable(workdir: str) -> None:
@@ -91,6 +101,9 @@ def run(main: Callable) -> None:
             workdir = default_workdir(main)
             print(f"workdir: {workdir} (the default; set --workdir DIR for another)", file=sys.stderr, flush=True)
         from research.core.loop import Preempted
+
+        for name in ("absl", "asyncio"):
+            pylogging.getLogger(name).addFilter(_OutOfSpaceNoise())
 
         try:
             config = apply_overrides(load_config(_CONFIG.value), overrides, from_strings=True)

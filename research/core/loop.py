@@ -30,6 +30,7 @@ from research.core.checkpoint import Checkpointer
 from research.core.config import ConfigError
 from research.core.mesh import shard_batch
 from research.core.records import MetricWriter
+from research.core.train import LAST_FINITE_STEP, SKIPPED
 
 
 class NonFiniteLossError(ConfigError):
@@ -40,6 +41,11 @@ class NonFiniteLossError(ConfigError):
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _accumulate(window: dict, sums: dict) -> dict:
+    """Metric sums over a log window: added, except the last finite step, which keeps its maximum."""
+    return {k: (jnp.maximum if k == LAST_FINITE_STEP else jnp.add)(window[k], v) for k, v in sums.items()}
 
 
 def _check_finite(window, state, first: int, last: int, saved: int | None, what: str) -> None:
@@ -122,8 +128,14 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
         writer: MetricWriter, evaluate: Callable[[object], dict[str, float]] | None = None,
         checkpointer: Checkpointer | None = None, learning_rate: Callable[[int], float] | None = None,
         log_every: int = 50, eval_every: int = 0, progress: bool = True, stop_after: int | None = None,
-        time_budgets: Sequence[float] = (), on_budget: Callable[[object, int, float], None] | None = None):
+        time_budgets: Sequence[float] = (), on_budget: Callable[[object, int, float], None] | None = None,
+        max_skipped_steps: int = 10):
     """Trains from the latest checkpoint (or `state`) to `total_steps`.
+
+    A step the train step skipped for a non-finite loss or gradient (``research.core.train``:
+    the state is left as it was) is counted in ``train/skipped_steps``; once ``max_skipped_steps``
+    steps in a row were skipped (read at log and checkpoint steps, so without a host sync per step)
+    the run stops with `NonFiniteLossError`.
 
     `stop_after` ends the loop early after that many steps in this call (to simulate or schedule
     an interruption) after checkpointing. `time_budgets` (seconds, increasing) are marks on this
@@ -145,6 +157,7 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
     eval_metrics: dict[str, float] = {}
     window, window_start = None, time.perf_counter()
     train_seconds = 0.0
+    skipped, last_finite = 0, start  # steps skipped so far; the last step that updated the state
     bar = tqdm(total=total_steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
     with preemption_notice() as preempted:
@@ -155,7 +168,7 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
             if budgets:
                 jax.block_until_ready(sums)
                 train_seconds += time.perf_counter() - step_start
-            window = sums if window is None else jax.tree.map(jnp.add, window, sums)
+            window = sums if window is None else _accumulate(window, sums)
             done = step + 1
             if budgets and train_seconds >= budgets[0]:
                 while budgets and train_seconds >= budgets[0]:
@@ -169,11 +182,24 @@ def fit(state, train_step: Callable, next_batch: Callable[[int], dict], total_st
             saving = checkpointer is not None and checkpointer.due(done, force=done == end)
             if done % log_every == 0 or done == end or saving:
                 window = jax.device_get(window)
+                if SKIPPED in window:  # read once: the window may go on to the next log step
+                    skipped += int(window[SKIPPED])
+                    last_finite = max(last_finite, int(window[LAST_FINITE_STEP]))
+                    window = dict(window, **{SKIPPED: np.float32(0.0)})
+                    if done - last_finite >= max_skipped_steps:
+                        kept = f"the last checkpoint, step {saved}, is kept" if saved else "nothing was saved"
+                        raise NonFiniteLossError(
+                            f"steps {last_finite + 1}-{done} all had a non-finite loss or gradient and were skipped "
+                            f"(the limit is {max_skipped_steps} in a row); {kept}. Lower optim.lr, set "
+                            f"optim.grad_clip_norm, or check the data")
                 _check_finite(window, state if saving else None, checked + 1, done, saved, "saving" if saving else
                               "logging")
                 checked = done
             if done % log_every == 0 or done == end:
-                train_metrics = mean_metrics(window, "train/")
+                train_metrics = mean_metrics({k: v for k, v in window.items() if k not in (SKIPPED, LAST_FINITE_STEP)},
+                                             "train/")
+                if skipped:
+                    train_metrics["train/skipped_steps"] = float(skipped)
                 seconds = time.perf_counter() - window_start
                 train_metrics["train/examples_per_s"] = float(window["count"]) / max(seconds, 1e-9)
                 if learning_rate is not None:

@@ -25,6 +25,9 @@ from jax.sharding import Mesh
 from research.core.mesh import LogicalRules, batch_sharding, replicated, state_shardings
 
 # loss_fn(model, batch, rng) -> (loss_sum, metric_sums); metric_sums must contain "count".
+# A train step's sums also carry these two, which are no per-example sums (research.core.loop reads them):
+SKIPPED = "skipped_steps"              # 1 for a step skipped for a non-finite loss or gradient
+LAST_FINITE_STEP = "last_finite_step"  # the step number when it updated, else -1; a window keeps the max
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -135,8 +138,16 @@ def make_train_step(defs: ModelDefs, tx: optax.GradientTransformation, loss_fn: 
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        sums = dict(sums, grad_norm=optax.global_norm(grads) * sums["count"])
-        return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), sums
+        grad_norm = optax.global_norm(grads)
+        # A non-finite loss or gradient skips the step: parameters, optimizer state and statistics stay
+        # as they were, its metric sums count nothing, and the loop reads the skip from SKIPPED.
+        finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+        updated = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state.replace(step=state.step + 1))
+        sums = jax.tree.map(lambda v: jnp.where(finite, v, jnp.zeros_like(v)), dict(sums, grad_norm=grad_norm * sums["count"]))
+        sums[SKIPPED] = 1.0 - finite.astype(jnp.float32)
+        sums[LAST_FINITE_STEP] = jnp.where(finite, state.step + 1, -1).astype(jnp.float32)
+        return new_state, sums
 
     return step
 

@@ -244,3 +244,51 @@ def test_sigterm_checkpoints_the_step_in_flight_and_the_rerun_resumes_there(tmp_
         run()
     assert stopped.value.step == 5 and signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone
     assert int(run().step) == 20  # resumed at step 5 (no second SIGTERM: step 4 is not run again)
+
+
+def _nan_setup():
+    """A linear model whose loss is scaled by the batch's ``scale`` (NaN poisons a batch)."""
+    model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    tx = optax.adam(0.1)
+    defs, state = create_train_state(model, tx)
+
+    def loss_fn(m, batch, rng):
+        loss = jnp.sum((m(batch["x"])[:, 0] - 1.0) ** 2) * batch["scale"][0]
+        return loss, {"loss": loss, "count": jnp.float32(batch["x"].shape[0])}
+
+    return state, jax.jit(make_train_step(defs, tx, loss_fn))
+
+
+def _batch(scale):
+    return {"x": jnp.ones((4, 3)), "scale": jnp.full((4,), scale, jnp.float32)}
+
+
+def test_a_non_finite_step_is_skipped_leaving_the_state_and_counting_one_skip():
+    state, step = _nan_setup()
+    after, sums = step(state, _batch(jnp.nan))
+    assert int(after.step) == 1 and float(sums["skipped_steps"]) == 1.0 and float(sums["loss"]) == 0.0
+    for a, b in zip(jax.tree.leaves((after.params, after.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    again, sums = step(after, _batch(1.0))
+    assert float(sums["skipped_steps"]) == 0.0 and float(sums["last_finite_step"]) == 2.0
+    assert not np.array_equal(again.params["kernel"].value if hasattr(again.params["kernel"], "value")
+                              else again.params["kernel"], after.params["kernel"])
+
+
+def test_one_nan_batch_ends_finite_with_a_skip_count_of_one_and_a_nan_stream_stops_with_one_line(tmp_path):
+    from research.core.loop import NonFiniteLossError
+
+    state, step = _nan_setup()
+    final, metrics, _ = fit(state, step, lambda s: _batch(jnp.nan if s == 2 else 1.0), 8, mesh=mesh(),
+                            writer=MetricWriter(None), log_every=4, progress=False)
+    assert metrics["train/skipped_steps"] == 1.0 and all(np.isfinite(x).all() for x in jax.tree.leaves(final))
+    state, step = _nan_setup()
+    ckpt = Checkpointer(str(tmp_path), 2)
+    # Checkpoints of skipped steps hold the state of step 2 (finite): the last one, step 10, is kept.
+    with pytest.raises(NonFiniteLossError, match=r"steps 3-12 all had a non-finite loss .* the last checkpoint, step 10, "
+                                                 r"is kept"):
+        fit(state, step, lambda s: _batch(jnp.nan if s >= 2 else 1.0), 100, mesh=mesh(), writer=MetricWriter(None),
+            checkpointer=ckpt, log_every=4, progress=False, max_skipped_steps=10)
+    ckpt.wait()
+    restored = ckpt.restore(state)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored))

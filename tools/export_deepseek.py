@@ -18,13 +18,13 @@ import sys
 import ml_collections
 from flax import nnx
 
-from research.attention.mla import MLAConfig
 from research.core import config as config_lib
 from research.core import optim
 from research.core.checkpoint import Checkpointer
 from research.core.train import create_train_state
-from research.models.deepseek_hf import LATENT_NORM_EPS, mla_llama, save_deepseek_v3
+from research.models.deepseek_hf import mla_llama, save_deepseek_v3
 from research.models.pretrained import llama_architecture
+from research.upcycling.upcycle import student_mla_config
 from research.upcycling.xecomla import XEcoMLA
 
 
@@ -44,10 +44,7 @@ def restore_student(workdir: str):
                                      "'deepseek_v3' runs export (configs/x_ecomla.py:deepseek)")
     layout = _read_json(workdir, "upcycle.json")
     teacher_config, tokenizer = llama_architecture(exp.model)  # shapes only: the teacher's weights stay on disk
-    u = exp.upcycle
-    mla = MLAConfig(kv_rank=layout["kv_rank"][0], rope_dim=u.rope_dim, nope_dim=teacher_config.head_dim - u.rope_dim,
-                    v_dim=teacher_config.head_dim, q_rank=layout["q_rank"][0] or 0, latent_norm=True,
-                    latent_norm_eps=LATENT_NORM_EPS)
+    mla = student_mla_config(exp.upcycle, teacher_config, layout["kv_rank"][0], layout["q_rank"][0] or 0)
     skeleton = mla_llama(teacher_config, mla)  # shapes only: every array comes from the checkpoint
     tx = optim.make_optimizer(exp.optim, exp.train.steps)
     defs, state = create_train_state(skeleton, tx, exp.distill.trainable_filter(), exp.seed)

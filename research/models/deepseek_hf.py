@@ -33,7 +33,7 @@ from flax import nnx
 from research.attention.mla import LATENT_NORM_EPS, MLAConfig, MLAttention
 from research.attention.rope import Llama3RopeScaling, inverse_frequencies
 from research.core.params import set_param, zeros_module
-from research.core.records import folder_written_whole
+from research.core.records import folder_written_whole, write_json_atomic
 from research.models.llama import Llama, LlamaConfig
 from research.models.llama_hf import safetensors_reader
 
@@ -200,7 +200,7 @@ def save_deepseek_v3(model: Llama, directory: str, tokenizer=None, *, max_positi
                                 bos_id=getattr(tokenizer, "bos_id", None), eos_id=getattr(tokenizer, "eos_id", None))
     with folder_written_whole(directory, force=force) as tmp:
         # One shard in memory at a time, written under a provisional name, renamed once the count is known.
-        files, weight_map, shard, total = [], {}, {}, 0
+        files, weight_map, shard, size, total = [], {}, {}, 0, 0
 
         def flush():
             files.append(f"shard-{len(files)}")
@@ -209,9 +209,11 @@ def save_deepseek_v3(model: Llama, directory: str, tokenizer=None, *, max_positi
             shard.clear()
 
         for name, w in deepseek_v3_tensors(model):
-            if shard and sum(x.nbytes for x in shard.values()) + w.nbytes > shard_bytes:
+            if shard and size + w.nbytes > shard_bytes:
                 flush()
+                size = 0
             shard[name] = w
+            size += w.nbytes
             total += w.nbytes
         flush()
         final = {f: "model.safetensors" if len(files) == 1 else f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
@@ -219,22 +221,16 @@ def save_deepseek_v3(model: Llama, directory: str, tokenizer=None, *, max_positi
         for provisional, name in final.items():
             os.rename(os.path.join(tmp, provisional), os.path.join(tmp, name))
         if len(files) > 1:
-            _write_json(os.path.join(tmp, "model.safetensors.index.json"), {
+            write_json_atomic(os.path.join(tmp, "model.safetensors.index.json"), {
                 "metadata": {"total_size": total}, "weight_map": {n: final[f] for n, f in weight_map.items()}})
-        _write_json(os.path.join(tmp, "config.json"), config)
-        _write_json(os.path.join(tmp, "generation_config.json"),
+        write_json_atomic(os.path.join(tmp, "config.json"), config)
+        write_json_atomic(os.path.join(tmp, "generation_config.json"),
                     {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]})
         if tokenizer is not None:
             save_hf_tokenizer(tokenizer, tmp)
         with open(os.path.join(tmp, "SERVING.md"), "w") as f:
             f.write(serving_notes(config))
     return directory
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def serving_notes(config: dict) -> str:

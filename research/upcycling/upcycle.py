@@ -357,6 +357,16 @@ def latent_norm_gain(latent: np.ndarray, eps: float = LATENT_NORM_EPS) -> np.nda
 
 
 # ----------------------------------------------------------------------------- whole model
+def student_mla_config(cfg: UpcycleConfig, config, kv_rank: int, q_rank: int) -> MLAConfig:
+    """The MLAConfig of a layer ``cfg`` upcycles from the decoder ``config`` at these ranks: d_n =
+    d_h - d_r, d_v = d_h, R = the KV heads for per-KV-head RoPE keys (else 1), DeepSeek's latent
+    norm for target "deepseek_v3"."""
+    return MLAConfig(kv_rank=kv_rank, rope_dim=cfg.rope_dim, nope_dim=config.head_dim - cfg.rope_dim,
+                     v_dim=config.head_dim, q_rank=q_rank,
+                     rope_heads=config.num_kv_heads if cfg.rope_key == "per_kv_head" else 1,
+                     latent_norm=cfg.target == "deepseek_v3", latent_norm_eps=LATENT_NORM_EPS)
+
+
 def layer_runs(kinds: Sequence[Any]) -> list[tuple[Any, list[int]]]:
     """Consecutive runs of equal kinds: ["gqa", "mla", "mla"] -> [("gqa", [0]), ("mla", [1, 2])]."""
     out, start = [], 0
@@ -400,17 +410,14 @@ def upcycle_gqa_to_mla(model: Llama, cfg: UpcycleConfig, calibration_tokens: np.
         inputs = layer_io(model, np.asarray(calibration_tokens))[0]            # (L, B, T, D)
         xs = inputs.reshape(len(inputs), -1, inputs.shape[-1]).astype(np.float64)
 
-    rope_heads = config.num_kv_heads if cfg.rope_key == "per_kv_head" else 1
     layers = []
     for i in range(config.num_layers):
         fixed = i in cfg.fixed_rank_layers
         energy = 0.0 if fixed else cfg.rank_energy
         params, norms, freqs, err = upcycle_layer(_layer_weights(model, i), cfg, config, None if xs is None else xs[i],
                                            cfg.kv_rank, cfg.q_rank, energy)
-        mla = MLAConfig(kv_rank=params["kv_b"].shape[0], rope_dim=cfg.rope_dim,
-                        nope_dim=config.head_dim - cfg.rope_dim, v_dim=config.head_dim,
-                        q_rank=params["q_a"].shape[1] if "q_a" in params else 0, rope_heads=rope_heads,
-                        latent_norm=cfg.target == "deepseek_v3", latent_norm_eps=LATENT_NORM_EPS)
+        mla = student_mla_config(cfg, config, kv_rank=params["kv_b"].shape[0],
+                                 q_rank=params["q_a"].shape[1] if "q_a" in params else 0)
         layers.append(dict(params=params, norms=norms, freqs=freqs, error=err, mla=mla))
 
     gqa = set(cfg.gqa_layers)

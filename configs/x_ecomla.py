@@ -1,5 +1,7 @@
 """X-EcoMLA: upcycle a pretrained GQA Llama (SmolLM2-135M) into MLA by SVD, then distil it from
-the original model on the King James Bible, with every ~20th chapter held out for perplexity.
+the original model on a mix of four registers of English (KJV chapters, Debian Administrator's
+Handbook sections, Jargon File entries, fortunes; research/data/README.md), with every 20th
+document of each held out: perplexity is reported per source and as their mean.
 
     python -m experiments.x_ecomla --config configs/x_ecomla.py --workdir runs/x_ecomla_kv15
     python -m experiments.x_ecomla --config configs/x_ecomla.py:kv50 --workdir runs/x_ecomla_kv50
@@ -19,6 +21,8 @@ with the lowest held-out perplexity at initialisation that we measured for its b
   deepseek  6.4x in DeepSeek-V3's architecture (target deepseek_v3: the latent RMSNorm, one standard
           RoPE), exported at the end to DIR/deepseek_v3 (transformers loads it; see research/upcycling)
   budget  760 KD steps (about an hour on 2 CPU cores), held-out figures at 15, 30 and 60 KD minutes
+  kjv_only  calibrate, fit and distil on KJV alone (the earlier pipeline's data), still evaluated
+          on every source's held-out documents
   mean_key      the earlier pipeline: the mean of the KV heads' RoPE rows, no layer-wise step
   no_layerwise  the fitted key without the layer-wise step
   gpu     a larger Llama from a local HF directory (--config.model.path=DIR), bf16, 20k KD steps
@@ -34,7 +38,8 @@ import ml_collections
 from research.core import config as config_lib
 from research.upcycling.xecomla import XEcoMLA
 
-PRESETS = ("smoke", "kv25", "kv50", "gpu", "budget", "mean_key", "no_layerwise", "hybrid", "deepseek", "llama3_8b")
+PRESETS = ("smoke", "kv25", "kv50", "gpu", "budget", "kjv_only", "mean_key", "no_layerwise", "hybrid", "deepseek",
+           "llama3_8b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.upcycle.kv_rank, c.upcycle.rope_dim, c.upcycle.rope_key = 144, 16, "per_kv_head"
         elif preset == "budget":  # one hour of KD steps on the 2-core CPU, evaluated at 15, 30 and 60 min
             c.train.update(steps=760, checkpoint_every=50, budget_minutes=(15.0, 30.0, 60.0))
+        elif preset == "kjv_only":  # weight 0 for the other sources: held out and evaluated, never trained on
+            c.data.weights = tuple(1.0 if name == "kjv" else 0.0 for name in c.data.sources)
         elif preset == "mean_key":  # the earlier pipeline: the mean RoPE key, no layer-wise step
             c.upcycle.rope_key, c.reconstruct.steps = "shared", 0
         elif preset == "no_layerwise":

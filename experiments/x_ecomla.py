@@ -36,9 +36,9 @@ from research.core.mesh import batch_sharding, replicated, state_shardings
 from research.core.records import MetricWriter, write_json_atomic
 from research.core.train import create_train_state, place_on_mesh
 from research.data.sources import default_cache_dir
-from research.data.text import kjv_windows
+from research.data.text import text_windows
 from research.distill import make_kd_train_step
-from research.distill.evaluate import lm_metrics, top1_predictions
+from research.distill.evaluate import lm_metrics_by_source, top1_predictions
 from research.models.deepseek_hf import save_deepseek_v3
 from research.models.pretrained import load_llama
 from research.upcycling.reconstruct import reconstruct_layers
@@ -55,7 +55,10 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rules = exp.mesh.logical
     teacher_graphdef, teacher_state = nnx.split(teacher)
     teacher_shardings = state_shardings(teacher_state, mesh, rules)  # a mesh that cannot hold the heads fails here
-    train_windows, heldout_windows = kjv_windows(data, tokenizer)
+    mix = text_windows(data, tokenizer)
+    train_windows = mix.train
+    print("text mix (training / held-out tokens): " + ", ".join(
+        f"{name} {n['train']:,} / {n['heldout']:,}" for name, n in mix.tokens().items()))
     # What decides the student's weights: a workdir holding checkpoints of other settings is refused
     # here, before minutes of upcycling and layer-wise fitting (research/core/checkpoint.py).
     settings = {key: value for key, value in dataclasses.asdict(exp).items()
@@ -70,25 +73,33 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if reconstruct.steps and len(train_windows) < reconstruct.windows:
         raise cfg.ConfigError(f"config key 'reconstruct.windows' = {reconstruct.windows}: there are only "
                               f"{len(train_windows)} training windows")
-    calibration = train_windows[:data.calibration_windows, :-1]
+    calibration = train_windows[mix.spread(data.calibration_windows, exp.seed), :-1]
     student, upcycle_report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
     if experiment.main_process():
         write_json_atomic(os.path.join(workdir, "upcycle.json"), upcycle_report)
 
     eval_batch = exp.train.batch_size
-    teacher_top1 = top1_predictions(teacher, heldout_windows, eval_batch)
-    teacher_eval = lm_metrics(teacher, heldout_windows, eval_batch)
-    init_eval = lm_metrics(student, heldout_windows, eval_batch, teacher_top1)
-    print(f"held-out perplexity: teacher {teacher_eval['ppl']:.3f}, student at initialisation {init_eval['ppl']:.3f}")
+    teacher_top1 = {name: top1_predictions(teacher, w, eval_batch) for name, w in mix.heldout.items()}
+
+    def evaluate(model) -> dict:
+        """Held-out perplexity and top-1 agreement with the teacher, per source and their means."""
+        return lm_metrics_by_source(model, mix.heldout, eval_batch, teacher_top1)
+
+    writer = MetricWriter(os.path.join(workdir, "tb"))
+    teacher_eval, init_eval = lm_metrics_by_source(teacher, mix.heldout, eval_batch), evaluate(student)
+    print(f"held-out perplexity: teacher {_per_source(teacher_eval)}; student at initialisation {_per_source(init_eval)}")
     layerwise_eval, layerwise_report = init_eval, None
     if reconstruct.steps:
-        layerwise_report = reconstruct_layers(teacher, student, train_windows[:reconstruct.windows, :-1], reconstruct,
-                                              seed=exp.seed, progress=exp.train.progress)
+        fitting = train_windows[mix.spread(reconstruct.windows, exp.seed + 1), :-1]
+        layerwise_report = reconstruct_layers(teacher, student, fitting, reconstruct, seed=exp.seed,
+                                              progress=exp.train.progress)
         if experiment.main_process():
             write_json_atomic(os.path.join(workdir, "reconstruct.json"), layerwise_report)
-        layerwise_eval = lm_metrics(student, heldout_windows, eval_batch, teacher_top1)
+        layerwise_eval = evaluate(student)
         print(f"after layer-wise reconstruction ({layerwise_report['seconds'] / 60:.1f} min): held-out perplexity "
-              f"{layerwise_eval['ppl']:.3f}")
+              f"{_per_source(layerwise_eval)}")
+    _write_heldout(writer, 0, "teacher", teacher_eval)
+    _write_heldout(writer, 0, "student", layerwise_eval)
 
     steps = exp.train.steps
     tx = optim.make_optimizer(exp.optim, steps)
@@ -102,25 +113,21 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
     def next_batch(step: int) -> dict[str, np.ndarray]:
-        rows = np.random.default_rng([exp.seed, step]).choice(len(train_windows), exp.train.batch_size,
-                                                                   replace=len(train_windows) < exp.train.batch_size)
-        windows = train_windows[rows]
+        windows = train_windows[mix.draw(np.random.default_rng([exp.seed, step]), exp.train.batch_size)]
         return {"inputs": windows[:, :-1], "labels": windows[:, 1:], "mask": np.ones(windows[:, 1:].shape, np.float32)}
 
-    writer = MetricWriter(os.path.join(workdir, "tb"))
     budgets = []
 
     def on_budget(state, step: int, seconds: float) -> None:
         """Held-out figures of the student when the KD time reaches a budget."""
         host = jax.device_get(state)
-        figures = lm_metrics(nnx.merge(defs.eval, host.params, host.frozen, host.rest), heldout_windows, eval_batch,
-                             teacher_top1)
+        figures = evaluate(nnx.merge(defs.eval, host.params, host.frozen, host.rest))
         budgets.append({"minutes": seconds / 60, "step": step, "tokens": step * exp.train.batch_size * data.seq_len,
-                        "ppl": figures["ppl"], "top1_agreement": figures["top1_agreement"]})
-        writer.scalars(step, {"budget/ppl": figures["ppl"], "budget/top1_agreement": figures["top1_agreement"]})
+                        **_summary(figures)})
+        _write_heldout(writer, step, "student", figures)
         if experiment.main_process():
             write_json_atomic(os.path.join(workdir, "budgets.json"), budgets)
-        print(f"\nKD budget {seconds / 60:.1f} min (step {step}): held-out perplexity {figures['ppl']:.3f}, "
+        print(f"\nKD budget {seconds / 60:.1f} min (step {step}): held-out perplexity {_per_source(figures)}, "
               f"top-1 agreement {figures['top1_agreement']:.3f}", flush=True)
 
     state, train_metrics, _ = fit(
@@ -132,8 +139,10 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     host = jax.device_get(state)
     distilled = nnx.merge(defs.eval, host.params, host.frozen, host.rest)
-    kd_eval = lm_metrics(distilled, heldout_windows, eval_batch, teacher_top1)
-    writer.scalars(steps, {"heldout/ppl": kd_eval["ppl"], "heldout/top1_agreement": kd_eval["top1_agreement"]})
+    kd_eval = evaluate(distilled)
+    final_step = int(jax.device_get(state.step))
+    _write_heldout(writer, final_step, "student", kd_eval)
+    _write_heldout(writer, final_step, "teacher", teacher_eval)
     writer.close()
 
     kv_teacher, kv_student = teacher.kv_values_per_token(), distilled.kv_values_per_token()
@@ -151,9 +160,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "top1_agreement_kd": kd_eval["top1_agreement"],
         "reconstruct_s": layerwise_report["seconds"] if layerwise_report else 0.0,
         "budgets": budgets,
+        "by_source": {"teacher": _summary(teacher_eval)["sources"], "init": _summary(init_eval)["sources"],
+                      "reconstructed": _summary(layerwise_eval)["sources"], "kd": _summary(kd_eval)["sources"]},
+        "data_tokens": mix.tokens(),
         "train_loss": train_metrics.get("train/loss"),
         "train_tokens": int(jax.device_get(state.step)) * exp.train.batch_size * data.seq_len,
-        "heldout_tokens": int(heldout_windows.shape[0] * data.seq_len),
+        "heldout_tokens": sum(n["heldout"] for n in mix.tokens().values()),
         "steps": int(jax.device_get(state.step)),
         "num_trainable_params": int(num_trainable),
         "layer_kinds": upcycle_report["layer_kinds"],
@@ -178,6 +190,27 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"held-out perplexity teacher {results['ppl_teacher']:.3f}, student init {results['ppl_student_init']:.3f}, "
               f"after KD {results['ppl_student_kd']:.3f}; top-1 agreement {results['top1_agreement_kd']:.3f}")
     return results
+
+
+def _summary(figures: dict) -> dict:
+    """The figures a record keeps: the means and, per source, perplexity and top-1 agreement."""
+    keep = ("ppl", "top1_agreement")
+    return {**{k: figures[k] for k in keep if k in figures},
+            "sources": {name: {k: m[k] for k in keep if k in m} for name, m in figures["sources"].items()}}
+
+
+def _per_source(figures: dict) -> str:
+    """'mean 41.2 (kjv 30.1, handbook 52.3, ...)'."""
+    return f"mean {figures['ppl']:.2f} (" + ", ".join(f"{n} {m['ppl']:.2f}" for n, m in figures["sources"].items()) + ")"
+
+
+def _write_heldout(writer: MetricWriter, step: int, model: str, figures: dict) -> None:
+    """Per-source held-out perplexity (and agreement) as scalars heldout/ppl/<model>/<source>."""
+    scalars = {f"heldout/ppl/{model}/{name}": m["ppl"] for name, m in figures["sources"].items()}
+    scalars[f"heldout/ppl/{model}/mean"] = figures["ppl"]
+    if "top1_agreement" in figures:
+        scalars["heldout/top1_agreement"] = figures["top1_agreement"]
+    writer.scalars(step, scalars)
 
 
 if __name__ == "__main__":

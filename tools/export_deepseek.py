@@ -36,9 +36,17 @@ def _read_json(workdir: str, name: str) -> dict:
         return json.load(f)
 
 
+def run_settings(workdir: str) -> XEcoMLA:
+    """The run's settings but its data section (the student's shapes do not depend on it, and runs of
+    earlier versions named other data keys)."""
+    settings = _read_json(workdir, "config.json")
+    settings.pop("data", None)
+    return config_lib.build(XEcoMLA, ml_collections.ConfigDict(settings))
+
+
 def restore_student(workdir: str):
     """(student, tokenizer, step) from the latest readable checkpoint of the X-EcoMLA run in ``workdir``."""
-    exp = config_lib.build(XEcoMLA, ml_collections.ConfigDict(_read_json(workdir, "config.json")))
+    exp = run_settings(workdir)
     if exp.upcycle.target != "deepseek_v3":
         raise config_lib.ConfigError(f"{workdir} was upcycled with target {exp.upcycle.target!r}; only target "
                                      "'deepseek_v3' runs export (configs/x_ecomla.py:deepseek)")

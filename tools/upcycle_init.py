@@ -22,8 +22,8 @@ from research.upcycling.reconstruct import ReconstructConfig, reconstruct_layers
 from research.upcycling.upcycle import UpcycleConfig, upcycle_gqa_to_mla
 from research.core import config as config_lib
 from research.data.sources import default_cache_dir
-from research.data.text import KJVWindows, kjv_windows
-from research.distill.evaluate import lm_metrics, top1_predictions
+from research.data.text import TextWindows, text_windows
+from research.distill.evaluate import lm_metrics_by_source, top1_predictions
 from research.models.pretrained import LlamaSource, load_llama
 
 
@@ -49,21 +49,22 @@ def main(argv=None) -> list[dict]:
 
     _, teacher, tokenizer = load_llama(config_lib.build(LlamaSource, base, "model"),
                                        default_cache_root=default_cache_dir())
-    data = config_lib.build(KJVWindows, base, "data")
-    train, heldout = kjv_windows(data, tokenizer)
-    calibration = train[:data.calibration_windows, :-1]
-    teacher_top1 = top1_predictions(teacher, heldout, args.batch)
-    teacher_ppl = lm_metrics(teacher, heldout, args.batch)["ppl"]
-    print(f"teacher: held-out perplexity {teacher_ppl:.3f} ({heldout.shape[0]} windows of {data.seq_len} tokens)",
-          flush=True)
+    data = config_lib.build(TextWindows, base, "data")
+    mix = text_windows(data, tokenizer)
+    calibration = mix.train[mix.spread(data.calibration_windows, base.seed), :-1]
+    teacher_top1 = {name: top1_predictions(teacher, w, args.batch) for name, w in mix.heldout.items()}
+    teacher_ppl = lm_metrics_by_source(teacher, mix.heldout, args.batch)["ppl"]
+    print(f"teacher: mean held-out perplexity over {', '.join(mix.names)} {teacher_ppl:.3f} "
+          f"({data.eval_windows} windows of {data.seq_len} tokens each)", flush=True)
     rows = []
     for text, upcycle, reconstruct in zip(args.variant or ["(config)"], upcycles, layerwise):
         start = time.perf_counter()
         student, report = upcycle_gqa_to_mla(teacher, upcycle, calibration)
         if reconstruct.steps:
-            reconstruct_layers(teacher, student, train[:reconstruct.windows, :-1], reconstruct, progress=False)
+            fitting = mix.train[mix.spread(reconstruct.windows, base.seed + 1), :-1]
+            reconstruct_layers(teacher, student, fitting, reconstruct, progress=False)
         seconds = time.perf_counter() - start
-        metrics = lm_metrics(student, heldout, args.batch, teacher_top1)
+        metrics = lm_metrics_by_source(student, mix.heldout, args.batch, teacher_top1)
         rows.append({"variant": text, "kv_values_per_token": report["kv_values_per_token"],
                      "kv_ratio": report["kv_values_per_token"] / teacher.kv_values_per_token(),
                      "ppl": metrics["ppl"], "top1_agreement": metrics["top1_agreement"],

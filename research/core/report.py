@@ -81,10 +81,12 @@ def bars(ax, names: Sequence[str], means: Sequence[float], sds: Sequence[float] 
 
 def curves(history: Mapping[str, Sequence[tuple[int, float]]], path: str, title: str = "") -> None:
     """A PNG at ``path`` with a panel per metric family of ``history`` ({name: [(step, value)]}):
-    loss, accuracy, learning rate."""
+    loss, accuracy, learning rate, perplexity (log scale), agreement."""
     families = {"loss": [k for k in history if "loss" in k],
                 "accuracy": [k for k in history if "accuracy" in k],
-                "learning rate": [k for k in history if k.endswith("lr")]}
+                "learning rate": [k for k in history if k.endswith("lr")],
+                "perplexity": [k for k in history if "ppl" in k],
+                "agreement": [k for k in history if "agreement" in k]}
     families = {k: v for k, v in families.items() if v}
     if not families:
         return
@@ -93,7 +95,7 @@ def curves(history: Mapping[str, Sequence[tuple[int, float]]], path: str, title:
         for key in sorted(keys):
             steps, values = zip(*history[key])
             ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3)
-        ax.set(xlabel="step", title=family)
+        ax.set(xlabel="step", title=family, yscale="log" if family == "perplexity" else "linear")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:

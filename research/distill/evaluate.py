@@ -2,11 +2,13 @@
 
 windows (N, T + 1) int: inputs are window[:, :-1], labels window[:, 1:]. Perplexity is
 exp(total NLL / total tokens) over all windows; agreement is the fraction of positions where the
-model's argmax equals a reference model's (e.g. the teacher's).
+model's argmax equals a reference model's (e.g. the teacher's). ``lm_metrics_by_source`` does the
+same per source of a mix of held-out texts and reports their unweighted means.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -58,4 +60,16 @@ def lm_metrics(model: nnx.Module, windows: np.ndarray, batch_size: int,
     out["ppl"] = float(np.exp(out["nll"]))
     if reference_top1 is not None:
         out["top1_agreement"] = total["agree"] / total["count"]
+    return out
+
+
+def lm_metrics_by_source(model: nnx.Module, heldout: Mapping[str, np.ndarray], batch_size: int,
+                         reference_top1: Mapping[str, np.ndarray] | None = None) -> dict:
+    """``lm_metrics`` per held-out source and their unweighted means:
+    {"ppl": mean_s ppl_s, "top1_agreement": mean_s agreement_s (given references), "sources": {s: ...}}."""
+    per = {name: lm_metrics(model, windows, batch_size, None if reference_top1 is None else reference_top1[name])
+           for name, windows in heldout.items()}
+    out = {"ppl": float(np.mean([m["ppl"] for m in per.values()])), "sources": per}
+    if reference_top1 is not None:
+        out["top1_agreement"] = float(np.mean([m["top1_agreement"] for m in per.values()]))
     return out

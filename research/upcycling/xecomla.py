@@ -1,6 +1,6 @@
 """X-EcoMLA as one run's settings, one typed schema: a pretrained GQA Llama (``model``) upcycled to
 MLA (``upcycle``), fitted layer-wise (``reconstruct``) and distilled from the original (``distill``,
-``optim``, ``train``) on KJV windows (``data``).
+``optim``, ``train``) on a mix of English text sources (``data``).
 
 ``XEcoMLA`` is what ``configs/x_ecomla.py`` makes and ``experiments/x_ecomla.py`` builds once.
 """
@@ -11,7 +11,7 @@ import dataclasses
 from research.core import config as config_lib
 from research.core.mesh import MeshConfig
 from research.core.optim import OptimConfig
-from research.data.text import KJVWindows
+from research.data.text import TextWindows
 from research.distill import DistillConfig
 from research.models.pretrained import LlamaSource
 from research.upcycling.reconstruct import ReconstructConfig
@@ -49,7 +49,7 @@ class XEcoMLA:
     (``reconstruct.steps`` > 0), then end-to-end KD."""
     seed: int = 0
     model: LlamaSource = LlamaSource()
-    data: KJVWindows = KJVWindows()
+    data: TextWindows = TextWindows()
     upcycle: UpcycleConfig = UpcycleConfig(kv_rank=56, rope_dim=4, activation_aware=True, rope_key="shared_fit")
     reconstruct: ReconstructConfig = ReconstructConfig(steps=100, lr=1e-3)
     distill: DistillConfig = DistillConfig()

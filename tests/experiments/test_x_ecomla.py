@@ -92,6 +92,11 @@ def test_deepseek_preset_exports_what_transformers_loads_and_the_tool_exports_th
     assert step == config.train.steps and np.abs(ours - theirs).max() <= 1e-5 * np.abs(ours).max()
     with pytest.raises(SystemExit):  # --out exists
         export_deepseek.main(["--workdir", str(tmp_path / "run"), "--out", out])
+    # The evaluation tool rebuilds the student from the checkpoint and finds the run's own figures.
+    from tools import eval_heldout
+    figures = eval_heldout.main(["--workdir", str(tmp_path / "run"), "--batch", str(config.train.batch_size)])
+    assert figures["student"] == pytest.approx({**{n: m["ppl"] for n, m in results["by_source"]["kd"].items()},
+                                                "mean": results["ppl_student_kd"]}, rel=1e-5)
 
 
 def test_gpu_preset_needs_a_model_directory_and_runs_smoke_sized(tmp_path):

@@ -14,7 +14,6 @@ Four registers, each installed from Debian's archive (licences in research/data/
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import glob
 import gzip

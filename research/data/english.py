@@ -15,6 +15,7 @@ Four registers, each installed from Debian's archive (licences in research/data/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import gzip
 import html.parser
@@ -41,11 +42,17 @@ class TextSource:
     licence: str
 
 
-def documents(name: str) -> list[str]:
-    """The source's documents in their reading order, normalised and without duplicates."""
+def documents(name: str) -> tuple[str, ...]:
+    """The source's documents in their reading order, normalised and without duplicates (read once
+    per process)."""
     if name not in TEXT_SOURCES:
         raise ValueError(f"unknown text source {name!r}; expected one of {', '.join(TEXT_SOURCES)}")
-    return unique(TEXT_SOURCES[name].read())
+    return _documents(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _documents(name: str) -> tuple[str, ...]:
+    return tuple(unique(TEXT_SOURCES[name].read()))
 
 
 def unique(docs: list[str]) -> list[str]:

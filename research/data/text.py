@@ -12,6 +12,7 @@ and next-token labels window[1:].
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Sequence
 
@@ -92,12 +93,19 @@ def text_windows(spec: TextWindows, tokenizer) -> WindowMix:
     separator = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     trains, heldout = [], {}
     for name in spec.sources:
-        train_docs, heldout_docs = split_documents(english.documents(name), spec.heldout_every)
+        train_docs, heldout_docs = _split(name, spec.heldout_every)
         trains.append(token_windows(train_docs, tokenizer.encode, spec.seq_len, separator, spec.max_train_windows))
         heldout[name] = token_windows(heldout_docs, tokenizer.encode, spec.seq_len, separator, spec.eval_windows)
     weights = np.asarray(spec.weights or [1.0] * len(spec.sources), np.float64)
     return WindowMix(tuple(spec.sources), weights / weights.sum(), np.concatenate(trains),
                      np.repeat(np.arange(len(trains)), [len(t) for t in trains]), heldout)
+
+
+@functools.lru_cache(maxsize=8)
+def _split(name: str, heldout_every: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """One source's split, computed once per process (the overlap test reads every document)."""
+    train, heldout = split_documents(english.documents(name), heldout_every)
+    return tuple(train), tuple(heldout)
 
 
 def split_documents(documents: Sequence[str], heldout_every: int, overlap_words: int = 13

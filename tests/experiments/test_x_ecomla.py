@@ -57,6 +57,11 @@ def test_time_budget_evaluates_and_ends_the_run(tmp_path):
     budgets = json.loads(open(tmp_path / "budgets.json").read())
     assert budgets == results["budgets"] and budgets[-1]["minutes"] >= 2e-5
     assert results["steps"] == budgets[-1]["step"] < config.train.steps  # the first step (compiling) passes both
+    assert set(budgets[-1]["sources"]) == set(config.data.sources)  # per source, and their mean
+    assert budgets[-1]["ppl"] == pytest.approx(sum(m["ppl"] for m in budgets[-1]["sources"].values()) / 4)
+    from tools import xecomla_table
+    lines = xecomla_table.table(str(tmp_path)).splitlines()
+    assert lines[0].startswith("| point | kjv | handbook | jargon | fortunes | mean") and len(lines) == 2 + 2 + len(budgets)
     with pytest.raises(ValueError, match="uninterrupted"):  # a resumed run's clock would restart
         x_ecomla.main(config, str(tmp_path))
 

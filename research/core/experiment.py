@@ -21,6 +21,8 @@ import ml_collections
 from jax.sharding import Mesh
 
 from research.core import config as config_lib
+from research.core.checkpoint import needs_commit_file
+from research.core.lease import LEASE_FILE, take_lease
 from research.core.mesh import MeshConfig, initialize_distributed, make_mesh
 from research.core.records import write_json_atomic, write_text_atomic
 
@@ -31,7 +33,8 @@ _LOCKS: dict[str, object] = {}  # workdir -> its open lock file, held until the 
 def lock_workdir(workdir: str) -> None:
     """Holds ``workdir/.lock`` for this process (process 0 of a multi-process run); a `ConfigError`
     naming the other run's pid when another process holds it. The same process may start again in
-    the same workdir (a rerun from a notebook or a test)."""
+    the same workdir (a rerun from a notebook or a test). On gcsfuse, whose buckets other machines
+    mount too, it also takes the workdir's lease (research/core/lease.py)."""
     path = os.path.join(os.path.abspath(workdir), ".lock")
     if path in _LOCKS or not main_process():
         return
@@ -49,6 +52,8 @@ def lock_workdir(workdir: str) -> None:
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     _LOCKS[path] = handle
+    if needs_commit_file(workdir):  # a bucket mounted on several machines: flock sees this one only
+        take_lease(workdir)
 
 
 ATTEMPTS_FILE = "attempts.json"
@@ -60,7 +65,7 @@ def _newest_write(workdir: str) -> float:
     newest = 0.0
     for root, _, files in os.walk(workdir):
         for name in files:
-            if name not in (".lock", ATTEMPTS_FILE):
+            if name not in (".lock", LEASE_FILE, ATTEMPTS_FILE):
                 try:
                     newest = max(newest, os.path.getmtime(os.path.join(root, name)))
                 except OSError:  # removed meanwhile (a checkpoint rotated out)

@@ -9,10 +9,13 @@ each MLA layer (research.upcycling.reconstruct, ``reconstruct.steps > 0``), then
 
 Writes to DIR: config.json, upcycle.json (per-layer kinds, ranks, factorisation errors),
 reconstruct.json (per-layer held-out errors before / after), budgets.json (one row per time
-budget: minutes, step, tokens, ppl, top1_agreement), TensorBoard events (tb/), checkpoints of the
-student (checkpoints/, resumed when present), curves.png and results.json (kv_values_per_token_teacher
+budget: minutes, step, tokens, ppl, top1_agreement: means over the held-out sources, and per source
+under ``sources``), TensorBoard events (tb/), checkpoints of the student (checkpoints/, resumed when
+present), curves.png, heldout.png (perplexity per source against KD steps, the teacher's dashed) and
+results.json (kv_values_per_token_teacher
 / _student, kv_ratio, ppl_teacher, ppl_student_init, ppl_student_reconstructed, ppl_student_kd,
-top1_agreement_init / _reconstructed / _kd, train_tokens, budgets, wall_time_s, ...). With
+top1_agreement_init / _reconstructed / _kd: means over the sources; by_source: the same per source for
+teacher / init / reconstructed / kd; data_tokens, train_tokens, budgets, wall_time_s, ...). With
 ``upcycle.target=deepseek_v3`` (the ``deepseek`` preset) also deepseek_v3/: the distilled student as a
 Hugging Face DeepSeek-V3 checkpoint (research.models.deepseek_hf; tools/export_deepseek.py does the
 same from any run's latest checkpoint).
@@ -41,6 +44,7 @@ from research.distill import make_kd_train_step
 from research.distill.evaluate import lm_metrics_by_source, top1_predictions
 from research.models.deepseek_hf import save_deepseek_v3
 from research.models.pretrained import load_llama
+from research.upcycling.heldout_plot import plot_heldout
 from research.upcycling.reconstruct import reconstruct_layers
 from research.upcycling.upcycle import upcycle_gqa_to_mla
 from research.upcycling.xecomla import XEcoMLA
@@ -98,8 +102,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         layerwise_eval = evaluate(student)
         print(f"after layer-wise reconstruction ({layerwise_report['seconds'] / 60:.1f} min): held-out perplexity "
               f"{_per_source(layerwise_eval)}")
-    _write_heldout(writer, 0, "teacher", teacher_eval)
-    _write_heldout(writer, 0, "student", layerwise_eval)
+    _write_heldout(writer, 0, layerwise_eval)
 
     steps = exp.train.steps
     tx = optim.make_optimizer(exp.optim, steps)
@@ -124,7 +127,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         figures = evaluate(nnx.merge(defs.eval, host.params, host.frozen, host.rest))
         budgets.append({"minutes": seconds / 60, "step": step, "tokens": step * exp.train.batch_size * data.seq_len,
                         **_summary(figures)})
-        _write_heldout(writer, step, "student", figures)
+        _write_heldout(writer, step, figures)
         if experiment.main_process():
             write_json_atomic(os.path.join(workdir, "budgets.json"), budgets)
         print(f"\nKD budget {seconds / 60:.1f} min (step {step}): held-out perplexity {_per_source(figures)}, "
@@ -141,8 +144,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     distilled = nnx.merge(defs.eval, host.params, host.frozen, host.rest)
     kd_eval = evaluate(distilled)
     final_step = int(jax.device_get(state.step))
-    _write_heldout(writer, final_step, "student", kd_eval)
-    _write_heldout(writer, final_step, "teacher", teacher_eval)
+    _write_heldout(writer, final_step, kd_eval)
     writer.close()
 
     kv_teacher, kv_student = teacher.kv_values_per_token(), distilled.kv_values_per_token()
@@ -186,6 +188,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         write_json_atomic(os.path.join(workdir, "results.json"), results)
         report.curves(writer.history, os.path.join(workdir, "curves.png"),
                     title=f"KD of the MLA student (KV {100 * results['kv_ratio']:.1f}% of GQA)")
+        plot_heldout(results, os.path.join(workdir, "heldout.png"), data.sources,
+                     title=f"held-out perplexity per source, KV {100 * results['kv_ratio']:.1f}% of GQA")
         print(f"KV cache {kv_student}/{kv_teacher} values per token ({100 * results['kv_ratio']:.1f}%); "
               f"held-out perplexity teacher {results['ppl_teacher']:.3f}, student init {results['ppl_student_init']:.3f}, "
               f"after KD {results['ppl_student_kd']:.3f}; top-1 agreement {results['top1_agreement_kd']:.3f}")
@@ -204,10 +208,10 @@ def _per_source(figures: dict) -> str:
     return f"mean {figures['ppl']:.2f} (" + ", ".join(f"{n} {m['ppl']:.2f}" for n, m in figures["sources"].items()) + ")"
 
 
-def _write_heldout(writer: MetricWriter, step: int, model: str, figures: dict) -> None:
-    """Per-source held-out perplexity (and agreement) as scalars heldout/ppl/<model>/<source>."""
-    scalars = {f"heldout/ppl/{model}/{name}": m["ppl"] for name, m in figures["sources"].items()}
-    scalars[f"heldout/ppl/{model}/mean"] = figures["ppl"]
+def _write_heldout(writer: MetricWriter, step: int, figures: dict) -> None:
+    """The student's per-source held-out perplexity (and mean agreement) as scalars heldout/ppl/<source>."""
+    scalars = {f"heldout/ppl/{name}": m["ppl"] for name, m in figures["sources"].items()}
+    scalars["heldout/ppl/mean"] = figures["ppl"]
     if "top1_agreement" in figures:
         scalars["heldout/top1_agreement"] = figures["top1_agreement"]
     writer.scalars(step, scalars)

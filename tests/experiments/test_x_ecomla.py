@@ -28,7 +28,7 @@ def test_smoke_run_writes_a_complete_record(smoke_run):
     assert results["kv_ratio"] == pytest.approx(12 / 64)
     assert results["train_tokens"] == config.train.steps * config.train.batch_size * config.data.seq_len
     assert 0 <= results["top1_agreement_kd"] <= 1 and results["ppl_teacher"] > 1
-    assert {"results.json", "upcycle.json", "reconstruct.json", "config.json", "curves.png", "tb",
+    assert {"results.json", "upcycle.json", "reconstruct.json", "config.json", "curves.png", "heldout.png", "tb",
             "checkpoints"} <= set(os.listdir(workdir))
     report = json.loads(open(os.path.join(workdir, "reconstruct.json")).read())
     assert all(after <= before for before, after in zip(report["error_before"], report["error_after"]))

@@ -61,8 +61,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_shardings = state_shardings(teacher_state, mesh, rules)  # a mesh that cannot hold the heads fails here
     mix = text_windows(data, tokenizer)
     train_windows = mix.train
-    print("text mix (training / held-out tokens): " + ", ".join(
-        f"{name} {n['train']:,} / {n['heldout']:,}" for name, n in mix.tokens().items()))
+    print("text mix (training / held-out tokens, sampling weight): " + ", ".join(
+        f"{name} {n['train']:,} / {n['heldout']:,}, {w:.2f}" for (name, n), w in zip(mix.tokens().items(), mix.weights)))
     # What decides the student's weights: a workdir holding checkpoints of other settings is refused
     # here, before minutes of upcycling and layer-wise fitting (research/core/checkpoint.py).
     settings = {key: value for key, value in dataclasses.asdict(exp).items()

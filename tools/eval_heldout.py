@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+import ml_collections
+
 from research.core import config as config_lib
 from research.data.sources import default_cache_dir
 from research.data.text import TextWindows, text_windows
@@ -24,10 +26,10 @@ from tools.export_deepseek import restore_student, run_settings
 
 def _run_mix(workdir: str) -> TextWindows:
     with open(os.path.join(workdir, "config.json")) as f:
-        data = json.load(f).get("data", {})
+        settings = ml_collections.ConfigDict(json.load(f))
     try:
-        return TextWindows(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-    except (TypeError, ValueError) as e:
+        return config_lib.build(TextWindows, settings, "data")
+    except (KeyError, TypeError, ValueError) as e:
         print(f"the run's data section does not build ({str(e).splitlines()[0]}); using the default mix")
         return TextWindows()
 

@@ -24,8 +24,7 @@ CELL = (3, 3, 4, 1, 2, 1)  # both convs, the pool and two skips
 C, N, CLASSES, SIDE, BATCH = 4, 1, 10, 16, 16
 ZEN_KEY = 3
 RTOL = 1e-4
-# XLA's backend optimisations cost more compile time than they save on programs this small.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
 
 # --------------------------------------------------------------------------- the PyTorch twin
 
@@ -205,10 +204,9 @@ def jax_scores(model, batch):
             patch.setitem(PROXIES, name,
                           dataclasses.replace(proxy, batch_size=min(proxy.batch_size, BATCH)))
         for name, proxy in PROXIES.items():
-            # score's own jit=True path, but with faster compiler options.
+            # score's own jit=True path, compiled as one program per proxy.
             run = jax.jit(lambda s, b, k, name=name: score(name, nnx.merge(graphdef, s, copy=True),
-                                                           b, k, jit=False),
-                          compiler_options=FAST_COMPILE)
+                                                           b, k, jit=False))
             with jax.enable_x64(proxy.float64):  # synflow's float64 must hold at trace time too
                 scores[name] = float(run(state, jbatch, _zen_key()))
     return scores

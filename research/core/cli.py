@@ -53,6 +53,17 @@ class _OutOfSpaceNoise(pylogging.Filter):
         return "No space left on device" not in text
 
 
+def _drop_closed_loop_callbacks(report: Callable) -> Callable:
+    """A `sys.unraisablehook` that drops the RuntimeError('Event loop is closed') of a callback
+    posted to an asyncio loop that has already closed (TensorStore's writes finishing after Orbax
+    gave up on a full disk: ~150 tracebacks, nothing left to act on them), and reports the rest."""
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            report(unraisable)
+    return hook
+
+
 def check_writable(workdir: str) -> None:
     """A `ConfigError` unless ``workdir`` is, or can be made, a folder this process can write; nothing
     is created here (a bad config must leave no folder behind)."""
@@ -104,6 +115,7 @@ def run(main: Callable) -> None:
 
         for name in ("absl", "asyncio"):
             pylogging.getLogger(name).addFilter(_OutOfSpaceNoise())
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
         try:
             config = apply_overrides(load_config(_CONFIG.value), overrides, from_strings=True)

@@ -2,6 +2,7 @@
 space; on a gcsfuse mount a finished step is marked by a commit file."""
 import os
 import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +42,19 @@ def test_a_full_disk_fails_in_one_line_and_the_run_resumes_after_space_is_freed(
     np.testing.assert_array_equal(resumed.restore(state)["w"], state["w"])
     assert not [d for d in os.listdir(small_disk / "checkpoints") if "tmp" in d]
     resumed.close()
+
+
+def test_on_the_command_line_a_full_disk_is_one_line_on_stderr_and_exit_2_then_the_same_command_finishes(small_disk):
+    # Orbax's abandoned writes once printed ~150 "Event loop is closed" tracebacks before that line.
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    command = [sys.executable, "-m", "experiments.train_classifier", "--config", "configs/train_classifier.py:smoke",
+               f"--workdir={small_disk / 'run'}"]
+    full = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 2 and full.stderr.count("\n") == 1, full.stderr[-2000:]
+    assert full.stderr.startswith("error: no space left on the device of ")
+    subprocess.run(["mount", "-o", "remount,size=30M", str(small_disk)], check=True)
+    again = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and (small_disk / "run" / "results.json").exists(), again.stderr[-2000:]
 
 
 def test_a_full_disk_reported_by_orbax_as_a_value_error_is_recognised(tmp_path, monkeypatch):

@@ -19,10 +19,12 @@ from flax import nnx
 from research.attention.ops import ATTENTION_IMPLS
 from research.core import config as config_lib
 from research.core.config import DamagedFileError, PathNotFoundError, require_path
+from research.core.records import write_text_atomic
 from research.models.llama import DTYPES, Llama, LlamaConfig, first_layers
 from research.models.tokenizer import Tokenizer
 
 LLAMA_SOURCES = ("gguf", "hf", "converted")
+SOURCE_STAMP = "converted_from.txt"  # in a converted copy: the `converted_name` of the file it was made from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +118,15 @@ def converted_name(path: str) -> str:
     return f"{name}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
 
 
+def _read_stamp(cache_dir: str) -> str:
+    """The `converted_name` a converted copy was made from ("" when none is recorded)."""
+    try:
+        with open(os.path.join(cache_dir, SOURCE_STAMP)) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def check_finite(model: Llama, source: str) -> None:
     """A `DamagedFileError` naming the first parameter (and decoder layer) with NaN or infinite values."""
     offsets = dict(enumerate(np.cumsum([0] + model.segment_sizes()[:-1]).tolist()))
@@ -195,17 +206,20 @@ def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", t
     from research.models.llama_hf import load_hf_llama
 
     path, tokenizer = _source_and_tokenizer(source, path, tokenizer_path, cache_dir)
-    loaded_from = cache_dir if source != "converted" and cache_dir and os.path.isdir(cache_dir) else path
+    stamp = converted_name(path) if source != "converted" and cache_dir else ""
+    loaded_from = cache_dir if stamp and _read_stamp(cache_dir) == stamp else path
     if source == "converted":
         config, model = load_converted(path, **overrides)
     elif loaded_from == cache_dir:
         config, model = load_converted(cache_dir, **overrides)
-    else:
+    else:  # no copy yet, or one of another file (or of this file before it was rewritten): convert anew
         config, model = (load_gguf_llama if source == "gguf" else load_hf_llama)(path, **overrides)
+        check_finite(model, path)  # before a damaged file leaves a copy
         if cache_dir:
             try:
-                save_converted(cache_dir, config, model)
-            except OSError:  # FileExistsError included: another process wrote the same copy first
+                save_converted(cache_dir, config, model, force=os.path.isdir(cache_dir))
+                write_text_atomic(os.path.join(cache_dir, SOURCE_STAMP), stamp)
+            except OSError:  # another process replaced the same copy first
                 if not os.path.isdir(cache_dir):
                     raise
     check_finite(model, loaded_from)

@@ -189,3 +189,45 @@ def test_converted_shape_mismatch_names_the_array(tmp_path, tiny_model):
     os.remove(config_path)
     with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
         load_converted(directory)
+
+
+def _rewrite_attn_norm(path, values):
+    """Writes the GGUF at ``path`` again under its name, with new values of layer 1's attention norm."""
+    import gguf
+
+    norm = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.1.attn_norm.weight")
+    data = bytearray(path.read_bytes())
+    weights = np.frombuffer(data, np.float32, norm.n_elements, norm.data_offset)
+    weights[:] = values(weights.copy())
+    path.write_bytes(data)
+
+
+def test_a_gguf_rewritten_under_the_same_name_is_converted_anew_not_read_from_the_cache(gguf_path, tmp_path):
+    from research.models.pretrained import SOURCE_STAMP, load_pretrained_llama
+
+    copy, cache = tmp_path / "model.gguf", tmp_path / "cache"
+    copy.write_bytes(open(gguf_path, "rb").read())
+
+    def attn_norms():  # (2, 576): two of the 30 layers, the whole model converted into the cache
+        return np.asarray(load_pretrained_llama("gguf", str(copy), cache_dir=str(cache), num_layers=2)[1]
+                          .segments[0].attn_norm.scale[...])
+
+    first, stamp = attn_norms(), (cache / SOURCE_STAMP).read_text()
+    _rewrite_attn_norm(copy, lambda w: 2 * w)
+    second = attn_norms()
+    assert (cache / SOURCE_STAMP).read_text() != stamp
+    np.testing.assert_array_equal(second[1], 2 * first[1])
+    np.testing.assert_array_equal(second[0], first[0])
+
+
+def test_a_gguf_with_non_finite_weights_fails_in_one_line_naming_the_parameter_and_its_layer(gguf_path, tmp_path):
+    from research.core.config import DamagedFileError
+    from research.models.pretrained import load_pretrained_llama
+
+    copy = tmp_path / "model.gguf"
+    copy.write_bytes(open(gguf_path, "rb").read())
+    _rewrite_attn_norm(copy, lambda w: np.where(np.arange(w.size) < 5, np.nan, w))
+    with pytest.raises(DamagedFileError, match=r"model.gguf: parameter 'segments/0/attn_norm/scale' \(decoder layer 1\) "
+                                               r"has 5 non-finite values") as error:
+        load_pretrained_llama("gguf", str(copy), cache_dir=str(tmp_path / "cache"))
+    assert "\n" not in str(error.value) and not (tmp_path / "cache").exists()  # no copy of a damaged file

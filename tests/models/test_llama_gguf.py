@@ -202,20 +202,22 @@ def _rewrite_attn_norm(path, values):
     path.write_bytes(data)
 
 
-def test_a_gguf_rewritten_under_the_same_name_is_converted_anew_not_read_from_the_cache(gguf_path, tmp_path):
-    from research.models.pretrained import SOURCE_STAMP, load_pretrained_llama
+def test_a_gguf_rewritten_under_the_same_name_is_converted_anew_not_read_from_the_cache(gguf_path, smollm2, tmp_path):
+    from research.models.pretrained import SOURCE_STAMP, converted_name, load_pretrained_llama
 
     copy, cache = tmp_path / "model.gguf", tmp_path / "cache"
     copy.write_bytes(open(gguf_path, "rb").read())
+    save_converted(str(cache), *smollm2)                          # the cache as a first load of the copy leaves it
+    (cache / SOURCE_STAMP).write_text(converted_name(str(copy)))
 
-    def attn_norms():  # (2, 576): two of the 30 layers, the whole model converted into the cache
+    def attn_norms():  # (2, 576): two of the 30 layers
         return np.asarray(load_pretrained_llama("gguf", str(copy), cache_dir=str(cache), num_layers=2)[1]
                           .segments[0].attn_norm.scale[...])
 
-    first, stamp = attn_norms(), (cache / SOURCE_STAMP).read_text()
+    first = attn_norms()
     _rewrite_attn_norm(copy, lambda w: 2 * w)
     second = attn_norms()
-    assert (cache / SOURCE_STAMP).read_text() != stamp
+    assert (cache / SOURCE_STAMP).read_text() == converted_name(str(copy))
     np.testing.assert_array_equal(second[1], 2 * first[1])
     np.testing.assert_array_equal(second[0], first[0])
 

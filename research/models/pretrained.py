@@ -214,15 +214,14 @@ def load_pretrained_llama(source: str, path: str = "", *, cache_dir: str = "", t
         config, model = load_converted(cache_dir, **overrides)
     else:  # no copy yet, or one of another file (or of this file before it was rewritten): convert anew
         config, model = (load_gguf_llama if source == "gguf" else load_hf_llama)(path, **overrides)
-        check_finite(model, path)  # before a damaged file leaves a copy
-        if cache_dir:
-            try:
-                save_converted(cache_dir, config, model, force=os.path.isdir(cache_dir))
-                write_text_atomic(os.path.join(cache_dir, SOURCE_STAMP), stamp)
-            except OSError:  # another process replaced the same copy first
-                if not os.path.isdir(cache_dir):
-                    raise
-    check_finite(model, loaded_from)
+    check_finite(model, loaded_from)  # before a damaged file leaves a copy
+    if stamp and loaded_from == path:
+        try:
+            save_converted(cache_dir, config, model, force=os.path.isdir(cache_dir))
+            write_text_atomic(os.path.join(cache_dir, SOURCE_STAMP), stamp)
+        except OSError:  # another process replaced the same copy first
+            if not os.path.isdir(cache_dir):
+                raise
     if num_layers:
         model = first_layers(model, num_layers)
         config = model.config

@@ -11,6 +11,10 @@ A run also passes its ``settings``: everything besides the model's shapes that d
 (optimizer, schedule length, batch size, seed, a digest of the training data). They are kept in
 ``settings.json`` beside the checkpoints, and resuming under different ones fails with the first
 key that changed: otherwise a finished checkpoint would be reported as the result of the new settings.
+
+Orbax's array files carry no checksum, so each save also records a fingerprint of the values
+(``fingerprints/STEP.json``: per array, the sum of its bit patterns as uint32) and a restore that
+reads other values (bytes flipped on disk) is damage like a truncated file.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -122,6 +127,24 @@ def _out_of_space(error: BaseException) -> bool:
     return False
 
 
+@jax.jit
+def _fingerprint(tree) -> list[jax.Array]:
+    """Per leaf, the wrapping uint32 sum of its elements' bit patterns (typed PRNG keys by their data)."""
+    def one(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        return jnp.sum(jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32), dtype=jnp.uint32)
+    return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def fingerprint(tree) -> list[tuple[str, int]]:
+    """(dtype, `_fingerprint`) of each of ``tree``'s arrays, read back to the host."""
+    return [(str(x.dtype), int(v)) for x, v in zip(jax.tree.leaves(tree), jax.device_get(_fingerprint(tree)))]
+
+
 class Checkpointer:
     """Saves and restores a TrainState under `directory` (one subdirectory per step). With
     ``settings`` (a JSON-able mapping), a directory holding checkpoints written under other
@@ -174,7 +197,24 @@ class Checkpointer:
         pending = self._pending
         self._pending = (step, sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")))
         with self._full_disk_as_one_line(pending or self._pending):
-            return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+            saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+            if saved:
+                self._record_fingerprint(step, state)
+            return saved
+
+    def _fingerprint_path(self, step: int) -> str:
+        return os.path.join(self.directory, "fingerprints", f"{step}.json")
+
+    def _record_fingerprint(self, step: int, state: Any) -> None:
+        values = fingerprint(state)  # every process takes part; the first writes it
+        if jax.process_index() != 0:
+            return
+        os.makedirs(os.path.dirname(self._fingerprint_path(step)), exist_ok=True)
+        write_json_atomic(self._fingerprint_path(step), values)
+        kept = {str(s) for s in self.manager.all_steps()} | {str(step)}
+        for name in os.listdir(os.path.dirname(self._fingerprint_path(step))):  # of steps rotated out
+            if name.endswith(".json") and name[:-5] not in kept:
+                os.remove(os.path.join(os.path.dirname(self._fingerprint_path(step)), name))
 
     @contextlib.contextmanager
     def _full_disk_as_one_line(self, pending: tuple[int, int]):
@@ -232,7 +272,16 @@ class Checkpointer:
         self.check_compatible(step, target)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        if os.path.exists(self._fingerprint_path(step)):  # checkpoints written before fingerprints have none
+            with open(self._fingerprint_path(step)) as f:
+                expected = [tuple(x) for x in json.load(f)]
+            found = fingerprint(restored)
+            paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(restored)[0]]
+            for path, (dtype, value), saved in zip(paths, found, expected if len(expected) == len(found) else found):
+                if dtype == saved[0] and value != saved[1]:  # an array restored in another dtype is not compared
+                    raise ValueError(f"array '{path}' reads back other values than were saved (bytes changed on disk)")
+        return restored
 
     def wait(self) -> None:
         with self._full_disk_as_one_line(self._pending or (-1, 0)):

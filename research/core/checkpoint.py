@@ -209,12 +209,12 @@ class Checkpointer:
         values = fingerprint(state)  # every process takes part; the first writes it
         if jax.process_index() != 0:
             return
-        os.makedirs(os.path.dirname(self._fingerprint_path(step)), exist_ok=True)
+        folder = os.path.dirname(self._fingerprint_path(step))
+        os.makedirs(folder, exist_ok=True)
         write_json_atomic(self._fingerprint_path(step), values)
-        kept = {str(s) for s in self.manager.all_steps()} | {str(step)}
-        for name in os.listdir(os.path.dirname(self._fingerprint_path(step))):  # of steps rotated out
-            if name.endswith(".json") and name[:-5] not in kept:
-                os.remove(os.path.join(os.path.dirname(self._fingerprint_path(step)), name))
+        kept = {f"{s}.json" for s in self.manager.all_steps()} | {f"{step}.json"}
+        for name in set(os.listdir(folder)) - kept:  # of steps rotated out
+            os.remove(os.path.join(folder, name))
 
     @contextlib.contextmanager
     def _full_disk_as_one_line(self, pending: tuple[int, int]):
@@ -276,10 +276,9 @@ class Checkpointer:
         if os.path.exists(self._fingerprint_path(step)):  # checkpoints written before fingerprints have none
             with open(self._fingerprint_path(step)) as f:
                 expected = [tuple(x) for x in json.load(f)]
-            found = fingerprint(restored)
             paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(restored)[0]]
-            for path, (dtype, value), saved in zip(paths, found, expected if len(expected) == len(found) else found):
-                if dtype == saved[0] and value != saved[1]:  # an array restored in another dtype is not compared
+            for path, found, saved in zip(paths, fingerprint(restored), expected, strict=True):
+                if found[0] == saved[0] and found[1] != saved[1]:  # an array restored in another dtype is not compared
                     raise ValueError(f"array '{path}' reads back other values than were saved (bytes changed on disk)")
         return restored
 

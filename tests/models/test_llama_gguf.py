@@ -3,6 +3,7 @@ converted checkpoints round-trip exactly."""
 import functools
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -206,7 +207,7 @@ def test_a_gguf_rewritten_under_the_same_name_is_converted_anew_not_read_from_th
     from research.models.pretrained import SOURCE_STAMP, converted_name, load_pretrained_llama
 
     copy, cache = tmp_path / "model.gguf", tmp_path / "cache"
-    copy.write_bytes(open(gguf_path, "rb").read())
+    shutil.copyfile(gguf_path, copy)
     save_converted(str(cache), *smollm2)                          # the cache as a first load of the copy leaves it
     (cache / SOURCE_STAMP).write_text(converted_name(str(copy)))
 
@@ -227,7 +228,7 @@ def test_a_gguf_with_non_finite_weights_fails_in_one_line_naming_the_parameter_a
     from research.models.pretrained import load_pretrained_llama
 
     copy = tmp_path / "model.gguf"
-    copy.write_bytes(open(gguf_path, "rb").read())
+    shutil.copyfile(gguf_path, copy)
     _rewrite_attn_norm(copy, lambda w: np.where(np.arange(w.size) < 5, np.nan, w))
     with pytest.raises(DamagedFileError, match=r"model.gguf: parameter 'segments/0/attn_norm/scale' \(decoder layer 1\) "
                                                r"has 5 non-finite values") as error:

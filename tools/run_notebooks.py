@@ -7,8 +7,9 @@ the files, so a reader sees results on the repository's page without running any
 Each notebook runs in a fresh kernel started at the repository's root. Before a notebook is
 written back its outputs are made portable:
 - stderr streams (progress bars, warnings that quote the installed packages' paths) are dropped;
-- the checkout's absolute path becomes ``.``, paths under the temporary folder become ``<tmp>/...``
-  and the home folder ``~``, so no output names the machine it ran on.
+- the folders named by ``$RESEARCH_DATA_DIR``, ``$RESEARCH_CACHE_DIR`` and ``$HF_HOME`` become those
+  names, the checkout's absolute path ``.``, paths under the temporary folder ``<tmp>/...`` and the
+  home folder ``~``, so no output names the machine it ran on.
 A notebook that raises is not written (its old outputs stay) and the command exits with 1.
 Prints each notebook's wall time.
 """
@@ -24,12 +25,14 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
+FOLDER_VARIABLES = ("RESEARCH_DATA_DIR", "RESEARCH_CACHE_DIR", "HF_HOME")  # shown by name, not by value
 
 
 def _machine_paths() -> list[tuple[re.Pattern, str]]:
     """(pattern, replacement) pairs, most specific first: the checkout, the temporary folder, home."""
-    pairs = [(REPO, "."), (os.path.realpath(tempfile.gettempdir()), "<tmp>"), (tempfile.gettempdir(), "<tmp>"),
-             (os.path.expanduser("~"), "~")]
+    pairs = [(os.environ.get(name, ""), f"${name}") for name in FOLDER_VARIABLES]
+    pairs += [(REPO, "."), (os.path.realpath(tempfile.gettempdir()), "<tmp>"), (tempfile.gettempdir(), "<tmp>"),
+              (os.path.expanduser("~"), "~")]
     seen, out = set(), []
     for path, replacement in pairs:
         if path and path != os.sep and path not in seen:

@@ -20,6 +20,10 @@ def _cell(ppl: float, teacher: float, agreement: float | None) -> str:
 
 def run_rows(workdir: str) -> tuple[list[str], list[list[str]]]:
     """(source names, rows) of one run: [label, cell per source, mean cell, KD tokens]."""
+    if not os.path.isfile(os.path.join(workdir, "results.json")):
+        budgets = os.path.join(workdir, "budgets.json")
+        raise SystemExit(f"error: {workdir} has no results.json (the run did not finish)"
+                         + (f"; the KD budgets it reached are in {budgets}" if os.path.isfile(budgets) else ""))
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     by_source = results["by_source"]

@@ -12,7 +12,8 @@ from tools import run_notebooks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PATHS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
-MACHINE_PATH = re.compile(r"(/tmp/|/home/|/root/|/Users/|/work/|/private/var/|site-packages|\.venv/|[A-Z]:\\\\)")
+MACHINE_PATH = re.compile(r"(/tmp/|/home/|/root/|/Users/|/private/var/|site-packages|\.venv/|[A-Z]:\\\\|"
+                          + re.escape(REPO) + ")")  # and this checkout's own absolute path
 
 
 def _texts(output) -> list[str]:

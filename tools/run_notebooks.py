@@ -35,7 +35,7 @@ def _machine_paths() -> list[tuple[re.Pattern, str]]:
               (os.path.expanduser("~"), "~")]
     seen, out = set(), []
     for path, replacement in pairs:
-        if path and path != os.sep and path not in seen:
+        if os.path.isabs(path) and path != os.sep and path not in seen:  # a relative value is not a machine path
             seen.add(path)
             out.append((re.compile(re.escape(path) + r"(?=[/\\\s'\"),:;\]]|$)"), replacement))
     return out

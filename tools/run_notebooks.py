@@ -23,22 +23,31 @@ import sys
 import tempfile
 import time
 
+from research.core.records import write_text_atomic
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
 FOLDER_VARIABLES = ("RESEARCH_DATA_DIR", "RESEARCH_CACHE_DIR", "HF_HOME")  # shown by name, not by value
 
 
-def _machine_paths() -> list[tuple[re.Pattern, str]]:
-    """(pattern, replacement) pairs, most specific first: the checkout, the temporary folder, home."""
-    pairs = [(os.environ.get(name, ""), f"${name}") for name in FOLDER_VARIABLES]
-    pairs += [(REPO, "."), (os.path.realpath(tempfile.gettempdir()), "<tmp>"), (tempfile.gettempdir(), "<tmp>"),
-              (os.path.expanduser("~"), "~")]
+def path_patterns(pairs) -> list[tuple[re.Pattern, str]]:
+    """(pattern, replacement) for each (absolute folder, replacement) pair, in order: a folder matches
+    only as a whole path component, so '/tmp' leaves '/tmpx' alone."""
     seen, out = set(), []
     for path, replacement in pairs:
         if os.path.isabs(path) and path != os.sep and path not in seen:  # a relative value is not a machine path
             seen.add(path)
             out.append((re.compile(re.escape(path) + r"(?=[/\\\s'\"),:;\]]|$)"), replacement))
     return out
+
+
+def _machine_paths() -> list[tuple[re.Pattern, str]]:
+    """The folders of this machine, most specific first: the named variables, the checkout, the
+    temporary folder, home."""
+    pairs = [(os.environ.get(name, ""), f"${name}") for name in FOLDER_VARIABLES]
+    pairs += [(REPO, "."), (os.path.realpath(tempfile.gettempdir()), "<tmp>"), (tempfile.gettempdir(), "<tmp>"),
+              (os.path.expanduser("~"), "~")]
+    return path_patterns(pairs)
 
 
 def scrub(notebook, patterns=None) -> int:
@@ -91,9 +100,7 @@ def run(path: str, timeout: int) -> float:
             os.environ["RESEARCH_SMOKE"] = env_smoke
     seconds = time.perf_counter() - start
     scrub(notebook)
-    tmp = f"{path}.tmp{os.getpid()}"
-    nbformat.write(notebook, tmp)
-    os.replace(tmp, path)
+    write_text_atomic(path, nbformat.writes(notebook) + "\n")
     return seconds
 
 

@@ -39,8 +39,7 @@ def test_stored_outputs_come_from_one_clean_run_and_name_no_machine_path(path):
 
 def test_scrub_drops_stderr_and_replaces_the_checkout_temporary_and_home_folders():
     tmp, home = "/var/folders/xy/T", "/home/someone"
-    patterns = [(re.compile(re.escape(p) + r"(?=[/\\\s'\"),:;\]]|$)"), r) for p, r in
-                ((run_notebooks.REPO, "."), (tmp, "<tmp>"), (home, "~"))]
+    patterns = run_notebooks.path_patterns([(run_notebooks.REPO, "."), (tmp, "<tmp>"), (home, "~")])
     cell = nbformat.v4.new_code_cell("print()")
     cell.outputs = [
         nbformat.v4.new_output("stream", name="stderr", text="train: 100%|##| 10/10\n"),
